@@ -1,0 +1,43 @@
+"""Test setup shared by every test module.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, so it is the first thing this file does: on this
+CPU-only CI the Triton kernels run in the interpreter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import tolerance  # noqa: E402,F401  (re-exported for convenience)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled floating tensors, so a kernel that leaves part of a fresh
+    output unwritten (or reads uninitialized memory) fails loudly instead of passing on lucky garbage."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    def poisoned_empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    yield
