@@ -1,0 +1,148 @@
+"""Functional ops: validate arguments, normalize conv parameters, and hand off to a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .dispatch import BACKENDS, backend_available, resolve
+from .mpo.reference import mpo_linear_reference, mpo_to_dense
+from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
+
+__all__ = [
+    "BACKENDS",
+    "backend_available",
+    "mpo_linear",
+    "mpo_linear_reference",
+    "mpo_to_dense",
+    "tucker_conv2d",
+    "tucker_conv2d_reference",
+    "tucker_to_dense",
+    "check_mpo_cores",
+    "conv_padding",
+]
+
+
+def check_mpo_cores(cores: Sequence[torch.Tensor], where: str = "mpo_linear") -> None:
+    """Raise ValueError unless `cores` form a valid MPO chain (4-D, matching bonds, boundary bonds of 1)."""
+    if len(cores) == 0:
+        raise ValueError(f"{where}: needs at least one core")
+    for k, g in enumerate(cores):
+        if g.dim() != 4:
+            raise ValueError(f"{where}: core {k} must be 4-D (r_prev, i, j, r_next), got shape {tuple(g.shape)}")
+        if k > 0 and cores[k - 1].shape[3] != g.shape[0]:
+            raise ValueError(
+                f"{where}: bond mismatch between core {k - 1} (r_next={cores[k - 1].shape[3]}) "
+                f"and core {k} (r_prev={g.shape[0]})"
+            )
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(f"{where}: boundary bonds must be 1, got r_0={cores[0].shape[0]}, r_N={cores[-1].shape[3]}")
+
+
+def mpo_linear(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = x @ W.T + bias where W[out, in] is the MPO given by `cores` (see docs/ARCHITECTURE.md).
+
+    Args:
+        x: [..., in_features], any leading dimensions.
+        cores: G_k of shape (r_{k-1}, i_k, j_k, r_k), r_0 = r_N = 1, in_features = prod(i_k).
+        bias: [out_features] or None.
+        backend: "auto" | "torch" | "triton" | "native".
+
+    Example:
+        >>> cores = mpo_decompose(torch.randn(12, 8), (2, 4), (3, 4))
+        >>> mpo_linear(torch.randn(5, 8), cores).shape
+        torch.Size([5, 12])
+    """
+    cores = list(cores)
+    check_mpo_cores(cores)
+    in_features = 1
+    out_features = 1
+    for g in cores:
+        in_features *= g.shape[1]
+        out_features *= g.shape[2]
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"mpo_linear: input has {x.shape[-1]} features in its last dimension but the cores expect "
+            f"{in_features} (input modes {[g.shape[1] for g in cores]})"
+        )
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    fn = resolve("mpo_linear", backend, x.device.type)
+    return fn(x, cores, bias)
+
+
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(a) for a in v)
+    if len(t) != 2:
+        raise ValueError(f"tucker_conv2d: {name} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def conv_padding(
+    padding: int | Sequence[int] | str, kernel_size: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
+) -> tuple[int, int]:
+    """Resolve 'same' / 'valid' / int / pair into explicit symmetric (pad_h, pad_w)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("tucker_conv2d: padding='same' needs stride 1 (as in torch.nn.Conv2d)")
+            pads = []
+            for k, d in zip(kernel_size, dilation):
+                total = d * (k - 1)
+                if total % 2:
+                    raise ValueError(
+                        "tucker_conv2d: padding='same' with an even effective kernel size needs asymmetric "
+                        "padding, which is not supported; pass explicit padding instead"
+                    )
+                pads.append(total // 2)
+            return (pads[0], pads[1])
+        raise ValueError(f"tucker_conv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    return _pair(padding, "padding")
+
+
+def tucker_conv2d(
+    x: torch.Tensor,
+    u_in: torch.Tensor,
+    core: torch.Tensor,
+    u_out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Tucker-2 convolution: equal to F.conv2d(x, einsum('or,rsyx,is->oiyx', u_out, core, u_in), bias, ...).
+
+    Args:
+        x: [N, C_in, H, W]. u_in: [C_in, R_in]. core: [R_out, R_in, kh, kw]. u_out: [C_out, R_out].
+        bias: [C_out] or None. stride / padding / dilation as in torch.nn.functional.conv2d ('same' included).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"tucker_conv2d: x must be [N, C_in, H, W], got shape {tuple(x.shape)}")
+    if core.dim() != 4 or u_in.dim() != 2 or u_out.dim() != 2:
+        raise ValueError("tucker_conv2d: expected u_in [C_in, R_in], core [R_out, R_in, kh, kw], u_out [C_out, R_out]")
+    if u_in.shape[1] != core.shape[1] or u_out.shape[1] != core.shape[0]:
+        raise ValueError(
+            f"tucker_conv2d: ranks disagree: u_in {tuple(u_in.shape)}, core {tuple(core.shape)}, u_out {tuple(u_out.shape)}"
+        )
+    if x.shape[1] != u_in.shape[0]:
+        raise ValueError(f"tucker_conv2d: input has {x.shape[1]} channels but u_in expects {u_in.shape[0]}")
+    if bias is not None and bias.shape != (u_out.shape[0],):
+        raise ValueError(f"tucker_conv2d: bias must have shape ({u_out.shape[0]},), got {tuple(bias.shape)}")
+    stride_t = _pair(stride, "stride")
+    dilation_t = _pair(dilation, "dilation")
+    padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)
+    fn = resolve("tucker_conv2d", backend, x.device.type)
+    return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)

@@ -1,0 +1,59 @@
+"""Backend selection for the functional ops.
+
+Backend modules are imported lazily: a backend that is missing (no GPU, extension not built) only fails when it is
+asked for, with a message that says why and what to do.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+BACKENDS = ("auto", "torch", "triton", "native")
+
+# (op, backend) -> (module path, entry function name)
+_REGISTRY: dict[tuple[str, str], tuple[str, str]] = {
+    ("mpo_linear", "torch"): ("tnkernels.ops.mpo.torch_impl", "mpo_linear_torch"),
+    ("mpo_linear", "triton"): ("tnkernels.ops.mpo.triton_impl", "mpo_linear_triton"),
+    ("mpo_linear", "native"): ("tnkernels.ops.mpo.native_impl", "mpo_linear_native"),
+    ("tucker_conv2d", "torch"): ("tnkernels.ops.tucker.torch_impl", "tucker_conv2d_torch"),
+    ("tucker_conv2d", "triton"): ("tnkernels.ops.tucker.triton_impl", "tucker_conv2d_triton"),
+}
+
+_HINTS = {
+    "triton": "the Triton backend needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)",
+    "native": "the native backend needs the csrc/ extension: reinstall without TNK_NO_NATIVE=1 and with a C++ compiler",
+}
+
+
+def _load(op: str, backend: str):
+    if (op, backend) not in _REGISTRY:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; use 'torch' or 'auto'")
+    module_path, entry = _REGISTRY[(op, backend)]
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as exc:
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}") from exc
+    return module, getattr(module, entry)
+
+
+def backend_available(op: str, backend: str) -> tuple[bool, str]:
+    """Whether `backend` can run `op` here, and if not, why."""
+    try:
+        module, _ = _load(op, backend)
+    except (RuntimeError, ValueError) as exc:
+        return False, str(exc)
+    return module.is_available()
+
+
+def resolve(op: str, backend: str, device_type: str) -> Callable:
+    """Return the entry function for `op` on `backend`; 'auto' picks the best available for the device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "torch"
+    module, fn = _load(op, backend)
+    ok, why = module.is_available()
+    if not ok:
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable on {device_type}: {why}. {_HINTS.get(backend, '')}")
+    return fn
