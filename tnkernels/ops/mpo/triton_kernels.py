@@ -1,0 +1,164 @@
+"""Triton kernels for tensor-network contractions: a strided "mode product" and its weight-gradient reduction.
+
+Both the MPO chain and the Tucker-2 1x1 projections are compositions of one contraction,
+
+    out[p, n, q] = sum_k a[p, k, q] * b[k, n]          (+ bias[(p % BIAS_MOD) * N + n])
+
+the product of a 3-way tensor with a matrix along its middle mode. For an MPO step, p runs over (rows, output modes
+already produced), k over (bond in, input mode i_k), q over the input modes not yet consumed and n over (output mode
+j_k, bond out); the permutation the torch path does with `.permute().contiguous()` is folded into the (p, q) -> address
+arithmetic below, so every step reads and writes the row-major state directly. The backward needs the same kernel with
+b transposed (strides swapped) for the input gradient, and the reduction
+
+    db[k, n] = sum_{p, q} a[p, k, q] * g[p, n, q]
+
+for the weight gradient. The kernels know nothing of modules or of MPO/Tucker; tnkernels/ops/*/triton_impl.py compose
+them. Naming follows flash-linear-attention: i_* program ids, o_* offsets, m_* masks, p_* pointers, b_* blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Several configs on a GPU; exactly one under TRITON_INTERPRET=1, where autotuning (do_bench) cannot run.
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _MP_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
+    _GB_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
+else:  # pragma: no cover - GPU only
+    _MP_CONFIGS = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 64, 32, 4, 3),
+            (64, 64, 32, 4, 4),
+            (128, 128, 32, 8, 3),
+            (64, 32, 64, 4, 3),
+            (32, 64, 32, 4, 4),
+            (256, 64, 32, 8, 3),
+        ]
+    ]
+    _GB_CONFIGS = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (64, 64, 64, 4, 3),
+            (128, 32, 32, 4, 3),
+            (64, 128, 64, 8, 3),
+            (128, 64, 32, 4, 4),
+        ]
+    ]
+
+
+@triton.jit
+def _dot_acc(b_x, b_y, acc, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + b_x @ b_y with the accumulator's precision.
+
+    fp64 goes through a broadcast-and-sum (tl.dot has no fp64 path on every target); half types are upcast to fp32
+    when UPCAST (the interpreter's bf16 dot returns garbage), otherwise they feed the tensor cores directly.
+    """
+    if DOT_FP64:
+        # [BX, BC, 1] * [1, BC, BY] -> sum over BC -> [BX, BY]
+        acc += tl.sum(b_x.to(tl.float64)[:, :, None] * b_y.to(tl.float64)[None, :, :], axis=1)
+    elif UPCAST:
+        # [BX, BC] @ [BC, BY] -> [BX, BY]
+        acc = tl.dot(b_x.to(tl.float32), b_y.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        # [BX, BC] @ [BC, BY] -> [BX, BY]
+        acc = tl.dot(b_x, b_y, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_MP_CONFIGS, key=["K", "N", "M_BUCKET"])
+@triton.jit
+def mode_product_kernel(
+    p_a, p_b, p_bias, p_out,
+    P, K, N, Q, M_BUCKET,
+    s_ap, s_ak, s_aq,
+    s_bk, s_bn,
+    s_op, s_on, s_oq,
+    BIAS_MOD,
+    HAS_BIAS: tl.constexpr, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """out[p, n, q] = sum_k a[p, k, q] * b[k, n] (+ bias); grid (cdiv(P*Q, BM), cdiv(N, BN)).
+
+    M_BUCKET (a power of two >= P*Q) only feeds the autotune key, so that row counts of one size class share a
+    tuned config instead of retuning for every batch size.
+    """
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_m = o_m < P * Q
+    m_n = o_n < N
+    # Row m of the implicit [P*Q, K] matrix is (p, q) = divmod(m, Q): the state's permutation lives here.
+    o_p = (o_m // Q).to(tl.int64)
+    o_q = (o_m % Q).to(tl.int64)
+    p_a_rows = p_a + o_p * s_ap + o_q * s_aq
+
+    acc_dtype = tl.float64 if DOT_FP64 else tl.float32
+    b_acc = tl.zeros((BM, BN), dtype=acc_dtype)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        # Masked loads fill 0 so padded lanes add nothing (the interpreter returns garbage for unmasked OOB).
+        b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_b = tl.load(p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        # [BM, BK] @ [BK, BN] -> [BM, BN]
+        b_acc = _dot_acc(b_a, b_b, b_acc, DOT_FP64, UPCAST, PRECISION)
+
+    if HAS_BIAS:
+        # Bias is indexed by the full output feature (p % BIAS_MOD, n): for an MPO's last step p = (row, J_done).
+        o_f = (o_p[:, None] % BIAS_MOD) * N + o_n[None, :]
+        b_bias = tl.load(p_bias + o_f, mask=m_m[:, None] & m_n[None, :], other=0.0)
+        b_acc += b_bias.to(acc_dtype)
+
+    p_o = p_out + o_p[:, None] * s_op + o_q[:, None] * s_oq + o_n[None, :].to(tl.int64) * s_on
+    tl.store(p_o, b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.autotune(configs=_GB_CONFIGS, key=["K", "N", "M_BUCKET"])
+@triton.jit
+def mode_product_grad_b_kernel(
+    p_a, p_g, p_db,
+    P, K, N, Q, M_BUCKET, M_PER_SPLIT,
+    s_ap, s_ak, s_aq,
+    s_gp, s_gn, s_gq,
+    DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """db[s, k, n] = sum over the s-th slice of (p, q) of a[p, k, q] * g[p, n, q]; grid (cdiv(K,BK), cdiv(N,BN), S).
+
+    The reduction runs over all rows, so it is split into S slices written to separate partial sums (summed by the
+    launcher) to keep the GPU busy without atomics, which would make gradients non-deterministic. db is contiguous
+    [S, K, N] in the accumulator dtype.
+    """
+    i_k, i_n, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_k = o_k < K
+    m_n = o_n < N
+    acc_dtype = tl.float64 if DOT_FP64 else tl.float32
+    b_acc = tl.zeros((BK, BN), dtype=acc_dtype)
+    m_start = i_s * M_PER_SPLIT
+    m_stop = tl.minimum(m_start + M_PER_SPLIT, P * Q)
+    for m0 in range(m_start, m_stop, BM):
+        o_m = m0 + tl.arange(0, BM)
+        m_m = o_m < m_stop
+        o_p = (o_m // Q).to(tl.int64)
+        o_q = (o_m % Q).to(tl.int64)
+        # a read transposed as [BK, BM] so the reduction index is the dot's inner dimension.
+        b_at = tl.load(
+            p_a + o_p[None, :] * s_ap + o_q[None, :] * s_aq + o_k[:, None] * s_ak,
+            mask=m_k[:, None] & m_m[None, :],
+            other=0.0,
+        )
+        b_g = tl.load(
+            p_g + o_p[:, None] * s_gp + o_q[:, None] * s_gq + o_n[None, :] * s_gn,
+            mask=m_m[:, None] & m_n[None, :],
+            other=0.0,
+        )
+        # [BK, BM] @ [BM, BN] -> [BK, BN]
+        b_acc = _dot_acc(b_at, b_g, b_acc, DOT_FP64, UPCAST, PRECISION)
+    p_o = p_db + i_s.to(tl.int64) * K * N + o_k[:, None] * N + o_n[None, :]
+    tl.store(p_o, b_acc, mask=m_k[:, None] & m_n[None, :])
