@@ -1,0 +1,116 @@
+"""Triton kernel for the Tucker-2 convolution: U_in projection fused into the core's implicit GEMM, with an optional
+fused U_out projection + bias epilogue.
+
+For a block of BM output pixels (n, oh, ow) and a block of BRO core output channels:
+
+    for each tap (ky, kx):                       ih = oh*SH - PH + ky*DH, iw = ow*SW - PW + kx*DW
+        for each block of BRI input ranks:
+            proj[BM, BRI] = sum_c x[n, c, ih, iw] * U_in[c, r]       (zero where (ih, iw) falls in the padding)
+            acc[BM, BRO] += proj @ core[:, r, ky, kx]^T
+
+The R_in intermediate never leaves the chip; the price is recomputing the projection once per tap (the unfused path
+writes and re-reads it instead). When one BRO block holds all of R_out, the epilogue also applies U_out and the bias
+(y = acc @ U_out^T + b, looping over C_out blocks), so the R_out intermediate stays on chip too; it is written out
+only when the backward needs it (WRITE_H). The 1x1 projections elsewhere reuse tnkernels/ops/mpo/triton_kernels.py.
+Naming: i_* program ids, o_* offsets, m_* masks, p_* pointers, b_* blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from ..mpo.triton_kernels import _dot_acc
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _CONFIGS = [triton.Config({"BM": 16, "BC": 16, "BRI": 16, "BCO": 16}, num_warps=4)]
+else:  # pragma: no cover - GPU only
+    _CONFIGS = [
+        triton.Config({"BM": bm, "BC": bc, "BRI": bri, "BCO": bco}, num_warps=w, num_stages=s)
+        for bm, bc, bri, bco, w, s in [
+            (64, 32, 32, 64, 4, 3),
+            (128, 32, 32, 64, 8, 3),
+            (64, 64, 64, 64, 4, 2),
+            (32, 64, 32, 64, 4, 3),
+        ]
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["C_IN", "R_IN", "R_OUT", "C_OUT", "KH", "KW", "M_BUCKET"])
+@triton.jit
+def tucker_fused_kernel(
+    p_x, p_uin, p_core, p_uout, p_bias, p_h, p_y,
+    NB, C_IN, H, W, R_IN, R_OUT, C_OUT, OH, OW, M_BUCKET,
+    s_xn, s_xc, s_xh, s_xw,
+    s_uc, s_ur,
+    s_co, s_ci, s_cy, s_cx,
+    s_uo, s_uor,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    FUSE_OUT: tl.constexpr, WRITE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BRO: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BRI: tl.constexpr, BCO: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(NB*OH*OW, BM), cdiv(R_OUT, BRO)). h: contiguous [NB, R_OUT, OH, OW]; y: contiguous
+    [NB, C_OUT, OH, OW]. FUSE_OUT requires BRO >= R_OUT (one program column)."""
+    i_m, i_ro = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < NB * OH * OW
+    o_n = (o_m // (OH * OW)).to(tl.int64)
+    o_oh = (o_m % (OH * OW)) // OW
+    o_ow = o_m % OW
+    o_ro = i_ro * BRO + tl.arange(0, BRO)
+    m_ro = o_ro < R_OUT
+    in_dtype = p_x.dtype.element_ty
+    acc_dtype = tl.float64 if DOT_FP64 else tl.float32
+
+    b_acc = tl.zeros((BM, BRO), dtype=acc_dtype)
+    for ky in tl.static_range(KH):
+        for kx in tl.static_range(KW):
+            o_ih = o_oh * SH - PH + ky * DH
+            o_iw = o_ow * SW - PW + kx * DW
+            # Taps in the zero padding load nothing: a projected zero is zero, so padding commutes with U_in.
+            m_pix = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+            p_x_pix = p_x + o_n * s_xn + o_ih.to(tl.int64) * s_xh + o_iw.to(tl.int64) * s_xw
+            for r0 in range(0, R_IN, BRI):
+                o_ri = r0 + tl.arange(0, BRI)
+                m_ri = o_ri < R_IN
+                b_proj = tl.zeros((BM, BRI), dtype=acc_dtype)
+                for c0 in range(0, C_IN, BC):
+                    o_c = c0 + tl.arange(0, BC)
+                    m_c = o_c < C_IN
+                    b_x = tl.load(p_x_pix[:, None] + o_c[None, :] * s_xc, mask=m_pix[:, None] & m_c[None, :],
+                                  other=0.0)
+                    b_u = tl.load(p_uin + o_c[:, None] * s_uc + o_ri[None, :] * s_ur,
+                                  mask=m_c[:, None] & m_ri[None, :], other=0.0)
+                    # [BM, BC] @ [BC, BRI] -> [BM, BRI]
+                    b_proj = _dot_acc(b_x, b_u, b_proj, DOT_FP64, UPCAST, PRECISION)
+                # core[ro, ri, ky, kx] read as [BRI, BRO]
+                b_k = tl.load(p_core + o_ri[:, None] * s_ci + o_ro[None, :] * s_co + ky * s_cy + kx * s_cx,
+                              mask=m_ri[:, None] & m_ro[None, :], other=0.0)
+                # The projection is rounded to the input dtype, as the unfused path rounds its stored intermediate;
+                # this keeps half-precision tiles on the tensor cores.
+                # [BM, BRI] @ [BRI, BRO] -> [BM, BRO]
+                b_acc = _dot_acc(b_proj.to(in_dtype), b_k, b_acc, DOT_FP64, UPCAST, PRECISION)
+
+    o_pix = (o_oh * OW + o_ow).to(tl.int64)
+    if WRITE_H:
+        p_hb = p_h + o_n[:, None] * (R_OUT * OH * OW) + o_ro[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
+        tl.store(p_hb, b_acc.to(in_dtype), mask=m_m[:, None] & m_ro[None, :])
+    if FUSE_OUT:
+        b_h = b_acc.to(in_dtype)
+        for co0 in range(0, C_OUT, BCO):
+            o_co = co0 + tl.arange(0, BCO)
+            m_co = o_co < C_OUT
+            # U_out[co, ro] read as [BRO, BCO]
+            b_uo = tl.load(p_uout + o_ro[:, None] * s_uor + o_co[None, :] * s_uo,
+                           mask=m_ro[:, None] & m_co[None, :], other=0.0)
+            b_y = tl.zeros((BM, BCO), dtype=acc_dtype)
+            # [BM, BRO] @ [BRO, BCO] -> [BM, BCO]
+            b_y = _dot_acc(b_h, b_uo, b_y, DOT_FP64, UPCAST, PRECISION)
+            if HAS_BIAS:
+                b_y += tl.load(p_bias + o_co, mask=m_co, other=0.0).to(acc_dtype)[None, :]
+            p_yb = p_y + o_n[:, None] * (C_OUT * OH * OW) + o_co[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
+            tl.store(p_yb, b_y.to(in_dtype), mask=m_m[:, None] & m_co[None, :])
