@@ -171,7 +171,7 @@ def _forward_chain(
         if not last:
             kept.append(out)
         state = out
-    return state.reshape(rows, -1), kept
+    return state.reshape(rows, steps[-1][0] * steps[-1][2]), kept
 
 
 def _backward_chain(
@@ -195,7 +195,7 @@ def _backward_chain(
         # dS_in[p, k, q] = sum_n dS[p, n, q] * B[k, n]: B^T is B with strides swapped, no copy.
         d_in = mode_product(d_state, g.reshape(K, N).t())
         if k == 0:
-            dx = d_in.reshape(rows, -1)
+            dx = d_in.reshape(x2.shape)
         else:
             jd_prev, _, n_prev, q_prev = steps[k - 1]
             d_state = d_in.reshape(rows * jd_prev, n_prev, q_prev)

@@ -1,0 +1,164 @@
+"""Triton MPO chain (interpreter on CPU): forward and every gradient against the float64 reference.
+
+Shapes are tiny on purpose: the interpreter costs ~ms per program per loop step. Block sizes are 16 under the
+interpreter, so K = r*i and N = j*r above 16 below exercise multi-tile loops and masked tails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_rel, tolerance
+from tnkernels.ops import mpo_linear, mpo_linear_reference
+from tnkernels.ops.mpo import triton_impl
+
+pytestmark = pytest.mark.skipif(not triton_impl.is_available()[0], reason=triton_impl.is_available()[1])
+
+
+def make_cores(in_modes, out_modes, bonds, dtype=torch.float32):
+    """Random cores scaled so that y has unit-order entries whatever the chain length."""
+    ranks = [1, *bonds, 1]
+    cores = []
+    for k, (i, j) in enumerate(zip(in_modes, out_modes)):
+        g = torch.randn(ranks[k], i, j, ranks[k + 1], dtype=torch.float64) / (ranks[k] * i) ** 0.5
+        cores.append(g.to(dtype))
+    return cores
+
+
+def check_against_reference(x, cores, bias, dtype, what):
+    """Forward and grads (x, every core, bias) of the triton path vs autograd through the float64 reference."""
+    leaves = [x.detach().clone().requires_grad_(), *[g.detach().clone().requires_grad_() for g in cores]]
+    if bias is not None:
+        leaves.append(bias.detach().clone().requires_grad_())
+    y = mpo_linear(leaves[0], leaves[1 : 1 + len(cores)], leaves[-1] if bias is not None else None, backend="triton")
+    assert y.dtype == dtype
+
+    ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
+    y_ref = mpo_linear_reference(
+        ref_leaves[0], ref_leaves[1 : 1 + len(cores)], ref_leaves[-1] if bias is not None else None
+    )
+    tol = tolerance(dtype, "triton")
+    assert_close_rel(y, y_ref, tol, f"{what}: y")
+
+    grad_y = torch.randn_like(y_ref)
+    y.backward(grad_y.to(dtype))
+    y_ref.backward(grad_y)
+    names = ["x", *[f"core {k}" for k in range(len(cores))]] + (["bias"] if bias is not None else [])
+    for name, leaf, ref in zip(names, leaves, ref_leaves):
+        assert leaf.grad is not None, f"{what}: no gradient for {name}"
+        assert leaf.grad.dtype == dtype
+        assert_close_rel(leaf.grad, ref.grad, tol, f"{what}: grad {name}")
+
+
+CHAINS = [
+    # (in_modes, out_modes, bonds, leading shape)
+    ((3, 5), (2, 7), (4,), (3,)),  # two cores, odd modes
+    ((3, 5, 7), (2, 3, 5), (6, 5), (2,)),  # odd modes 3/5/7, K = 6*5 = 30 and N = 3*5 = 15/5*6 = 30 span tiles
+    ((2, 3, 2, 2), (3, 2, 2, 2), (3, 5, 2), (1,)),  # four cores, a single row
+    ((3, 5), (5, 3), (1,), (4,)),  # bond 1 (a Kronecker product)
+    ((4, 3), (3, 4), (5,), (2, 3)),  # several leading dimensions
+]
+
+
+@pytest.mark.parametrize("in_modes,out_modes,bonds,lead", CHAINS)
+def test_forward_and_grads_fp32(in_modes, out_modes, bonds, lead):
+    cores = make_cores(in_modes, out_modes, bonds)
+    n_in = torch.Size(in_modes).numel()
+    n_out = torch.Size(out_modes).numel()
+    x = torch.randn(*lead, n_in)
+    bias = torch.randn(n_out)
+    check_against_reference(x, cores, bias, torch.float32, f"modes {in_modes}->{out_modes} bonds {bonds}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    cores = make_cores((3, 5), (4, 3), (6,), dtype)
+    x = torch.randn(5, 15).to(dtype)
+    bias = torch.randn(12).to(dtype)
+    check_against_reference(x, cores, bias, dtype, str(dtype))
+
+
+def test_no_bias_and_noncontiguous_input():
+    cores = make_cores((3, 7), (5, 2), (4,))
+    # A transposed input (stride 1 along rows) and a column slice: both are read through strides, not copied.
+    x_t = torch.randn(21, 4).t()
+    assert not x_t.is_contiguous()
+    check_against_reference(x_t, cores, None, torch.float32, "transposed x")
+    x_s = torch.randn(3, 42)[:, ::2]
+    check_against_reference(x_s, cores, None, torch.float32, "strided x")
+
+
+def test_nan_poisoned_outputs_are_fully_written(nan_poison):
+    # Every torch.empty the launchers make (outputs, intermediates, gradient partials) starts as NaN.
+    cores = make_cores((3, 5, 7), (2, 3, 5), (5, 4))
+    x = torch.randn(3, 105)
+    check_against_reference(x, cores, torch.randn(30), torch.float32, "nan-poisoned")
+
+
+def test_mixed_precision_parameters_are_cast():
+    # fp32 parameters with a bf16 input (as under autocast): computed in bf16, gradients reach the fp32 cores.
+    cores = [g.requires_grad_() for g in make_cores((3, 5), (2, 3), (4,))]
+    x = torch.randn(4, 15, dtype=torch.bfloat16)
+    y = mpo_linear(x, cores, None, backend="triton")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(g.grad is not None and g.grad.dtype == torch.float32 for g in cores)
+    y_ref = mpo_linear_reference(x.double(), [g.detach().double() for g in cores])
+    assert_close_rel(y, y_ref, tolerance(torch.bfloat16, "triton"), "bf16 x with fp32 cores")
+
+
+def test_empty_batch():
+    cores = make_cores((3, 5), (2, 3), (4,))
+    x = torch.randn(0, 15, requires_grad=True)
+    y = mpo_linear(x, cores, torch.randn(6), backend="triton")
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_gradcheck_fp64():
+    cores = [g.requires_grad_() for g in make_cores((2, 3), (3, 2), (2,), torch.float64)]
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, g0, g1, b):
+        return mpo_linear(x, [g0, g1], b, backend="triton")
+
+    # fast_mode checks random projections of the Jacobian (one forward pair per input instead of one per element).
+    assert torch.autograd.gradcheck(f, (x, *cores, bias), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_mode_product_kernels_with_strides_and_bias_modulus():
+    # The shared building blocks on their own: b transposed (strides swapped), a permuted view, bias indexed by
+    # (p % bias_mod, n).
+    a = torch.randn(4, 6, 19).permute(0, 2, 1)  # [P=4, K=19, Q=6], non-contiguous
+    b = torch.randn(17, 19).t()  # [K=19, N=17], transposed
+    bias = torch.randn(2 * 17)
+    out = triton_impl.mode_product(a, b, bias, bias_mod=2)
+    ref = torch.einsum("pkq,kn->pnq", a.double(), b.double())
+    ref = ref + bias.double().reshape(2, 17)[torch.arange(4) % 2][:, :, None]
+    assert_close_rel(out, ref, tolerance(torch.float32, "triton"), "mode_product")
+    g = torch.randn(4, 17, 6)
+    db = triton_impl.mode_product_grad_b(a, g)
+    assert_close_rel(db, torch.einsum("pkq,pnq->kn", a.double(), g.double()), tolerance(torch.float32, "triton"),
+                     "mode_product_grad_b")
+
+
+def test_opcheck_registration():
+    # Schema, fake (meta) implementation and autograd registration agree with the real kernel.
+    cores = make_cores((3, 5), (2, 3), (4,))
+    x = torch.randn(3, 15, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.tnkernels.mpo_linear_triton.default,
+        (x, [g.requires_grad_() for g in cores], torch.randn(6, requires_grad=True)),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_bad_inputs_raise_valueerror():
+    cores = make_cores((3, 5), (2, 3), (4,))
+    with pytest.raises(ValueError, match="dtype"):
+        mpo_linear(torch.ones(2, 15, dtype=torch.int32), cores, backend="triton")
+    with pytest.raises(ValueError, match="15"):
+        mpo_linear(torch.randn(2, 14), cores, backend="triton")
