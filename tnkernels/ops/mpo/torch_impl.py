@@ -1,15 +1,290 @@
-"""Torch backend for the MPO chain. The planner issue replaces the body with planned contractions."""
+"""Torch backend for the MPO chain: runs the planner's contraction inside one autograd.Function.
+
+The forward looks its plan up (tnkernels.plan: a dict lookup keyed on static shapes; no search after the first
+call), merges the cores of each group, and sweeps the rows through the merged cores with matmuls on views of a
+layout chosen so that no step permutes a batch-sized tensor (see tnkernels/plan/mpo.py). The backward runs its
+own planned contractions: the sweep in reverse (two matmuls per step) and the merges in reverse. It saves the
+forward's intermediate states only when the plan says that is cheaper than recomputing them, and never under
+`tnkernels.plan.options(recompute=True)`.
+"""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from .reference import mpo_linear_reference
+from ...plan.cache import OPTIONS, mpo_decision
+from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
 
 
 def is_available() -> tuple[bool, str]:
     return True, ""
 
 
+# ---------------------------------------------------------------------------------------------------- merging
+def merge_group(cores, a: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Merge cores a..b-1 into one core (r0, I, J, r1); also return the partial merges the backward needs."""
+    p = cores[a]
+    partials = []
+    for k in range(a + 1, b):
+        g = cores[k]
+        r0, ip, jp, r = p.shape
+        _, i, j, r1 = g.shape
+        partials.append(p)
+        # [r0·Ip·Jp, r] @ [r, i·j·r1] -> [r0, Ip, Jp, i, j, r1] -> [r0, Ip, i, Jp, j, r1] (weight-sized copy)
+        prod = (p.reshape(r0 * ip * jp, r) @ g.reshape(r, i * j * r1)).view(r0, ip, jp, i, j, r1)
+        p = prod.permute(0, 1, 3, 2, 4, 5).reshape(r0, ip * i, jp * j, r1)
+    return p, partials
+
+
+def merge_group_backward(d_merged: torch.Tensor, cores, a: int, b: int, partials, grads: list) -> None:
+    """Write d core_k for k in a..b-1 into `grads`, given d(merged core) and the partial merges."""
+    d = d_merged
+    for k in reversed(range(a + 1, b)):
+        p, g = partials[k - a - 1], cores[k]
+        r0, ip, jp, r = p.shape
+        _, i, j, r1 = g.shape
+        d2 = d.reshape(r0, ip, i, jp, j, r1).permute(0, 1, 3, 2, 4, 5).reshape(r0 * ip * jp, i * j * r1)
+        grads[k] = (p.reshape(r0 * ip * jp, r).t() @ d2).view(g.shape)
+        d = (d2 @ g.reshape(r, i * j * r1).t()).view(p.shape)
+    grads[a] = d
+
+
+# ----------------------------------------------------------------------------------------------------
+# sweeping
+def _core_matrix(core: torch.Tensor, direction: str) -> torch.Tensor:
+    """The merged core as the [M, K] matrix of a step: left [J·r1, r0·I] (a view), right [r0·J, I·r1] (a
+    copy)."""
+    r0, i, j, r1 = core.shape
+    if direction == "left":
+        return core.reshape(r0 * i, j * r1).t()
+    return core.permute(0, 2, 1, 3).reshape(r0 * j, i * r1)
+
+
+def _step(state: torch.Tensor, cm: torch.Tensor, bp: int, n: int) -> torch.Tensor:
+    """out[B', M, N] = cm[M, K] @ state[B', K, N]; as one GEMM with the batch folded in when N == 1."""
+    m, k = cm.shape
+    if n == 1:
+        return state.reshape(bp, k) @ cm.t()
+    return cm @ state.reshape(bp, k, n)
+
+
+def _step_backward(
+    d_out: torch.Tensor, state: torch.Tensor, cm: torch.Tensor, bp: int, n: int, need_state: bool
+):
+    m, k = cm.shape
+    if n == 1:
+        d2 = d_out.reshape(bp, m)
+        s2 = state.reshape(bp, k)
+        d_state = d2 @ cm if need_state else None
+        return d_state, d2.t() @ s2
+    d3 = d_out.reshape(bp, m, n)
+    s3 = state.reshape(bp, k, n)
+    d_state = cm.t() @ d3 if need_state else None
+    return d_state, torch.tensordot(d3, s3, dims=([0, 2], [0, 2]))
+
+
+def _dims(merged: list[torch.Tensor], direction: str, rows: int) -> list[tuple[int, int]]:
+    """(B', N) of each step in execution order (M and K come from the core matrix)."""
+    out = []
+    if direction == "left":
+        j_before, i_after = 1, 1
+        for c in merged:
+            i_after *= c.shape[1]
+        for c in merged:
+            i_after //= c.shape[1]
+            out.append((rows * j_before, i_after))
+            j_before *= c.shape[2]
+    else:
+        i_before, j_after = 1, 1
+        for c in merged:
+            i_before *= c.shape[1]
+        for c in reversed(merged):
+            i_before //= c.shape[1]
+            out.append((rows * i_before, j_after))
+            j_after *= c.shape[2]
+    return out
+
+
+def run_grouped(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool):
+    """Forward of a grouped plan. Returns y[rows, out] and, if `keep`, what the backward needs."""
+    merged, partials = [], []
+    for a, b in plan.groups:
+        m, parts = merge_group(cores, a, b)
+        merged.append(m)
+        partials.append(parts)
+    order = merged if plan.direction == "left" else merged[::-1]
+    mats = [_core_matrix(c, plan.direction) for c in order]
+    dims = _dims(merged, plan.direction, x2d.shape[0])
+    state = x2d
+    states = []
+    for cm, (bp, n) in zip(mats, dims, strict=False):
+        if keep:
+            states.append(state)
+        state = _step(state, cm, bp, n)
+    y = state.reshape(x2d.shape[0], -1)
+    return y, (states, mats, dims, partials)
+
+
+def backward_grouped(dy: torch.Tensor, cores, plan: MPOPlan, saved, need_x: bool, need_cores: bool):
+    states, mats, dims, partials = saved
+    d = dy
+    d_mats: list[torch.Tensor | None] = [None] * len(mats)
+    for s in reversed(range(len(mats))):
+        bp, n = dims[s]
+        d, d_mats[s] = _step_backward(d, states[s], mats[s], bp, n, need_state=(s > 0 or need_x))
+    dx = d.reshape(dy.shape[0], -1) if need_x else None
+    grads: list[torch.Tensor | None] = [None] * len(cores)
+    if need_cores:
+        ordered = d_mats if plan.direction == "left" else d_mats[::-1]
+        for (a, b), dm, parts in zip(plan.groups, ordered, partials, strict=False):
+            r0 = cores[a].shape[0]
+            r1 = cores[b - 1].shape[3]
+            i = j = 1
+            for g in cores[a:b]:
+                i, j = i * g.shape[1], j * g.shape[2]
+            if plan.direction == "left":  # cm = core.reshape(r0·I, J·r1).t()
+                d_core = dm.t().reshape(r0, i, j, r1)
+            else:  # cm = core.permute(0, 2, 1, 3).reshape(r0·J, I·r1)
+                d_core = dm.reshape(r0, j, i, r1).permute(0, 2, 1, 3)
+            merge_group_backward(d_core, cores, a, b, parts, grads)
+    return dx, grads
+
+
+# ---------------------------------------------------------------------------------------------------- einsum
+_EXPRESSIONS: dict[tuple, object] = {}
+
+
+def run_einsum(x2d: torch.Tensor, cores, plan: MPOPlan) -> torch.Tensor:
+    import opt_einsum
+
+    shapes = tuple(tuple(int(d) for d in g.shape) for g in cores)
+    rows = x2d.shape[0]
+    operand_shapes = einsum_operand_shapes(shapes, rows)
+    key = (plan.einsum_eq, plan.einsum_path, tuple(operand_shapes))
+    expr = _EXPRESSIONS.get(key)
+    if expr is None:
+        expr = opt_einsum.contract_expression(
+            plan.einsum_eq, *operand_shapes, optimize=list(plan.einsum_path)
+        )
+        _EXPRESSIONS[key] = expr
+    operands = [x2d.reshape(operand_shapes[0])] + [
+        g.reshape(s) for g, s in zip(cores, operand_shapes[1:], strict=False)
+    ]
+    return expr(*operands, backend="torch").reshape(rows, -1)
+
+
+def run_forward(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool):
+    if plan.kind == "einsum":
+        return run_einsum(x2d, cores, plan), None
+    return run_grouped(x2d, cores, plan, keep)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+class MPOChainFunction(torch.autograd.Function):
+    """y = x2d @ W.T + bias with a planned forward and a planned backward."""
+
+    @staticmethod
+    def forward(ctx, x2d, bias, decision: MPODecision, *cores):
+        y, saved = run_forward(x2d, cores, decision.forward, keep=decision.save_states)
+        if bias is not None:
+            y = y + bias
+        ctx.decision = decision
+        ctx.has_bias = bias is not None
+        if decision.save_states:
+            states, mats, dims, partials = saved
+            flat_partials = [t for parts in partials for t in parts]
+            ctx.layout = (len(states), len(mats), [len(p) for p in partials], dims)
+            ctx.save_for_backward(x2d, *cores, *states[1:], *mats, *flat_partials)
+        else:
+            ctx.layout = None
+            ctx.save_for_backward(x2d, *cores)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dec: MPODecision = ctx.decision
+        plan = dec.backward
+        saved_tensors = ctx.saved_tensors
+        x2d = saved_tensors[0]
+        n_cores = len(dec.shapes)
+        cores = saved_tensors[1 : 1 + n_cores]
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_cores = any(ctx.needs_input_grad[3:])
+        if ctx.layout is None:  # recompute the states of the backward plan
+            with torch.no_grad():
+                _, saved = run_grouped(x2d, cores, plan, keep=True)
+        else:
+            n_states, n_mats, part_lens, dims = ctx.layout
+            rest = saved_tensors[1 + n_cores :]
+            states = [x2d, *rest[: n_states - 1]]
+            mats = list(rest[n_states - 1 : n_states - 1 + n_mats])
+            flat = rest[n_states - 1 + n_mats :]
+            partials, pos = [], 0
+            for n in part_lens:
+                partials.append(list(flat[pos : pos + n]))
+                pos += n
+            saved = (states, mats, dims, partials)
+        dx, d_cores = backward_grouped(dy, cores, plan, saved, need_x, need_cores)
+        d_bias = dy.sum(0) if (ctx.has_bias and need_bias) else None
+        return (dx, d_bias, None, *d_cores)
+
+
+# ---------------------------------------------------------------------------------------------------- dense
+# cache
+# cores[0] (weakly) -> (ids and versions of all cores, W^T[in, out]); dropped when the first core dies.
+_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_dense(cores) -> torch.Tensor:
+    stamp = tuple((id(g), g._version) for g in cores)
+    hit = _DENSE.get(cores[0])
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    merged, _ = merge_group(cores, 0, len(cores))
+    wt = merged.reshape(merged.shape[1], merged.shape[2])
+    _DENSE[cores[0]] = (stamp, wt)
+    return wt
+
+
+def dense_cache_bytes() -> int:
+    """Memory currently held by cache_dense weights."""
+    return sum(v[1].numel() * v[1].element_size() for v in _DENSE.values())
+
+
+def clear_dense_cache() -> None:
+    _DENSE.clear()
+
+
+# ---------------------------------------------------------------------------------------------------- entry
 def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-    return mpo_linear_reference(x, cores, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    rows = x2d.shape[0]
+    out_features = 1
+    for g in cores:
+        out_features *= g.shape[2]
+    if rows == 0:
+        y = x2d.new_zeros(0, out_features) + (bias if bias is not None else 0)
+        return y.reshape(*lead, out_features)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
+    )
+    shapes = tuple(tuple(int(d) for d in g.shape) for g in cores)
+    dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
+    if not needs_grad:
+        if (
+            OPTIONS.cache_dense
+            and dec.forward.seconds > dec.dense_seconds
+            and not torch.compiler.is_compiling()
+        ):
+            y = x2d @ _cached_dense(cores)
+        else:
+            y, _ = run_forward(x2d, cores, dec.forward, keep=False)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = MPOChainFunction.apply(x2d, bias, dec, *cores)
+    return y.reshape(*lead, out_features)

@@ -1,14 +1,117 @@
-"""Torch backend for the Tucker-2 convolution (plain torch ops; autograd through them)."""
+"""Torch backend for the Tucker-2 convolution: the planner picks three convolutions or folds factors into the
+core.
+
+One autograd.Function runs the chosen sequence of convolutions. Its backward runs its own contractions: per
+conv,
+`torch.nn.grad.conv2d_input` / `conv2d_weight` (the same kernels autograd would call), then the weight-sized
+einsums that undo the folding. Intermediate activations are saved, or recomputed under
+`tnkernels.plan.options(recompute=True)`.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
 
-from .reference import tucker_conv2d_reference
+from ...plan.cache import OPTIONS, tucker_decision
 
 
 def is_available() -> tuple[bool, str]:
     return True, ""
+
+
+def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor):
+    """The conv weights of a plan kind, in order, and which of them carries the spatial kernel (index)."""
+    w_in = u_in.t()[:, :, None, None]  # [R_in, C_in, 1, 1], a view
+    w_out = u_out[:, :, None, None]  # [C_out, R_out, 1, 1], a view
+    if kind == "three-convs":
+        return [w_in, core, w_out], 1, None
+    if kind == "fold-in":
+        return [torch.einsum("rsyx,is->riyx", core, u_in), w_out], 0, None
+    if kind == "fold-out":
+        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core)], 1, None
+    t = torch.einsum("or,rsyx->osyx", u_out, core)  # dense: fold U_out, then U_in
+    return [torch.einsum("osyx,is->oiyx", t, u_in)], 0, t
+
+
+def _run(x, weights, spatial: int, bias, stride, padding, dilation, keep: bool):
+    h = x
+    inputs = []
+    for k, w in enumerate(weights):
+        if keep:
+            inputs.append(h)
+        last = k == len(weights) - 1
+        if k == spatial:
+            h = F.conv2d(h, w, bias if last else None, stride, padding, dilation)
+        else:
+            h = F.conv2d(h, w, bias if last else None)
+    return h, inputs
+
+
+class TuckerConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, u_in, core, u_out, bias, kind: str, conv: tuple, recompute: bool):
+        stride, padding, dilation = conv
+        weights, spatial, t = _weights(kind, u_in, core, u_out)
+        y, inputs = _run(x, weights, spatial, bias, stride, padding, dilation, keep=not recompute)
+        ctx.kind, ctx.conv, ctx.spatial, ctx.recompute = kind, conv, spatial, recompute
+        ctx.has_bias = bias is not None
+        extra = [] if recompute else inputs[1:]
+        ctx.save_for_backward(x, u_in, core, u_out, *weights, *([t] if t is not None else []), *extra)
+        ctx.n_weights = len(weights)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u_in, core, u_out, *rest = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        kind, spatial = ctx.kind, ctx.spatial
+        weights = rest[: ctx.n_weights]
+        rest = rest[ctx.n_weights :]
+        t = None
+        if kind == "dense":
+            t, rest = rest[0], rest[1:]
+        if ctx.recompute:
+            with torch.no_grad():
+                _, inputs = _run(x, weights, spatial, None, stride, padding, dilation, keep=True)
+        else:
+            inputs = [x, *rest]
+        need_x = ctx.needs_input_grad[0]
+        need_w = any(ctx.needs_input_grad[1:4])
+        d = dy
+        d_weights: list[torch.Tensor | None] = [None] * len(weights)
+        for k in reversed(range(len(weights))):
+            conv_args = (stride, padding, dilation) if k == spatial else ((1, 1), (0, 0), (1, 1))
+            if need_w:
+                d_weights[k] = conv2d_weight(inputs[k], weights[k].shape, d, *conv_args)
+            if k > 0 or need_x:
+                d = conv2d_input(inputs[k].shape, weights[k], d, *conv_args)
+        dx = d if need_x else None
+        du_in = dcore = du_out = None
+        if need_w:
+            if kind == "three-convs":
+                du_in = d_weights[0][:, :, 0, 0].t()
+                dcore = d_weights[1]
+                du_out = d_weights[2][:, :, 0, 0]
+            elif kind == "fold-in":
+                dwc = d_weights[0]
+                dcore = torch.einsum("riyx,is->rsyx", dwc, u_in)
+                du_in = torch.einsum("riyx,rsyx->is", dwc, core)
+                du_out = d_weights[1][:, :, 0, 0]
+            elif kind == "fold-out":
+                du_in = d_weights[0][:, :, 0, 0].t()
+                dwc = d_weights[1]
+                dcore = torch.einsum("or,osyx->rsyx", u_out, dwc)
+                du_out = torch.einsum("osyx,rsyx->or", dwc, core)
+            else:
+                dw = d_weights[0]
+                dt = torch.einsum("oiyx,is->osyx", dw, u_in)
+                du_in = torch.einsum("oiyx,osyx->is", dw, t)
+                dcore = torch.einsum("or,osyx->rsyx", u_out, dt)
+                du_out = torch.einsum("osyx,rsyx->or", dt, core)
+        d_bias = dy.sum((0, 2, 3)) if (ctx.has_bias and ctx.needs_input_grad[4]) else None
+        return dx, du_in, dcore, du_out, d_bias, None, None, None
 
 
 def tucker_conv2d_torch(
@@ -21,4 +124,12 @@ def tucker_conv2d_torch(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> torch.Tensor:
-    return tucker_conv2d_reference(x, u_in, core, u_out, bias, stride, padding, dilation)
+    conv = (tuple(stride), tuple(padding), tuple(dilation))
+    tensors = (x, u_in, core, u_out) + ((bias,) if bias is not None else ())
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    dec = tucker_decision(shapes, conv, x.dtype, x.device, needs_grad)
+    if not needs_grad:
+        weights, spatial, _ = _weights(dec.kind, u_in, core, u_out)
+        return _run(x, weights, spatial, bias, *conv, keep=False)[0]
+    return TuckerConvFunction.apply(x, u_in, core, u_out, bias, dec.kind, conv, OPTIONS.recompute)

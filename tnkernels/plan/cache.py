@@ -1,0 +1,150 @@
+"""Per-key plan cache and the planner's run-time options (recompute, forced plan kind, cached dense weights).
+
+The key is made of static facts only (core shapes, row count, dtype, device, whether a gradient is needed and
+the
+options), so a forward pays one dict lookup and never searches, and torch.compile can trace the lookup: the
+key is
+built from Python ints of static shapes and the options are plain module globals that dynamo guards on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .calibrate import get_calibration
+from .mpo import MPODecision, decide
+from .tucker import TuckerDecision, decide_tucker
+
+_MPO_PLANS: dict[tuple, MPODecision] = {}
+_TUCKER_PLANS: dict[tuple, TuckerDecision] = {}
+_STATS = {"searches": 0, "lookups": 0}
+
+
+class _Options:
+    """Module-level switches. Plain attributes (not a contextvar) so that dynamo can guard on them."""
+
+    recompute: bool = False  # backward recomputes intermediate states instead of saving them
+    force: str | None = None  # force a plan kind (tests, benchmarks)
+    tucker_force: str | None = None
+    cache_dense: bool = (
+        False  # inference: keep rebuilt dense weights of layers whose chain costs more than dense
+    )
+
+
+OPTIONS = _Options()
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (after recalibration or a change of options)."""
+    _MPO_PLANS.clear()
+    _TUCKER_PLANS.clear()
+
+
+def plan_stats() -> dict[str, int]:
+    """How many plan lookups and how many searches happened (a search is a cache miss)."""
+    return dict(_STATS)
+
+
+def mpo_decision(
+    shapes: tuple[tuple[int, int, int, int], ...],
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    needs_grad: bool,
+) -> MPODecision:
+    """The cached decision for this key; searches (once) on a miss."""
+    key = (shapes, rows, dtype, device.type, device.index, needs_grad, OPTIONS.recompute, OPTIONS.force)
+    _STATS["lookups"] += 1
+    hit = _MPO_PLANS.get(key)
+    if hit is not None:
+        return hit
+    _STATS["searches"] += 1
+    cal = get_calibration(device, dtype)
+    dec = decide(
+        cal,
+        shapes,
+        rows,
+        dtype.itemsize,
+        needs_grad=needs_grad,
+        recompute=OPTIONS.recompute,
+        force=OPTIONS.force,
+    )
+    _MPO_PLANS[key] = dec
+    return dec
+
+
+def tucker_decision(
+    key_shapes: tuple,
+    conv: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    needs_grad: bool,
+) -> TuckerDecision:
+    key = (key_shapes, conv, dtype, device.type, device.index, needs_grad, OPTIONS.tucker_force)
+    _STATS["lookups"] += 1
+    hit = _TUCKER_PLANS.get(key)
+    if hit is not None:
+        return hit
+    _STATS["searches"] += 1
+    cal = get_calibration(device, dtype)
+    dec = decide_tucker(
+        cal, key_shapes, conv, dtype.itemsize, needs_grad=needs_grad, force=OPTIONS.tucker_force
+    )
+    _TUCKER_PLANS[key] = dec
+    return dec
+
+
+@contextlib.contextmanager
+def options(
+    *,
+    recompute: bool | None = None,
+    force: str | None | type[Ellipsis] = ...,
+    tucker_force: str | None | type[Ellipsis] = ...,
+    cache_dense: bool | None = None,
+) -> Iterator[None]:
+    """Temporarily change planner options, e.g. `with options(recompute=True): loss.backward()`.
+
+    recompute: the backward recomputes the forward's intermediate states instead of keeping them (saves
+    memory).
+    force: run this MPO plan kind ("sweep-left", "sweep-right", "merge", "rebuild", "einsum") regardless of
+    cost.
+    tucker_force: run this Tucker plan kind ("three-convs", "fold-in", "fold-out", "dense").
+    cache_dense: in no-grad calls, keep the rebuilt dense weight of layers whose chain costs more than dense.
+    """
+    saved = (OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense)
+    try:
+        set_options(recompute=recompute, force=force, tucker_force=tucker_force, cache_dense=cache_dense)
+        yield
+    finally:
+        OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense = saved
+
+
+def set_options(
+    *,
+    recompute: bool | None = None,
+    force: str | None | type[Ellipsis] = ...,
+    tucker_force: str | None | type[Ellipsis] = ...,
+    cache_dense: bool | None = None,
+) -> None:
+    """Set planner options for the rest of the process (arguments left out keep their value)."""
+    from .mpo import PLAN_KINDS
+    from .tucker import TUCKER_KINDS
+
+    if force is not ... and force is not None and force not in PLAN_KINDS:
+        raise ValueError(f"plan options: force must be one of {', '.join(PLAN_KINDS)} or None, got {force!r}")
+    if tucker_force is not ... and tucker_force is not None and tucker_force not in TUCKER_KINDS:
+        raise ValueError(
+            f"plan options: tucker_force must be one of {', '.join(TUCKER_KINDS)} or None, "
+            f"got {tucker_force!r}"
+        )
+    if recompute is not None:
+        OPTIONS.recompute = bool(recompute)
+    if force is not ...:
+        OPTIONS.force = force  # type: ignore[assignment]
+    if tucker_force is not ...:
+        OPTIONS.tucker_force = tucker_force  # type: ignore[assignment]
+    if cache_dense is not None:
+        OPTIONS.cache_dense = bool(cache_dense)

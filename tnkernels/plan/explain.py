@@ -1,0 +1,117 @@
+"""Human-readable description of a plan: steps and shapes, FLOPs, bytes, predicted time, the alternatives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .cache import OPTIONS, mpo_decision, tucker_decision
+from .mpo import MPODecision
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e6:9.1f} us" if s < 1e-2 else f"{s * 1e3:9.2f} ms"
+
+
+def _fmt_n(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_mpo(dec: MPODecision, top: int = 8) -> str:
+    f = dec.forward
+    lines = [
+        f"MPO chain {[tuple(s) for s in dec.shapes]}, rows={dec.rows}",
+        f"forward plan: {f.label}   FLOPs {_fmt_n(f.flops)}  bytes {_fmt_n(f.bytes)}  "
+        f"predicted {_fmt_s(f.seconds)}"
+        f"   (dense GEMM predicted {_fmt_s(dec.dense_seconds)})",
+    ]
+    for s in f.steps:
+        lines.append(
+            f"    {s.what:<70s} {_fmt_n(s.flops):>8s} FLOP {_fmt_n(s.bytes):>8s} B {_fmt_s(s.seconds)}"
+        )
+    if dec.backward is not None:
+        how = "reusing saved states" if dec.save_states else "recomputing states"
+        lines.append(
+            f"backward plan: {dec.backward.label} ({how}), predicted {_fmt_s(dec.bwd_seconds)}; "
+            f"extra memory saved for backward: {_fmt_n(dec.saved_bytes)}B"
+        )
+    else:
+        lines.append("backward plan: none (no gradient needed)")
+    chain_vs_dense = f.seconds / dec.dense_seconds if dec.dense_seconds else float("inf")
+    lines.append(
+        f"cache_dense: the chain is predicted at {chain_vs_dense:.2f}x the dense GEMM; "
+        "caching the dense weight "
+        f"would cost {_fmt_n(dec.dense_bytes)}B"
+        + (" (cache_dense is on and would apply)" if OPTIONS.cache_dense and chain_vs_dense > 1 else "")
+    )
+    lines.append(f"alternatives considered ({len(dec.alternatives)}), fastest first:")
+    for label, sec in dec.alternatives[:top]:
+        lines.append(f"    {label:<40s} {_fmt_s(sec)}")
+    if len(dec.alternatives) > top:
+        lines.append(f"    ... {len(dec.alternatives) - top} more")
+    return "\n".join(lines)
+
+
+def explain(
+    cores: Sequence[torch.Tensor] | Sequence[tuple[int, int, int, int]],
+    rows: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    needs_grad: bool = False,
+    top: int = 8,
+) -> str:
+    """Return (and print nothing) the plan the torch backend runs for an MPO layer at `rows` rows.
+
+    `cores` may be tensors or their shapes (r0, i, j, r1). Example:
+        >>> print(explain([(1, 40, 40, 16), (16, 40, 160, 1)], rows=64))
+    """
+    if rows < 1:
+        raise ValueError(f"explain: rows must be >= 1, got {rows}")
+    shapes = tuple(
+        tuple(int(d) for d in (c.shape if isinstance(c, torch.Tensor) else c))
+        for c in cores  # type: ignore
+    )
+    if not shapes or any(len(s) != 4 for s in shapes):
+        raise ValueError("explain: pass MPO cores (or their shapes) of 4 dimensions (r0, i, j, r1)")
+    if isinstance(cores[0], torch.Tensor):
+        dtype, device = cores[0].dtype, cores[0].device
+    return format_mpo(mpo_decision(shapes, rows, dtype, torch.device(device), needs_grad), top)  # type: ignore
+
+
+def explain_tucker(
+    x_shape: tuple[int, int, int, int],
+    u_in_shape: tuple[int, int],
+    core_shape: tuple[int, int, int, int],
+    u_out_shape: tuple[int, int],
+    *,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    needs_grad: bool = False,
+) -> str:
+    """The Tucker-2 conv plan for these shapes: the kind, its steps, and the alternatives."""
+    shapes = (tuple(x_shape), tuple(u_in_shape), tuple(core_shape), tuple(u_out_shape))
+    dec = tucker_decision(
+        shapes, (tuple(stride), tuple(padding), tuple(dilation)), dtype, torch.device(device), needs_grad
+    )
+    lines = [
+        f"Tucker-2 conv x{tuple(x_shape)} U_in{tuple(u_in_shape)} core{tuple(core_shape)} "
+        f"U_out{tuple(u_out_shape)}",
+        f"plan: {dec.kind}   FLOPs {_fmt_n(dec.flops)}  bytes {_fmt_n(dec.bytes)}  predicted fwd "
+        f"{_fmt_s(dec.fwd_seconds)} bwd {_fmt_s(dec.bwd_seconds)}  (dense conv {_fmt_s(dec.dense_seconds)})",
+    ]
+    for s in dec.steps:
+        lines.append(
+            f"    {s.what:<60s} {_fmt_n(s.flops):>8s} FLOP {_fmt_n(s.bytes):>8s} B {_fmt_s(s.seconds)}"
+        )
+    lines.append("alternatives (forward time):")
+    for label, sec in dec.alternatives:
+        lines.append(f"    {label:<20s} {_fmt_s(sec)}")
+    return "\n".join(lines)
