@@ -191,7 +191,7 @@ def sensitivity_scan(
     *,
     progress: bool = True,
     higher_is_better: bool = True,
-    metric: str = "accuracy",
+    metric: str | None = None,
     rel_tol: float | None = None,
 ) -> SensitivityTable:
     """Compress one layer at a time at each ratio and record ``eval_fn`` on the result.
@@ -203,7 +203,7 @@ def sensitivity_scan(
         eval_fn: model -> float, e.g. test accuracy or the relative output error against the teacher.
         progress: show a tqdm bar over (layer, ratio) cells.
         higher_is_better: True when eval_fn is accuracy-like, False when it is an error.
-        metric: label stored in the table (plots, reports).
+        metric: label for plots and reports; default "accuracy" or "error" per higher_is_better.
         rel_tol: passed through to tensorize (None: rank from the ratio only).
 
     A (layer, ratio) cell that tensorize cannot produce (ValueError, e.g. the ratio is unreachable for that
@@ -259,7 +259,7 @@ def sensitivity_scan(
                     notes[f"{name}@{r:g}"] = str(e)
                 else:
                     row = next((row for row in report.rows if row.name == name), None)
-                    if row is None or row.params_after >= row.params_before:
+                    if row is None or row.status != "tensorized" or row.params_after >= row.params_before:
                         notes[f"{name}@{r:g}"] = "tensorize left the layer dense" + (
                             f" ({row.status})" if row is not None else ""
                         )
@@ -282,7 +282,7 @@ def sensitivity_scan(
         params_after=after,
         rel_errors=errs,
         higher_is_better=higher_is_better,
-        metric=metric,
+        metric=metric or ("accuracy" if higher_is_better else "error"),
         notes=notes,
         seconds=time.perf_counter() - t0,
     )
