@@ -1,0 +1,219 @@
+"""save_compressed / load_compressed: safetensors weights plus a JSON spec of every tensorized layer.
+
+Layout of the checkpoint directory:
+    model.safetensors   the full state of the compressed model (tensorized and dense layers, buffers)
+    spec.json           format version, package version, sha256 of model.safetensors, and one entry per tensorized
+                        layer (kind, modes and bonds or ranks, conv parameters, dtype, aliases of shared modules)
+The directory is written under a temporary name and renamed into place, so a crash never leaves a half-written
+checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .._version import __version__
+from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
+from .tensorize import _module_aliases, _set_submodule
+
+FORMAT = "tnkernels-compressed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "spec.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _layer_spec(module: nn.Module) -> dict:
+    if isinstance(module, MPOLinear):
+        return {
+            "kind": "mpo_linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "in_modes": list(module.in_modes),
+            "out_modes": list(module.out_modes),
+            "bonds": list(module.bonds),
+            "bias": module.bias is not None,
+            "dtype": _dtype_name(module.cores[0].dtype),
+            "backend": module.backend,
+        }
+    return {
+        "kind": "tucker_conv2d",
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": list(module.kernel_size),
+        "ranks": list(module.ranks),
+        "stride": list(module.stride),
+        "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+        "dilation": list(module.dilation),
+        "bias": module.bias is not None,
+        "dtype": _dtype_name(module.core.dtype),
+        "backend": module.backend,
+    }
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model` (with tensorized layers) to the directory `path` atomically; return the path."""
+    path = Path(path)
+    aliases = _module_aliases(model)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (MPOLinear, TuckerConv2d)):
+            entry = _layer_spec(module)
+            entry["aliases"] = [a for a in aliases[id(module)] if a != name]
+            layers[name] = entry
+    if not layers:
+        raise ValueError("save_compressed: the model has no tensorized layers; call tnkernels.tensorize(model) first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        spec = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tnkernels_version": __version__,
+            "model_class": type(model).__name__,
+            "sha256": _sha256(tmp / WEIGHTS_FILE),
+            "layers": layers,
+        }
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        backup = None
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(backup)
+        tmp.rename(path)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """Read and validate spec.json of a compressed checkpoint (checksum included)."""
+    path = Path(path)
+    spec_file, weights_file = path / SPEC_FILE, path / WEIGHTS_FILE
+    if not spec_file.is_file() or not weights_file.is_file():
+        raise ValueError(
+            f"load_compressed: {path} is not a compressed checkpoint (expected {SPEC_FILE} and {WEIGHTS_FILE}); "
+            "create one with tnkernels.save_compressed"
+        )
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"load_compressed: {spec_file} is corrupted ({exc})") from exc
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT or "layers" not in spec:
+        raise ValueError(f"load_compressed: {spec_file} is not a {FORMAT} spec")
+    if spec.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"load_compressed: {path} uses format version {spec['format_version']}; this tnkernels reads up to "
+            f"{FORMAT_VERSION}; upgrade tnkernels"
+        )
+    if _sha256(weights_file) != spec.get("sha256"):
+        raise ValueError(f"load_compressed: {weights_file} does not match its checksum: the file is corrupted")
+    return spec
+
+
+def _build_layer(name: str, entry: dict, old: nn.Module) -> nn.Module:
+    kind = entry.get("kind")
+    device = next((t.device for t in old.parameters()), torch.device("cpu"))
+    dtype = getattr(torch, entry["dtype"])
+    if kind == "mpo_linear":
+        if isinstance(old, MPOLinear):
+            shape = (old.out_features, old.in_features)
+        elif isinstance(old, nn.Linear) or is_hf_conv1d(old):
+            shape = tuple(linear_weight(old).shape)
+        else:
+            raise ValueError(
+                f"load_compressed: layer {name!r} is a {type(old).__name__} in the skeleton but an MPO linear layer "
+                "in the checkpoint; the checkpoint belongs to another model"
+            )
+        if shape != (entry["out_features"], entry["in_features"]):
+            raise ValueError(
+                f"load_compressed: layer {name!r} is {shape[1]}->{shape[0]} in the skeleton but "
+                f"{entry['in_features']}->{entry['out_features']} in the checkpoint; the checkpoint belongs to another model"
+            )
+        return MPOLinear(
+            entry["in_features"],
+            entry["out_features"],
+            in_modes=entry["in_modes"],
+            out_modes=entry["out_modes"],
+            bonds=entry["bonds"],
+            bias=entry["bias"],
+            backend=entry.get("backend", "auto"),
+            device=device,
+            dtype=dtype,
+        )
+    if kind == "tucker_conv2d":
+        if not isinstance(old, (nn.Conv2d, TuckerConv2d)):
+            raise ValueError(
+                f"load_compressed: layer {name!r} is a {type(old).__name__} in the skeleton but a Tucker conv in the "
+                "checkpoint; the checkpoint belongs to another model"
+            )
+        shape = (old.out_channels, old.in_channels, *old.kernel_size)
+        want = (entry["out_channels"], entry["in_channels"], *entry["kernel_size"])
+        if tuple(shape) != tuple(want):
+            raise ValueError(
+                f"load_compressed: conv {name!r} has shape {tuple(shape)} in the skeleton but {tuple(want)} in the "
+                "checkpoint; the checkpoint belongs to another model"
+            )
+        padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
+        return TuckerConv2d(
+            entry["in_channels"],
+            entry["out_channels"],
+            tuple(entry["kernel_size"]),
+            ranks=tuple(entry["ranks"]),
+            stride=tuple(entry["stride"]),
+            padding=padding,
+            dilation=tuple(entry["dilation"]),
+            bias=entry["bias"],
+            backend=entry.get("backend", "auto"),
+            device=device,
+            dtype=dtype,
+        )
+    raise ValueError(f"load_compressed: layer {name!r} has unknown kind {kind!r}")
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the tensorized layers of `path` inside the uncompressed skeleton `model` (in place, no
+    decomposition), load every weight, and return the model. Mismatches and corrupted files raise ValueError."""
+    spec = read_spec(path)
+    for name, entry in spec["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"load_compressed: the checkpoint has a tensorized layer {name!r} that the skeleton model lacks; "
+                "the checkpoint belongs to another model"
+            ) from None
+        new = _build_layer(name, entry, old)
+        for alias in [name, *entry.get("aliases", [])]:
+            _set_submodule(model, alias, new)
+    try:
+        load_model(model, str(Path(path) / WEIGHTS_FILE), strict=True)
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(
+            f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
+            "the checkpoint belongs to another model or version"
+        ) from exc
+    return model

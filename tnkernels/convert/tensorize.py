@@ -1,0 +1,218 @@
+"""tensorize(model): replace Linear / Conv1D / Conv2d layers in place by MPOLinear / TuckerConv2d."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..decompose import RatioUnreachableError, check_ratio
+from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
+from .report import LayerReport, TensorizeReport
+
+_MPO_KEYS = {"ratio", "rel_tol", "max_bond", "num_cores", "in_modes", "out_modes", "backend"}
+_TUCKER_KEYS = {"ratio", "rel_tol", "ranks", "n_iter", "backend"}
+_RULE_KEYS = _MPO_KEYS | _TUCKER_KEYS
+_RANK_KEYS = {"ratio", "rel_tol", "max_bond", "ranks"}
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return "mpo"
+    if isinstance(module, nn.Conv2d):
+        return "tucker"
+    return None
+
+
+def _module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name under which it is reachable (shared modules have several)."""
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            aliases[id(mod)].append(name)
+    return aliases
+
+
+def _param_owners(model: nn.Module) -> dict[int, set[int]]:
+    """id(parameter) -> ids of the modules that hold it directly (tied weights have several)."""
+    owners: dict[int, set[int]] = defaultdict(set)
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)].add(id(mod))
+    return owners
+
+
+def _match_rules(names: list[str], rules: Mapping[str, Mapping | None] | None, candidates: set[str]):
+    """name -> (rule pattern, settings or None). Without rules every candidate is selected with no overrides."""
+    if rules is None:
+        return {n: ("*", {}) for n in names if n in candidates}
+    chosen: dict[str, tuple[str, Mapping | None]] = {}
+    for pattern, settings in rules.items():
+        if settings is not None:
+            if not isinstance(settings, Mapping):
+                raise ValueError(f"tensorize: rule {pattern!r} must map to a dict of settings or None, got {settings!r}")
+            unknown = set(settings) - _RULE_KEYS
+            if unknown:
+                raise ValueError(
+                    f"tensorize: rule {pattern!r} has unknown settings {sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}"
+                )
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; run `tnk inspect` to list layer names"
+            raise ValueError(f"tensorize: rule {pattern!r} matches no layer of the model{hint}")
+        for n in hits:
+            chosen.setdefault(n, (pattern, settings))
+    return chosen
+
+
+def tensorize(
+    model: nn.Module,
+    *,
+    ratio: float | None = None,
+    rules: Mapping[str, Mapping | None] | None = None,
+    rel_tol: float | None = None,
+    num_cores: int | None = None,
+    max_bond: int | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> TensorizeReport:
+    """Replace layers of `model` in place by tensorized ones and return a report.
+
+    Without `rules`, every nn.Linear / transformers Conv1D and every groups=1 nn.Conv2d is a candidate. With
+    `rules` ({fnmatch pattern on qualified names: settings dict or None}), only matching layers are candidates; the
+    first matching pattern wins; None leaves the layer dense; a pattern that matches nothing is an error. Settings
+    (ratio, rel_tol, max_bond, num_cores, in_modes, out_modes, ranks, n_iter, backend) override the keyword arguments.
+
+    Layers that cannot reach their ratio, grouped convs, Linear layers inside nn.MultiheadAttention (which reads
+    their weight directly) and layers whose weight is tied to another module (e.g. GPT-2's lm_head and wte) are left
+    dense and reported with the reason. A module reachable under several names is converted once and replaced at
+    every name.
+    """
+    if ratio is not None:
+        check_ratio(ratio, "tensorize: ratio")
+        if rel_tol is not None or max_bond is not None:
+            raise ValueError("tensorize: give either ratio or rel_tol/max_bond, not both")
+    if max_bond is not None and (isinstance(max_bond, bool) or not isinstance(max_bond, int) or max_bond < 1):
+        raise ValueError(f"tensorize: max_bond must be a positive int, got {max_bond!r}")
+
+    aliases = _module_aliases(model)
+    owners = _param_owners(model)
+    named = dict(model.named_modules())  # first name per module
+    names = [n for n in named if n]
+    candidates = {n for n in names if _kind(named[n]) is not None}
+    selection = _match_rules(names, rules, candidates)
+    explicit = set(rules) if rules is not None else set()
+
+    report = TensorizeReport()
+    todo = [n for n in names if n in selection and n in candidates]
+    unreachable = 0
+    iterator = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(todo, desc="tensorize", unit="layer")
+    for name in iterator:
+        module = named[name]
+        pattern, settings = selection[name]
+        kind = _kind(module)
+        weight = linear_weight(module) if kind == "mpo" else module.weight
+        shape = tuple(weight.shape)
+        before = weight.numel()
+
+        def skip(reason: str) -> None:
+            report.rows.append(LayerReport(name, "-", shape, before, before, 1.0, None, 0.0, f"skipped: {reason}"))
+
+        if settings is None:
+            skip(f"excluded by rule {pattern!r}")
+            continue
+        reason = _unsupported_reason(model, name, module, kind, owners)
+        if reason:
+            if pattern in explicit and not any(c in pattern for c in "*?["):
+                raise ValueError(f"tensorize: layer {name!r} cannot be tensorized: {reason}")
+            skip(reason)
+            continue
+        opts = {"ratio": ratio, "rel_tol": rel_tol, "max_bond": max_bond, "num_cores": num_cores, "backend": backend}
+        if _RANK_KEYS & set(settings):
+            # A rule that chooses ranks its own way replaces the global rank selection instead of mixing with it.
+            opts.update(dict.fromkeys(_RANK_KEYS))
+        opts.update(settings)
+        t0 = time.perf_counter()
+        try:
+            new = _build(module, kind, opts)
+        except RatioUnreachableError as exc:
+            unreachable += 1
+            skip(str(exc))
+            continue
+        except ValueError as exc:
+            raise ValueError(f"tensorize: layer {name!r} ({type(module).__name__} {shape}): {exc}") from exc
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            approx = new.to_dense()
+            ref = weight.detach()
+            err = (torch.linalg.norm((approx - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300)).item()
+        for alias in aliases[id(module)]:
+            _set_submodule(model, alias, new)
+        after = new.num_weight_params
+        structure = (
+            f"modes {new.in_modes}x{new.out_modes} bonds {new.bonds}" if kind == "mpo" else f"ranks {new.ranks}"
+        )
+        report.rows.append(LayerReport(name, kind, shape, before, after, before / after, err, seconds, "tensorized", structure))
+    if todo and unreachable and not report.tensorized and ratio is not None:
+        raise ValueError(
+            f"tensorize: ratio {ratio:g} cannot be reached by any selected layer; choose a smaller ratio "
+            "(see the per-layer limits with `tnk inspect`)"
+        )
+    return report
+
+
+def _unsupported_reason(model: nn.Module, name: str, module: nn.Module, kind: str, owners) -> str | None:
+    if kind == "tucker":
+        if module.groups != 1:
+            return f"grouped conv (groups={module.groups}) is not supported by Tucker-2"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported"
+    parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return "inside nn.MultiheadAttention, which reads the weight directly"
+    shared = owners[id(module.weight)] - {id(module)}
+    if shared:
+        return "weight is tied to another module (e.g. an embedding); tensorizing it would break the tie"
+    return None
+
+
+def _build(module: nn.Module, kind: str, opts: dict) -> nn.Module:
+    if kind == "mpo":
+        kwargs = {k: opts.get(k) for k in _MPO_KEYS if opts.get(k) is not None}
+        return MPOLinear.from_linear(module, **kwargs)
+    kwargs = {k: opts.get(k) for k in _TUCKER_KEYS if opts.get(k) is not None}
+    if not {"ranks", "ratio", "rel_tol"} & set(kwargs) and opts.get("max_bond") is not None:
+        # A bond cap means the same thing for Tucker ranks: no rank above it.
+        cap = opts["max_bond"]
+        kwargs["ranks"] = (min(cap, module.out_channels), min(cap, module.in_channels))
+    if "ranks" in kwargs:
+        kwargs["ranks"] = tuple(kwargs["ranks"])
+    return TuckerConv2d.from_conv(module, **kwargs)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters of a model (tied parameters counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+__all__ = ["tensorize", "count_params", "LayerReport", "TensorizeReport"]

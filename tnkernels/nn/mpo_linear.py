@@ -1,0 +1,199 @@
+"""MPOLinear: a drop-in replacement for nn.Linear (and GPT-2's Conv1D) whose weight is an MPO (tensor train)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..decompose import (
+    auto_modes,
+    check_ratio,
+    mpo_bonds_for_ratio,
+    mpo_decompose,
+    mpo_num_params,
+)
+from ..ops import mpo_linear, mpo_to_dense
+from .hf_compat import is_hf_conv1d, linear_weight
+
+DEFAULT_NUM_CORES = 2
+
+
+class MPOLinear(nn.Module):
+    """y = x @ W.T + b with W[out, in] stored as MPO cores G_k of shape (r_{k-1}, i_k, j_k, r_k).
+
+    Build one from a trained layer with `MPOLinear.from_linear`, or directly (random init scaled like nn.Linear's).
+
+    Args:
+        in_features, out_features: as in nn.Linear.
+        in_modes, out_modes: factorizations of the feature sizes (same length N = number of cores).
+        bonds: the N-1 internal bond dimensions.
+        bias: whether to learn a bias.
+        backend: "auto" | "torch" | "triton" | "native", passed to tnkernels.mpo_linear.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        in_modes: Sequence[int],
+        out_modes: Sequence[int],
+        bonds: Sequence[int],
+        bias: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_modes, out_modes, bonds = tuple(in_modes), tuple(out_modes), tuple(bonds)
+        if len(in_modes) != len(out_modes) or len(bonds) != len(in_modes) - 1:
+            raise ValueError(
+                f"MPOLinear: need len(in_modes) == len(out_modes) == len(bonds) + 1, got {in_modes}, {out_modes}, {bonds}"
+            )
+        if math.prod(in_modes) != in_features or math.prod(out_modes) != out_features:
+            raise ValueError(
+                f"MPOLinear: modes {in_modes} x {out_modes} multiply to {math.prod(in_modes)} x {math.prod(out_modes)}, "
+                f"not in_features={in_features} x out_features={out_features}"
+            )
+        if any(b < 1 for b in bonds):
+            raise ValueError(f"MPOLinear: bonds must be >= 1, got {bonds}")
+        self.in_features, self.out_features = in_features, out_features
+        self.in_modes, self.out_modes, self.bonds = in_modes, out_modes, bonds
+        self.backend = backend
+        full = (1, *bonds, 1)
+        factory = {"device": device, "dtype": dtype}
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(full[k], i, j, full[k + 1], **factory))
+            for k, (i, j) in enumerate(zip(in_modes, out_modes))
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default init has Var(W) = 1 / (3 in_features). W is a sum over internal bonds of products of
+        # one entry per core, so Var(W) = prod(bonds) * prod(core variances); spread that evenly over the cores.
+        n = len(self.cores)
+        target = 1.0 / (3.0 * self.in_features)
+        std = (target / math.prod(self.bonds)) ** (1.0 / (2 * n))
+        for g in self.cores:
+            nn.init.normal_(g, std=std)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ----------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_cores: int | None = None,
+        max_bond: int | Sequence[int] | None = None,
+        ratio: float | None = None,
+        rel_tol: float | None = None,
+        backend: str = "auto",
+    ) -> MPOLinear:
+        """Decompose a trained nn.Linear (or transformers' Conv1D, weight stored [in, out]) by TT-SVD.
+
+        Rank selection: `ratio` (dense/tensorized parameters), or `max_bond` and/or `rel_tol`; none of them keeps
+        the full bonds (exact). Modes default to `auto_modes` with `num_cores` cores (default 2).
+        """
+        where = f"MPOLinear.from_linear({type(linear).__name__})"
+        if not (isinstance(linear, nn.Linear) or is_hf_conv1d(linear)):
+            raise TypeError(f"{where}: expected nn.Linear or transformers' Conv1D")
+        weight = linear_weight(linear)
+        out_features, in_features = weight.shape
+        in_modes, out_modes = _resolve_modes(in_features, out_features, in_modes, out_modes, num_cores, where)
+        if ratio is not None and (max_bond is not None or rel_tol is not None):
+            raise ValueError(f"{where}: give either ratio or max_bond/rel_tol, not both")
+        if ratio is not None:
+            check_ratio(ratio, f"{where}: ratio")
+            max_bond = mpo_bonds_for_ratio(in_modes, out_modes, ratio)
+        cores = mpo_decompose(weight, in_modes, out_modes, max_bond=max_bond, rel_tol=rel_tol)
+        bonds = tuple(g.shape[3] for g in cores[:-1])
+        bias = getattr(linear, "bias", None)
+        layer = cls(
+            in_features,
+            out_features,
+            in_modes=in_modes,
+            out_modes=out_modes,
+            bonds=bonds,
+            bias=bias is not None,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            for p, g in zip(layer.cores, cores):
+                p.copy_(g)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mpo_linear(x, list(self.cores), self.bias, backend=self.backend)
+
+    # ------------------------------------------------------------------------------------------- conversions
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight W[out_features, in_features]."""
+        return mpo_to_dense(list(self.cores))
+
+    def to_linear(self) -> nn.Linear:
+        g = self.cores[0]
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=g.device, dtype=g.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    @property
+    def num_weight_params(self) -> int:
+        return mpo_num_params(self.in_modes, self.out_modes, self.bonds)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.in_features * self.out_features / self.num_weight_params
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, in_modes={self.in_modes}, "
+            f"out_modes={self.out_modes}, bonds={self.bonds}, ratio={self.compression_ratio:.2f}, "
+            f"bias={self.bias is not None}, backend={self.backend!r}"
+        )
+
+
+def _resolve_modes(
+    in_features: int,
+    out_features: int,
+    in_modes: Sequence[int] | None,
+    out_modes: Sequence[int] | None,
+    num_cores: int | None,
+    where: str,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    given = in_modes if in_modes is not None else out_modes
+    n = len(given) if given is not None else (num_cores or DEFAULT_NUM_CORES)
+    if num_cores is not None and given is not None and len(given) != num_cores:
+        raise ValueError(f"{where}: num_cores={num_cores} disagrees with the {len(given)} modes given")
+    try:
+        in_m = tuple(in_modes) if in_modes is not None else auto_modes(in_features, n)
+        out_m = tuple(out_modes) if out_modes is not None else auto_modes(out_features, n)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    if math.prod(in_m) != in_features:
+        raise ValueError(
+            f"{where}: in_modes {in_m} multiply to {math.prod(in_m)}, but the layer has in_features={in_features}"
+        )
+    if math.prod(out_m) != out_features:
+        raise ValueError(
+            f"{where}: out_modes {out_m} multiply to {math.prod(out_m)}, but the layer has out_features={out_features}"
+        )
+    if len(in_m) != len(out_m):
+        raise ValueError(f"{where}: in_modes {in_m} and out_modes {out_m} need the same number of cores")
+    return in_m, out_m

@@ -1,0 +1,184 @@
+"""TuckerConv2d: a drop-in replacement for nn.Conv2d whose kernel is a Tucker-2 decomposition."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..decompose import (
+    check_ratio,
+    tucker_decompose,
+    tucker_num_params,
+    tucker_ranks_for_error,
+    tucker_ranks_for_ratio,
+)
+from ..ops import tucker_conv2d, tucker_to_dense
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class TuckerConv2d(nn.Module):
+    """Conv2d with W = einsum('or,rsyx,is->oiyx', u_out, core, u_in).
+
+    Runs as: project C_in -> R_in channels (u_in), convolve R_in -> R_out with the kh x kw core (stride, padding,
+    dilation), project R_out -> C_out (u_out), add the bias. Build one from a trained conv with `from_conv`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        *,
+        ranks: Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        r_out, r_in = (int(r) for r in ranks)
+        if not (1 <= r_out <= out_channels and 1 <= r_in <= in_channels):
+            raise ValueError(
+                f"TuckerConv2d: ranks ({r_out}, {r_in}) must be within 1..out_channels={out_channels} and "
+                f"1..in_channels={in_channels}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.ranks = (r_out, r_in)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.u_in = nn.Parameter(torch.empty(in_channels, r_in, **factory))
+        self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory))
+        self.u_out = nn.Parameter(torch.empty(out_channels, r_out, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Orthonormal factors (as HOSVD gives) and a core scaled so that W has nn.Conv2d's default variance.
+        nn.init.orthogonal_(self.u_in)
+        nn.init.orthogonal_(self.u_out)
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        # With orthonormal factors, ||W||_F = ||core||_F; match the dense kernel's expected energy.
+        dense_energy = self.out_channels * fan_in / (3.0 * fan_in)
+        std = math.sqrt(dense_energy / self.core.numel())
+        nn.init.normal_(self.core, std=std)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        ranks: Sequence[int] | None = None,
+        ratio: float | None = None,
+        rel_tol: float | None = None,
+        n_iter: int = 0,
+        backend: str = "auto",
+    ) -> TuckerConv2d:
+        """Decompose a trained nn.Conv2d (groups=1, zero padding). Give one of ranks, ratio or rel_tol; none keeps
+        full ranks (exact). `n_iter` adds HOOI refinement sweeps after the HOSVD."""
+        where = "TuckerConv2d.from_conv"
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(
+                f"{where}: grouped/depthwise convolutions (groups={conv.groups}) are not supported by Tucker-2; "
+                "leave this layer dense (exclude it in tensorize rules)"
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
+        chosen = [name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"{where}: give only one of ranks, ratio or rel_tol (got {', '.join(chosen)})")
+        weight = conv.weight
+        if ratio is not None:
+            check_ratio(ratio, f"{where}: ratio")
+            ranks = tucker_ranks_for_ratio(weight.shape, ratio)
+        elif rel_tol is not None:
+            ranks = tucker_ranks_for_error(weight, rel_tol)
+        elif ranks is None:
+            ranks = (weight.shape[0], weight.shape[1])
+        u_out, core, u_in = tucker_decompose(weight, tuple(ranks), n_iter=n_iter)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            ranks=tuple(ranks),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.u_out.copy_(u_out)
+            layer.core.copy_(core)
+            layer.u_in.copy_(u_in)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tucker_conv2d(
+            x,
+            self.u_in,
+            self.core,
+            self.u_out,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            backend=self.backend,
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense kernel W[C_out, C_in, kh, kw]."""
+        return tucker_to_dense(self.u_out, self.core, self.u_in)
+
+    def to_conv(self) -> nn.Conv2d:
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            device=self.core.device,
+            dtype=self.core.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    @property
+    def num_weight_params(self) -> int:
+        return tucker_num_params((self.out_channels, self.in_channels, *self.kernel_size), self.ranks)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.out_channels * self.in_channels * math.prod(self.kernel_size) / self.num_weight_params
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"ratio={self.compression_ratio:.2f}, bias={self.bias is not None}, backend={self.backend!r}"
+        )
