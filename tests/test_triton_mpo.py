@@ -20,7 +20,7 @@ def make_cores(in_modes, out_modes, bonds, dtype=torch.float32):
     """Random cores scaled so that y has unit-order entries whatever the chain length."""
     ranks = [1, *bonds, 1]
     cores = []
-    for k, (i, j) in enumerate(zip(in_modes, out_modes)):
+    for k, (i, j) in enumerate(zip(in_modes, out_modes, strict=True)):
         g = torch.randn(ranks[k], i, j, ranks[k + 1], dtype=torch.float64) / (ranks[k] * i) ** 0.5
         cores.append(g.to(dtype))
     return cores
@@ -31,7 +31,9 @@ def check_against_reference(x, cores, bias, dtype, what):
     leaves = [x.detach().clone().requires_grad_(), *[g.detach().clone().requires_grad_() for g in cores]]
     if bias is not None:
         leaves.append(bias.detach().clone().requires_grad_())
-    y = mpo_linear(leaves[0], leaves[1 : 1 + len(cores)], leaves[-1] if bias is not None else None, backend="triton")
+    y = mpo_linear(
+        leaves[0], leaves[1 : 1 + len(cores)], leaves[-1] if bias is not None else None, backend="triton"
+    )
     assert y.dtype == dtype
 
     ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
@@ -45,7 +47,7 @@ def check_against_reference(x, cores, bias, dtype, what):
     y.backward(grad_y.to(dtype))
     y_ref.backward(grad_y)
     names = ["x", *[f"core {k}" for k in range(len(cores))]] + (["bias"] if bias is not None else [])
-    for name, leaf, ref in zip(names, leaves, ref_leaves):
+    for name, leaf, ref in zip(names, leaves, ref_leaves, strict=True):
         assert leaf.grad is not None, f"{what}: no gradient for {name}"
         assert leaf.grad.dtype == dtype
         assert_close_rel(leaf.grad, ref.grad, tol, f"{what}: grad {name}")
@@ -54,7 +56,12 @@ def check_against_reference(x, cores, bias, dtype, what):
 CHAINS = [
     # (in_modes, out_modes, bonds, leading shape)
     ((3, 5), (2, 7), (4,), (3,)),  # two cores, odd modes
-    ((3, 5, 7), (2, 3, 5), (6, 5), (2,)),  # odd modes 3/5/7, K = 6*5 = 30 and N = 3*5 = 15/5*6 = 30 span tiles
+    (
+        (3, 5, 7),
+        (2, 3, 5),
+        (6, 5),
+        (2,),
+    ),  # odd modes 3/5/7, K = 6*5 = 30 and N = 3*5 = 15/5*6 = 30 span tiles
     ((2, 3, 2, 2), (3, 2, 2, 2), (3, 5, 2), (1,)),  # four cores, a single row
     ((3, 5), (5, 3), (1,), (4,)),  # bond 1 (a Kronecker product)
     ((4, 3), (3, 4), (5,), (2, 3)),  # several leading dimensions
@@ -141,8 +148,12 @@ def test_mode_product_kernels_with_strides_and_bias_modulus():
     assert_close_rel(out, ref, tolerance(torch.float32, "triton"), "mode_product")
     g = torch.randn(4, 17, 6)
     db = triton_impl.mode_product_grad_b(a, g)
-    assert_close_rel(db, torch.einsum("pkq,pnq->kn", a.double(), g.double()), tolerance(torch.float32, "triton"),
-                     "mode_product_grad_b")
+    assert_close_rel(
+        db,
+        torch.einsum("pkq,pnq->kn", a.double(), g.double()),
+        tolerance(torch.float32, "triton"),
+        "mode_product_grad_b",
+    )
 
 
 def test_opcheck_registration():

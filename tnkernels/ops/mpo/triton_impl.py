@@ -43,14 +43,19 @@ def is_available() -> tuple[bool, str]:
         return False, _IMPORT_ERROR
     if _INTERPRET or torch.cuda.is_available():
         return True, ""
-    return False, "no CUDA device and TRITON_INTERPRET is not 1 (set it before triton is imported to use the CPU)"
+    return (
+        False,
+        "no CUDA device and TRITON_INTERPRET is not 1 (set it before triton is imported to use the CPU)",
+    )
 
 
 def check_device(t: torch.Tensor, where: str) -> None:
     """Raise a clear error when `t` lives where the Triton kernels cannot run (or has an unsupported dtype)."""
     if t.dtype not in _DTYPES:
-        raise ValueError(f"{where}: dtype {t.dtype} is not supported by the triton backend; use float16/bfloat16/"
-                         "float32/float64 or backend='torch'")
+        raise ValueError(
+            f"{where}: dtype {t.dtype} is not supported by the triton backend; use float16/bfloat16/"
+            "float32/float64 or backend='torch'"
+        )
     if t.device.type == "cuda" or (_INTERPRET and t.device.type == "cpu"):
         return
     raise ValueError(
@@ -71,7 +76,12 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 def _bucket(m: int) -> int:
-    return 1 << max(m - 1, 0).bit_length()
+    """Size class of a row count for the autotune key: powers of 4 up to 4**9, so a model's many batch sizes
+    share a handful of tuned configs."""
+    b = 16
+    while b < m and b < 4**9:
+        b *= 4
+    return b
 
 
 def mode_product(
@@ -164,7 +174,7 @@ def _forward_chain(
     # Step 0 reads x2 as [rows, i_1, rest] through x2's own strides: no copy, even when x2 is transposed.
     state = x2.unflatten(1, (steps[0][1], steps[0][3]))
     kept = []
-    for k, (g, (j_done, K, N, Q)) in enumerate(zip(cores, steps)):
+    for k, (g, (j_done, K, N, Q)) in enumerate(zip(cores, steps, strict=True)):
         last = k == len(cores) - 1
         a = state.reshape(rows * j_done, K, Q) if k else state
         out = mode_product(a, g.reshape(K, N), bias if last else None, bias_mod=j_done)
@@ -175,13 +185,17 @@ def _forward_chain(
 
 
 def _backward_chain(
-    grad_y: torch.Tensor, x2: torch.Tensor, cores: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], need_dx: bool
+    grad_y: torch.Tensor,
+    x2: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    kept: Sequence[torch.Tensor],
+    need_dx: bool,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """Gradients of the chain (bias excluded) from grad_y [rows, out]."""
     rows = x2.shape[0]
     steps = _step_shapes(x2.shape[1], [g.shape for g in cores])
     inputs = [x2.unflatten(1, (steps[0][1], steps[0][3]))]
-    inputs += [s.reshape(rows * jd, K, Q) for s, (jd, K, _, Q) in zip(kept, steps[1:])]
+    inputs += [s.reshape(rows * jd, K, Q) for s, (jd, K, _, Q) in zip(kept, steps[1:], strict=True)]
     j_done, K, N, Q = steps[-1]
     d_state = grad_y.contiguous().reshape(rows * j_done, N, Q)
     d_cores: list[torch.Tensor] = [None] * len(cores)  # type: ignore[list-item]
@@ -261,7 +275,9 @@ def _backward(ctx, grads):
 torch.library.register_autograd("tnkernels::mpo_linear_triton", _backward, setup_context=_setup_context)
 
 
-def mpo_linear_triton(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+def mpo_linear_triton(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None
+) -> torch.Tensor:
     """Backend entry: y = x @ W.T + bias with the MPO `cores` (validated by tnkernels.ops.mpo_linear).
 
     x: [..., in_features] on CUDA (or CPU under TRITON_INTERPRET=1), float16/bfloat16/float32/float64. Cores and bias
@@ -272,8 +288,10 @@ def mpo_linear_triton(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
     cores = [g if g.dtype == x.dtype else g.to(x.dtype) for g in cores]
     for k, g in enumerate(cores):
         if g.device != x.device:
-            raise ValueError(f"mpo_linear(backend='triton'): core {k} is on {g.device} but x is on {x.device}; "
-                             "move the module and its input to one device")
+            raise ValueError(
+                f"mpo_linear(backend='triton'): core {k} is on {g.device} but x is on {x.device}; "
+                "move the module and its input to one device"
+            )
     if bias is not None:
         bias = bias if bias.dtype == x.dtype else bias.to(x.dtype)
         bias = bias.contiguous()

@@ -50,6 +50,12 @@ else:  # pragma: no cover - GPU only
     ]
 
 
+def _quick_bench(kernel_call, quantiles):
+    """Autotune timing with short warmup/rep: the chain has many distinct (K, N) steps, and triton's default
+    (25 ms + 100 ms per config) would spend minutes tuning a model's first forward."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 @triton.jit
 def _dot_acc(b_x, b_y, acc, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + b_x @ b_y with the accumulator's precision.
@@ -69,7 +75,7 @@ def _dot_acc(b_x, b_y, acc, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECIS
     return acc
 
 
-@triton.autotune(configs=_MP_CONFIGS, key=["K", "N", "M_BUCKET"])
+@triton.autotune(configs=_MP_CONFIGS, key=["K", "N", "M_BUCKET"], do_bench=_quick_bench)
 @triton.jit
 def mode_product_kernel(
     p_a, p_b, p_bias, p_out,
@@ -83,8 +89,8 @@ def mode_product_kernel(
 ):  # fmt: skip
     """out[p, n, q] = sum_k a[p, k, q] * b[k, n] (+ bias); grid (cdiv(P*Q, BM), cdiv(N, BN)).
 
-    M_BUCKET (a power of two >= P*Q) only feeds the autotune key, so that row counts of one size class share a
-    tuned config instead of retuning for every batch size.
+    M_BUCKET (a power of four >= P*Q, capped) only feeds the autotune key, so that row counts of one size
+    class share a tuned config instead of retuning for every batch size.
     """
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BM + tl.arange(0, BM)
@@ -103,7 +109,9 @@ def mode_product_kernel(
         m_k = o_k < K
         # Masked loads fill 0 so padded lanes add nothing (the interpreter returns garbage for unmasked OOB).
         b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_b = tl.load(p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_b = tl.load(
+            p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_k[:, None] & m_n[None, :], other=0.0
+        )
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_acc = _dot_acc(b_a, b_b, b_acc, DOT_FP64, UPCAST, PRECISION)
 
@@ -117,7 +125,7 @@ def mode_product_kernel(
     tl.store(p_o, b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.autotune(configs=_GB_CONFIGS, key=["K", "N", "M_BUCKET"])
+@triton.autotune(configs=_GB_CONFIGS, key=["K", "N", "M_BUCKET"], do_bench=_quick_bench)
 @triton.jit
 def mode_product_grad_b_kernel(
     p_a, p_g, p_db,

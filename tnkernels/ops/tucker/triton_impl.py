@@ -84,7 +84,9 @@ def _forward(
     )  # fmt: skip
     if not fuse:
         # y[n, co, p] = sum_r h[n, r, p] * U_out[co, r] + bias[co]   (U_out^T: strides swapped, no copy)
-        y = mode_product(h.reshape(nb, r_out, oh * ow), u_out.t(), bias, bias_mod=1).reshape(nb, c_out, oh, ow)
+        y = mode_product(h.reshape(nb, r_out, oh * ow), u_out.t(), bias, bias_mod=1).reshape(
+            nb, c_out, oh, ow
+        )
     return y, h
 
 
@@ -201,8 +203,10 @@ def tucker_conv2d_triton(
     params = []
     for name, t in (("u_in", u_in), ("core", core), ("u_out", u_out), ("bias", bias)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"tucker_conv2d(backend='triton'): {name} is on {t.device} but x is on {x.device}; "
-                             "move the module and its input to one device")
+            raise ValueError(
+                f"tucker_conv2d(backend='triton'): {name} is on {t.device} but x is on {x.device}; "
+                "move the module and its input to one device"
+            )
         params.append(t if t is None or t.dtype == x.dtype else t.to(x.dtype))
     u_in, core, u_out, bias = params
     # h is only worth writing when someone will differentiate (the U_out gradient reads it).
@@ -211,4 +215,3 @@ def tucker_conv2d_triton(
     )
     y, _ = _tucker_op(x, u_in, core, u_out, bias, list(stride), list(padding), list(dilation), write_h)
     return y
-

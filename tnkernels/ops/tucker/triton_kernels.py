@@ -22,7 +22,7 @@ import os
 import triton
 import triton.language as tl
 
-from ..mpo.triton_kernels import _dot_acc
+from ..mpo.triton_kernels import _dot_acc, _quick_bench
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _CONFIGS = [triton.Config({"BM": 16, "BC": 16, "BRI": 16, "BCO": 16}, num_warps=4)]
@@ -38,7 +38,9 @@ else:  # pragma: no cover - GPU only
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["C_IN", "R_IN", "R_OUT", "C_OUT", "KH", "KW", "M_BUCKET"])
+@triton.autotune(
+    configs=_CONFIGS, key=["C_IN", "R_IN", "R_OUT", "C_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench
+)
 @triton.jit
 def tucker_fused_kernel(
     p_x, p_uin, p_core, p_uout, p_bias, p_h, p_y,
@@ -81,15 +83,22 @@ def tucker_fused_kernel(
                 for c0 in range(0, C_IN, BC):
                     o_c = c0 + tl.arange(0, BC)
                     m_c = o_c < C_IN
-                    b_x = tl.load(p_x_pix[:, None] + o_c[None, :] * s_xc, mask=m_pix[:, None] & m_c[None, :],
-                                  other=0.0)
-                    b_u = tl.load(p_uin + o_c[:, None] * s_uc + o_ri[None, :] * s_ur,
-                                  mask=m_c[:, None] & m_ri[None, :], other=0.0)
+                    b_x = tl.load(
+                        p_x_pix[:, None] + o_c[None, :] * s_xc, mask=m_pix[:, None] & m_c[None, :], other=0.0
+                    )
+                    b_u = tl.load(
+                        p_uin + o_c[:, None] * s_uc + o_ri[None, :] * s_ur,
+                        mask=m_c[:, None] & m_ri[None, :],
+                        other=0.0,
+                    )
                     # [BM, BC] @ [BC, BRI] -> [BM, BRI]
                     b_proj = _dot_acc(b_x, b_u, b_proj, DOT_FP64, UPCAST, PRECISION)
                 # core[ro, ri, ky, kx] read as [BRI, BRO]
-                b_k = tl.load(p_core + o_ri[:, None] * s_ci + o_ro[None, :] * s_co + ky * s_cy + kx * s_cx,
-                              mask=m_ri[:, None] & m_ro[None, :], other=0.0)
+                b_k = tl.load(
+                    p_core + o_ri[:, None] * s_ci + o_ro[None, :] * s_co + ky * s_cy + kx * s_cx,
+                    mask=m_ri[:, None] & m_ro[None, :],
+                    other=0.0,
+                )
                 # The projection is rounded to the input dtype, as the unfused path rounds its stored intermediate;
                 # this keeps half-precision tiles on the tensor cores.
                 # [BM, BRI] @ [BRI, BRO] -> [BM, BRO]
@@ -97,7 +106,9 @@ def tucker_fused_kernel(
 
     o_pix = (o_oh * OW + o_ow).to(tl.int64)
     if WRITE_H:
-        p_hb = p_h + o_n[:, None] * (R_OUT * OH * OW) + o_ro[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
+        p_hb = (
+            p_h + o_n[:, None] * (R_OUT * OH * OW) + o_ro[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
+        )
         tl.store(p_hb, b_acc.to(in_dtype), mask=m_m[:, None] & m_ro[None, :])
     if FUSE_OUT:
         b_h = b_acc.to(in_dtype)
@@ -105,12 +116,20 @@ def tucker_fused_kernel(
             o_co = co0 + tl.arange(0, BCO)
             m_co = o_co < C_OUT
             # U_out[co, ro] read as [BRO, BCO]
-            b_uo = tl.load(p_uout + o_ro[:, None] * s_uor + o_co[None, :] * s_uo,
-                           mask=m_ro[:, None] & m_co[None, :], other=0.0)
+            b_uo = tl.load(
+                p_uout + o_ro[:, None] * s_uor + o_co[None, :] * s_uo,
+                mask=m_ro[:, None] & m_co[None, :],
+                other=0.0,
+            )
             b_y = tl.zeros((BM, BCO), dtype=acc_dtype)
             # [BM, BRO] @ [BRO, BCO] -> [BM, BCO]
             b_y = _dot_acc(b_h, b_uo, b_y, DOT_FP64, UPCAST, PRECISION)
             if HAS_BIAS:
                 b_y += tl.load(p_bias + o_co, mask=m_co, other=0.0).to(acc_dtype)[None, :]
-            p_yb = p_y + o_n[:, None] * (C_OUT * OH * OW) + o_co[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
+            p_yb = (
+                p_y
+                + o_n[:, None] * (C_OUT * OH * OW)
+                + o_co[None, :].to(tl.int64) * (OH * OW)
+                + o_pix[:, None]
+            )
             tl.store(p_yb, b_y.to(in_dtype), mask=m_m[:, None] & m_co[None, :])
