@@ -322,7 +322,10 @@ def dense_seconds(cal: Calibration, shapes, rows: int, isz: int, passes: int = 1
 
 
 def _matches(plan: MPOPlan, force: str | None) -> bool:
-    return force is None or plan.kind == force
+    if force is None or plan.kind == force:
+        return True
+    # One core: the sweep in either direction and the rebuild are the same single GEMM.
+    return plan.kind == "rebuild" and plan.groups == ((0, 1),) and force in ("sweep-left", "sweep-right")
 
 
 def decide(

@@ -10,9 +10,8 @@ forward's intermediate states only when the plan says that is cheaper than recom
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ...plan.cache import OPTIONS, mpo_decision
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
@@ -235,7 +234,7 @@ class MPOChainFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------- dense
 # cache
 # cores[0] (weakly) -> (ids and versions of all cores, W^T[in, out]); dropped when the first core dies.
-_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DENSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwise
 
 
 def _cached_dense(cores) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""Planner choices, the plan cache, calibration on disk, explain(), options and structure choice."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tnkernels.plan.cache as plan_cache
+from tnkernels.ops.mpo.torch_impl import mpo_linear_torch
+from tnkernels.plan import (
+    Calibration,
+    calibrate,
+    choose_mpo_structure,
+    clear_plans,
+    explain,
+    explain_tucker,
+    mpo_decision,
+    options,
+    plan_stats,
+    recalibrate,
+    set_options,
+    structure_candidates,
+)
+from tnkernels.plan.mpo import decide, einsum_plans, grouped_plans
+from tnkernels.plan.structure import balanced_factors, tt_error
+
+CPU = torch.device("cpu")
+
+
+def flat_calibration() -> Calibration:
+    """Every GEMM at one rate, memory free, no call overhead: predicted time is proportional to FLOPs."""
+    return Calibration("cpu", "torch.float32", 0.0, 1e30, {1: 1e10, 256: 1e10}, source="test")
+
+
+def thin_penalty_calibration() -> Calibration:
+    """Shaped like a real CPU: thin GEMMs slow, finite bandwidth, a few microseconds per call."""
+    return Calibration("cpu", "torch.float32", 3e-6, 2e10, {1: 2e9, 4: 8e9, 16: 3e10, 64: 6e10, 256: 8e10})
+
+
+@st.composite
+def chains(draw):
+    n = draw(st.integers(2, 4))
+    shapes = []
+    r = 1
+    for k in range(n):
+        i, j = draw(st.integers(2, 6)), draw(st.integers(2, 6))
+        r1 = 1 if k == n - 1 else draw(st.integers(1, 24))
+        shapes.append((r, i, j, r1))
+        r = r1
+    return tuple(shapes), draw(st.integers(1, 512))
+
+
+@settings(max_examples=60, deadline=None)
+@given(chain=chains())
+def test_rebuild_when_every_chain_order_needs_more_flops_than_dense(chain):
+    shapes, rows = chain
+    cal = flat_calibration()
+    plans = grouped_plans(cal, shapes, rows, 4) + einsum_plans(cal, shapes, rows, 4)
+    rebuild = next(p for p in plans if p.kind == "rebuild")
+    others = [p for p in plans if p.kind != "rebuild"]
+    dec = decide(cal, shapes, rows, 4, needs_grad=False, recompute=False)
+    if all(p.flops > rebuild.flops for p in others):
+        assert dec.forward.kind == "rebuild", dec.alternatives
+    # whatever wins, nothing considered beats it in predicted time
+    assert dec.forward.seconds <= min(s for _, s in dec.alternatives) + 1e-15
+
+
+def test_rebuild_chosen_with_realistic_calibration_for_a_fat_chain():
+    # modes 4x4 / 4x4 with a full bond of 16: the chain does 8x the dense FLOPs
+    shapes = ((1, 4, 4, 16), (16, 4, 4, 1))
+    dec = decide(thin_penalty_calibration(), shapes, 256, 4, needs_grad=True, recompute=False)
+    assert dec.forward.kind == "rebuild"
+    assert dec.backward is not None and dec.backward.kind == "rebuild"
+
+
+def test_chain_chosen_when_it_is_far_cheaper():
+    # GPT-2 XL MLP at a high ratio: two thin cores; the chain needs ~1/40 of the dense FLOPs
+    shapes = ((1, 40, 80, 8), (8, 40, 80, 1))
+    dec = decide(thin_penalty_calibration(), shapes, 1024, 4, needs_grad=False, recompute=False)
+    assert dec.forward.kind != "rebuild"
+    assert dec.forward.seconds < dec.dense_seconds
+
+
+def test_second_lookup_does_not_search(monkeypatch):
+    clear_plans()
+    calls = []
+    real = plan_cache.decide
+
+    def counting(*args, **kwargs):
+        calls.append(args[1:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_cache, "decide", counting)
+    cores = [torch.randn(1, 3, 5, 2), torch.randn(2, 7, 2, 1)]
+    x = torch.randn(4, 21)
+    before = plan_stats()
+    mpo_linear_torch(x, cores, None)
+    mpo_linear_torch(torch.randn(4, 21), cores, None)
+    after = plan_stats()
+    assert len(calls) == 1
+    assert after["searches"] - before["searches"] == 1
+    assert after["lookups"] - before["lookups"] == 2
+    mpo_linear_torch(torch.randn(5, 21), cores, None)  # a new row count is a new key
+    assert len(calls) == 2
+
+
+def test_calibration_is_cached_on_disk_atomically_and_recalibrates(monkeypatch, tmp_path):
+    monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    measured = []
+
+    def fake_measure(device, dtype, rounds=3):
+        measured.append(1)
+        return Calibration(str(device), str(dtype), 1e-6 * len(measured), 1e10, {1: 1e9, 256: 1e11})
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    first = calibrate.get_calibration("cpu", torch.float32)
+    assert len(measured) == 1 and first.overhead_s == 1e-6
+    files = os.listdir(tmp_path)
+    assert files == ["calibration.json"], files  # no temporary file left behind
+    with open(tmp_path / "calibration.json") as f:
+        assert len(json.load(f)) == 1
+    monkeypatch.setattr(calibrate, "_MEMO", {})  # a new process: read from disk, do not measure
+    again = calibrate.get_calibration("cpu", torch.float32)
+    assert len(measured) == 1 and again.source == "disk" and again.overhead_s == first.overhead_s
+    new = recalibrate("cpu", torch.float32)
+    assert len(measured) == 2 and new.overhead_s == 2e-6
+    assert calibrate.get_calibration("cpu", torch.float32).overhead_s == 2e-6
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    assert calibrate.get_calibration("cpu", torch.float32).overhead_s == 2e-6
+
+
+def test_rate_interpolates_between_measured_points():
+    cal = Calibration("cpu", "f", 0.0, 1.0, {1: 1e9, 16: 16e9})
+    assert cal.rate(1) == 1e9 and cal.rate(16) == 16e9 and cal.rate(1000) == 16e9
+    assert math.isclose(cal.rate(4), 4e9, rel_tol=1e-9)  # log-linear between the points
+
+
+def test_explain_lists_steps_alternatives_and_memory():
+    text = explain([(1, 8, 8, 4), (4, 8, 8, 4), (4, 8, 8, 1)], rows=32, needs_grad=True, top=100)
+    assert "forward plan:" in text and "backward plan:" in text
+    assert "alternatives considered" in text and "rebuild" in text and "einsum-dp" in text
+    assert "caching the dense weight would cost" in text
+    tucker = explain_tucker((2, 16, 8, 8), (16, 4), (4, 4, 3, 3), (16, 4), padding=(1, 1))
+    for kind in ("three-convs", "fold-in", "fold-out", "dense"):
+        assert kind in tucker
+
+
+def test_explain_rejects_bad_input():
+    with pytest.raises(ValueError, match="rows"):
+        explain([(1, 2, 2, 1)], rows=0)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        explain([(1, 2, 2)], rows=3)
+
+
+def test_options_validate_and_restore():
+    with pytest.raises(ValueError, match="force must be one of"):
+        set_options(force="fastest")
+    with pytest.raises(ValueError, match="tucker_force must be one of"):
+        set_options(tucker_force="two-convs")
+    with options(recompute=True, force="rebuild"):
+        assert plan_cache.OPTIONS.recompute and plan_cache.OPTIONS.force == "rebuild"
+    assert not plan_cache.OPTIONS.recompute and plan_cache.OPTIONS.force is None
+
+
+def test_forced_kind_is_part_of_the_key():
+    shapes = ((1, 4, 4, 2), (2, 4, 4, 2), (2, 4, 4, 1))
+    kinds = set()
+    for kind in ("sweep-left", "sweep-right", "merge", "rebuild", "einsum"):
+        with options(force=kind):
+            kinds.add(mpo_decision(shapes, 8, torch.float32, CPU, False).forward.kind)
+    assert kinds == {"sweep-left", "sweep-right", "merge", "rebuild", "einsum"}
+
+
+def test_balanced_factors():
+    assert balanced_factors(6400, 2) == (80, 80)
+    assert math.prod(balanced_factors(1000, 3)) == 1000
+    assert balanced_factors(7, 2) is None
+
+
+def test_tt_error_of_two_cores_is_the_truncated_svd_error():
+    w = torch.randn(12, 10, dtype=torch.float64)
+    in_modes, out_modes, bond = (5, 2), (4, 3), 3
+    # site order: T[(i1 j1), (i2 j2)]
+    t = w.reshape(4, 3, 5, 2).permute(2, 0, 3, 1).reshape(20, 6)
+    s = torch.linalg.svdvals(t)
+    expected = float(s[bond:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert math.isclose(tt_error(w, in_modes, out_modes, (bond,)), expected, rel_tol=1e-9)
+
+
+def test_choose_structure_reaches_ratio_and_respects_prefer():
+    w = torch.randn(96, 64)
+    cands = structure_candidates(96, 64, 4, rows=64, weight=w)
+    assert len(cands) >= 2
+    for s in cands:
+        assert s.params <= 96 * 64 / 4 and math.prod(s.in_modes) == 64 and math.prod(s.out_modes) == 96
+    acc = choose_mpo_structure(96, 64, 4, rows=64, weight=w, prefer="accuracy")
+    assert acc.rel_error == min(s.rel_error for s in cands)
+    fast = choose_mpo_structure(96, 64, 4, rows=64, weight=w, prefer="speed", error_slack=1e9)
+    assert fast.predicted_seconds == min(s.predicted_seconds for s in cands)
+    strict = choose_mpo_structure(96, 64, 4, rows=64, weight=w, prefer="speed", error_slack=0.0)
+    assert strict.rel_error == acc.rel_error
+
+
+def test_choose_structure_errors():
+    with pytest.raises(ValueError, match="prefer"):
+        choose_mpo_structure(96, 64, 4, prefer="fast")
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        choose_mpo_structure(96, 64, 1)
+    with pytest.raises(ValueError, match="expected"):
+        choose_mpo_structure(96, 64, 4, weight=torch.randn(64, 96))
+    with pytest.raises(ValueError, match="no MPO"):
+        choose_mpo_structure(7, 13, 4)

@@ -1,0 +1,150 @@
+"""Planned MPO / Tucker execution equals the float64 reference, forward and backward, for every kind of plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import assert_close_rel, tolerance
+from tnkernels.ops.mpo.reference import mpo_linear_reference
+from tnkernels.ops.mpo.torch_impl import clear_dense_cache, dense_cache_bytes, mpo_linear_torch
+from tnkernels.ops.tucker.reference import tucker_conv2d_reference
+from tnkernels.ops.tucker.torch_impl import tucker_conv2d_torch
+from tnkernels.plan import PLAN_KINDS, TUCKER_KINDS, mpo_decision, options
+
+F64 = torch.float64
+
+
+@st.composite
+def mpo_chains(draw, min_cores: int = 1):
+    n = draw(st.integers(min_cores, 4))
+    in_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    out_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    bonds = [1] + draw(st.lists(st.integers(1, 3), min_size=n - 1, max_size=n - 1)) + [1]
+    shapes = [(bonds[k], in_modes[k], out_modes[k], bonds[k + 1]) for k in range(n)]
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    return shapes, lead, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+def _check_mpo(shapes, lead, with_bias, seed, kind, recompute):
+    g = torch.Generator().manual_seed(seed)
+    cores = [torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in shapes]
+    n_in = int(torch.tensor([s[1] for s in shapes]).prod())
+    n_out = int(torch.tensor([s[2] for s in shapes]).prod())
+    x = torch.randn(*lead, n_in, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(n_out, generator=g, dtype=F64, requires_grad=True) if with_bias else None
+    leaves = [x, *cores] + ([bias] if with_bias else [])
+    ref = mpo_linear_reference(x, cores, bias)
+    dy = torch.randn(ref.shape, generator=g, dtype=F64)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    with options(force=kind, recompute=recompute):
+        y = mpo_linear_torch(x, cores, bias)
+        grads = torch.autograd.grad(y, leaves, dy)
+        with torch.no_grad():
+            y_nograd = mpo_linear_torch(x, cores, bias)
+    tol = tolerance(F64)
+    assert_close_rel(y, ref, tol, f"{kind} forward")
+    assert_close_rel(y_nograd, ref, tol, f"{kind} no-grad forward")
+    for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close_rel(a, e, tol, f"{kind} grad of leaf {k}")
+
+
+@pytest.mark.parametrize("kind", [k for k in PLAN_KINDS if k != "merge"])
+@settings(max_examples=12, deadline=None)
+@given(chain=mpo_chains(), recompute=st.booleans())
+def test_mpo_plan_matches_reference(kind, chain, recompute):
+    _check_mpo(*chain, kind=kind, recompute=recompute)
+
+
+@settings(max_examples=12, deadline=None)
+@given(chain=mpo_chains(min_cores=3), recompute=st.booleans())
+def test_mpo_merge_plan_matches_reference(chain, recompute):
+    _check_mpo(*chain, kind="merge", recompute=recompute)
+
+
+def test_merge_needs_three_cores():
+    cores = [torch.randn(1, 2, 2, 2), torch.randn(2, 2, 2, 1)]
+    with options(force="merge"), pytest.raises(ValueError, match="merge needs 3 or more cores"):
+        mpo_linear_torch(torch.randn(3, 4), cores, None)
+
+
+def test_non_contiguous_input_and_float32():
+    cores = [torch.randn(1, 4, 3, 2), torch.randn(2, 5, 2, 3), torch.randn(3, 3, 4, 1)]
+    x = torch.randn(60, 7).t()  # [7, 60] view with stride (1, 7)
+    ref = mpo_linear_reference(x.double(), [c.double() for c in cores])
+    for kind in PLAN_KINDS:
+        with options(force=kind):
+            assert_close_rel(mpo_linear_torch(x, cores, None), ref, tolerance(torch.float32), kind)
+
+
+def test_recompute_saves_no_states_but_the_default_may():
+    shapes = ((1, 8, 8, 4), (4, 8, 8, 4), (4, 8, 8, 1))
+    with options(force="sweep-left"):
+        saving = mpo_decision(shapes, 32, torch.float32, torch.device("cpu"), True)
+    with options(force="sweep-left", recompute=True):
+        recomputing = mpo_decision(shapes, 32, torch.float32, torch.device("cpu"), True)
+    assert saving.save_states and saving.saved_bytes > 0
+    assert not recomputing.save_states and recomputing.saved_bytes == 0
+
+
+def test_empty_batch():
+    cores = [torch.randn(1, 2, 3, 2), torch.randn(2, 2, 2, 1)]
+    bias = torch.randn(6)
+    y = mpo_linear_torch(torch.randn(0, 4), cores, bias)
+    assert y.shape == (0, 6)
+
+
+def test_cache_dense_reuses_and_invalidates():
+    clear_dense_cache()
+    cores = [torch.randn(1, 3, 4, 5), torch.randn(5, 4, 3, 1)]
+    x = torch.randn(6, 12)
+    with options(force="rebuild", cache_dense=True), torch.no_grad():
+        dec = mpo_decision(tuple(tuple(c.shape) for c in cores), 6, torch.float32, torch.device("cpu"), False)
+        assert dec.forward.seconds > dec.dense_seconds  # merge + GEMM always costs more than the GEMM alone
+        y = mpo_linear_torch(x, cores, None)
+        assert dense_cache_bytes() == dec.dense_bytes
+        assert_close_rel(y, mpo_linear_reference(x, cores), tolerance(torch.float32), "cache_dense")
+        cores[1].mul_(2)  # an in-place update bumps the version: the cached weight must not be reused
+        y2 = mpo_linear_torch(x, cores, None)
+        assert_close_rel(
+            y2, mpo_linear_reference(x, cores), tolerance(torch.float32), "cache_dense after update"
+        )
+    clear_dense_cache()
+
+
+@st.composite
+def tucker_cases(draw):
+    n = draw(st.integers(1, 2))
+    c_in, c_out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    r_in, r_out = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    h = draw(st.integers(dilation[0] * (kh - 1) + 1, 8))
+    w = draw(st.integers(dilation[1] * (kw - 1) + 1, 8))
+    return (n, c_in, h, w), (c_in, r_in), (r_out, r_in, kh, kw), (c_out, r_out), stride, padding, dilation
+
+
+@pytest.mark.parametrize("kind", TUCKER_KINDS)
+@settings(max_examples=10, deadline=None)
+@given(case=tucker_cases(), with_bias=st.booleans(), recompute=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, seed):
+    xs, uis, cs, uos, stride, padding, dilation = case
+    g = torch.Generator().manual_seed(seed)
+    x, u_in, core, u_out = (
+        torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in (xs, uis, cs, uos)
+    )
+    bias = torch.randn(uos[0], generator=g, dtype=F64, requires_grad=True) if with_bias else None
+    leaves = [x, u_in, core, u_out] + ([bias] if with_bias else [])
+    ref = tucker_conv2d_reference(x, u_in, core, u_out, bias, stride, padding, dilation)
+    dy = torch.randn(ref.shape, generator=g, dtype=F64)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    with options(tucker_force=kind, recompute=recompute):
+        y = tucker_conv2d_torch(x, u_in, core, u_out, bias, stride, padding, dilation)
+        grads = torch.autograd.grad(y, leaves, dy)
+    assert_close_rel(y, ref, tolerance(F64), f"{kind} forward")
+    for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close_rel(a, e, tolerance(F64), f"{kind} grad of leaf {k}")
