@@ -1,4 +1,4 @@
-"""Planned MPO / Tucker execution equals the float64 reference, forward and backward, for every kind of plan."""
+"""Planned MPO / Tucker execution equals the float64 reference, forward and backward, for every plan kind."""
 
 from __future__ import annotations
 
