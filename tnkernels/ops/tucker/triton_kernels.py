@@ -41,7 +41,7 @@ else:  # pragma: no cover - GPU only
 @triton.autotune(
     configs=_CONFIGS, key=["C_IN", "R_IN", "R_OUT", "C_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench
 )
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "M_BUCKET"])  # batch size only feeds masks and index division
 def tucker_fused_kernel(
     p_x, p_uin, p_core, p_uout, p_bias, p_h, p_y,
     NB, C_IN, H, W, R_IN, R_OUT, C_OUT, OH, OW, M_BUCKET,
