@@ -1,12 +1,12 @@
 """Choose an MPO structure (number of cores, modes, bonds) for a compression ratio by predicted time.
 
-At equal parameter count the structure decides the FLOPs: two cores with a large bond often cost far less than
-four cores with a small one, and the error of the truncation differs too. `choose_mpo_structure` enumerates
-2..max_cores cores with balanced modes, gives each the largest uniform bond that still reaches the ratio,
-prices
-each with the planner at a typical row count, and (when the weight is given) measures each one's TT-SVD error.
-prefer="speed" takes the fastest structure whose error is not clearly worse than the best one
-(error <= best * (1 + error_slack)); prefer="accuracy" takes the most accurate one.
+At equal parameter count the structure decides the FLOPs: two cores with a large bond often cost far less
+than four cores with a small one, and the truncation error differs too. `structure_candidates` enumerates
+2..max_cores cores with the modes and rank selection MPOLinear.from_linear uses (auto_modes,
+mpo_bonds_for_ratio) and prices each with the planner at a typical row count.
+`choose_mpo_structure(prefer="speed")` takes the fastest one whose TT-SVD error is not clearly worse than
+the fewest-cores structure's (error <= reference * (1 + error_slack)); errors are computed lazily, fastest
+first, since each costs SVD-sized work. prefer="accuracy" takes the most accurate one.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..decompose import auto_modes, mpo_bonds_for_ratio, mpo_num_params
 from .cache import mpo_decision
 
 
@@ -28,57 +29,17 @@ class MPOStructure:
     params: int
     ratio: float
     predicted_seconds: float  # forward at `rows` rows, best plan
-    rel_error: (
-        float | None
-    )  # relative Frobenius error of the TT-SVD truncation (bound), None without a weight
+    rel_error: float | None  # relative Frobenius error bound of the TT-SVD truncation; None if not computed
 
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
         r = (1, *self.bonds, 1)
         return tuple((r[k], self.in_modes[k], self.out_modes[k], r[k + 1]) for k in range(self.num_cores))
 
-
-def balanced_factors(n: int, k: int) -> tuple[int, ...] | None:
-    """Split n into k integer factors >= 2 as equal as possible (largest first); None if n has too few
-    primes."""
-    primes, m, p = [], n, 2
-    while p * p <= m:
-        while m % p == 0:
-            primes.append(p)
-            m //= p
-        p += 1
-    if m > 1:
-        primes.append(m)
-    if len(primes) < k:
-        return None
-    buckets = [1] * k
-    for q in sorted(primes, reverse=True):  # largest prime into the currently smallest bucket
-        buckets[buckets.index(min(buckets))] *= q
-    return tuple(sorted(buckets, reverse=True))
-
-
-def _bond_caps(in_modes, out_modes) -> list[int]:
-    """The largest useful bond at each cut: the rank bound of the reshaped weight there."""
-    sizes = [i * j for i, j in zip(in_modes, out_modes, strict=False)]
-    return [min(math.prod(sizes[: c + 1]), math.prod(sizes[c + 1 :])) for c in range(len(sizes) - 1)]
-
-
-def _params(in_modes, out_modes, bonds) -> int:
-    r = (1, *bonds, 1)
-    return sum(r[k] * in_modes[k] * out_modes[k] * r[k + 1] for k in range(len(in_modes)))
-
-
-def _bonds_for_ratio(in_modes, out_modes, target_params: float) -> tuple[int, ...] | None:
-    caps = _bond_caps(in_modes, out_modes)
-    best = None
-    lo, hi = 1, max(caps)
-    while lo <= hi:  # the largest uniform bond D (capped per cut) whose parameter count reaches the ratio
-        d = (lo + hi) // 2
-        bonds = tuple(min(d, c) for c in caps)
-        if _params(in_modes, out_modes, bonds) <= target_params:
-            best, lo = bonds, d + 1
-        else:
-            hi = d - 1
-    return best
+    def with_error(self, err: float) -> MPOStructure:
+        return MPOStructure(
+            self.num_cores, self.in_modes, self.out_modes, self.bonds, self.params, self.ratio,
+            self.predicted_seconds, err,
+        )  # fmt: skip
 
 
 def tt_error(weight: torch.Tensor, in_modes, out_modes, bonds) -> float:
@@ -101,9 +62,7 @@ def tt_error(weight: torch.Tensor, in_modes, out_modes, bonds) -> float:
     for k in range(n - 1):
         m = rest.reshape(rank * in_modes[k] * out_modes[k], -1)
         # Singular values from the eigenvalues of the smaller Gram matrix: an eigh of a GEMM result is many
-        # times
-        # faster than an SVD on a CPU, and float64 keeps the squared spectrum accurate enough for an error
-        # bound.
+        # times faster than an SVD on a CPU, and the squared spectrum is accurate enough for an error bound.
         if m.shape[0] <= m.shape[1]:
             lam, u = torch.linalg.eigh(m @ m.T)
             lam, u = lam.flip(0).clamp_min(0), u.flip(1)
@@ -130,9 +89,8 @@ def structure_candidates(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> list[MPOStructure]:
-    """Every balanced structure with 2..max_cores cores that reaches `ratio`, with predicted time (and
-    error)."""
-    if ratio <= 1:
+    """Each structure of 2..max_cores cores reaching `ratio`: predicted time, and error given `weight`."""
+    if not ratio > 1:
         raise ValueError(
             f"choose_mpo_structure: ratio must be > 1 (dense / tensorized parameters), got {ratio}"
         )
@@ -141,23 +99,22 @@ def structure_candidates(
             f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, "
             f"expected ({out_features}, {in_features})"
         )
-    target = out_features * in_features / ratio
     out = []
     for n in range(2, max_cores + 1):
-        in_modes = balanced_factors(in_features, n)
-        out_modes = balanced_factors(out_features, n)
-        if in_modes is None or out_modes is None:
+        try:
+            in_modes, out_modes = auto_modes(in_features, n), auto_modes(out_features, n)
+            bonds = tuple(mpo_bonds_for_ratio(in_modes, out_modes, ratio))
+        except (
+            ValueError
+        ):  # too few prime factors, a lopsided split, or the ratio is unreachable (a subclass)
             continue
-        bonds = _bonds_for_ratio(in_modes, out_modes, target)
-        if bonds is None:
-            continue
-        params = _params(in_modes, out_modes, bonds)
+        params = mpo_num_params(in_modes, out_modes, bonds)
         s = MPOStructure(
             n, in_modes, out_modes, bonds, params, out_features * in_features / params, 0.0, None
         )
         dec = mpo_decision(s.core_shapes(), rows, dtype, torch.device(device), False)
-        err = tt_error(weight, in_modes, out_modes, bonds) if weight is not None else None
-        out.append(MPOStructure(n, in_modes, out_modes, bonds, params, s.ratio, dec.forward.seconds, err))
+        s = MPOStructure(n, in_modes, out_modes, bonds, params, s.ratio, dec.forward.seconds, None)
+        out.append(s.with_error(tt_error(weight, in_modes, out_modes, bonds)) if weight is not None else s)
     return out
 
 
@@ -174,7 +131,7 @@ def choose_mpo_structure(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> MPOStructure:
-    """Pick cores/modes/bonds reaching `ratio` (see the module docstring).
+    """Pick cores / modes / bonds reaching `ratio` (see the module docstring).
 
     Example:
         >>> s = choose_mpo_structure(6400, 1600, 16, rows=1024)
@@ -182,12 +139,18 @@ def choose_mpo_structure(
     """
     if prefer not in ("speed", "accuracy"):
         raise ValueError(f"choose_mpo_structure: prefer must be 'speed' or 'accuracy', got {prefer!r}")
+    if weight is not None and tuple(weight.shape) != (out_features, in_features):
+        raise ValueError(
+            f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, "
+            f"expected ({out_features}, {in_features})"
+        )
+    lazy = weight if prefer == "accuracy" else None  # speed computes errors lazily below
     cands = structure_candidates(
         out_features,
         in_features,
         ratio,
         rows=rows,
-        weight=weight,
+        weight=lazy,
         max_cores=max_cores,
         dtype=dtype,
         device=device,
@@ -198,10 +161,18 @@ def choose_mpo_structure(
             f"{out_features}x{in_features} weight; lower the ratio or raise max_cores"
         )
     if prefer == "accuracy":
-        if weight is None:  # without the weight, the largest bonds are the best guess for accuracy
+        if weight is None:  # without the weight, the fewest cores (largest bonds) are the best guess
             return min(cands, key=lambda s: (s.num_cores, s.predicted_seconds))
         return min(cands, key=lambda s: (s.rel_error, s.predicted_seconds))
-    if weight is not None:
-        best_err = min(s.rel_error for s in cands)  # type: ignore[type-var]
-        cands = [s for s in cands if s.rel_error <= best_err * (1 + error_slack) + 1e-12]  # type: ignore[operator]
-    return min(cands, key=lambda s: s.predicted_seconds)
+    by_time = sorted(cands, key=lambda s: s.predicted_seconds)
+    if weight is None:
+        return by_time[0]
+    ref = min(cands, key=lambda s: s.num_cores)
+    if by_time[0] is ref:  # the common case: no error needs computing at all
+        return ref
+    ref_err = tt_error(weight, ref.in_modes, ref.out_modes, ref.bonds)
+    for s in by_time:
+        err = ref_err if s is ref else tt_error(weight, s.in_modes, s.out_modes, s.bonds)
+        if s is ref or err <= ref_err * (1 + error_slack) + 1e-12:
+            return s.with_error(err)
+    raise AssertionError("unreachable: the reference structure is among the candidates")
