@@ -97,17 +97,28 @@ class MPOLinear(nn.Module):
         ratio: float | None = None,
         rel_tol: float | None = None,
         backend: str = "auto",
+        prefer: str | None = None,
     ) -> MPOLinear:
         """Decompose a trained nn.Linear (or transformers' Conv1D, weight stored [in, out]) by TT-SVD.
 
         Rank selection: `ratio` (dense/tensorized parameters), or `max_bond` and/or `rel_tol`; none of them keeps
         the full bonds (exact). Modes default to `auto_modes` with `num_cores` cores (default 2).
+        With `ratio` and no modes / num_cores, tnkernels.plan.choose_mpo_structure picks cores, modes and
+        bonds: prefer="speed" (the default) the fastest predicted structure whose error is not clearly worse
+        than the 2-core default's; prefer="accuracy" the most accurate one.
         """
         where = f"MPOLinear.from_linear({type(linear).__name__})"
         if not (isinstance(linear, nn.Linear) or is_hf_conv1d(linear)):
             raise TypeError(f"{where}: expected nn.Linear or transformers' Conv1D")
         weight = linear_weight(linear)
         out_features, in_features = weight.shape
+        if prefer is not None and prefer not in ("speed", "accuracy"):
+            raise ValueError(f"{where}: prefer must be 'speed' or 'accuracy', got {prefer!r}")
+        free = in_modes is None and out_modes is None and num_cores is None
+        if prefer is not None and not (free and ratio is not None):
+            raise ValueError(f"{where}: prefer= picks the structure for ratio=; drop modes and num_cores")
+        if free and ratio is not None and max_bond is None and rel_tol is None:
+            in_modes, out_modes, max_bond, ratio = _planned_structure(weight, ratio, prefer or "speed", where)
         in_modes, out_modes = _resolve_modes(in_features, out_features, in_modes, out_modes, num_cores, where)
         if ratio is not None and (max_bond is not None or rel_tol is not None):
             raise ValueError(f"{where}: give either ratio or max_bond/rel_tol, not both")
@@ -167,6 +178,24 @@ class MPOLinear(nn.Module):
             f"out_modes={self.out_modes}, bonds={self.bonds}, ratio={self.compression_ratio:.2f}, "
             f"bias={self.bias is not None}, backend={self.backend!r}"
         )
+
+
+def _planned_structure(weight: torch.Tensor, ratio: float, prefer: str, where: str):
+    """(in_modes, out_modes, bonds, None) chosen by the planner, or (None, None, None, ratio) to keep the
+    default path (which then raises its usual error) when no structure reaches the ratio."""
+    from ..plan import choose_mpo_structure
+
+    check_ratio(ratio, f"{where}: ratio")
+    out_features, in_features = weight.shape
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    dtype = weight.dtype if weight.dtype in floats else torch.float32
+    try:
+        s = choose_mpo_structure(
+            out_features, in_features, ratio, prefer=prefer, weight=weight, dtype=dtype, device=weight.device,
+        )  # fmt: skip
+    except ValueError:
+        return None, None, None, ratio
+    return s.in_modes, s.out_modes, list(s.bonds), None
 
 
 def _resolve_modes(

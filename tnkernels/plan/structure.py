@@ -126,7 +126,7 @@ def choose_mpo_structure(
     rows: int = 1024,
     prefer: str = "speed",
     weight: torch.Tensor | None = None,
-    error_slack: float = 0.2,
+    error_slack: float = 0.05,
     max_cores: int = 5,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
