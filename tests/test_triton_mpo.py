@@ -162,7 +162,7 @@ def test_opcheck_registration():
     x = torch.randn(3, 15, requires_grad=True)
     torch.library.opcheck(
         torch.ops.tnkernels.mpo_linear_triton.default,
-        (x, [g.requires_grad_() for g in cores], torch.randn(6, requires_grad=True)),
+        (x, [g.requires_grad_() for g in cores], torch.randn(6, requires_grad=True), True),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
@@ -173,3 +173,41 @@ def test_bad_inputs_raise_valueerror():
         mpo_linear(torch.ones(2, 15, dtype=torch.int32), cores, backend="triton")
     with pytest.raises(ValueError, match="15"):
         mpo_linear(torch.randn(2, 14), cores, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "in_modes,out_modes,bonds",
+    [
+        ((3, 5, 7), (2, 3, 5), (6, 5)),  # pairs: N of step 2 = 3*5 = 15, step 3 = 5 -> fuses one pair
+        ((2, 3, 2, 2), (3, 2, 2, 2), (3, 5, 2)),  # four cores: two fused pairs, the last one with the bias
+        ((3, 5), (2, 7), (17,)),  # bond 17 spans two BR blocks; N2 = 7
+    ],
+)
+def test_inference_fuses_consecutive_cores(in_modes, out_modes, bonds, monkeypatch, nan_poison):
+    # Without autograd the chain runs fused pairs (intermediate on chip); the result must equal the reference.
+    cores = make_cores(in_modes, out_modes, bonds)
+    steps = triton_impl._step_shapes(torch.Size(in_modes).numel(), [g.shape for g in cores])
+    assert triton_impl._fusion_plan(steps), "the case should exercise at least one fused pair"
+    calls = []
+    real_pair = triton_impl.mode_product_pair
+    monkeypatch.setattr(
+        triton_impl, "mode_product_pair", lambda *a, **k: calls.append(1) or real_pair(*a, **k)
+    )
+    x = torch.randn(3, torch.Size(in_modes).numel())
+    bias = torch.randn(torch.Size(out_modes).numel())
+    with torch.no_grad():
+        y = mpo_linear(x, cores, bias, backend="triton")
+    assert calls, "inference did not take the fused path"
+    y_ref = mpo_linear_reference(x.double(), [g.double() for g in cores], bias.double())
+    assert_close_rel(y, y_ref, tolerance(torch.float32, "triton"), f"fused {in_modes}->{out_modes}")
+
+
+def test_fused_pair_with_wide_second_step():
+    # N2 = j_2 = 17 > 16 spans two BN2 blocks under the interpreter (the intermediate is recomputed per block).
+    cores = make_cores((3, 2), (2, 17), (4,))
+    assert triton_impl._fusion_plan(triton_impl._step_shapes(6, [g.shape for g in cores])) == [0]
+    x = torch.randn(2, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = mpo_linear(x, [g.bfloat16() for g in cores], None, backend="triton")
+    y_ref = mpo_linear_reference(x.double(), [g.bfloat16().double() for g in cores])
+    assert_close_rel(y, y_ref, tolerance(torch.bfloat16, "triton"), "fused, bf16, two N2 blocks")

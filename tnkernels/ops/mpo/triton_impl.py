@@ -27,7 +27,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
     import triton
 
-    from .triton_kernels import mode_product_grad_b_kernel, mode_product_kernel
+    from .triton_kernels import mode_product_grad_b_kernel, mode_product_kernel, mode_product_pair_kernel
 
     _IMPORT_ERROR = ""
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -115,6 +115,44 @@ def mode_product(
     return out
 
 
+def mode_product_pair(
+    a: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+    j1: int,
+    i2: int,
+    bias: torch.Tensor | None = None,
+    bias_mod: int = 1,
+) -> torch.Tensor:
+    """Two chained mode products in one kernel (see mode_product_pair_kernel), the intermediate kept on chip.
+
+    a: [P, K1, I2*Q2]; b1: [K1, J1*R1]; b2: [R1*I2, N2]. Returns contiguous [P*J1, N2, Q2], equal to
+    mode_product(mode_product(a, b1).reshape(P*J1, R1*I2, Q2), b2, bias, bias_mod).
+    """
+    P, K1, Q1 = a.shape
+    R1 = b1.shape[1] // j1
+    Q2 = Q1 // i2
+    N2 = b2.shape[1]
+    out = torch.empty((P * j1, N2, Q2), device=a.device, dtype=a.dtype)
+    if out.numel() == 0:
+        return out
+    M = P * Q2
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]), j1, triton.cdiv(N2, meta["BN2"]))
+
+    mode_product_pair_kernel[grid](
+        a, b1, b2, bias if bias is not None else a, out,
+        P, K1, j1, R1, i2, Q2, N2, _bucket(M),
+        a.stride(0), a.stride(1), a.stride(2),
+        b1.stride(0), b1.stride(1),
+        b2.stride(0), b2.stride(1),
+        bias_mod,
+        HAS_BIAS=bias is not None, **_flags(a.dtype),
+    )  # fmt: skip
+    return out
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -165,21 +203,58 @@ def _step_shapes(in_features: int, shapes: Sequence[Sequence[int]]) -> list[tupl
     return out
 
 
+# Two steps k, k+1 are fused when step k+1's output width N = j_{k+1} * r_{k+1} is at most this: the pair kernel
+# recomputes its on-chip intermediate once per N block, so wide second steps are better left unfused.
+_PAIR_MAX_N2 = 128
+
+
+def _fusion_plan(steps: Sequence[tuple[int, int, int, int]]) -> list[int]:
+    """Indices k of the steps fused with step k+1 (inference only). Pairs are chosen greedily by the size of the
+    intermediate they keep off memory (J_done * N * Q of step k per row), without overlapping."""
+    candidates = [k for k in range(len(steps) - 1) if steps[k + 1][2] <= _PAIR_MAX_N2]
+    candidates.sort(key=lambda k: -(steps[k][0] * steps[k][2] * steps[k][3]))
+    taken: set[int] = set()
+    plan = []
+    for k in candidates:
+        if k not in taken and k + 1 not in taken:
+            taken |= {k, k + 1}
+            plan.append(k)
+    return sorted(plan)
+
+
 def _forward_chain(
-    x2: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None
+    x2: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None, keep: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """x2 [rows, in] (any strides) -> (y [rows, out] contiguous, outputs of steps 0..N-2 as [P, N, Q])."""
+    """x2 [rows, in] (any strides) -> (y [rows, out] contiguous, outputs of steps 0..N-2 as [P, N, Q]).
+
+    keep=True (training): one launch per step, every intermediate kept for the backward. keep=False (inference):
+    consecutive steps are fused where _fusion_plan says so, and nothing is kept (the list comes back empty).
+    """
     rows = x2.shape[0]
     steps = _step_shapes(x2.shape[1], [g.shape for g in cores])
+    fused = set() if keep else set(_fusion_plan(steps))
     # Step 0 reads x2 as [rows, i_1, rest] through x2's own strides: no copy, even when x2 is transposed.
     state = x2.unflatten(1, (steps[0][1], steps[0][3]))
     kept = []
-    for k, (g, (j_done, K, N, Q)) in enumerate(zip(cores, steps, strict=True)):
-        last = k == len(cores) - 1
+    n = len(cores)
+    k = 0
+    while k < n:
+        j_done, K, N, Q = steps[k]
         a = state.reshape(rows * j_done, K, Q) if k else state
-        out = mode_product(a, g.reshape(K, N), bias if last else None, bias_mod=j_done)
-        if not last:
-            kept.append(out)
+        if k in fused:
+            g, g2 = cores[k], cores[k + 1]
+            last = k + 1 == n - 1
+            out = mode_product_pair(
+                a, g.reshape(K, N), g2.reshape(steps[k + 1][1], steps[k + 1][2]), g.shape[2], g2.shape[1],
+                bias if last else None, bias_mod=steps[k + 1][0],
+            )  # fmt: skip
+            k += 2
+        else:
+            last = k == n - 1
+            out = mode_product(a, cores[k].reshape(K, N), bias if last else None, bias_mod=j_done)
+            if keep and not last:
+                kept.append(out)
+            k += 1
         state = out
     return state.reshape(rows, steps[-1][0] * steps[-1][2]), kept
 
@@ -221,19 +296,21 @@ def _backward_chain(
 
 
 @torch.library.custom_op("tnkernels::mpo_linear_triton", mutates_args=())
-def _mpo_op(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> list[torch.Tensor]:
+def _mpo_op(
+    x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, keep: bool
+) -> list[torch.Tensor]:
     """Returns [y, kept states...]; the states only feed the backward (outputs may not alias inputs, so x2 is not
-    among them)."""
-    y, kept = _forward_chain(x2, cores, bias)
+    among them) and are only produced when keep (see _forward_chain)."""
+    y, kept = _forward_chain(x2, cores, bias, keep)
     return [y, *kept]
 
 
 @_mpo_op.register_fake
-def _(x2, cores, bias):
+def _(x2, cores, bias, keep):
     rows = x2.shape[0]
     steps = _step_shapes(x2.shape[1], [g.shape for g in cores])
     out_features = steps[-1][0] * steps[-1][2]
-    kept = [x2.new_empty((rows * jd, N, Q)) for jd, _, N, Q in steps[:-1]]
+    kept = [x2.new_empty((rows * jd, N, Q)) for jd, _, N, Q in steps[:-1]] if keep else []
     return [x2.new_empty((rows, out_features)), *kept]
 
 
@@ -253,13 +330,19 @@ def _(grad_y, x2, cores, kept, need_dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x2, cores, bias = inputs
+    x2, cores, bias, keep = inputs
+    ctx.keep = keep
     ctx.n_cores = len(cores)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x2, *cores, *output[1:])
 
 
 def _backward(ctx, grads):
+    if not ctx.keep:
+        raise RuntimeError(
+            "tnkernels::mpo_linear_triton was called with keep=False, so its intermediates were not kept; "
+            "call it through mpo_linear(..., backend='triton'), which keeps them whenever a gradient can follow"
+        )
     saved = ctx.saved_tensors
     n = ctx.n_cores
     x2, cores, kept = saved[0], list(saved[1 : 1 + n]), list(saved[1 + n :])
@@ -269,7 +352,7 @@ def _backward(ctx, grads):
     dx = res[0] if need_dx else None
     # fp32 accumulation for the bias gradient, whatever the activation dtype.
     d_bias = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype) if ctx.has_bias else None
-    return dx, list(res[1:]), d_bias
+    return dx, list(res[1:]), d_bias, None
 
 
 torch.library.register_autograd("tnkernels::mpo_linear_triton", _backward, setup_context=_setup_context)
@@ -297,5 +380,9 @@ def mpo_linear_triton(
         bias = bias.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = _mpo_op(x2, cores, bias)[0]
+    # Intermediates are only kept (and consecutive cores only left unfused) when a backward can follow.
+    keep = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, *cores, *([bias] if bias is not None else []))
+    )
+    y = _mpo_op(x2, cores, bias, keep)[0]
     return y.reshape(*lead, y.shape[-1])

@@ -27,6 +27,7 @@ import triton.language as tl
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _MP_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
     _GB_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
+    _PAIR_CONFIGS = [triton.Config({"BM": 16, "BK": 16, "BR": 16, "BN2": 16}, num_warps=4)]
 else:  # pragma: no cover - GPU only
     _MP_CONFIGS = [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
@@ -46,6 +47,15 @@ else:  # pragma: no cover - GPU only
             (128, 32, 32, 4, 3),
             (64, 128, 64, 8, 3),
             (128, 64, 32, 4, 4),
+        ]
+    ]
+    _PAIR_CONFIGS = [
+        triton.Config({"BM": bm, "BK": bk, "BR": br, "BN2": bn}, num_warps=w, num_stages=s)
+        for bm, bk, br, bn, w, s in [
+            (64, 32, 64, 64, 4, 3),
+            (128, 32, 64, 64, 8, 3),
+            (64, 64, 32, 128, 4, 3),
+            (128, 32, 32, 32, 4, 4),
         ]
     ]
 
@@ -129,6 +139,71 @@ def mode_product_kernel(
 
     p_o = p_out + o_p[:, None] * s_op + o_q[:, None] * s_oq + o_n[None, :].to(tl.int64) * s_on
     tl.store(p_o, b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.autotune(configs=_PAIR_CONFIGS, key=["K1", "R1", "I2", "N2", "M_BUCKET"], do_bench=_quick_bench)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_MP)
+def mode_product_pair_kernel(
+    p_a, p_b1, p_b2, p_bias, p_out,
+    P, K1, J1, R1, I2, Q2, N2, M_BUCKET,
+    s_ap, s_ak, s_aq,
+    s_b1k, s_b1n,
+    s_b2k, s_b2n,
+    BIAS_MOD,
+    HAS_BIAS: tl.constexpr, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BN2: tl.constexpr,
+):  # fmt: skip
+    """Two consecutive MPO steps in one kernel, the intermediate state never written to memory.
+
+    Step 1: t[p, (j1, r), (i2, q)] = sum_k a[p, k, (i2, q)] * b1[k, (j1, r)]       (a: [P, K1, I2*Q2])
+    Step 2: out[(p, j1), n, q] = sum_{r, i2} t[p, (j1, r), (i2, q)] * b2[(r, i2), n] (out: contiguous [P*J1, N2, Q2])
+    Grid (cdiv(P*Q2, BM), J1, cdiv(N2, BN2)): a program owns BM pairs (p, q) for one output mode j1 and loops over
+    i2 and blocks of the bond r, so the [BM, BR] slice of t lives in registers only. The launcher picks this kernel
+    when N2 fits one or two blocks (t is recomputed once per N2 block).
+    """
+    i_m, i_j, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN2 + tl.arange(0, BN2)
+    m_m = o_m < P * Q2
+    m_n = o_n < N2
+    o_p = (o_m // Q2).to(tl.int64)
+    o_q = (o_m % Q2).to(tl.int64)
+    in_dtype = p_out.dtype.element_ty
+    acc_dtype = tl.float64 if DOT_FP64 else tl.float32
+
+    b_acc = tl.zeros((BM, BN2), dtype=acc_dtype)
+    for i2 in range(0, I2):
+        p_a_rows = p_a + o_p * s_ap + (i2 * Q2 + o_q) * s_aq
+        for r0 in range(0, R1, BR):
+            o_r = r0 + tl.arange(0, BR)
+            m_r = o_r < R1
+            b_t = tl.zeros((BM, BR), dtype=acc_dtype)
+            for k0 in range(0, K1, BK):
+                o_k = k0 + tl.arange(0, BK)
+                m_k = o_k < K1
+                b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_b1 = tl.load(
+                    p_b1 + o_k[:, None] * s_b1k + (i_j * R1 + o_r)[None, :] * s_b1n,
+                    mask=m_k[:, None] & m_r[None, :],
+                    other=0.0,
+                )
+                # [BM, BK] @ [BK, BR] -> [BM, BR]
+                b_t = _dot_acc(b_a, b_b1, b_t, DOT_FP64, UPCAST, PRECISION)
+            b_b2 = tl.load(
+                p_b2 + (o_r * I2 + i2)[:, None] * s_b2k + o_n[None, :] * s_b2n,
+                mask=m_r[:, None] & m_n[None, :],
+                other=0.0,
+            )
+            # The intermediate is rounded to the input dtype exactly where the unfused path stores it.
+            # [BM, BR] @ [BR, BN2] -> [BM, BN2]
+            b_acc = _dot_acc(b_t.to(in_dtype), b_b2, b_acc, DOT_FP64, UPCAST, PRECISION)
+
+    o_p2 = o_p * J1 + i_j
+    if HAS_BIAS:
+        o_f = (o_p2[:, None] % BIAS_MOD) * N2 + o_n[None, :]
+        b_acc += tl.load(p_bias + o_f, mask=m_m[:, None] & m_n[None, :], other=0.0).to(acc_dtype)
+    p_o = p_out + o_p2[:, None] * (N2 * Q2) + o_n[None, :].to(tl.int64) * Q2 + o_q[:, None]
+    tl.store(p_o, b_acc.to(in_dtype), mask=m_m[:, None] & m_n[None, :])
 
 
 @triton.autotune(configs=_GB_CONFIGS, key=["K", "N", "M_BUCKET"], do_bench=_quick_bench)
