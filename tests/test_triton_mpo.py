@@ -65,6 +65,7 @@ CHAINS = [
     ((2, 3, 2, 2), (3, 2, 2, 2), (3, 5, 2), (1,)),  # four cores, a single row
     ((3, 5), (5, 3), (1,), (4,)),  # bond 1 (a Kronecker product)
     ((4, 3), (3, 4), (5,), (2, 3)),  # several leading dimensions
+    ((6,), (5,), (), (3,)),  # a single core (a plain matrix)
 ]
 
 
