@@ -1,0 +1,321 @@
+// Native CPU kernel for small-batch MPO inference: y = x @ W.T + bias with W given by MPO cores.
+//
+// Cores G_k have shape (r_{k-1}, i_k, j_k, r_k) (docs/ARCHITECTURE.md). The chain is swept left to right; step k
+// is one small GEMM
+//     C[(b, j_<k, i_>k), (j_k, r_k)] = sum_{(r_{k-1}, i_k)} A[(b, j_<k, i_>k), (r_{k-1}, i_k)] * G_k[(r_{k-1}, i_k), (j_k, r_k)]
+// where G_k is used in its own memory layout (a [r*i, j*r] row-major matrix, no repacking) and A is the previous
+// step's output read through precomputed row/column offsets (A entries are broadcast scalars in the micro-kernel,
+// so A may have any layout and no transpose copy is ever made). C rows are contiguous, so the micro-kernel's vector
+// loads and stores run along (j_k, r_k). After the last step C is exactly y[b, J] in row-major J order.
+//
+// Rows of the batch are cut into chunks whose intermediates fit in L2; chunks run in parallel (one thread each,
+// the chain of a chunk never leaves that core's cache). With fewer chunks than threads (1 row), the tiles inside each
+// step run in parallel instead. Accumulation is always fp32; cores may be fp32 or bf16 (converted in registers).
+//
+// Portable GCC/Clang vector extensions (8 x float) rather than intrinsics: one code path that compiles to AVX2/FMA
+// with -march=native and to SSE/NEON elsewhere.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+// Unaligned, aliasing-safe view for loads and stores.
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+
+constexpr int MR = 6;   // rows per micro-tile: 6 rows x 2 vectors = 12 accumulators (+2 panel +1 broadcast = 15 ymm)
+constexpr int NR = 16;  // columns per micro-tile (2 vectors of 8)
+constexpr int64_t kL2Budget = 512 * 1024;  // bytes of intermediates per chunk (half a typical L2)
+
+inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(at::BFloat16 v) { return static_cast<float>(v); }
+
+// C[mr, nc] = Ap x P: Ap is a packed A tile [K, MR] (row values interleaved), P a packed panel [K, NR].
+// Both are read sequentially, so the loop is pure loads + broadcasts + FMAs.
+inline void micro_tile(const float* Ap, int mr, int64_t K, const float* P, float* C, int64_t ldc, int nc) {
+  v8f acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = v8f{};
+  for (int64_t k = 0; k < K; ++k) {
+    const v8f b0 = load8(P + k * NR), b1 = load8(P + k * NR + 8);
+    const float* a = Ap + k * MR;
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] += a[r] * b0;
+      acc[r][1] += a[r] * b1;
+    }
+  }
+  if (nc == NR) {
+    for (int r = 0; r < mr; ++r) {
+      *reinterpret_cast<v8f_u*>(C + r * ldc) = acc[r][0];
+      *reinterpret_cast<v8f_u*>(C + r * ldc + 8) = acc[r][1];
+    }
+  } else {
+    for (int r = 0; r < mr; ++r) std::memcpy(C + r * ldc, &acc[r][0], sizeof(float) * nc);
+  }
+}
+
+// Gather the A rows of row tile `rt` through the step's offsets into a packed [K, MR] tile. Rows past r_used
+// repeat the last valid row (valid memory, results never stored).
+inline void pack_a_tile(const float* A, const int64_t* roff, const int64_t* koff, int64_t K, int64_t rt,
+                        int64_t r_used, float* dst) {
+  const float* rows[MR];
+  for (int r = 0; r < MR; ++r) rows[r] = A + roff[std::min<int64_t>(rt * MR + r, r_used - 1)];
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t ko = koff[k];
+    for (int r = 0; r < MR; ++r) dst[k * MR + r] = rows[r][ko];
+  }
+}
+
+// Offsets of every combination of `modes` (size, stride), enumerated row-major.
+std::vector<int64_t> offsets(const std::vector<std::pair<int64_t, int64_t>>& modes) {
+  std::vector<int64_t> out{0};
+  for (const auto& [size, stride] : modes) {
+    std::vector<int64_t> next;
+    next.reserve(out.size() * size);
+    for (int64_t o : out)
+      for (int64_t t = 0; t < size; ++t) next.push_back(o + t * stride);
+    out.swap(next);
+  }
+  return out;
+}
+
+// One contraction step, laid out for a chunk of `rows` batch rows.
+struct Step {
+  int64_t R = 0, K = 0, N = 0;   // GEMM sizes for a full chunk
+  int64_t rows_per_b = 0;         // R / rows
+  std::vector<int64_t> roff;      // R offsets of the GEMM rows into the input buffer
+  std::vector<int64_t> koff;      // K offsets, K enumerated as (i_k, r_{k-1}) so A is read along the bond (stride 1)
+  int64_t r_prev = 0, i_size = 0; // G row of k = (i, r) is r * i_size + i
+  int64_t out_floats = 0;         // R * N
+};
+
+// Build the steps for `rows` batch rows. State modes are tracked as (size, stride) in the current buffer.
+std::vector<Step> plan_steps(const std::vector<at::Tensor>& cores, int64_t rows, int64_t in_features) {
+  const int64_t n = static_cast<int64_t>(cores.size());
+  using Mode = std::pair<int64_t, int64_t>;
+  Mode b_mode{rows, in_features};
+  std::vector<Mode> j_modes;  // j_1..j_{k-1}
+  std::vector<Mode> i_modes;  // i_k..i_N
+  {
+    int64_t stride = in_features;
+    for (int64_t k = 0; k < n; ++k) {
+      stride /= cores[k].size(1);
+      i_modes.push_back({cores[k].size(1), stride});
+    }
+  }
+  Mode r_mode{1, 0};
+  std::vector<Step> steps(n);
+  for (int64_t k = 0; k < n; ++k) {
+    Step& s = steps[k];
+    const int64_t jk = cores[k].size(2), rk = cores[k].size(3);
+    std::vector<Mode> row_modes;
+    row_modes.push_back(b_mode);
+    row_modes.insert(row_modes.end(), j_modes.begin(), j_modes.end());
+    row_modes.insert(row_modes.end(), i_modes.begin() + 1, i_modes.end());
+    s.roff = offsets(row_modes);
+    s.R = static_cast<int64_t>(s.roff.size());
+    s.rows_per_b = s.R / rows;
+    s.koff = offsets({i_modes[0], r_mode});
+    s.r_prev = r_mode.first;
+    s.i_size = i_modes[0].first;
+    s.K = static_cast<int64_t>(s.koff.size());
+    s.N = jk * rk;
+    s.out_floats = s.R * s.N;
+    // Output C[rows][j_k][r_k] is contiguous: recompute strides of the row modes, append j_k, then r_k.
+    std::vector<Mode> new_modes(row_modes.size());
+    int64_t stride = s.N;
+    for (int64_t m = static_cast<int64_t>(row_modes.size()) - 1; m >= 0; --m) {
+      new_modes[m] = {row_modes[m].first, stride};
+      stride *= row_modes[m].first;
+    }
+    b_mode = new_modes[0];
+    std::vector<Mode> new_j(new_modes.begin() + 1, new_modes.begin() + 1 + j_modes.size());
+    new_j.push_back({jk, rk});
+    std::vector<Mode> new_i(new_modes.begin() + 1 + j_modes.size(), new_modes.end());
+    j_modes.swap(new_j);
+    i_modes.swap(new_i);
+    r_mode = {rk, 1};
+  }
+  return steps;
+}
+
+// Copy columns [n0, n0 + nc) of G (a [r_prev * i, N] matrix) into an fp32 panel [K, NR] in the step's K order,
+// zero-padding past nc. Packing makes the micro-kernel's panel reads sequential, converts bf16 once per panel, and
+// handles the column remainder with the same micro-kernel.
+template <typename WT>
+void pack_panel(const Step& s, const WT* M, int64_t n0, int nc, float* P) {
+  const int64_t N = s.N;
+  for (int64_t i = 0, kk = 0; i < s.i_size; ++i) {
+    for (int64_t r = 0; r < s.r_prev; ++r, ++kk) {
+      const WT* src = M + (r * s.i_size + i) * N + n0;
+      float* dst = P + kk * NR;
+      int c = 0;
+      for (; c < nc; ++c) dst[c] = to_f32(src[c]);
+      for (; c < NR; ++c) dst[c] = 0.f;
+    }
+  }
+}
+
+// C[r_used, N] = A (via offsets) @ G; `parallel` splits (column block, row-tile group) tasks over threads.
+template <typename WT>
+void run_step(const Step& s, int64_t r_used, const float* A, const WT* M, float* C, bool parallel) {
+  const int64_t K = s.K, N = s.N;
+  const int64_t n_blocks = (N + NR - 1) / NR;
+  const int64_t r_tiles = (r_used + MR - 1) / MR;
+  const int64_t threads = parallel ? at::get_num_threads() : 1;
+  // Row tiles are grouped so that one group's packed A (per_group * K * MR floats) stays in L2 (~128 KB) while all
+  // column panels stream past it; with few column blocks (the last core has N = j_N) the groups are also made
+  // small enough that every thread gets work.
+  int64_t per_group = std::max<int64_t>(1, 32768 / (K * MR));
+  if (threads > 1) {
+    const int64_t want_groups = (4 * threads + n_blocks - 1) / n_blocks;
+    per_group = std::min(per_group, std::max<int64_t>(1, r_tiles / want_groups));
+  }
+  per_group = std::min(per_group, r_tiles);
+  const int64_t groups = (r_tiles + per_group - 1) / per_group;
+  // Pack A once per step (one pass over R*K values; the GEMM does 2*N flops per value): afterwards every
+  // micro-tile reads its A rows sequentially instead of gathering them through offsets for every column block.
+  // Pack G once per step into [n_blocks][K][NR] fp32 panels (converting bf16 here, once).
+  static thread_local std::vector<float> a_packed, b_packed;
+  if (a_packed.size() < static_cast<size_t>(r_tiles * K * MR)) a_packed.resize(r_tiles * K * MR);
+  if (b_packed.size() < static_cast<size_t>(n_blocks * K * NR)) b_packed.resize(n_blocks * K * NR);
+  float* Ap = a_packed.data();
+  float* Bp = b_packed.data();
+  auto pack = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t < r_tiles) {
+        pack_a_tile(A, s.roff.data(), s.koff.data(), K, t, r_used, Ap + t * K * MR);
+      } else {
+        const int64_t nb = t - r_tiles;
+        pack_panel<WT>(s, M, nb * NR, static_cast<int>(std::min<int64_t>(NR, N - nb * NR)), Bp + nb * K * NR);
+      }
+    }
+  };
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      // Group outer, column block inner: a thread's consecutive tasks reuse the same L2-resident A group.
+      const int64_t g = t / n_blocks, nb = t % n_blocks;
+      const int nc = static_cast<int>(std::min<int64_t>(NR, N - nb * NR));
+      const int64_t rt_end = std::min(r_tiles, (g + 1) * per_group);
+      for (int64_t rt = g * per_group; rt < rt_end; ++rt) {
+        const int64_t r0 = rt * MR;
+        const int mr = static_cast<int>(std::min<int64_t>(MR, r_used - r0));
+        micro_tile(Ap + rt * K * MR, mr, K, Bp + nb * K * NR, C + r0 * N + nb * NR, N, nc);
+      }
+    }
+  };
+  const int64_t n_tasks = n_blocks * groups;
+  if (threads > 1) {
+    // Grains keep about 32k copies / 100k FMAs per thread chunk so thread wake-up never dominates a tiny step.
+    at::parallel_for(0, r_tiles + n_blocks, std::max<int64_t>(1, 32768 / (K * NR)), pack);
+    const int64_t task_fma = std::max<int64_t>(1, per_group * MR * NR * K);
+    at::parallel_for(0, n_tasks, std::max<int64_t>(1, 100000 / task_fma), body);
+  } else {
+    pack(0, r_tiles + n_blocks);
+    body(0, n_tasks);
+  }
+}
+
+template <typename WT>
+void chain_chunk(const std::vector<Step>& steps, const std::vector<const WT*>& G, int64_t rows, const float* x,
+                 float* y, bool parallel) {
+  // Two ping-pong buffers for the intermediates of this chunk; reused across calls on the same thread.
+  static thread_local std::vector<float> buf[2];
+  const float* in = x;
+  const size_t n = steps.size();
+  for (size_t k = 0; k < n; ++k) {
+    const Step& s = steps[k];
+    const int64_t r_used = rows * s.rows_per_b;
+    float* out;
+    if (k + 1 == n) {
+      out = y;
+    } else {
+      std::vector<float>& b = buf[k % 2];
+      if (b.size() < static_cast<size_t>(r_used * s.N)) b.resize(r_used * s.N);
+      out = b.data();
+    }
+    run_step<WT>(s, r_used, in, G[k], out, parallel);
+    in = out;
+  }
+}
+
+template <typename WT>
+void chain_forward(const std::vector<at::Tensor>& cores, const float* x, float* y, int64_t B, int64_t in_features,
+                   int64_t out_features) {
+  std::vector<const WT*> G;
+  for (const auto& c : cores) G.push_back(c.data_ptr<WT>());
+  // Largest intermediate per batch row decides how many rows share one cache-resident chunk.
+  int64_t per_row = 0;
+  {
+    std::vector<Step> one = plan_steps(cores, 1, in_features);
+    for (const auto& s : one) per_row = std::max(per_row, s.out_floats);
+  }
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk = std::max<int64_t>(1, kL2Budget / (2 * 4 * std::max<int64_t>(per_row, 1)));
+  if (B >= 2 && threads > 1) chunk = std::min(chunk, (B + threads - 1) / threads);
+  chunk = std::min(chunk, B);
+  const int64_t n_chunks = (B + chunk - 1) / chunk;
+  const std::vector<Step> steps = plan_steps(cores, chunk, in_features);
+  if (n_chunks == 1) {
+    chain_chunk<WT>(steps, G, B, x, y, /*parallel=*/true);
+    return;
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t b0 = c * chunk;
+      const int64_t rows = std::min(chunk, B - b0);
+      chain_chunk<WT>(steps, G, rows, x + b0 * in_features, y + b0 * out_features, /*parallel=*/false);
+    }
+  });
+}
+
+}  // namespace
+
+// x: [B, in_features] fp32 or bf16 (contiguous); cores: fp32 or bf16, all the same dtype, contiguous;
+// bias: [out_features] or None. Returns [B, out_features] in x's dtype. Forward only.
+at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>& cores,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(!cores.empty(), "mpo_chain_forward: needs at least one core");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "mpo_chain_forward: x must be a 2-D CPU tensor");
+  const auto wdt = cores[0].scalar_type();
+  TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, "mpo_chain_forward: cores must be float32 or bfloat16");
+  int64_t in_features = 1, out_features = 1;
+  for (size_t k = 0; k < cores.size(); ++k) {
+    const auto& c = cores[k];
+    TORCH_CHECK(c.dim() == 4 && c.device().is_cpu() && c.is_contiguous() && c.scalar_type() == wdt,
+                "mpo_chain_forward: core ", k, " must be a contiguous 4-D CPU tensor of the first core's dtype");
+    TORCH_CHECK(k == 0 ? c.size(0) == 1 : c.size(0) == cores[k - 1].size(3), "mpo_chain_forward: bond mismatch at core ", k);
+    in_features *= c.size(1);
+    out_features *= c.size(2);
+  }
+  TORCH_CHECK(cores.back().size(3) == 1, "mpo_chain_forward: last bond must be 1");
+  TORCH_CHECK(x.size(1) == in_features, "mpo_chain_forward: x has ", x.size(1), " features, cores expect ", in_features);
+  const int64_t B = x.size(0);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({B, out_features}, x.options().dtype(at::kFloat));
+  if (B > 0) {
+    if (wdt == at::kFloat)
+      chain_forward<float>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features);
+    else
+      chain_forward<at::BFloat16>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features);
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "mpo_chain_forward: bias must be [out_features]");
+    y.add_(bias->to(at::kFloat).unsqueeze(0));
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tnkernels native CPU kernels (csrc/): fused MPO chain for small-batch inference";
+  m.def("mpo_chain_forward", &mpo_chain_forward, "MPO chain forward: y = x @ W.T + bias (fp32 accumulate)",
+        pybind11::arg("x"), pybind11::arg("cores"), pybind11::arg("bias") = pybind11::none());
+}
