@@ -28,7 +28,7 @@ def mpo_chains(draw, min_cores: int = 1):
     return shapes, lead, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
-def _check_mpo(shapes, lead, with_bias, seed, kind, recompute):
+def _check_mpo(shapes, lead, with_bias, seed, kind, recompute, fold=None):
     g = torch.Generator().manual_seed(seed)
     cores = [torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in shapes]
     n_in = int(torch.tensor([s[1] for s in shapes]).prod())
@@ -39,7 +39,7 @@ def _check_mpo(shapes, lead, with_bias, seed, kind, recompute):
     ref = mpo_linear_reference(x, cores, bias)
     dy = torch.randn(ref.shape, generator=g, dtype=F64)
     ref_grads = torch.autograd.grad(ref, leaves, dy)
-    with options(force=kind, recompute=recompute):
+    with options(force=kind, recompute=recompute, fold=fold):
         y = mpo_linear_torch(x, cores, bias)
         grads = torch.autograd.grad(y, leaves, dy)
         with torch.no_grad():
@@ -53,15 +53,25 @@ def _check_mpo(shapes, lead, with_bias, seed, kind, recompute):
 
 @pytest.mark.parametrize("kind", [k for k in PLAN_KINDS if k != "merge"])
 @settings(max_examples=12, deadline=None)
-@given(chain=mpo_chains(), recompute=st.booleans())
-def test_mpo_plan_matches_reference(kind, chain, recompute):
-    _check_mpo(*chain, kind=kind, recompute=recompute)
+@given(chain=mpo_chains(), recompute=st.booleans(), fold=st.sampled_from([None, True, False]))
+def test_mpo_plan_matches_reference(kind, chain, recompute, fold):
+    _check_mpo(*chain, kind=kind, recompute=recompute, fold=fold)
 
 
 @settings(max_examples=12, deadline=None)
-@given(chain=mpo_chains(min_cores=3), recompute=st.booleans())
-def test_mpo_merge_plan_matches_reference(chain, recompute):
-    _check_mpo(*chain, kind="merge", recompute=recompute)
+@given(chain=mpo_chains(min_cores=3), recompute=st.booleans(), fold=st.sampled_from([None, True, False]))
+def test_mpo_merge_plan_matches_reference(chain, recompute, fold):
+    _check_mpo(*chain, kind="merge", recompute=recompute, fold=fold)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_folded_and_batched_steps_are_really_used(fold):
+    shapes = ((1, 4, 3, 2), (2, 5, 2, 3), (3, 3, 4, 1))
+    with options(force="sweep-left", fold=fold):
+        dec = mpo_decision(shapes, 6, torch.float32, torch.device("cpu"), True)
+    # every step but the last (whose trailing dimension is 1, always one GEMM) follows the forced choice
+    assert dec.forward.folds[:-1] == (fold,) * (len(shapes) - 1) and dec.forward.folds[-1] is False
+    _check_mpo(list(shapes), (6,), True, 0, kind="sweep-left", recompute=False, fold=fold)
 
 
 def test_merge_needs_three_cores():

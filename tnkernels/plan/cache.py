@@ -29,6 +29,9 @@ class _Options:
     recompute: bool = False  # backward recomputes intermediate states instead of saving them
     force: str | None = None  # force a plan kind (tests, benchmarks)
     tucker_force: str | None = None
+    fold: bool | None = (
+        None  # force every sweep step folded (True) or batched (False); None: the planner picks
+    )
     cache_dense: bool = (
         False  # inference: keep rebuilt dense weights of layers whose chain costs more than dense
     )
@@ -56,7 +59,8 @@ def mpo_decision(
     needs_grad: bool,
 ) -> MPODecision:
     """The cached decision for this key; searches (once) on a miss."""
-    key = (shapes, rows, dtype, device.type, device.index, needs_grad, OPTIONS.recompute, OPTIONS.force)
+    opts = (OPTIONS.recompute, OPTIONS.force, OPTIONS.fold)
+    key = (shapes, rows, dtype, device.type, device.index, needs_grad, opts)
     _STATS["lookups"] += 1
     hit = _MPO_PLANS.get(key)
     if hit is not None:
@@ -71,6 +75,7 @@ def mpo_decision(
         needs_grad=needs_grad,
         recompute=OPTIONS.recompute,
         force=OPTIONS.force,
+        force_fold=OPTIONS.fold,
     )
     _MPO_PLANS[key] = dec
     return dec
@@ -104,6 +109,7 @@ def options(
     force: str | None | type[Ellipsis] = ...,
     tucker_force: str | None | type[Ellipsis] = ...,
     cache_dense: bool | None = None,
+    fold: bool | None | type[Ellipsis] = ...,
 ) -> Iterator[None]:
     """Temporarily change planner options, e.g. `with options(recompute=True): loss.backward()`.
 
@@ -113,13 +119,16 @@ def options(
     cost.
     tucker_force: run this Tucker plan kind ("three-convs", "fold-in", "fold-out", "dense").
     cache_dense: in no-grad calls, keep the rebuilt dense weight of layers whose chain costs more than dense.
+    fold: run every sweep step as a folded GEMM (True) or a batched matmul (False); None: the planner picks.
     """
-    saved = (OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense)
+    saved = (OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense, OPTIONS.fold)
     try:
-        set_options(recompute=recompute, force=force, tucker_force=tucker_force, cache_dense=cache_dense)
+        set_options(
+            recompute=recompute, force=force, tucker_force=tucker_force, cache_dense=cache_dense, fold=fold
+        )
         yield
     finally:
-        OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense = saved
+        OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense, OPTIONS.fold = saved
 
 
 def set_options(
@@ -128,6 +137,7 @@ def set_options(
     force: str | None | type[Ellipsis] = ...,
     tucker_force: str | None | type[Ellipsis] = ...,
     cache_dense: bool | None = None,
+    fold: bool | None | type[Ellipsis] = ...,
 ) -> None:
     """Set planner options for the rest of the process (arguments left out keep their value)."""
     from .mpo import PLAN_KINDS
@@ -148,3 +158,5 @@ def set_options(
         OPTIONS.tucker_force = tucker_force  # type: ignore[assignment]
     if cache_dense is not None:
         OPTIONS.cache_dense = bool(cache_dense)
+    if fold is not ...:
+        OPTIONS.fold = None if fold is None else bool(fold)

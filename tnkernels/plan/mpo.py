@@ -48,6 +48,7 @@ class MPOPlan:
     einsum_eq: str = ""
     einsum_path: tuple = ()
     optimize: str = ""
+    folds: tuple[bool, ...] = ()  # per sweep step: folded GEMM (True) or batched matmul (False)
 
     @property
     def flops(self) -> float:
@@ -170,39 +171,77 @@ def _step_mindim(bp: int, m: int, k: int, n: int) -> int:
     return min(bp, m, k) if n == 1 else min(m, k, n)
 
 
-def sweep_steps(cal: Calibration, shapes, groups, direction: str, rows: int, isz: int) -> list[Step]:
+def _price_step(cal: Calibration, s: int, dims, isz: int, direction: str, fold: bool) -> Step:
+    bp, m, k, n = dims
+    extra_ops, extra_bytes = (1, 2 * m * k * isz) if direction == "right" else (0, 0)
+    base = isz * (bp * k * n + m * k + bp * m * n) + extra_bytes
+    if fold:
+        # copy the state to [B'·N, K], one GEMM with the batch folded into M, and the next step's reshape
+        # copies the [B', N, M] result back: two extra passes over the state buy one fat GEMM.
+        return price(
+            cal,
+            f"step {s + 1} (folded): [{bp}*{n}, {k}] @ [{k}, {m}] + 2 copies",
+            2 * bp * m * k * n,
+            base + 2 * isz * (bp * k * n + bp * m * n),
+            min(bp * n, k, m),
+            ops=3 + extra_ops,
+        )
+    return price(
+        cal,
+        f"step {s + 1}: state[{bp}, {k}, {n}] <- core[{m}, {k}] -> [{bp}, {m}, {n}]",
+        2 * bp * m * k * n,
+        base,
+        _step_mindim(bp, m, k, n),
+        ops=1 + extra_ops,
+    )
+
+
+def sweep_steps(
+    cal: Calibration, shapes, groups, direction: str, rows: int, isz: int, force_fold: bool | None = None
+) -> tuple[list[Step], tuple[bool, ...]]:
+    """Merge and sweep steps of a grouped plan, with each step's choice: batched matmul or folded GEMM."""
     steps = []
     for a, b in groups:
         steps += merge_steps(cal, shapes, a, b, isz)
-    for s, (bp, m, k, n) in enumerate(sweep_dims(shapes, groups, direction, rows)):
-        extra_ops, extra_bytes = (1, 2 * m * k * isz) if direction == "right" else (0, 0)
-        steps.append(
-            price(
-                cal,
-                f"step {s + 1}: state[{bp}, {k}, {n}] <- core[{m}, {k}] -> [{bp}, {m}, {n}]",
-                2 * bp * m * k * n,
-                isz * (bp * k * n + m * k + bp * m * n) + extra_bytes,
-                _step_mindim(bp, m, k, n),
-                ops=1 + extra_ops,
-            )
-        )
-    return steps
+    folds = []
+    for s, dims in enumerate(sweep_dims(shapes, groups, direction, rows)):
+        plain = _price_step(cal, s, dims, isz, direction, False)
+        folded = _price_step(cal, s, dims, isz, direction, True) if dims[3] > 1 else None
+        fold = folded is not None and (folded.seconds < plain.seconds if force_fold is None else force_fold)
+        steps.append(folded if fold else plain)
+        folds.append(fold)
+    return steps, tuple(folds)
 
 
-def sweep_backward_steps(cal: Calibration, shapes, groups, direction: str, rows: int, isz: int) -> list[Step]:
+def sweep_backward_steps(
+    cal: Calibration, shapes, groups, direction: str, rows: int, isz: int, folds: tuple[bool, ...] = ()
+) -> list[Step]:
     steps = []
     dims = sweep_dims(shapes, groups, direction, rows)
     for s in reversed(range(len(dims))):
         bp, m, k, n = dims[s]
-        copies = 0 if n == 1 else 2 * (bp * m * n + bp * k * n)  # tensordot permutes both operands
+        fold = bool(folds and folds[s])
+        # d_core is one GEMM over B'·N either way (tensordot permutes both operands first when N > 1)
+        copies = 0 if n == 1 else 2 * (bp * m * n + bp * k * n)
         steps.append(
             price(
                 cal,
-                f"step {s + 1} backward: d_state [{bp}, {k}, {n}] and d_core [{m}, {k}]",
-                4 * bp * m * k * n,
-                isz * (2 * (bp * k * n + m * k + bp * m * n) + copies),
-                _step_mindim(bp, m, k, n),
-                ops=3,
+                f"step {s + 1} backward: d_core [{m}, {k}] over {bp * n}",
+                2 * bp * m * k * n,
+                isz * (bp * k * n + m * k + bp * m * n + copies),
+                min(m, k, bp * n),
+                ops=2,
+            )
+        )
+        mind = min(bp * n, k, m) if (fold or n == 1) else _step_mindim(bp, m, k, n)
+        steps.append(
+            price(
+                cal,
+                f"step {s + 1} backward: d_state [{bp}, {k}, {n}]",
+                2 * bp * m * k * n,
+                isz * (bp * k * n + m * k + bp * m * n),
+                mind,
+                ops=1,
             )
         )
     for a, b in groups:
@@ -239,13 +278,15 @@ def groupings(n: int) -> list[tuple[tuple[int, int], ...]]:
     return out
 
 
-def grouped_plans(cal: Calibration, shapes, rows: int, isz: int) -> list[MPOPlan]:
+def grouped_plans(
+    cal: Calibration, shapes, rows: int, isz: int, force_fold: bool | None = None
+) -> list[MPOPlan]:
     plans = []
     n = len(shapes)
     for groups in groupings(n):
         for direction in ("left", "right") if len(groups) > 1 else ("left",):
-            steps = sweep_steps(cal, shapes, groups, direction, rows, isz)
-            plans.append(MPOPlan(_kind(groups, direction, n), direction, groups, tuple(steps)))
+            steps, folds = sweep_steps(cal, shapes, groups, direction, rows, isz, force_fold)
+            plans.append(MPOPlan(_kind(groups, direction, n), direction, groups, tuple(steps), folds=folds))
     return plans
 
 
@@ -337,11 +378,12 @@ def decide(
     needs_grad: bool,
     recompute: bool,
     force: str | None = None,
+    force_fold: bool | None = None,
 ) -> MPODecision:
     """Search the candidates and return the decision (callers cache it; see plan.cache)."""
     if force is not None and force not in PLAN_KINDS:
         raise ValueError(f"plan: force must be one of {', '.join(PLAN_KINDS)} or None, got {force!r}")
-    grouped = grouped_plans(cal, shapes, rows, isz)
+    grouped = grouped_plans(cal, shapes, rows, isz, force_fold)
     candidates = grouped + einsum_plans(cal, shapes, rows, isz)
     allowed = [p for p in candidates if _matches(p, force)]
     if not allowed:
@@ -365,7 +407,8 @@ def decide(
         return MPODecision(best, None, False, best.seconds, 0.0, 0, **common)
 
     def bwd(p: MPOPlan) -> float:
-        return sum(s.seconds for s in sweep_backward_steps(cal, shapes, p.groups, p.direction, rows, isz))
+        steps = sweep_backward_steps(cal, shapes, p.groups, p.direction, rows, isz, p.folds)
+        return sum(s.seconds for s in steps)
 
     def recompute_cost(p: MPOPlan) -> float:
         # The backward needs every step's input state: the merges and all sweep steps but the last.

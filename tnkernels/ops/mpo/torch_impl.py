@@ -61,22 +61,34 @@ def _core_matrix(core: torch.Tensor, direction: str) -> torch.Tensor:
     return core.permute(0, 2, 1, 3).reshape(r0 * j, i * r1)
 
 
-def _step(state: torch.Tensor, cm: torch.Tensor, bp: int, n: int) -> torch.Tensor:
-    """out[B', M, N] = cm[M, K] @ state[B', K, N]; as one GEMM with the batch folded in when N == 1."""
+def _step(state: torch.Tensor, cm: torch.Tensor, bp: int, n: int, fold: bool) -> torch.Tensor:
+    """out[B', M, N] = cm[M, K] @ state[B', K, N].
+
+    N == 1: one GEMM with the batch folded into M. fold: copy the state to [B'·N, K] and run one GEMM; the
+    result is returned as a transposed view, which the next step's reshape copies back (the planner priced
+    both copies). Otherwise a broadcast batched matmul on views, no copies."""
     m, k = cm.shape
     if n == 1:
         return state.reshape(bp, k) @ cm.t()
+    if fold:
+        s2 = state.reshape(bp, k, n).transpose(1, 2).reshape(bp * n, k)
+        return (s2 @ cm.t()).view(bp, n, m).transpose(1, 2)
     return cm @ state.reshape(bp, k, n)
 
 
 def _step_backward(
-    d_out: torch.Tensor, state: torch.Tensor, cm: torch.Tensor, bp: int, n: int, need_state: bool
+    d_out: torch.Tensor, state: torch.Tensor, cm: torch.Tensor, bp: int, n: int, fold: bool, need_state: bool
 ):
     m, k = cm.shape
     if n == 1:
         d2 = d_out.reshape(bp, m)
         s2 = state.reshape(bp, k)
         d_state = d2 @ cm if need_state else None
+        return d_state, d2.t() @ s2
+    if fold:
+        d2 = d_out.reshape(bp, m, n).transpose(1, 2).reshape(bp * n, m)
+        s2 = state.reshape(bp, k, n).transpose(1, 2).reshape(bp * n, k)
+        d_state = (d2 @ cm).view(bp, n, k).transpose(1, 2) if need_state else None
         return d_state, d2.t() @ s2
     d3 = d_out.reshape(bp, m, n)
     s3 = state.reshape(bp, k, n)
@@ -118,10 +130,11 @@ def run_grouped(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool):
     dims = _dims(merged, plan.direction, x2d.shape[0])
     state = x2d
     states = []
-    for cm, (bp, n) in zip(mats, dims, strict=False):
+    folds = plan.folds or (False,) * len(mats)
+    for cm, (bp, n), fold in zip(mats, dims, folds, strict=True):
         if keep:
             states.append(state)
-        state = _step(state, cm, bp, n)
+        state = _step(state, cm, bp, n, fold)
     y = state.reshape(x2d.shape[0], -1)
     return y, (states, mats, dims, partials)
 
@@ -130,9 +143,10 @@ def backward_grouped(dy: torch.Tensor, cores, plan: MPOPlan, saved, need_x: bool
     states, mats, dims, partials = saved
     d = dy
     d_mats: list[torch.Tensor | None] = [None] * len(mats)
+    folds = plan.folds or (False,) * len(mats)
     for s in reversed(range(len(mats))):
         bp, n = dims[s]
-        d, d_mats[s] = _step_backward(d, states[s], mats[s], bp, n, need_state=(s > 0 or need_x))
+        d, d_mats[s] = _step_backward(d, states[s], mats[s], bp, n, folds[s], need_state=(s > 0 or need_x))
     dx = d.reshape(dy.shape[0], -1) if need_x else None
     grads: list[torch.Tensor | None] = [None] * len(cores)
     if need_cores:

@@ -1,0 +1,363 @@
+"""Run the benchmark grid: tnkernels vs dense, naive einsum, tltorch and torch-mpo (same modes and bonds).
+
+    python -m bench.run_grid --quick              # CI smoke-sized grid (well under a minute on 2 CPU cores)
+    python -m bench.run_grid                      # the CPU subset (see PRESETS["cpu"])
+    python -m bench.run_grid --preset full        # the whole grid of issue 7 (a quiet machine or a GPU)
+    python -m bench.run_grid --out bench/results  # where grid-<preset>.json and grid-<preset>.md go
+
+Every grid point records the measured median time of each provider, ratios against dense and each peer, the
+plan the planner picked with its predicted time, and the roofline-predicted speed-up over dense beside the
+measured one (roofline = max(FLOPs / peak, bytes / bandwidth) with the calibrated peak and bandwidth).
+With --check-plans, each plan kind is also forced and timed, to see whether the pick is within 10% of the
+fastest measured candidate. Timings on a machine shared with other jobs are noisy: ratios are measured side by
+side in one run, and the JSON says which machine and load it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+
+import torch
+
+from bench.providers import conv_providers, linear_providers, saved_bytes, timer
+from tnkernels.plan import (
+    PLAN_KINDS,
+    choose_mpo_structure,
+    get_calibration,
+    mpo_decision,
+    options,
+    tucker_decision,
+)
+from tnkernels.plan.cost import roofline_seconds
+from tnkernels.plan.mpo import sweep_backward_steps
+
+LINEAR_SHAPES = {  # name: (in_features, out_features)
+    "gpt2xl-mlp-up": (1600, 6400),
+    "gpt2xl-mlp-down": (6400, 1600),
+    "gpt2xl-attn-qkv": (1600, 4800),
+    "gpt2-mlp-up": (768, 3072),
+    "minilm-mlp-up": (384, 1536),
+    "minilm-mlp-down": (1536, 384),
+    "resnet34-fc": (512, 1000),
+}
+CONV_SHAPES = {  # name: (channels, spatial size at that stage of ResNet-34)
+    "resnet34-conv64": (64, 56),
+    "resnet34-conv128": (128, 28),
+    "resnet34-conv256": (256, 14),
+    "resnet34-conv512": (512, 7),
+}
+PRESETS = {
+    "full": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024, 4096], ratios=[2, 4, 16, 64],
+                 conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
+    # What 2 shared CPU cores can run in ~10 minutes: GPT-2 XL only at small row counts.
+    "cpu": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024], ratios=[2, 4, 16, 64], conv=list(CONV_SHAPES),
+                batches=[1, 8], reps=7, big_rows_cap={"gpt2xl-mlp-up": 64, "gpt2xl-mlp-down": 64,
+                                                       "gpt2xl-attn-qkv": 64}),
+    "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], rows=[1, 64], ratios=[4, 16],
+                  conv=["resnet34-conv256"], batches=[1], reps=5),
+    "smoke": dict(linear=["minilm-mlp-down"], rows=[8], ratios=[4], conv=["resnet34-conv512"], batches=[1],
+                  reps=2),
+}  # fmt: skip
+
+
+def _roofline(cal, flops: float, nbytes: float) -> float:
+    return roofline_seconds(cal, flops, nbytes)
+
+
+def _tnk_flops_bytes(dec, shapes, rows: int, cal, passes: str) -> tuple[float, float]:
+    f, b = dec.forward.flops, dec.forward.bytes
+    if passes == "fwd+bwd" and dec.backward is not None:
+        bw = sweep_backward_steps(cal, shapes, dec.backward.groups, dec.backward.direction, rows, 4)
+        f += sum(s.flops for s in bw)
+        b += sum(s.bytes for s in bw)
+    return f, b
+
+
+def _run_pass(module, x, passes: str):
+    if passes == "fwd":
+        with torch.no_grad():
+            return lambda: module(x)
+
+    params = [p for p in module.parameters()]
+    xg = x.detach().requires_grad_(True)
+
+    def step():
+        for p in params:
+            p.grad = None
+        xg.grad = None
+        module(xg).sum().backward()
+
+    return step
+
+
+def bench_linear(name: str, rows: int, ratio: float, passes: str, reps: int, check_plans: bool, peers: bool):
+    n_in, n_out = LINEAR_SHAPES[name]
+    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024)  # structure fixed per layer, not per row count
+    providers = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=peers)
+    x = torch.randn(rows, n_in)
+    times = {}
+    skipped = {}
+    for p in providers:
+        if p.module is None:
+            skipped[p.name] = p.why
+            continue
+        fn = _run_pass(p.module, x, passes)
+        times[p.name] = timer(fn, reps=reps)
+    # a second round for dense and tnkernels, interleaved, keeps the headline ratio honest on a noisy machine
+    for p in providers[:2]:
+        times[p.name] = min(times[p.name], timer(_run_pass(p.module, x, passes), reps=reps))
+    cal = get_calibration("cpu", torch.float32)
+    shapes = s.core_shapes()
+    dec = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), passes == "fwd+bwd")
+    flops, nbytes = _tnk_flops_bytes(dec, shapes, rows, cal, passes)
+    mult = 3 if passes == "fwd+bwd" else 1
+    dense_flops = mult * 2 * rows * n_in * n_out
+    dense_bytes = mult * 4 * (rows * n_in + n_in * n_out + rows * n_out)
+    rec = dict(
+        kind="linear", layer=name, shape=[n_out, n_in], ratio=ratio, achieved_ratio=round(s.ratio, 3),
+        rows=rows,
+        passes=passes, structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds),
+        plan=dec.forward.label, backward_plan=dec.backward.label if dec.backward else None,
+        predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times, skipped=skipped,
+        roofline_speedup=_roofline(cal, dense_flops, dense_bytes) / _roofline(cal, flops, nbytes),
+        roofline_tnk_s=_roofline(cal, flops, nbytes),
+    )  # fmt: skip
+    if check_plans and passes == "fwd":
+        rec["plan_check"] = _check_plans(providers[1].module, x, shapes, rows, reps)
+    return rec
+
+
+def _check_plans(module, x, shapes, rows: int, reps: int) -> dict:
+    """Force each plan kind, time it, and compare with what the planner picked."""
+    measured = {}
+    for kind in PLAN_KINDS:
+        with options(force=kind):
+            try:
+                mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False)
+            except ValueError:
+                continue  # e.g. merge on a 2-core chain
+            with torch.no_grad():
+                measured[kind] = timer(lambda: module(x), reps=reps)
+    chosen = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False).forward.kind
+    with torch.no_grad():
+        chosen_t = timer(lambda: module(x), reps=reps)
+    best = min(measured.values())
+    return dict(measured_by_kind=measured, chosen=chosen, chosen_s=chosen_t, fastest_s=best,
+                within_10pct=chosen_t <= 1.1 * best)  # fmt: skip
+
+
+def _tucker_ranks(c: int, k: int, ratio: float) -> int:
+    dense = c * c * k * k
+    best = 1
+    for r in range(1, c + 1):
+        if 2 * c * r + r * r * k * k <= dense / ratio:
+            best = r
+    return best
+
+
+def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peers: bool):
+    c, hw = CONV_SHAPES[name]
+    r = _tucker_ranks(c, 3, ratio)
+    providers = conv_providers(c, c, 3, (r, r), 1, peers=peers)
+    x = torch.randn(batch, c, hw, hw)
+    times, skipped = {}, {}
+    for p in providers:
+        if p.module is None:
+            skipped[p.name] = p.why
+            continue
+        times[p.name] = timer(_run_pass(p.module, x, passes), reps=reps)
+    for p in providers[:2]:
+        times[p.name] = min(times[p.name], timer(_run_pass(p.module, x, passes), reps=reps))
+    conv = ((1, 1), (1, 1), (1, 1))
+    dec = tucker_decision(((batch, c, hw, hw), (c, r), (r, r, 3, 3), (c, r)), conv, torch.float32,
+                          torch.device("cpu"), passes == "fwd+bwd")  # fmt: skip
+    cal = get_calibration("cpu", torch.float32)
+    mult = 3 if passes == "fwd+bwd" else 1
+    dense_flops = mult * 2 * batch * hw * hw * c * c * 9
+    dense_bytes = mult * 4 * (2 * batch * c * hw * hw + c * c * 9)
+    tnk_rl = _roofline(cal, mult * dec.flops, mult * dec.bytes)
+    return dict(
+        kind="conv", layer=name, shape=[c, c, 3, 3], ratio=ratio, ranks=[r, r], rows=batch, passes=passes,
+        spatial=hw, plan=dec.kind, predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times,
+        skipped=skipped,
+        roofline_speedup=_roofline(cal, dense_flops, dense_bytes) / tnk_rl, roofline_tnk_s=tnk_rl,
+    )  # fmt: skip
+
+
+def recompute_memory(rows: int = 1024) -> dict:
+    """Bytes autograd keeps for backward with and without recompute, on a 4-core MiniLM-sized chain."""
+    from tnkernels.nn import MPOLinear
+
+    layer = MPOLinear(
+        1536, 384, in_modes=(8, 4, 6, 8), out_modes=(4, 4, 4, 6), bonds=(16, 16, 16), backend="torch"
+    )
+    x = torch.randn(rows, 1536, requires_grad=True)
+    out = {}
+    for rec in (False, True):
+        with options(recompute=rec, force="sweep-left"):
+            out["recompute" if rec else "save"] = saved_bytes(lambda: layer(x))
+    return out
+
+
+def plan_lookup_us(n: int = 20000) -> float:
+    """Seconds per cached plan lookup (a dict hit), in microseconds."""
+    import time
+
+    shapes = ((1, 40, 80, 16), (16, 40, 80, 1))
+    dev = torch.device("cpu")
+    mpo_decision(shapes, 64, torch.float32, dev, False)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            mpo_decision(shapes, 64, torch.float32, dev, False)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best * 1e6
+
+
+def environment() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("tltorch", "tensorly", "torch_mpo", "opt_einsum", "triton"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or no __version__
+            versions[mod] = None
+    cal = get_calibration("cpu", torch.float32)
+    return dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), cpu=cpu,
+        threads=torch.get_num_threads(),
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        load_avg=os.getloadavg(), versions=versions,
+        calibration=dict(overhead_s=cal.overhead_s, bandwidth=cal.bandwidth, rates=cal.rates),
+    )  # fmt: skip
+
+
+def summarize(records: list[dict]) -> dict:
+    lin = [r for r in records if "tnkernels" in r["times_s"]]
+    out: dict = {}
+
+    def ratio(r, peer):
+        return r["times_s"][peer] / r["times_s"]["tnkernels"] if peer in r["times_s"] else None
+
+    big = [r["times_s"]["tnkernels"] / r["times_s"]["dense"] for r in lin if r["rows"] >= 64]
+    out["max_tnk_over_dense_rows_ge_64"] = max(big) if big else None
+    for peer in ("tltorch", "torch-mpo", "naive-einsum"):
+        v = [x for x in (ratio(r, peer) for r in lin) if x is not None]
+        if v:
+            out[f"median_speedup_vs_{peer}"] = statistics.median(v)
+            out[f"min_speedup_vs_{peer}"] = min(v)
+    hits = [r for r in lin if r.get("roofline_speedup", 0) >= 1.5]
+    if hits:
+        out["fraction_of_roofline_speedup_where_predicted_ge_1.5"] = statistics.median(
+            (r["times_s"]["dense"] / r["times_s"]["tnkernels"]) / r["roofline_speedup"] for r in hits
+        )
+    small = [r for r in lin if r["rows"] < 64 and r["kind"] == "linear"]
+    if small:
+        out["max_measured_over_roofline_rows_lt_64"] = max(r["times_s"]["tnkernels"] / r["roofline_tnk_s"]
+                                                           for r in small)  # fmt: skip
+    checks = [r["plan_check"] for r in records if "plan_check" in r]
+    if checks:
+        out["plan_within_10pct_fraction"] = sum(c["within_10pct"] for c in checks) / len(checks)
+    return out
+
+
+def table(records: list[dict]) -> str:
+    head = ("| layer | shape | ratio | rows | pass | plan | dense ms | tnk ms | vs dense | roofline "
+            "| vs einsum "
+            "| vs tltorch | vs torch-mpo |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
+    for r in records:
+        t = r["times_s"]
+        tnk = t["tnkernels"]
+
+        def vs(peer, tnk=tnk, t=t):
+            return f"{t[peer] / tnk:.2f}x" if peer in t else "-"
+
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(
+            f"| {r['layer']} | {shape} | {r['ratio']} | {r['rows']} | {r['passes']} | {r['plan']} | "
+            f"{t['dense'] * 1e3:.3f} | {tnk * 1e3:.3f} | {vs('dense')} | {r['roofline_speedup']:.2f}x | "
+            f"{vs('naive-einsum')} | {vs('tltorch')} | {vs('torch-mpo')} |"
+        )
+    return "\n".join(lines)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="same as --preset quick")
+    ap.add_argument("--out", default="bench/results", help="output folder for grid-<preset>.json / .md")
+    ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--check-plans", action="store_true", help="force and time every plan kind (forward)")
+    ap.add_argument("--no-peers", action="store_true", help="skip tltorch and torch-mpo")
+    args = ap.parse_args(argv)
+    preset = "quick" if args.quick else args.preset
+    cfg = PRESETS[preset]
+    passes = args.passes.split(",")
+    records = []
+    for name in cfg["linear"]:
+        cap = cfg.get("big_rows_cap", {}).get(name, math.inf)
+        for ratio in cfg["ratios"]:
+            for rows in cfg["rows"]:
+                if rows > cap:
+                    continue
+                for ps in passes:
+                    rec = bench_linear(
+                        name, rows, ratio, ps, cfg["reps"], args.check_plans, not args.no_peers
+                    )
+                    records.append(rec)
+                    print(table([rec]).splitlines()[-1], flush=True)
+    for name in cfg["conv"]:
+        for ratio in cfg["ratios"]:
+            for batch in cfg["batches"]:
+                for ps in passes:
+                    rec = bench_conv(name, batch, ratio, ps, cfg["reps"], not args.no_peers)
+                    records.append(rec)
+                    print(table([rec]).splitlines()[-1], flush=True)
+    small = preset in ("quick", "smoke")
+    result = dict(
+        preset=preset,
+        environment=environment(),
+        summary=summarize(records),
+        recompute_saved_bytes=recompute_memory(64 if small else 1024),
+        plan_lookup_us=plan_lookup_us(2000 if small else 20000),
+        records=records,
+    )
+    md = f"# tnkernels grid ({preset}), {result['environment']['date']}\n\n{table(records)}\n\n```\n"
+    md += json.dumps({k: result[k] for k in ("summary", "recompute_saved_bytes", "plan_lookup_us")}, indent=1)
+    md += "\n```\n"
+    _atomic_write(os.path.join(args.out, f"grid-{preset}.json"), json.dumps(result, indent=1, default=str))
+    _atomic_write(os.path.join(args.out, f"grid-{preset}.md"), md)
+    print(json.dumps(result["summary"], indent=1))
+    print(
+        f"recompute saved bytes: {result['recompute_saved_bytes']}; "
+        f"plan lookup {result['plan_lookup_us']:.2f} us"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
