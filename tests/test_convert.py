@@ -1,0 +1,172 @@
+"""tensorize() on real architectures, compressed checkpoints, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tnkernels import MPOLinear, TuckerConv2d, load_compressed, save_compressed, tensorize
+from tnkernels.convert import io as ckpt_io
+
+
+@pytest.fixture(scope="module")
+def resnet_pair(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34(num_classes=10).eval()
+    report = tensorize(model, ratio=4)
+    path = save_compressed(model, tmp_path_factory.mktemp("ckpt") / "resnet34")
+    return model, report, path
+
+
+def test_resnet34_tensorize_report(resnet_pair):
+    model, report, _ = resnet_pair
+    convs = [r for r in report.rows if r.kind == "tucker"]
+    assert len(convs) == 36 and all(r.ratio >= 4 for r in report.tensorized)
+    assert all(r.rel_error is not None and 0 <= r.rel_error < 1 for r in report.tensorized)
+    assert isinstance(model.layer1[0].conv1, TuckerConv2d) and isinstance(model.fc, MPOLinear)
+    assert report.ratio >= 4
+    text = str(report)
+    assert "layer4.2.conv2" in text and "ratio" in text
+
+
+def test_resnet34_save_load_bit_for_bit(resnet_pair):
+    model, _, path = resnet_pair
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        skeleton = torchvision.models.resnet34(num_classes=10).eval()
+        restored = load_compressed(skeleton, path)
+        assert torch.equal(restored(x), expected)
+    spec = json.loads((path / "spec.json").read_text())
+    assert spec["layers"]["layer2.0.conv1"]["kind"] == "tucker_conv2d"
+    assert spec["layers"]["layer2.0.conv1"]["stride"] == [2, 2]
+    assert spec["layers"]["fc"]["kind"] == "mpo_linear" and "sha256" in spec
+
+
+def test_corrupted_or_mismatched_checkpoint_is_refused(resnet_pair, tmp_path):
+    _, _, path = resnet_pair
+    with pytest.raises(ValueError, match="belongs to another model"):
+        load_compressed(torchvision.models.resnet18(num_classes=10), path)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        load_compressed(torchvision.models.resnet34(num_classes=100), path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_compressed(torchvision.models.resnet34(num_classes=10), bad)
+    (bad / "spec.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupted"):
+        load_compressed(torchvision.models.resnet34(num_classes=10), bad)
+    with pytest.raises(ValueError, match="not a compressed checkpoint"):
+        load_compressed(torchvision.models.resnet34(num_classes=10), tmp_path / "missing")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    tensorize(model, max_bond=2)
+    target = tmp_path / "ckpt"
+    save_compressed(model, target)
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_io, "save_model", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed(model, target)
+    # the old checkpoint is intact and no temporary directory is left behind
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=100, n_positions=32)
+    torch.manual_seed(0)
+    return transformers, cfg, transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_tensorize_save_load(tmp_path):
+    transformers, cfg, model = _tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 10))
+    report = tensorize(model, ratio=2)
+    names = {r.name: r for r in report.rows}
+    assert names["transformer.h.0.mlp.c_fc"].tensorized
+    assert isinstance(model.transformer.h[1].attn.c_attn, MPOLinear)
+    assert not names["lm_head"].tensorized and "tied" in names["lm_head"].status
+    with torch.no_grad():
+        expected = model(ids).logits
+        save_compressed(model, tmp_path / "gpt2")
+        restored = load_compressed(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path / "gpt2")
+        assert torch.equal(restored(ids).logits, expected)
+
+
+def test_gpt2_full_rank_tensorize_keeps_outputs():
+    _, _, model = _tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+        tensorize(model)  # no rank selection: exact decompositions
+        after = model(ids).logits
+    assert (after - before).abs().max().item() < 1e-4 * before.abs().max().item()
+
+
+def test_bert_tensorize():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100)
+    model = transformers.BertModel(cfg).eval()
+    report = tensorize(model, ratio=2, rules={"encoder.layer.?.intermediate.dense": {}, "encoder.layer.?.output.dense": {}})
+    assert len(report.tensorized) == 4
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 7)))
+
+
+def test_rules_select_override_and_exclude():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Conv2d(3, 8, 3))
+    report = tensorize(model, ratio=2, rules={"0": {"ratio": 4}, "2": None, "3": {"ranks": (2, 2)}})
+    rows = {r.name: r for r in report.rows}
+    assert rows["0"].ratio >= 4 and rows["2"].status.startswith("skipped: excluded")
+    assert isinstance(model[2], nn.Linear) and model[3].ranks == (2, 2)
+
+
+def test_shared_module_is_converted_once():
+    shared = nn.Linear(12, 12)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = tensorize(model, max_bond=2)
+    assert len(report.tensorized) == 1
+    assert model[0] is model[2] and isinstance(model[0], MPOLinear)
+
+
+def test_tensorize_bad_input():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match=r"rule 'lnear' matches no layer"):
+        tensorize(model, ratio=2, rules={"lnear": {}})
+    with pytest.raises(ValueError, match="must be > 1"):
+        tensorize(model, ratio=1)
+    with pytest.raises(ValueError, match="cannot be reached by any selected layer"):
+        tensorize(nn.Sequential(nn.Linear(16, 16)), ratio=1e7)
+    with pytest.raises(ValueError, match="layer '1' cannot be tensorized: grouped conv"):
+        tensorize(model, ratio=2, rules={"1": {}})
+    report = tensorize(model, ratio=2)  # default rules: the grouped conv is reported and left alone
+    assert "grouped conv" in {r.name: r for r in report.rows}["1"].status
+    nan_model = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        nan_model[0].weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="layer '0'.*NaN or Inf"):
+        tensorize(nan_model, ratio=2)
+    with pytest.raises(ValueError, match="unknown settings"):
+        tensorize(nn.Sequential(nn.Linear(8, 8)), rules={"0": {"rank": 2}})
+
+
+def test_load_refuses_model_without_tensorized_layers(tmp_path):
+    with pytest.raises(ValueError, match="no tensorized layers"):
+        save_compressed(nn.Sequential(nn.Linear(4, 4)), tmp_path / "x")
+    assert not Path(tmp_path / "x").exists()

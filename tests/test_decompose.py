@@ -1,0 +1,182 @@
+"""Decompositions: exactness, monotone truncation, tolerance guarantee, Eckart-Young, parameter counts, errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tnkernels import (
+    RatioUnreachableError,
+    auto_modes,
+    mpo_bonds_for_ratio,
+    mpo_decompose,
+    mpo_num_params,
+    mpo_to_dense,
+    tucker_decompose,
+    tucker_num_params,
+    tucker_ranks_for_error,
+    tucker_ranks_for_ratio,
+    tucker_to_dense,
+)
+
+modes_st = st.lists(st.integers(1, 5), min_size=2, max_size=4)
+
+
+def rel_err(a, b):
+    return (torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double())).item()
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_mpo_exact_at_full_bond(data):
+    in_modes = data.draw(modes_st)
+    out_modes = data.draw(st.lists(st.integers(1, 5), min_size=len(in_modes), max_size=len(in_modes)))
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), dtype=torch.float64)
+    cores, err = mpo_decompose(w, in_modes, out_modes, return_error=True)
+    assert rel_err(mpo_to_dense(cores), w) < 1e-10
+    assert err < 1e-10
+    assert [tuple(g.shape[1:3]) for g in cores] == list(zip(in_modes, out_modes))
+    assert cores[0].shape[0] == 1 and cores[-1].shape[3] == 1
+
+
+def test_mpo_convention_matches_the_formula():
+    in_modes, out_modes = (2, 3, 4), (3, 2, 2)
+    w = torch.randn(12, 24, dtype=torch.float64)
+    g1, g2, g3 = mpo_decompose(w, in_modes, out_modes)
+    # W[j, i] = sum_r G1[0,i1,j1,r1] G2[r1,i2,j2,r2] G3[r2,i3,j3,0], indices split row-major with the first slowest.
+    for j1, j2, j3, i1, i2, i3 in [(0, 1, 1, 1, 2, 3), (2, 0, 1, 0, 1, 2), (1, 1, 0, 1, 0, 0)]:
+        value = g1[0, i1, j1] @ g2[:, i2, j2, :] @ g3[:, i3, j3, 0]
+        j = (j1 * 2 + j2) * 2 + j3
+        i = (i1 * 3 + i2) * 4 + i3
+        assert value.item() == pytest.approx(w[j, i].item(), abs=1e-12)
+
+
+def test_mpo_error_never_grows_with_bond():
+    w = torch.randn(60, 48, dtype=torch.float64)
+    errors = [mpo_decompose(w, (4, 3, 4), (5, 3, 4), max_bond=b, return_error=True)[1] for b in range(1, 21)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-10
+
+
+@settings(max_examples=20, deadline=None)
+@given(tol=st.floats(0.01, 0.9), seed=st.integers(0, 1000))
+def test_mpo_achieved_error_within_rel_tol(tol, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(36, 40, generator=g, dtype=torch.float64)
+    cores, err = mpo_decompose(w, (2, 5, 4), (3, 4, 3), rel_tol=tol, return_error=True)
+    actual = rel_err(mpo_to_dense(cores), w)
+    assert actual <= tol + 1e-12
+    assert err == pytest.approx(actual, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("bond", [1, 3, 7, 12])
+def test_two_cores_are_optimal_eckart_young(bond):
+    in_modes, out_modes = (8, 5), (6, 8)
+    w = torch.randn(48, 40, dtype=torch.float64)
+    cores, err = mpo_decompose(w, in_modes, out_modes, max_bond=bond, return_error=True)
+    # The 2-core MPO is a rank-`bond` approximation of W reshaped to [(i1 j1), (i2 j2)].
+    m = w.reshape(6, 8, 8, 5).permute(2, 0, 3, 1).reshape(8 * 6, 5 * 8)
+    s = torch.linalg.svdvals(m)
+    optimal = (s[bond:] ** 2).sum().sqrt() / torch.linalg.norm(w)
+    assert err == pytest.approx(optimal.item(), rel=1e-8, abs=1e-12)
+    assert rel_err(mpo_to_dense(cores), w) == pytest.approx(optimal.item(), rel=1e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("in_modes,out_modes,bond", [((4, 6), (8, 3), 5), ((2, 3, 5, 2), (3, 2, 2, 5), 4)])
+def test_parameter_count_formula(in_modes, out_modes, bond):
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes))
+    cores = mpo_decompose(w, in_modes, out_modes, max_bond=bond)
+    bonds = [g.shape[3] for g in cores[:-1]]
+    assert sum(g.numel() for g in cores) == mpo_num_params(in_modes, out_modes, bonds)
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 16, 64])
+def test_bonds_for_ratio_reach_the_ratio(ratio):
+    bonds = mpo_bonds_for_ratio((32, 24), (64, 48), ratio)
+    assert 768 * 3072 / mpo_num_params((32, 24), (64, 48), bonds) >= ratio
+    # and the next larger bond would not fit, so the budget is used
+    assert 768 * 3072 / mpo_num_params((32, 24), (64, 48), [bonds[0] + 1]) < ratio
+
+
+def test_cores_keep_dtype_and_are_float64_accurate_from_float32():
+    w = torch.randn(20, 12)
+    cores = mpo_decompose(w, (3, 4), (5, 4))
+    assert all(g.dtype == torch.float32 for g in cores)
+    assert rel_err(mpo_to_dense(cores), w) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mpo_and_tucker_on_cuda():
+    w = torch.randn(20, 12, device="cuda", dtype=torch.float64)
+    assert rel_err(mpo_to_dense(mpo_decompose(w, (3, 4), (5, 4))), w) < 1e-10
+    k = torch.randn(8, 6, 3, 3, device="cuda", dtype=torch.float64)
+    assert rel_err(tucker_to_dense(*tucker_decompose(k, (8, 6))), k) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------- auto_modes
+@pytest.mark.parametrize("n,cores", [(768, 2), (3072, 2), (1600, 3), (6400, 4), (1000, 3), (10, 2), (4800, 2)])
+def test_auto_modes_balanced_and_exact(n, cores):
+    modes = auto_modes(n, cores)
+    assert math.prod(modes) == n and len(modes) == cores
+    assert max(modes) <= 4 * n ** (1 / cores)
+    assert min(modes) >= 2
+
+
+def test_auto_modes_refuses_large_prime_with_a_suggestion():
+    with pytest.raises(ValueError, match="large prime factor 1733.*pad the layer"):
+        auto_modes(50257, 2)
+    with pytest.raises(ValueError, match="cannot be split into 3 modes"):
+        auto_modes(7, 3)
+
+
+# ------------------------------------------------------------------------------------------------------ Tucker
+@settings(max_examples=15, deadline=None)
+@given(c_out=st.integers(1, 9), c_in=st.integers(1, 9), kh=st.integers(1, 3), kw=st.integers(1, 3))
+def test_tucker_exact_at_full_ranks(c_out, c_in, kh, kw):
+    k = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64)
+    u_out, core, u_in = tucker_decompose(k, (c_out, c_in))
+    assert rel_err(tucker_to_dense(u_out, core, u_in), k) < 1e-10
+    assert torch.einsum("or,rsyx,is->oiyx", u_out, core, u_in).shape == k.shape
+
+
+def test_tucker_hooi_never_worse_than_hosvd_and_error_is_exact():
+    k = torch.randn(24, 16, 3, 3, dtype=torch.float64)
+    (factors0, e0) = tucker_decompose(k, (8, 6), return_error=True)
+    (factors3, e3) = tucker_decompose(k, (8, 6), n_iter=3, return_error=True)
+    assert e3 <= e0 + 1e-12
+    assert e0 == pytest.approx(rel_err(tucker_to_dense(*factors0), k), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), (128, 64, 1, 1), (64, 3, 7, 7)])
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_tucker_ranks_for_ratio(shape, ratio):
+    ranks = tucker_ranks_for_ratio(shape, ratio)
+    assert math.prod(shape) / tucker_num_params(shape, ranks) >= ratio
+
+
+def test_tucker_ranks_for_error_meet_the_tolerance():
+    k = torch.randn(32, 16, 3, 3, dtype=torch.float64)
+    for tol in (0.05, 0.3, 0.6):
+        ranks = tucker_ranks_for_error(k, tol)
+        assert rel_err(tucker_to_dense(*tucker_decompose(k, ranks)), k) <= tol
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors():
+    w = torch.randn(12, 8)
+    with pytest.raises(ValueError, match=r"in_modes \(3, 3\) multiply to 9, but in_features is 8"):
+        mpo_decompose(w, (3, 3), (3, 4))
+    with pytest.raises(ValueError, match="max_bond must be a positive int"):
+        mpo_decompose(w, (2, 4), (3, 4), max_bond=0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mpo_decompose(torch.full((12, 8), float("nan")), (2, 4), (3, 4))
+    with pytest.raises(ValueError, match="must be > 1"):
+        mpo_bonds_for_ratio((2, 4), (3, 4), 1.0)
+    with pytest.raises(RatioUnreachableError, match="cannot be reached"):
+        mpo_bonds_for_ratio((2, 4), (3, 4), 1e6)
+    with pytest.raises(ValueError, match="ranks"):
+        tucker_decompose(torch.randn(4, 4, 3, 3), (5, 2))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tucker_decompose(torch.full((4, 4, 3, 3), float("inf")), (2, 2))

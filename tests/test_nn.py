@@ -1,0 +1,182 @@
+"""MPOLinear and TuckerConv2d against the dense layers they replace: outputs, gradients, state, conversions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.helpers import assert_close_rel, tolerance
+from tnkernels import MPOLinear, TuckerConv2d, mpo_to_dense, tucker_to_dense
+
+
+def _linear(in_f, out_f, dtype=torch.float64, bias=True):
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.normal_()
+    return lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "in_f,out_f,kwargs",
+    [(24, 30, {"num_cores": 3}), (35, 12, {"in_modes": (5, 7), "out_modes": (4, 3)}), (16, 16, {}), (7, 10, {"num_cores": 1})],
+)
+def test_mpo_linear_full_rank_equals_dense(dtype, in_f, out_f, kwargs):
+    lin = _linear(in_f, out_f, dtype)
+    layer = MPOLinear.from_linear(lin, **kwargs)
+    x = torch.randn(3, 2, in_f, dtype=dtype)  # several leading dims
+    assert_close_rel(layer(x), lin(x), 1e-10 if dtype == torch.float64 else 1e-5, "output")
+    assert_close_rel(layer.to_dense(), lin.weight, 1e-10 if dtype == torch.float64 else 1e-5, "to_dense")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mpo_linear_low_precision_forward(dtype):
+    lin = _linear(24, 30, torch.float32)
+    layer = MPOLinear.from_linear(lin, num_cores=3, max_bond=4)
+    x = torch.randn(5, 24)
+    expected = F.linear(x.double(), mpo_to_dense([g.double() for g in layer.cores]), layer.bias.double())
+    out = layer.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    assert_close_rel(out, expected, tolerance(dtype), "low-precision output")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mpo_linear_gradients_match_dense_reference(bias):
+    torch.manual_seed(1)
+    lin = _linear(12, 20, bias=bias)
+    layer = MPOLinear.from_linear(lin, in_modes=(2, 3, 2), out_modes=(5, 2, 2), max_bond=3)
+    x = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(4, 3, 20, dtype=torch.float64)
+    layer(x).backward(grad_out)
+
+    cores = [g.detach().clone().requires_grad_() for g in layer.cores]
+    b = layer.bias.detach().clone().requires_grad_() if bias else None
+    x_ref = x.detach().clone().requires_grad_()
+    F.linear(x_ref, mpo_to_dense(cores), b).backward(grad_out)
+    assert_close_rel(x.grad, x_ref.grad, 1e-10, "grad x")
+    for k, (g, ref) in enumerate(zip(layer.cores, cores)):
+        assert_close_rel(g.grad, ref.grad, 1e-10, f"grad core {k}")
+    if bias:
+        assert_close_rel(layer.bias.grad, b.grad, 1e-10, "grad bias")
+
+
+def test_mpo_linear_state_dict_round_trip_and_repr():
+    layer = MPOLinear.from_linear(_linear(24, 30, torch.float32), num_cores=3, ratio=2)
+    fresh = MPOLinear(24, 30, in_modes=layer.in_modes, out_modes=layer.out_modes, bonds=layer.bonds)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 24)
+    assert torch.equal(fresh(x), layer(x))
+    assert set(layer.state_dict()) == {"cores.0", "cores.1", "cores.2", "bias"}
+    text = repr(layer)
+    assert "in_modes=(4, 3, 2)" in text and "bonds=" in text and "ratio=" in text
+    assert layer.compression_ratio >= 2
+
+
+def test_mpo_linear_to_linear():
+    layer = MPOLinear.from_linear(_linear(16, 8, torch.float32), max_bond=2)
+    lin = layer.to_linear()
+    x = torch.randn(3, 16)
+    assert_close_rel(lin(x), layer(x), 1e-5, "to_linear")
+
+
+def test_gpt2_conv1d_converts_correctly():
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D(30, 24)  # nf=30 outputs, nx=24 inputs; weight stored [24, 30]
+    with torch.no_grad():
+        conv1d.weight.normal_()
+        conv1d.bias.normal_()
+    layer = MPOLinear.from_linear(conv1d, num_cores=2)
+    x = torch.randn(2, 5, 24)
+    assert (layer.in_features, layer.out_features) == (24, 30)
+    assert_close_rel(layer(x), conv1d(x), 1e-5, "Conv1D")
+    assert_close_rel(layer.to_dense(), conv1d.weight.t(), 1e-5, "Conv1D weight")
+
+
+def test_mpo_random_init_has_linear_like_scale():
+    layer = MPOLinear(256, 256, in_modes=(16, 16), out_modes=(16, 16), bonds=(32,))
+    ref = nn.Linear(256, 256)
+    ratio = layer.to_dense().std() / ref.weight.std()
+    assert 0.7 < ratio.item() < 1.4
+
+
+def test_mpo_bad_input():
+    lin = _linear(12, 8, torch.float32)
+    with pytest.raises(ValueError, match="in_modes .* multiply to 9"):
+        MPOLinear.from_linear(lin, in_modes=(3, 3), out_modes=(2, 4))
+    with pytest.raises(ValueError, match="must be > 1"):
+        MPOLinear.from_linear(lin, ratio=0.5)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        MPOLinear.from_linear(lin, ratio=1000)
+    with pytest.raises(ValueError, match="max_bond must be a positive int"):
+        MPOLinear.from_linear(lin, max_bond=0)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        MPOLinear.from_linear(lin)
+    layer = MPOLinear(12, 8, in_modes=(3, 4), out_modes=(2, 4), bonds=(2,))
+    with pytest.raises(ValueError, match="12"):
+        layer(torch.randn(2, 10))
+
+
+# ------------------------------------------------------------------------------------------------- TuckerConv2d
+CONV_CASES = [
+    dict(stride=1, padding=0, dilation=1),
+    dict(stride=2, padding=1, dilation=1),
+    dict(stride=1, padding="same", dilation=2),
+    dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    dict(stride=1, padding="valid", dilation=1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_tucker_conv_full_rank_equals_conv(dtype, case):
+    conv = nn.Conv2d(5, 7, 3, dtype=dtype, **case)
+    layer = TuckerConv2d.from_conv(conv)
+    assert (layer.stride, layer.dilation) == (conv.stride, conv.dilation)
+    assert layer.padding == conv.padding
+    x = torch.randn(2, 5, 9, 8, dtype=dtype)
+    assert_close_rel(layer(x), conv(x), 1e-10 if dtype == torch.float64 else 1e-5, "conv output")
+
+
+def test_tucker_conv_gradients_match_dense_reference():
+    conv = nn.Conv2d(6, 5, (3, 2), stride=2, padding=1, dilation=(1, 2), dtype=torch.float64)
+    layer = TuckerConv2d.from_conv(conv, ranks=(3, 4))
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    u_out, core, u_in, b = (t.detach().clone().requires_grad_() for t in (layer.u_out, layer.core, layer.u_in, layer.bias))
+    x_ref = x.detach().clone().requires_grad_()
+    F.conv2d(x_ref, tucker_to_dense(u_out, core, u_in), b, 2, 1, (1, 2)).backward(grad_out)
+    for name, got, want in [("x", x.grad, x_ref.grad), ("u_in", layer.u_in.grad, u_in.grad), ("core", layer.core.grad, core.grad),
+                            ("u_out", layer.u_out.grad, u_out.grad), ("bias", layer.bias.grad, b.grad)]:
+        assert_close_rel(got, want, 1e-10, f"grad {name}")
+
+
+def test_tucker_conv_state_dict_to_conv_and_repr():
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    layer = TuckerConv2d.from_conv(conv, ratio=3)
+    assert layer.compression_ratio >= 3 and layer.bias is None
+    fresh = TuckerConv2d(8, 16, 3, ranks=layer.ranks, padding=1, bias=False)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(fresh(x), layer(x))
+    assert_close_rel(layer.to_conv()(x), layer(x), 1e-5, "to_conv")
+    assert "ranks=" in repr(layer) and "ratio=" in repr(layer)
+
+
+def test_tucker_conv_bad_input():
+    with pytest.raises(ValueError, match="groups=2"):
+        TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="only one of ranks, ratio or rel_tol"):
+        TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), ranks=(2, 2), ratio=2)
+    with pytest.raises(ValueError, match="padding_mode"):
+        TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="must be > 1"):
+        TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), ratio=1)
+    conv = nn.Conv2d(4, 4, 3)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        TuckerConv2d.from_conv(conv)
