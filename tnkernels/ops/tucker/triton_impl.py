@@ -5,9 +5,9 @@ block (<= _MAX_FUSED_R_OUT) the U_out projection and the bias run in the same ke
 intermediate h is written and projected by the shared `mode_product` kernel with the bias fused in its epilogue.
 h is also written when a gradient is needed, because the U_out gradient reads it.
 
-Backward (first version, stated in docs/triton.md): the 1x1 projections and the factor gradients use the Triton
-mode-product kernels, while the gradients through the k x k core convolution reuse torch.nn.grad.conv2d_input and
-torch.nn.grad.conv2d_weight (cuDNN on a GPU) on the recomputed projection p = U_in^T x.
+Backward: all Triton. The 1x1 projections and the factor gradients use the shared mode-product kernels; the
+gradients through the k x k core convolution use tucker_grad_proj_kernel (transposed convolution as an implicit
+GEMM) and tucker_grad_core_kernel (per-tap weight reduction), on the recomputed projection p = U_in^T x.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..mpo.triton_impl import (
     _IMPORT_ERROR,
     _bucket,
     _flags,
+    _num_sms,
     check_device,
     mode_product,
     mode_product_grad_b,
@@ -27,7 +28,7 @@ from ..mpo.triton_impl import is_available as _mpo_is_available
 if not _IMPORT_ERROR:
     import triton
 
-    from .triton_kernels import tucker_fused_kernel
+    from .triton_kernels import tucker_fused_kernel, tucker_grad_core_kernel, tucker_grad_proj_kernel
 
 # Above this many output ranks the [BM, R_out] accumulator no longer fits one register block comfortably.
 _MAX_FUSED_R_OUT = 128
@@ -118,6 +119,63 @@ def _(x, u_in, core, u_out, bias, stride, padding, dilation, write_h):
     return [x.new_empty((nb, u_out.shape[0], oh, ow)), h]
 
 
+def _grad_proj(
+    dh: torch.Tensor, core: torch.Tensor, in_hw: tuple[int, int], stride, padding, dilation
+) -> torch.Tensor:
+    """dp = gradient of h = conv2d(p, core) with respect to p (the transposed convolution), [N, R_in, H, W]."""
+    nb, r_out, oh, ow = dh.shape
+    r_in, kh, kw = core.shape[1:]
+    h_in, w_in = in_hw
+    dp = dh.new_empty((nb, r_in, h_in, w_in))
+    m = nb * h_in * w_in
+    if dp.numel() == 0:
+        return dp
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]), triton.cdiv(r_in, meta["BRI"]))
+
+    tucker_grad_proj_kernel[grid](
+        dh, core, dp,
+        nb, h_in, w_in, r_in, r_out, oh, ow, _bucket(m),
+        core.stride(0), core.stride(1), core.stride(2), core.stride(3),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, **_flags(dh.dtype),
+    )  # fmt: skip
+    return dp
+
+
+def _grad_core(
+    dh: torch.Tensor, proj: torch.Tensor, core: torch.Tensor, stride, padding, dilation
+) -> torch.Tensor:
+    """d core = gradient of h = conv2d(p, core) with respect to core, [R_out, R_in, kh, kw] in core's dtype."""
+    nb, r_out, oh, ow = dh.shape
+    r_in, h_in, w_in = proj.shape[1:]
+    kh, kw = core.shape[2:]
+    m = nb * oh * ow
+    acc_dtype = torch.float64 if dh.dtype == torch.float64 else torch.float32
+    if m == 0:
+        return torch.zeros_like(core)
+    # Split the pixel reduction into S slices (multiples of 256, a multiple of every config's BM) for parallelism,
+    # summed below in fp32/fp64, as in mode_product_grad_b.
+    unit = 256
+    tiles = triton.cdiv(r_out, 64) * triton.cdiv(r_in, 64) * kh * kw
+    splits = max(1, min(triton.cdiv(m, unit), (4 * _num_sms(dh.device)) // tiles))
+    per_split = triton.cdiv(triton.cdiv(m, splits), unit) * unit
+    splits = triton.cdiv(m, per_split)
+    partial = torch.empty((splits, r_out, r_in, kh * kw), device=dh.device, dtype=acc_dtype)
+
+    def grid(meta):
+        return (triton.cdiv(r_out, meta["BRO"]), triton.cdiv(r_in, meta["BRI"]), kh * kw * splits)
+
+    tucker_grad_core_kernel[grid](
+        dh, proj, partial,
+        nb, h_in, w_in, r_in, r_out, oh, ow, _bucket(m), per_split,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, **_flags(dh.dtype),
+    )  # fmt: skip
+    return partial.sum(0).reshape(core.shape).to(core.dtype)
+
+
 def _backward_impl(grad_y, x, u_in, core, u_out, h, stride, padding, dilation, need_dx):
     nb, c_in, h_in, w_in = x.shape
     r_out, r_in = core.shape[:2]
@@ -131,14 +189,14 @@ def _backward_impl(grad_y, x, u_in, core, u_out, h, stride, padding, dilation, n
     dh = mode_product(dy, u_out).reshape(nb, r_out, oh, ow)
     # The projection p = U_in^T x is recomputed rather than saved: it is as large as x's R_in channels.
     proj = mode_product(x3, u_in).reshape(nb, r_in, h_in, w_in)
-    # Through the core convolution: torch.nn.grad (cuDNN on GPU), not a Triton kernel yet.
-    d_core = torch.nn.grad.conv2d_weight(proj, core.shape, dh, stride, padding, dilation)
-    d_proj = torch.nn.grad.conv2d_input(proj.shape, core, dh, stride, padding, dilation)
+    # Through the core convolution: implicit-GEMM kernels (transposed convolution, per-tap weight reduction).
+    d_core = _grad_core(dh, proj, core, stride, padding, dilation)
+    d_proj = _grad_proj(dh, core, (h_in, w_in), stride, padding, dilation)
     d_proj3 = d_proj.reshape(nb, r_in, h_in * w_in)
     # d U_in[c, r] = sum_{n, p} x[n, c, p] dproj[n, r, p];  dx[n, c, p] = sum_r dproj[n, r, p] U_in[c, r]
     d_u_in = mode_product_grad_b(x3, d_proj3)
     dx = mode_product(d_proj3, u_in.t()).reshape(x.shape) if need_dx else x.new_empty((0,))
-    return [dx, d_u_in, d_core.to(core.dtype), d_u_out]
+    return [dx, d_u_in, d_core, d_u_out]
 
 
 @torch.library.custom_op("tnkernels::tucker_conv2d_triton_backward", mutates_args=())

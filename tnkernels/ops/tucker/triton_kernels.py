@@ -26,6 +26,7 @@ from ..mpo.triton_kernels import _dot_acc, _quick_bench
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _CONFIGS = [triton.Config({"BM": 16, "BC": 16, "BRI": 16, "BCO": 16}, num_warps=4)]
+    _GRAD_CONFIGS = [triton.Config({"BM": 16, "BRO": 16, "BRI": 16}, num_warps=4)]
 else:  # pragma: no cover - GPU only
     _CONFIGS = [
         triton.Config({"BM": bm, "BC": bc, "BRI": bri, "BCO": bco}, num_warps=w, num_stages=s)
@@ -34,6 +35,14 @@ else:  # pragma: no cover - GPU only
             (128, 32, 32, 64, 8, 3),
             (64, 64, 64, 64, 4, 2),
             (32, 64, 32, 64, 4, 3),
+        ]
+    ]
+    _GRAD_CONFIGS = [
+        triton.Config({"BM": bm, "BRO": bro, "BRI": bri}, num_warps=w, num_stages=s)
+        for bm, bro, bri, w, s in [
+            (64, 32, 64, 4, 3),
+            (128, 64, 64, 8, 3),
+            (64, 64, 32, 4, 3),
         ]
     ]
 
@@ -133,3 +142,133 @@ def tucker_fused_kernel(
                 + o_pix[:, None]
             )
             tl.store(p_yb, b_y.to(in_dtype), mask=m_m[:, None] & m_co[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Backward through the k x k core convolution (h = core * p, with p = U_in^T x the projected input)
+
+
+@triton.autotune(configs=_GRAD_CONFIGS, key=["R_IN", "R_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench)
+@triton.jit(do_not_specialize=["NB", "M_BUCKET"])
+def tucker_grad_proj_kernel(
+    p_dh, p_core, p_dp,
+    NB, H, W, R_IN, R_OUT, OH, OW, M_BUCKET,
+    s_co, s_ci, s_cy, s_cx,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BRO: tl.constexpr, BRI: tl.constexpr,
+):  # fmt: skip
+    """dp[n, ri, ih, iw] = sum_{ro, ky, kx} dh[n, ro, oh, ow] * core[ro, ri, ky, kx] over the (oh, ow) that tap
+    (ky, kx) maps onto (ih, iw): the transposed convolution as an implicit GEMM. dh: contiguous [NB, R_OUT, OH, OW];
+    dp: contiguous [NB, R_IN, H, W]. Grid (cdiv(NB*H*W, BM), cdiv(R_IN, BRI))."""
+    i_m, i_ri = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < NB * H * W
+    o_n = (o_m // (H * W)).to(tl.int64)
+    o_ih = (o_m % (H * W)) // W
+    o_iw = o_m % W
+    o_ri = i_ri * BRI + tl.arange(0, BRI)
+    m_ri = o_ri < R_IN
+    acc_dtype = tl.float64 if DOT_FP64 else tl.float32
+    b_acc = tl.zeros((BM, BRI), dtype=acc_dtype)
+    for ky in tl.static_range(KH):
+        for kx in tl.static_range(KW):
+            # ih = oh*SH - PH + ky*DH  <=>  oh = (ih + PH - ky*DH) / SH, valid only when that divides exactly.
+            # Negative numerators are clamped before dividing so C-style and floor division agree.
+            t_h = o_ih + PH - ky * DH
+            t_w = o_iw + PW - kx * DW
+            t_hc = tl.where(t_h >= 0, t_h, 0)
+            t_wc = tl.where(t_w >= 0, t_w, 0)
+            o_oh = t_hc // SH
+            o_ow = t_wc // SW
+            m_pix = (
+                m_m
+                & (t_h >= 0)
+                & (t_w >= 0)
+                & (t_hc % SH == 0)
+                & (t_wc % SW == 0)
+                & (o_oh < OH)
+                & (o_ow < OW)
+            )
+            p_dh_pix = p_dh + o_n * (R_OUT * OH * OW) + (o_oh * OW + o_ow).to(tl.int64)
+            for ro0 in range(0, R_OUT, BRO):
+                o_ro = ro0 + tl.arange(0, BRO)
+                m_ro = o_ro < R_OUT
+                b_dh = tl.load(
+                    p_dh_pix[:, None] + o_ro[None, :].to(tl.int64) * (OH * OW),
+                    mask=m_pix[:, None] & m_ro[None, :],
+                    other=0.0,
+                )
+                b_k = tl.load(
+                    p_core + o_ro[:, None] * s_co + o_ri[None, :] * s_ci + ky * s_cy + kx * s_cx,
+                    mask=m_ro[:, None] & m_ri[None, :],
+                    other=0.0,
+                )
+                # [BM, BRO] @ [BRO, BRI] -> [BM, BRI]
+                b_acc = _dot_acc(b_dh, b_k, b_acc, DOT_FP64, UPCAST, PRECISION)
+    p_o = (
+        p_dp
+        + o_n[:, None] * (R_IN * H * W)
+        + o_ri[None, :].to(tl.int64) * (H * W)
+        + (o_ih * W + o_iw)[:, None]
+    )
+    tl.store(p_o, b_acc.to(p_dp.dtype.element_ty), mask=m_m[:, None] & m_ri[None, :])
+
+
+@triton.autotune(configs=_GRAD_CONFIGS, key=["R_IN", "R_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench)
+@triton.jit(do_not_specialize=["NB", "M_BUCKET", "M_PER_SPLIT"])
+def tucker_grad_core_kernel(
+    p_dh, p_p, p_dcore,
+    NB, H, W, R_IN, R_OUT, OH, OW, M_BUCKET, M_PER_SPLIT,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BRO: tl.constexpr, BRI: tl.constexpr,
+):  # fmt: skip
+    """dcore[s, ro, ri, tap] = sum over the s-th slice of output pixels of dh[n, ro, oh, ow] * p[n, ri, ih, iw],
+    (ih, iw) = (oh*SH - PH + ky*DH, ow*SW - PW + kx*DW) for tap = ky*KW + kx. dh: contiguous [NB, R_OUT, OH, OW];
+    p: contiguous [NB, R_IN, H, W]; dcore: contiguous [S, R_OUT, R_IN, KH*KW] in the accumulator dtype (partial sums
+    per slice, added by the launcher: deterministic, no atomics). Grid (cdiv(R_OUT, BRO), cdiv(R_IN, BRI),
+    KH*KW*S)."""
+    i_ro, i_ri, i_ts = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tap = i_ts % (KH * KW)
+    i_s = i_ts // (KH * KW)
+    ky = tap // KW
+    kx = tap % KW
+    o_ro = i_ro * BRO + tl.arange(0, BRO)
+    o_ri = i_ri * BRI + tl.arange(0, BRI)
+    m_ro = o_ro < R_OUT
+    m_ri = o_ri < R_IN
+    acc_dtype = tl.float64 if DOT_FP64 else tl.float32
+    b_acc = tl.zeros((BRO, BRI), dtype=acc_dtype)
+    m_start = i_s * M_PER_SPLIT
+    m_stop = tl.minimum(m_start + M_PER_SPLIT, NB * OH * OW)
+    for m0 in range(m_start, m_stop, BM):
+        o_m = m0 + tl.arange(0, BM)
+        m_m = o_m < m_stop
+        o_n = (o_m // (OH * OW)).to(tl.int64)
+        o_oh = (o_m % (OH * OW)) // OW
+        o_ow = o_m % OW
+        o_ih = o_oh * SH - PH + ky * DH
+        o_iw = o_ow * SW - PW + kx * DW
+        m_pix = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < W)
+        # dh read transposed as [BRO, BM] so the pixel index is the dot's inner dimension.
+        b_dht = tl.load(
+            p_dh + o_n[None, :] * (R_OUT * OH * OW) + o_ro[:, None].to(tl.int64) * (OH * OW)
+            + (o_oh * OW + o_ow)[None, :],
+            mask=m_ro[:, None] & m_m[None, :],
+            other=0.0,
+        )  # fmt: skip
+        b_p = tl.load(
+            p_p
+            + o_n[:, None] * (R_IN * H * W)
+            + o_ri[None, :].to(tl.int64) * (H * W)
+            + (o_ih * W + o_iw)[:, None],
+            mask=m_pix[:, None] & m_ri[None, :],
+            other=0.0,
+        )
+        # [BRO, BM] @ [BM, BRI] -> [BRO, BRI]
+        b_acc = _dot_acc(b_dht, b_p, b_acc, DOT_FP64, UPCAST, PRECISION)
+    p_o = p_dcore + ((i_s.to(tl.int64) * R_OUT + o_ro[:, None]) * R_IN + o_ri[None, :]) * (KH * KW) + tap
+    tl.store(p_o, b_acc, mask=m_ro[:, None] & m_ri[None, :])
