@@ -373,6 +373,30 @@ def bench_tucker(rec: Recorder, peaks: dict, deadline: float, grid) -> None:
                 )
             except Exception as exc:  # noqa: BLE001
                 rec.error(f"{case} {provider}", exc)
+        # Training step: forward + backward, all gradients (x, factors, bias / dense weight, bias).
+        if time.time() > deadline:
+            rec.skipped.append(case + " fwd+bwd")
+            continue
+        xg = x.detach().clone().requires_grad_()
+        fac = [t.detach().clone().requires_grad_() for t in (u_in, core, u_out, bias)]
+        wg = wd.detach().clone().requires_grad_()
+        bg = bias.detach().clone().requires_grad_()
+        gy = torch.randn(n, c_out, oh, ow, device=DEVICE, dtype=dtype)
+        for provider, fn, fl, by, leaves in [
+            ("triton", lambda: tucker_conv2d(xg, *fac, stride=s, padding=p, backend="triton").backward(gy),
+             3 * flops_t, 3 * min_bytes, [xg, *fac]),
+            ("torch", lambda: tucker_conv2d(xg, *fac, stride=s, padding=p, backend="torch").backward(gy),
+             3 * flops_t, 3 * min_bytes, [xg, *fac]),
+            ("dense", lambda: F.conv2d(xg, wg, bg, s, p).backward(gy), 3 * flops_d, 3 * bytes_d, [xg, wg, bg]),
+        ]:  # fmt: skip
+            try:
+                ms, timer = time_ms(fn, use_graph=False, grad_to_none=leaves)
+                rec.add(
+                    perf_row("tucker_fwd_bwd", case, provider, ms, timer, fl, by, peaks, param_ratio=ratio)
+                )
+                print(f"    fwd+bwd {provider}: {ms * 1e3:.1f} us", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                rec.error(f"{case} fwd+bwd {provider}", exc)
 
 
 MPO_CHECKS = [(7, (3, 5, 7), (2, 3, 5), 6), (33, (4, 4, 10, 10), (8, 8, 10, 10), 32)]
