@@ -1,0 +1,128 @@
+"""Load Hugging Face GPT-2 / BERT models from a local folder or build them from a config; name their blocks.
+
+Everything here works offline: loading sets ``HF_HUB_OFFLINE=1`` and passes ``local_files_only=True``, so a
+missing file is an error about the directory, never a download attempt.
+
+Module names used by the presets are qualified names *relative to the base model* (``GPT2Model`` /
+``BertModel``, what ``AutoModel.from_pretrained(DIR)`` returns), so a compressed model saved from the base
+model loads into the ``AutoModel`` skeleton. For a causal LM the base model is ``lm.transformer``;
+:func:`base_model` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+FAMILIES = ("gpt2", "bert")
+# model_type values (config.json) handled by each family's module layout.
+_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert"}
+
+
+def is_hf_model_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a Hugging Face ``config.json`` (the CLI's dispatch test)."""
+    return Path(path, "config.json").is_file()
+
+
+def _read_model_type(model_dir: Path) -> str:
+    if not is_hf_model_dir(model_dir):
+        raise ValueError(
+            f"model directory {str(model_dir)!r} has no config.json; pass a local Hugging Face model "
+            "folder (the one holding config.json and the weights)"
+        )
+    with open(model_dir / "config.json") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} in {model_dir}/config.json is not supported; supported "
+            f"families: {FAMILIES} (GPT-2 with Conv1D, BERT encoders)"
+        )
+    return _MODEL_TYPES[model_type]
+
+
+def family_of(model_or_config) -> str:
+    """'gpt2' or 'bert' for a model (base or with a head) or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported families: {FAMILIES}")
+    return _MODEL_TYPES[model_type]
+
+
+def load_hf_model(
+    model_dir: str | os.PathLike, *, causal_lm: bool | None = None, with_tokenizer: bool = True
+):
+    """Load ``(model, tokenizer_or_None)`` from a local folder, in eval mode, float32.
+
+    ``causal_lm=None`` picks ``AutoModelForCausalLM`` for GPT-2 (perplexity needs the LM head) and
+    ``AutoModel`` for BERT. The tokenizer is ``None`` when the folder has no tokenizer files.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    family = _read_model_type(model_dir)
+    if causal_lm is None:
+        causal_lm = family == "gpt2"
+    if causal_lm and family != "gpt2":
+        raise ValueError(f"causal_lm=True needs a GPT-2 family model, {model_dir} holds a {family} model")
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_pretrained(model_dir, local_files_only=True).eval()
+    tokenizer = None
+    if with_tokenizer and any(
+        (model_dir / f).is_file()
+        for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        if tokenizer.pad_token is None:  # GPT-2 ships without one; padding positions are masked anyway
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_from_config(
+    family: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides
+):
+    """A randomly initialised model of ``family`` ('gpt2' or 'bert') from a config, in eval mode.
+
+    ``config_overrides`` are config fields (``n_layer=2, n_embd=32`` for GPT-2; ``num_hidden_layers=2,
+    hidden_size=32`` for BERT). Used by tests (tiny configs) and the GPT-2 XL-shaped scale benchmark.
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config
+
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}; use one of {FAMILIES}")
+    config = (GPT2Config if family == "gpt2" else BertConfig)(**config_overrides)
+    if causal_lm is None:
+        causal_lm = family == "gpt2"
+    if seed is not None:
+        torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    return cls.from_config(config).eval()
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The ``GPT2Model`` / ``BertModel`` inside ``model`` (the model itself when it is one)."""
+    family = family_of(model)
+    prefix = getattr(model, "base_model_prefix", None)
+    inner = getattr(model, prefix, None) if prefix else None
+    if isinstance(inner, nn.Module) and family_of(inner) == family:
+        return inner
+    return model
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Qualified names (relative to ``base_model(model)``) of the transformer blocks, in execution order."""
+    base = base_model(model)
+    family = family_of(base)
+    if family == "gpt2":
+        return [f"h.{i}" for i in range(len(base.h))]
+    return [f"encoder.layer.{i}" for i in range(len(base.encoder.layer))]
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = base_model(model).config
+    return int(getattr(config, "n_embd", None) or config.hidden_size)

@@ -1,0 +1,323 @@
+"""Slice-wise compression of a Hugging Face GPT-2 / BERT: ``tnk compress --model DIR --ratio R --out OUT``.
+
+Steps (each rank of a ``torchrun`` job does its share; a single process is rank 0 of 1):
+
+1. Calibration text (``--text`` or the embedded corpus) is tokenized: packed ``--seq-len`` blocks for GPT-2,
+   padded sentences for BERT. Every 5th text is held out for evaluation.
+2. The rank's slices (a contiguous share of the preset's slices) get their teacher features captured block by
+   block to ``OUT/features/rank<r>/`` (``capture.py``: activations on disk, memory bounded by one block).
+3. Each slice is deep-copied, tensorized at ``--ratio`` (attention projections stay dense unless
+   ``--attention``), trained alone (``train.py``) and checkpointed atomically to ``OUT/slices/<name>.pt``;
+   finished slices are skipped when a killed run is restarted.
+4. Rank 0 waits for every slice checkpoint, puts the students into the model, writes ``OUT/compressed``
+   (``tnkernels.save_compressed`` of the *base* model, so ``AutoModel.from_pretrained(DIR)`` is the skeleton)
+   and ``OUT/report.json`` (per-slice losses and timings, parameter counts, teacher-vs-student metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tnkernels
+from distill.slices import set_submodule
+
+from . import evaluate, text
+from .capture import atomic_save, capture_features, load_slice_features
+from .models import base_model, family_of, load_hf_model
+from .presets import ATTENTION_PATTERNS, PRESETS, resolve, slice_specs
+from .train import tensorize_slice, train_slice
+
+DEFAULTS = {
+    "preset": "mlp",
+    "attention": False,
+    "text": None,
+    "seq_len": 128,
+    "num_samples": 256,
+    "batch_size": 8,
+    "steps": 300,
+    "lr": 1e-3,
+    "group_size": 2,
+    "layers": None,
+    "fp16_features": False,
+    "device": None,
+    "num_cores": None,
+    "max_seconds_per_slice": None,
+    "eval": True,
+    "progress": True,
+    "wait_timeout": 24 * 3600.0,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
+    """The HF pipeline's flags. ``core=False`` skips the ones ``tnk compress`` already defines."""
+    if core:
+        p.add_argument("--model", required=True, help="local Hugging Face model folder (holds config.json)")
+        p.add_argument(
+            "--ratio", type=float, required=True, help="compression ratio of the tensorized layers"
+        )
+        p.add_argument("--out", required=True, help="output folder (compressed/, report.json, slices/)")
+        p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps per slice")
+        p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+        p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+        p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: LOCAL_RANK's GPU or cpu)")
+    p.add_argument("--preset", choices=PRESETS, default=DEFAULTS["preset"], help="slice granularity")
+    p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
+    p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
+    p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=DEFAULTS["num_samples"],
+        help="calibration sequences (GPT-2 blocks / BERT sentences)",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=DEFAULTS["group_size"], help="blocks per slice for --preset group"
+    )
+    p.add_argument("--layers", default=None, help="comma-separated block indices to compress (default: all)")
+    p.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
+    p.add_argument("--num-cores", type=int, default=None, help="MPO cores per layer (default: auto)")
+    p.add_argument("--max-seconds-per-slice", type=float, default=None)
+    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip teacher-vs-student metrics")
+
+
+def _opt(args, name):
+    value = getattr(args, name, None)
+    return DEFAULTS[name] if value is None else value
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def default_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def calibration_data(
+    family: str, tokenizer, *, text_path=None, seq_len: int, num_samples: int, batch_size: int
+) -> tuple[list[dict], object]:
+    """(calibration batches, held-out eval data): token blocks for GPT-2, padded sentences for BERT."""
+    if tokenizer is None:
+        raise ValueError(
+            "the model folder has no tokenizer files; calibration text needs the model's tokenizer"
+        )
+    texts = text.read_texts(text_path)
+    if family == "gpt2":
+        calib_t, held_t = text.split_holdout(texts)
+        calib = text.causal_lm_blocks(calib_t, tokenizer, seq_len, max_blocks=num_samples)
+        held = text.causal_lm_blocks(held_t, tokenizer, seq_len)
+        return text.batches(calib, batch_size), held
+    calib_s, held_s = text.split_holdout(text.split_sentences(texts))
+    calib = text.encode_sentences(calib_s[:num_samples], tokenizer, seq_len)
+    return text.batches(calib, batch_size), text.encode_sentences(held_s, tokenizer, seq_len)
+
+
+def my_share(items: list, rank: int, world: int) -> list:
+    """Contiguous share of ``items`` for ``rank``: early ranks stop capturing after fewer blocks."""
+    n = len(items)
+    return items[rank * n // world : (rank + 1) * n // world]
+
+
+def teacher_metrics(model: nn.Module, held) -> dict:
+    if family_of(model) == "gpt2":
+        return {"perplexity": evaluate.perplexity(model, held)}
+    return {"embeddings": evaluate.sentence_embeddings(model, held)}
+
+
+def compare(model: nn.Module, held, teacher: dict) -> dict:
+    if "perplexity" in teacher:
+        return {
+            "teacher_perplexity": teacher["perplexity"],
+            "student_perplexity": evaluate.perplexity(model, held),
+        }
+    return evaluate.embedding_agreement(teacher["embeddings"], evaluate.sentence_embeddings(model, held))
+
+
+def compress_model(
+    model: nn.Module,
+    calib: list[dict],
+    out: str | os.PathLike,
+    *,
+    ratio: float,
+    preset: str = "mlp",
+    attention: bool = False,
+    group_size: int = 2,
+    layers=None,
+    steps: int = 300,
+    lr: float = 1e-3,
+    fp16_features: bool = False,
+    num_cores: int | None = None,
+    max_seconds_per_slice: float | None = None,
+    held=None,
+    device=None,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    wait_timeout: float = DEFAULTS["wait_timeout"],
+) -> dict | None:
+    """Compress ``model`` (GPT-2 or BERT; in place on rank 0) slice-wise and write ``out`` (module doc).
+
+    Returns the report dict on rank 0, ``None`` on other ranks.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, world={world})")
+    out = Path(out)
+    device = default_device(device) if not isinstance(device, torch.device) else device
+    model.to(device).eval()
+    base = base_model(model)
+    family = family_of(model)
+    specs = slice_specs(model, preset, group_size=group_size, layers=layers)
+    (out / "slices").mkdir(parents=True, exist_ok=True)
+    ckpt = {s.name: out / "slices" / f"{s.name}.pt" for s in specs}
+    teacher = teacher_metrics(model, held) if (held is not None and rank == 0) else None
+    mine = [s for s in my_share(specs, rank, world) if not ckpt[s.name].is_file()]
+
+    store = out / "features" / f"rank{rank}"
+    t0 = time.perf_counter()
+    cap = (
+        capture_features(
+            model, mine, calib, store, store_dtype=torch.float16 if fp16_features else None, progress=progress
+        )
+        if mine
+        else {}
+    )
+    capture_s = time.perf_counter() - t0
+    for s in mine:
+        data = load_slice_features(store, s.name, device=device)
+        student, rep = tensorize_slice(
+            resolve(model, s),
+            ratio=ratio,
+            attention=attention,
+            attention_patterns=ATTENTION_PATTERNS[family],
+            num_cores=num_cores,
+        )
+        student.to(device)
+        stats = train_slice(s, student, data, steps=steps, lr=lr, max_seconds=max_seconds_per_slice)
+        stats["tensorized"] = [
+            {
+                "name": r.name,
+                "shape": list(r.shape),
+                "ratio": r.ratio,
+                "rel_error": r.rel_error,
+                "status": r.status,
+            }
+            for r in rep.rows
+        ]
+        stats["rank"] = rank
+        atomic_save({"modules": list(s.modules), "student": student.cpu(), "stats": stats}, ckpt[s.name])
+        del data
+        shutil.rmtree(store / s.name, ignore_errors=True)  # features are no longer needed: free the disk
+        if progress:
+            print(
+                f"[rank {rank}] {s.name}: nmse {stats['initial_nmse']:.4f} -> {stats['final_nmse']:.4f} "
+                f"({stats['steps']} steps, {stats['seconds']:.1f}s)",
+                flush=True,
+            )
+    if rank != 0:
+        return None
+
+    deadline = time.monotonic() + wait_timeout
+    while not all(p.is_file() for p in ckpt.values()):
+        if time.monotonic() > deadline:
+            missing = [n for n, p in ckpt.items() if not p.is_file()]
+            raise TimeoutError(
+                f"rank 0 waited {wait_timeout:.0f}s for slice checkpoints {missing}; did a rank die? "
+                "rerun the same command: finished slices are kept"
+            )
+        time.sleep(2.0)
+    params_before = tnkernels.count_params(base)
+    slice_stats = []
+    for s in specs:
+        saved = torch.load(ckpt[s.name], weights_only=False, map_location=device)
+        for name, module in zip(saved["modules"], saved["student"], strict=True):
+            set_submodule(base, name, module)
+        slice_stats.append(saved["stats"])
+    tnkernels.save_compressed(base, out / "compressed")
+    report = {
+        "model_family": family,
+        "model_class": type(base).__name__,
+        "preset": preset,
+        "ratio": ratio,
+        "attention": attention,
+        "world_size": world,
+        "num_slices": len(specs),
+        "params_before": params_before,
+        "params_after": tnkernels.count_params(base),
+        "capture_seconds_rank0": capture_s,
+        "capture": cap,
+        "slices": slice_stats,
+    }
+    if teacher is not None:
+        report["metrics"] = compare(model, held, teacher)
+    tmp = out / f".report.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    os.replace(tmp, out / "report.json")
+    return report
+
+
+def compress_hf(args: argparse.Namespace) -> dict | None:
+    """``tnk compress --model DIR`` for a Hugging Face folder (flags: :func:`add_arguments`)."""
+    rank, world = dist_env()
+    model, tokenizer = load_hf_model(args.model)
+    family = family_of(model)
+    calib, held = calibration_data(
+        family,
+        tokenizer,
+        text_path=_opt(args, "text"),
+        seq_len=_opt(args, "seq_len"),
+        num_samples=_opt(args, "num_samples"),
+        batch_size=_opt(args, "batch_size"),
+    )
+    layers = _opt(args, "layers")
+    if isinstance(layers, str):
+        try:
+            layers = [int(v) for v in layers.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--layers {layers!r}: give comma-separated block indices like 0,1,5") from None
+    report = compress_model(
+        model,
+        calib,
+        args.out,
+        ratio=args.ratio,
+        preset=_opt(args, "preset"),
+        attention=_opt(args, "attention"),
+        group_size=_opt(args, "group_size"),
+        layers=layers,
+        steps=_opt(args, "steps"),
+        lr=_opt(args, "lr"),
+        fp16_features=_opt(args, "fp16_features"),
+        num_cores=_opt(args, "num_cores"),
+        max_seconds_per_slice=_opt(args, "max_seconds_per_slice"),
+        held=held if _opt(args, "eval") else None,
+        device=_opt(args, "device"),
+        progress=_opt(args, "progress"),
+        rank=rank,
+        world=world,
+    )
+    if report is not None and "metrics" in report:
+        print(json.dumps(report["metrics"], indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m distill.hf.pipeline`` (and ``torchrun ... -m distill.hf.pipeline``) with the same flags."""
+    p = argparse.ArgumentParser(prog="python -m distill.hf.pipeline", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    compress_hf(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

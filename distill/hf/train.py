@@ -1,0 +1,136 @@
+"""Tensorize one Hugging Face slice and train it alone to reproduce the teacher's slice output.
+
+Loss: MSE over real (non-padding) tokens, divided by the teacher output's variance over those tokens, so the
+number reads the same for every slice (1.0 = as bad as predicting the mean). AdamW with a cosine schedule and
+warm-up, early stopping on a held-out calibration batch (the best state is restored). The student runs in eval
+mode: dropout would only add noise to a regression target, and LayerNorm has no running statistics to protect.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import tnkernels
+from distill.slices import SliceSpec
+
+from .presets import run_hf_slice
+
+
+def tensorize_slice(
+    modules: Sequence[nn.Module],
+    *,
+    ratio: float,
+    attention: bool,
+    attention_patterns: Sequence[str],
+    num_cores: int | None = None,
+) -> tuple[nn.ModuleList, object]:
+    """Deep copies of ``modules`` with their Linear / Conv1D layers tensorized at ``ratio``.
+
+    Attention projections (names matching ``attention_patterns``) stay dense unless ``attention``. Returns
+    ``(student ModuleList, tnkernels TensorizeReport)``.
+    """
+    student = nn.ModuleList(copy.deepcopy(m) for m in modules)
+    names = [n for n, _ in student.named_modules() if n]
+    rules = None
+    if not attention:
+        skip = [p for p in attention_patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if skip:
+            rules = {**{p: None for p in skip}, "*": {}}
+    report = tnkernels.tensorize(student, ratio=ratio, rules=rules, num_cores=num_cores)
+    return student, report
+
+
+def _masked_nmse(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    m = token_mask.unsqueeze(-1).to(pred.dtype)
+    count = m.sum().clamp_min(1.0) * pred.shape[-1]
+    mse = ((pred - target) ** 2 * m).sum() / count
+    mean = (target * m).sum(dim=(0, 1)) / m.sum().clamp_min(1.0)
+    var = (((target - mean) ** 2) * m).sum() / count
+    return mse / var.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate_slice(student: nn.ModuleList, data: Sequence[dict]) -> float:
+    """Token-weighted normalised MSE of ``student`` on captured batches."""
+    student.eval()
+    total, weight = 0.0, 0.0
+    for d in data:
+        w = d["token_mask"].sum().item()
+        total += _masked_nmse(run_hf_slice(student, d["x"], d["kwargs"]), d["y"], d["token_mask"]).item() * w
+        weight += w
+    return total / max(weight, 1.0)
+
+
+def train_slice(
+    spec: SliceSpec,
+    student: nn.ModuleList,
+    data: Sequence[dict],
+    *,
+    steps: int = 300,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup: int = 10,
+    eval_every: int = 25,
+    patience: int = 4,
+    max_seconds: float | None = None,
+) -> dict:
+    """Train ``student`` in place on captured ``data`` batches (``load_slice_features``) and return stats.
+
+    The last batch is held out for early stopping when there are at least two; with one batch it is used for
+    both (then early stopping only guards against divergence).
+    """
+    if steps < 0:
+        raise ValueError(f"steps={steps} must be >= 0")
+    if not data:
+        raise ValueError(f"slice {spec.name!r}: no captured batches to train on")
+    train, val = (data[:-1], data[-1:]) if len(data) > 1 else (data, data)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start = time.perf_counter()
+    initial = evaluate_slice(student, val)
+    best, best_state, bad_evals, step = initial, copy.deepcopy(student.state_dict()), 0, 0
+    gen = torch.Generator().manual_seed(0)
+    student.eval()
+    for step in range(1, steps + 1):
+        d = train[int(torch.randint(len(train), (1,), generator=gen))]
+        loss = _masked_nmse(run_hf_slice(student, d["x"], d["kwargs"]), d["y"], d["token_mask"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"slice {spec.name!r}: loss became {loss.item()} at step {step}; lower --lr"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        timed_out = max_seconds is not None and time.perf_counter() - start > max_seconds
+        if step % eval_every == 0 or step == steps or timed_out:
+            val_loss = evaluate_slice(student, val)
+            if val_loss < best:
+                best, best_state, bad_evals = val_loss, copy.deepcopy(student.state_dict()), 0
+            else:
+                bad_evals += 1
+            if bad_evals >= patience or timed_out:
+                break
+    student.load_state_dict(best_state)
+    return {
+        "slice": spec.name,
+        "initial_nmse": initial,
+        "final_nmse": best,
+        "steps": step,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,141 @@
+"""The HF pipeline end to end on tiny models: Conv1D path, slice training, save/load into an AutoModel
+skeleton, resume, torchrun-style sharding, and the CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+
+import tnkernels
+from distill.hf.baselines import one_shot
+from distill.hf.capture import capture_features, load_slice_features
+from distill.hf.models import base_model, family_of, is_hf_model_dir, load_hf_model
+from distill.hf.pipeline import add_arguments, compress_hf, my_share
+from distill.hf.presets import ATTENTION_PATTERNS, resolve, run_hf_slice, slice_specs
+from distill.hf.train import tensorize_slice, train_slice
+from distill.slices import set_submodule
+from tests.helpers import assert_close_rel
+from tests.hf.conftest import tiny_model
+from tests.hf.test_presets_capture import padded_batches
+
+
+def _args(model_dir, out, *extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(
+        [
+            "--model",
+            str(model_dir),
+            "--ratio",
+            "2",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--seq-len",
+            "12",
+            "--num-samples",
+            "8",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def test_conv1d_slice_tensorized_exactly_reproduces_teacher():
+    """GPT-2's Conv1D stores W as [in, out]; an exact (full-bond) MPO of both MLP layers must give the
+    teacher's slice output, so the transpose convention is right."""
+    model = tiny_model("gpt2")
+    spec = slice_specs(model, "mlp", layers=[1])[0]
+    teacher = resolve(model, spec)
+    student = copy.deepcopy(torch.nn.ModuleList(teacher))
+    report = tnkernels.tensorize(student, rel_tol=1e-9)
+    assert {type(m).__name__ for m in student.modules()} >= {"MPOLinear"}
+    assert len(report.tensorized) == 2
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = run_hf_slice([m.double() for m in copy.deepcopy(teacher)], x, {})
+        got = run_hf_slice(student.double(), x, {})
+    assert_close_rel(got, want, 1e-8, "Conv1D -> MPO slice")
+
+
+def test_training_lowers_slice_loss_and_keeps_attention_dense(family, tmp_path):
+    model = tiny_model(family)
+    spec = slice_specs(model, "block", layers=[0])[0]
+    capture_features(model, [spec], padded_batches(family, n_batches=3), tmp_path, progress=False)
+    data = load_slice_features(tmp_path, spec.name)
+    student, report = tensorize_slice(
+        resolve(model, spec),
+        ratio=2.0,
+        attention=False,
+        attention_patterns=ATTENTION_PATTERNS[family_of(model)],
+    )
+    dense = [r.name for r in report.rows if r.status != "tensorized"]
+    assert dense and all(("attn" in n or "attention" in n) for n in dense)
+    assert all(r.kind == "mpo" for r in report.rows if r.status == "tensorized")
+    stats = train_slice(spec, student, data, steps=30, lr=3e-3, eval_every=5, patience=100)
+    assert stats["final_nmse"] < 0.9 * stats["initial_nmse"], stats
+
+
+def test_pipeline_save_load_automodel_skeleton_and_resume(tiny_dir, tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "out"
+    assert is_hf_model_dir(tiny_dir)
+    report = compress_hf(_args(tiny_dir, out, "--preset", "block"))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["num_slices"] == 3 and len(saved["slices"]) == 3
+    assert saved["params_after"] < saved["params_before"]
+    assert set(saved["metrics"]) & {"student_perplexity", "mean_cosine"}
+    # the compressed folder restores into the plain AutoModel skeleton, with the pipeline model's outputs
+    loaded = tnkernels.load_compressed(AutoModel.from_pretrained(tiny_dir), out / "compressed").eval()
+    in_memory, _ = load_hf_model(tiny_dir)
+    ids = torch.randint(5, 200, (2, 9))
+    ref = base_model(in_memory)
+    for spec_name in [s["slice"] for s in report["slices"]]:
+        ckpt = torch.load(out / "slices" / f"{spec_name}.pt", weights_only=False)
+        for name, mod in zip(ckpt["modules"], ckpt["student"], strict=True):
+            set_submodule(ref, name, mod)
+    with torch.no_grad():
+        assert_close_rel(
+            loaded(input_ids=ids).last_hidden_state,
+            ref.eval()(input_ids=ids).last_hidden_state,
+            1e-5,
+            "load_compressed vs pipeline",
+        )
+    # resume: a rerun trains nothing again (slice checkpoints untouched)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()}
+    compress_hf(_args(tiny_dir, out, "--preset", "block", "--no-eval"))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()} == mtimes
+
+
+def test_my_share_partitions_slices():
+    items = list(range(11))
+    for world in (1, 2, 3, 4, 16):
+        shares = [my_share(items, r, world) for r in range(world)]
+        assert [x for s in shares for x in s] == items
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_one_shot_only_touches_ffn_layers():
+    model = tiny_model("bert")
+    student = one_shot(model, 2.0)
+    kinds = {n: type(m).__name__ for n, m in base_model(student).named_modules()}
+    mpo = {n for n, k in kinds.items() if k == "MPOLinear"}
+    assert mpo == {f"encoder.layer.{i}.{s}.dense" for i in range(3) for s in ("intermediate", "output")}
+    assert type(model.encoder.layer[0].intermediate.dense).__name__ == "Linear"  # teacher untouched
+
+
+def test_bad_model_dirs(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_hf_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="not supported"):
+        load_hf_model(tmp_path)
