@@ -23,7 +23,9 @@ _SPLIT_STATE = 0  # fixed: the held-out split must not move between runs
 
 def _check_fraction(calib_fraction: float) -> None:
     if not (0.0 < float(calib_fraction) <= 1.0):
-        raise ValueError(f"calib_fraction must be in (0, 1], got {calib_fraction}; e.g. 0.1 keeps 10% of the images")
+        raise ValueError(
+            f"calib_fraction must be in (0, 1], got {calib_fraction}; e.g. 0.1 keeps 10% of the images"
+        )
 
 
 def calibration_subset(ds: Dataset, calib_fraction: float, seed: int = 0) -> Dataset:
@@ -75,12 +77,14 @@ def load_digits(image_size: int = 32, calib_fraction: float = 1.0, seed: int = 0
     bunch = sk_load_digits()
     images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)) / 16.0  # [N, 8, 8] in [0, 1]
     labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    x = torch.nn.functional.interpolate(images[:, None], size=(image_size, image_size), mode="bilinear",
-                                        align_corners=False)
+    x = torch.nn.functional.interpolate(
+        images[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     # Standardize with statistics of the whole training split (fixed), then repeat to 3 channels.
     idx = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(idx, test_size=_TEST_FRACTION, random_state=_SPLIT_STATE,
-                                           stratify=labels.numpy())
+    train_idx, test_idx = train_test_split(
+        idx, test_size=_TEST_FRACTION, random_state=_SPLIT_STATE, stratify=labels.numpy()
+    )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
@@ -104,8 +108,13 @@ def _find_split(path: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load_data(data: str | os.PathLike | None = DIGITS, *, image_size: int = 32, calib_fraction: float = 1.0,
-              seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_data(
+    data: str | os.PathLike | None = DIGITS,
+    *,
+    image_size: int = 32,
+    calib_fraction: float = 1.0,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset]:
     """(train_ds, test_ds) for `data`: "digits" (default, embedded), a local CIFAR-10 folder (the one holding
     cifar-10-batches-py, as torchvision downloads it), or an ImageFolder root with train/ and test/ (or val/)
     subfolders of one folder per class. Images are resized to `image_size` and normalized with ImageNet stats."""
@@ -119,14 +128,18 @@ def load_data(data: str | os.PathLike | None = DIGITS, *, image_size: int = 32, 
             f"(containing cifar-10-batches-py) or an ImageFolder root with train/ and test/ subfolders"
         )
     if not path.is_dir():
-        raise ValueError(f"--data: {str(path)!r} is a file; it must be a folder (CIFAR-10 or ImageFolder root)")
+        raise ValueError(
+            f"--data: {str(path)!r} is a file; it must be a folder (CIFAR-10 or ImageFolder root)"
+        )
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([
-        transforms.Resize((image_size, image_size)),
-        transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     cifar_root = _is_cifar10_dir(path)
     if cifar_root is not None:
         train = datasets.CIFAR10(str(cifar_root), train=True, download=False, transform=tf)
@@ -142,6 +155,8 @@ def load_data(data: str | os.PathLike | None = DIGITS, *, image_size: int = 32, 
     train = datasets.ImageFolder(str(train_dir), transform=tf)
     test = datasets.ImageFolder(str(test_dir), transform=tf)
     if train.classes != test.classes:
-        raise ValueError(f"--data: class folders differ between {train_dir} and {test_dir}: "
-                         f"{train.classes} vs {test.classes}")
+        raise ValueError(
+            f"--data: class folders differ between {train_dir} and {test_dir}: "
+            f"{train.classes} vs {test.classes}"
+        )
     return calibration_subset(train, calib_fraction, seed), test

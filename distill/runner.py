@@ -1,0 +1,456 @@
+"""Orchestration of slice-wise distillation: capture, per-slice training (in-process, worker processes, or
+torch.distributed ranks), atomic per-slice checkpoints with resume, and assembly of the student.
+
+Modes:
+  parallel    every slice learns from the teacher's own slice inputs; slices are independent, so they can train
+              in any order, in worker processes, or on different ranks.
+  sequential  slices train in model order, each from the inputs produced by the already-trained student slices
+              upstream (targets are still the teacher's outputs), so a slice learns to correct upstream error.
+
+Resume: each finished slice is written atomically to <out>/slices/<name>.pt together with a fingerprint of the run
+(teacher weights, slices, ratio/budget, training settings, mode). A restarted run loads finished slices and trains
+only the others; per-slice seeds depend only on the slice name, so the result does not depend on which slices were
+resumed (bit for bit on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .capture import FeatureStore, capture_features, default_forward
+from .slices import SliceSpec, build_slice_container, count_params, make_slices, set_submodule, slice_modules
+from .train_slice import (
+    SliceResult,
+    SliceTrainConfig,
+    load_slice_checkpoint,
+    save_slice_checkpoint,
+    slice_seed,
+    tensorize_slice,
+    train_slice,
+)
+
+__all__ = ["DistillResult", "distill", "run_fingerprint", "MODES"]
+
+MODES = ("parallel", "sequential")
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module | None  # None on torch.distributed ranks other than 0
+    slices: dict[str, SliceResult] = field(default_factory=dict)
+    trained: list[str] = field(default_factory=list)  # slices trained by this call (on this rank)
+    resumed: list[str] = field(default_factory=list)  # slices loaded from checkpoints
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+    def summary(self) -> dict:
+        return {
+            "trained": self.trained,
+            "resumed": self.resumed,
+            "timings": self.timings,
+            "slices": {k: v.to_dict() for k, v in self.slices.items()},
+        }
+
+
+def run_fingerprint(
+    teacher: nn.Module,
+    specs: Sequence[SliceSpec],
+    *,
+    ratio,
+    rules,
+    config: SliceTrainConfig,
+    mode: str,
+    fp16: bool,
+    run_key: str = "",
+) -> str:
+    """A digest of everything that determines the trained slices, so a resumed run cannot mix setups."""
+    h = hashlib.sha1()
+    for k, v in teacher.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("device", "time_budget_s")}
+    meta = {
+        "specs": [[s.name, list(s.modules)] for s in specs],
+        "ratio": ratio,
+        "rules": rules,
+        "config": cfg,
+        "mode": mode,
+        "fp16": fp16,
+        "run_key": run_key,
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _dist_info(distributed: bool | None) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ValueError(
+                "distill(distributed=True): torch.distributed is not initialized; launch with torchrun "
+                "and call torch.distributed.init_process_group first"
+            )
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _prepare(
+    teacher: nn.Module, spec: SliceSpec, ratio, rules, seed: int
+) -> tuple[nn.Module, list[dict], bool, int]:
+    """(tensorized copy of the slice, tensorize report rows, whether any layer was tensorized, dense params)."""
+    container = build_slice_container(teacher, spec)
+    params_before = count_params(slice_modules(container, spec))
+    # tensorize may use randomized SVD: seed per slice so the start point does not depend on slice order/resume.
+    torch.manual_seed(slice_seed(seed, spec.name))
+    try:
+        layers = tensorize_slice(container, spec, ratio=ratio, rules=rules)
+    except ValueError as exc:
+        if "cannot be reached" not in str(exc):
+            raise
+        layers = [{"name": spec.name, "status": f"skipped: {exc}"}]
+    any_tensorized = any(r.get("status") == "tensorized" for r in layers)
+    return container, layers, any_tensorized, params_before
+
+
+def _train_task(args) -> tuple[str, dict]:
+    """Worker entry (also used in-process): train one prepared slice and checkpoint it."""
+    container, spec, store, ratio, rules, config, ckpt, fp, layers, params_before, threads = args
+    if threads:
+        torch.set_num_threads(threads)
+    result = train_slice(
+        container,
+        spec,
+        store,
+        ratio=ratio,
+        rules=rules,
+        config=config,
+        progress=False,
+        tensorized=True,
+        params_before=params_before,
+    )
+    result.layers = layers
+    save_slice_checkpoint(ckpt, container, spec, result, fp)
+    return spec.name, result.to_dict()
+
+
+def _result(d: dict) -> SliceResult:
+    return SliceResult(**d)
+
+
+def distill(
+    teacher: nn.Module,
+    calib_loader: Iterable,
+    *,
+    slices="per-block",
+    ratio: float | None = None,
+    rules: dict | None = None,
+    mode: str = "parallel",
+    workers: int = 1,
+    out_dir: str | os.PathLike = "distill_out",
+    config: SliceTrainConfig | None = None,
+    fp16: bool = False,
+    memory_budget_bytes: int | None = None,
+    forward_fn: Callable = default_forward,
+    device: str = "cpu",
+    progress: bool = True,
+    distributed: bool | None = None,
+    run_key: str = "",
+) -> DistillResult:
+    """Slice-wise distillation of `teacher` into a tensorized student (the teacher is not modified).
+
+    Args:
+        calib_loader: calibration batches, iterated in the same order every pass (no shuffling).
+        slices: a preset ("per-block", "per-conv", "per-stage"), module names ("a+b" groups), or SliceSpecs.
+        ratio / rules: global compression ratio, and/or tensorize rules (e.g. from distill.budget.load_budget).
+        mode: "parallel" (teacher inputs) or "sequential" (the student's own upstream outputs).
+        workers: worker processes for parallel mode (spawned; each uses threads // workers torch threads).
+        out_dir: slices are checkpointed to out_dir/slices/<name>.pt; finished ones are reused on restart.
+        memory_budget_bytes: spill stored features to out_dir/features/ shards beyond this budget.
+        distributed: use torch.distributed ranks (default: when initialized); each rank trains slices
+            rank, rank + world, ...; rank 0 gathers the trained slices and assembles the student.
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode: unknown mode {mode!r}; choose parallel or sequential")
+    if int(workers) < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if mode == "sequential" and workers > 1:
+        raise ValueError(
+            "--workers: sequential mode trains slices one after another; use --workers 1 (or --mode parallel)"
+        )
+    if ratio is None and rules is None:
+        raise ValueError("distill: give a compression ratio (--ratio) or a budget (--budget FILE)")
+    config = config or SliceTrainConfig(device=device)
+    specs = make_slices(teacher, slices)
+    rank, world = _dist_info(distributed)
+    if mode == "sequential" and world > 1:
+        raise ValueError(
+            "sequential mode cannot be split across torch.distributed ranks; use --mode parallel"
+        )
+    teacher = teacher.eval()
+    out = Path(out_dir)
+    ckpt_dir = out / "slices"
+    fp = run_fingerprint(
+        teacher, specs, ratio=ratio, rules=rules, config=config, mode=mode, fp16=fp16, run_key=run_key
+    )
+    timings: dict[str, float] = {}
+    res = DistillResult(student=None)
+
+    t0 = time.perf_counter()
+    done: dict[str, dict] = {}
+    for spec in specs:
+        payload = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
+        if payload is not None:
+            done[spec.name] = payload
+    mine = [s for i, s in enumerate(specs) if i % world == rank]
+    pending = [s for s in mine if s.name not in done]
+    prepared: dict[str, tuple[nn.Module, list[dict], bool, int]] = {}
+    for spec in pending:
+        prepared[spec.name] = _prepare(teacher, spec, ratio, rules, config.seed)
+    if ratio is not None and pending and not done and world == 1 and not any(p[2] for p in prepared.values()):
+        raise ValueError(
+            f"--ratio {ratio:g} cannot be reached by any layer of the slices; choose a smaller ratio"
+        )
+    timings["tensorize_s"] = time.perf_counter() - t0
+
+    from tqdm.auto import tqdm
+
+    def finish(spec: SliceSpec, container: nn.Module, result: SliceResult) -> None:
+        save_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", container, spec, result, fp)
+        done[spec.name] = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
+        res.trained.append(spec.name)
+
+    def untrained(spec: SliceSpec) -> None:
+        # No layer of this slice was tensorized (e.g. its ratio is unreachable): keep it dense, nothing to train.
+        container, layers, _, before = prepared[spec.name]
+        r = SliceResult(spec.name, before, before, 0.0, 0.0, 0, 0.0, [], layers)
+        finish(spec, container, r)
+
+    feat_root = out / "features" if memory_budget_bytes is not None else None
+    to_train = [s for s in pending if prepared[s.name][2]]
+    for s in pending:
+        if not prepared[s.name][2]:
+            untrained(s)
+
+    if mode == "parallel" and to_train:
+        t1 = time.perf_counter()
+        stores = capture_features(
+            teacher,
+            to_train,
+            calib_loader,
+            device=device,
+            root=feat_root,
+            memory_budget_bytes=memory_budget_bytes,
+            fp16=fp16,
+            forward_fn=forward_fn,
+            progress=progress,
+            desc="teacher features",
+        )
+        timings["capture_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        if workers == 1:
+            for spec in tqdm(to_train, desc="slices", disable=not progress, unit="slice"):
+                container, layers, _, before = prepared[spec.name]
+                r = train_slice(
+                    container,
+                    spec,
+                    stores[spec.name],
+                    ratio=ratio,
+                    rules=rules,
+                    config=config,
+                    progress=progress,
+                    position=1,
+                    tensorized=True,
+                    params_before=before,
+                )
+                r.layers = layers
+                finish(spec, container, r)
+        else:
+            _train_in_workers(
+                to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress
+            )
+            for spec in to_train:
+                done[spec.name] = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
+                res.trained.append(spec.name)
+        timings["train_s"] = time.perf_counter() - t1
+    elif mode == "sequential" and to_train:
+        _sequential(
+            teacher,
+            specs,
+            to_train,
+            prepared,
+            done,
+            calib_loader,
+            ratio,
+            rules,
+            config,
+            device,
+            fp16,
+            feat_root,
+            memory_budget_bytes,
+            forward_fn,
+            progress,
+            timings,
+            finish,
+        )
+
+    t2 = time.perf_counter()
+    if world > 1:
+        done = _gather(done, [s.name for s in mine], rank, ckpt_dir)
+    res.resumed = [s.name for s in mine if s.name in done and s.name not in res.trained]
+    if rank == 0:
+        student = copy.deepcopy(teacher)
+        for spec in specs:
+            payload = done[spec.name]
+            for name, module in payload["modules"].items():
+                set_submodule(student, name, module)
+            res.slices[spec.name] = _result(payload["result"])
+        res.student = student.eval()
+    timings["assemble_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    res.timings = timings
+    return res
+
+
+def _train_in_workers(
+    to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress
+) -> None:
+    import torch.multiprocessing as mp
+    from tqdm.auto import tqdm
+
+    threads = max(1, torch.get_num_threads() // workers)
+    # Biggest slices first, so the pool does not end waiting on one large slice.
+    order = sorted(to_train, key=lambda s: -sum(p.numel() for p in prepared[s.name][0].parameters()))
+    tasks = [
+        (
+            prepared[s.name][0],
+            s,
+            stores[s.name],
+            ratio,
+            rules,
+            config,
+            ckpt_dir / f"{s.name}.pt",
+            fp,
+            prepared[s.name][1],
+            prepared[s.name][3],
+            threads,
+        )
+        for s in order
+    ]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes=min(workers, len(tasks))) as pool:
+        for _ in tqdm(
+            pool.imap_unordered(_train_task, tasks),
+            total=len(tasks),
+            desc=f"slices ({workers} workers)",
+            disable=not progress,
+            unit="slice",
+        ):
+            pass
+
+
+def _sequential(
+    teacher,
+    specs,
+    to_train,
+    prepared,
+    done,
+    loader,
+    ratio,
+    rules,
+    config,
+    device,
+    fp16,
+    feat_root,
+    budget,
+    forward_fn,
+    progress,
+    timings,
+    finish,
+) -> None:
+    from tqdm.auto import tqdm
+
+    t1 = time.perf_counter()
+    targets = capture_features(
+        teacher,
+        to_train,
+        loader,
+        device=device,
+        root=feat_root,
+        memory_budget_bytes=budget,
+        fp16=fp16,
+        forward_fn=forward_fn,
+        inputs=True,
+        outputs=True,
+        progress=progress,
+        desc="teacher features",
+    )
+    timings["capture_s"] = time.perf_counter() - t1
+    hybrid = copy.deepcopy(teacher).eval()
+    train_names = {s.name for s in to_train}
+    t1 = time.perf_counter()
+    for spec in tqdm(specs, desc="slices (sequential)", disable=not progress, unit="slice"):
+        if spec.name in train_names:
+            container, layers, _, before = prepared[spec.name]
+            inputs = capture_features(
+                hybrid, [spec], loader, device=device, forward_fn=forward_fn, outputs=False, progress=False
+            )[spec.name]
+            store = FeatureStore(None if feat_root is None else feat_root / f"{spec.name}.seq", budget, fp16)
+            for (x, _, kw), (_, y, _) in zip(inputs.chunks(), targets[spec.name].chunks(), strict=True):
+                store.add(x, y, kw)
+            r = train_slice(
+                container,
+                spec,
+                store,
+                ratio=ratio,
+                rules=rules,
+                config=config,
+                progress=progress,
+                position=1,
+                tensorized=True,
+                params_before=before,
+            )
+            r.layers = layers
+            finish(spec, container, r)
+            store.clear()
+        payload = done.get(spec.name)
+        if payload is not None:
+            for name, module in payload["modules"].items():
+                set_submodule(hybrid, name, copy.deepcopy(module))
+    timings["train_s"] = time.perf_counter() - t1
+
+
+def _gather(done: dict[str, dict], mine: list[str], rank: int, ckpt_dir: Path) -> dict[str, dict]:
+    """Rank 0 receives every rank's finished slices (as serialized checkpoints) and writes the missing files."""
+    import torch.distributed as dist
+
+    blobs = {}
+    for name in mine:
+        buf = io.BytesIO()
+        torch.save(done[name], buf)
+        blobs[name] = buf.getvalue()
+    gathered: list | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(blobs, gathered, dst=0)
+    if rank == 0:
+        for part in gathered:
+            for name, blob in part.items():
+                payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+                done[name] = payload
+                path = ckpt_dir / f"{name}.pt"
+                if not path.is_file():  # ranks on other nodes may not share out_dir
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    tmp.write_bytes(blob)
+                    os.replace(tmp, path)
+    dist.barrier()
+    return done

@@ -1,0 +1,189 @@
+"""Slices: contiguous parts of a model with one input tensor and one output tensor.
+
+A slice is a list of qualified module names executed in order (see `run_slice`). Presets cut torchvision ResNets
+per conv, per BasicBlock/Bottleneck, or per stage; `slices_from_names` builds slices from user-given names, where
+"a+b" groups consecutive modules into one slice.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PRESETS",
+    "SliceSpec",
+    "run_slice",
+    "resnet_slices",
+    "slices_from_names",
+    "make_slices",
+    "validate_slices",
+    "slice_modules",
+    "build_slice_container",
+    "set_submodule",
+]
+
+PRESETS = ("per-block", "per-conv", "per-stage")
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One slice: `modules` are qualified names of consecutive submodules, executed in order."""
+
+    name: str  # unique; used in checkpoint file names
+    modules: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            raise ValueError(f"SliceSpec: name {self.name!r} must be non-empty and usable as a file name")
+        if not self.modules:
+            raise ValueError(f"SliceSpec {self.name!r}: needs at least one module name")
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+
+def run_slice(modules: Sequence[nn.Module], x: Tensor, kwargs: dict | None = None) -> Tensor:
+    """Run `modules` in order on `x`, passing `kwargs` to each; a tuple output contributes its first element."""
+    kwargs = kwargs or {}
+    for m in modules:
+        out = m(x, **kwargs)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def _stage_names(model: nn.Module) -> list[str]:
+    names = [
+        n
+        for n in ("layer1", "layer2", "layer3", "layer4")
+        if isinstance(getattr(model, n, None), nn.Sequential)
+    ]
+    if not names:
+        raise ValueError(
+            f"ResNet presets need a torchvision-style ResNet (layer1..layer4 Sequentials); {type(model).__name__} "
+            f"has none. Define slices by module names instead (slices_from_names / --slices NAME ...)"
+        )
+    return names
+
+
+def resnet_slices(model: nn.Module, preset: str = "per-block") -> list[SliceSpec]:
+    """Slices of a torchvision ResNet's residual stages (stem and classifier head stay out, they remain dense).
+
+    per-stage: layer1 ... layer4. per-block: layer1.0, layer1.1, ... per-conv: every Conv2d inside the stages,
+    downsample convs included, each alone (input and output of the conv itself).
+    """
+    if preset not in PRESETS:
+        raise ValueError(
+            f"--slices: unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or give module names"
+        )
+    stages = _stage_names(model)
+    if preset == "per-stage":
+        return [SliceSpec(s, (s,)) for s in stages]
+    if preset == "per-block":
+        return [SliceSpec(f"{s}.{i}", (f"{s}.{i}",)) for s in stages for i in range(len(getattr(model, s)))]
+    specs = []
+    for s in stages:
+        for name, m in getattr(model, s).named_modules():
+            if isinstance(m, nn.Conv2d):
+                specs.append(SliceSpec(f"{s}.{name}", (f"{s}.{name}",)))
+    return specs
+
+
+def slices_from_names(model: nn.Module, names: Iterable[str]) -> list[SliceSpec]:
+    """One slice per entry; "a+b+c" makes one slice of consecutive modules a, b, c (named "a+b+c")."""
+    specs = [SliceSpec(entry, tuple(p.strip() for p in entry.split("+"))) for entry in names]
+    validate_slices(model, specs)
+    return specs
+
+
+def make_slices(
+    model: nn.Module, slices: str | Sequence[str] | Sequence[SliceSpec] = "per-block"
+) -> list[SliceSpec]:
+    """Resolve a preset name, a list of module names, or a list of SliceSpec into validated SliceSpecs."""
+    if isinstance(slices, str):
+        slices = [slices]
+    slices = list(slices)
+    if not slices:
+        raise ValueError("--slices: empty; give a preset (per-block, per-conv, per-stage) or module names")
+    if all(isinstance(s, SliceSpec) for s in slices):
+        specs = slices
+    elif len(slices) == 1 and slices[0] in PRESETS:
+        specs = resnet_slices(model, slices[0])
+    else:
+        specs = slices_from_names(model, [str(s) for s in slices])
+    validate_slices(model, specs)
+    return specs
+
+
+def validate_slices(model: nn.Module, specs: Sequence[SliceSpec]) -> None:
+    """Unknown module names, duplicate slice names, and modules claimed by two slices raise ValueError."""
+    known = dict(model.named_modules())
+    seen_names: set[str] = set()
+    owner: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen_names:
+            raise ValueError(f"slices: duplicate slice name {spec.name!r}")
+        seen_names.add(spec.name)
+        for m in spec.modules:
+            if m not in known or m == "":
+                close = difflib.get_close_matches(m, [k for k in known if k], n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(
+                    f"slice {spec.name!r}: unknown module name {m!r} in {type(model).__name__}{hint}"
+                )
+            for other, other_spec in owner.items():
+                if m == other or m.startswith(other + ".") or other.startswith(m + "."):
+                    raise ValueError(
+                        f"slices {other_spec!r} and {spec.name!r} overlap on module {m!r}; "
+                        f"each module may belong to one slice"
+                    )
+            owner[m] = spec.name
+
+
+def slice_modules(root: nn.Module, spec: SliceSpec) -> list[nn.Module]:
+    """The live modules of `spec` inside `root` (a model or a container from build_slice_container)."""
+    return [root.get_submodule(n) for n in spec.modules]
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at qualified `name` (nn.Module.set_submodule needs torch >= 2.5; this does not)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+def build_slice_container(model: nn.Module, spec: SliceSpec) -> nn.Module:
+    """A standalone module holding deep copies of the slice's modules at the same qualified names.
+
+    Keeping the names means tensorize rules written for the whole model (fnmatch on qualified names) apply to the
+    slice unchanged, and a trained slice is put back into a model by name.
+    """
+    import copy
+
+    root = nn.Module()
+    for name in spec.modules:
+        parts = name.split(".")
+        node = root
+        for p in parts[:-1]:
+            if p not in node._modules:
+                node.add_module(p, nn.Module())
+            node = node._modules[p]
+        node.add_module(parts[-1], copy.deepcopy(model.get_submodule(name)))
+    return root
+
+
+def count_params(modules: Iterable[nn.Module]) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def slice_forward(root: nn.Module, spec: SliceSpec, x: Tensor, kwargs: dict | None = None) -> Tensor:
+    """run_slice on the slice's modules inside `root`."""
+    return run_slice(slice_modules(root, spec), x, kwargs)
+
+
+def _check_tensor(x: object, what: str) -> Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what}: expected a tensor, got {type(x).__name__}")
+    return x
