@@ -1,0 +1,372 @@
+"""Reproduce issue 4's numbers: slice-wise distillation vs the global fine-tune baseline, ResNet-34 / digits.
+
+Measures, on the held-out digits test split (360 images):
+  - the teacher's accuracy;
+  - slice-wise distillation (per-block slices, no global fine-tune) at 2x and 4x compression of the conv
+    layers inside the residual stages, with its wall-clock time per phase;
+  - the global baseline at the same ratios: the same layers tensorized, then end-to-end fine-tuning on
+    cross-entropy, given exactly the slice-wise run's wall-clock time (its own tensorization included);
+  - slice-wise at 2x with only 10% of the training images as calibration data;
+  - the speed-up of 2 worker processes over 1 for the slice training phase.
+
+Every phase appends to bench/results/distill_resnet_<date>.json (written atomically after each phase, so an
+interrupted run keeps what it finished) and the markdown table next to it, plus two plots.
+
+    python bench/distill_resnet.py                       # everything, ~20-30 min on 2 cores
+    python bench/distill_resnet.py --phases teacher,slice --ratios 2   # a subset
+
+The machine this runs on may be shared; the JSON records the load average before and after each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import tnkernels  # noqa: E402
+from distill._atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from distill.data import calibration_subset, load_digits  # noqa: E402
+from distill.global_baseline import global_finetune  # noqa: E402
+from distill.plots import plot_accuracy_vs_ratio, plot_slice_losses  # noqa: E402
+from distill.runner import distill  # noqa: E402
+from distill.sensitivity import layer_rule_pattern  # noqa: E402
+from distill.teacher import evaluate, get_teacher  # noqa: E402
+from distill.train_slice import SliceTrainConfig  # noqa: E402
+
+PHASES = ("teacher", "slice", "global", "calib10", "speedup")
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet34")
+    p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--slices", default="per-block")
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="only for smoke tests with TNK_CACHE_DIR set to a scratch folder (the cache key ignores it)",
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=200, help="per-slice training steps (early stopping may cut)"
+    )
+    p.add_argument("--slice-batch", type=int, default=64)
+    p.add_argument("--slice-lr", type=float, default=1e-3)
+    p.add_argument("--calib-fraction", type=float, default=1.0, help="calibration share for the main runs")
+    p.add_argument(
+        "--small-fraction", type=float, default=0.1, help="calibration share for the calib10 phase"
+    )
+    p.add_argument("--workers", type=int, default=2, help="worker count compared with 1 in the speedup phase")
+    p.add_argument("--global-lr", type=float, default=5e-4)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument(
+        "--global-kd", type=float, default=0.0, help="KD weight of the global baseline (0 = CE only)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default=time.strftime("%Y-%m-%d", time.gmtime()))
+    p.add_argument("--work-dir", default=None, help="slice checkpoints (default: a fresh temporary folder)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    bad = set(args.phases.split(",")) - set(PHASES)
+    if bad:
+        p.error(f"--phases: unknown {sorted(bad)}; choose from {','.join(PHASES)}")
+    return args
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.json_path = self.out / f"distill_resnet_{args.tag}.json"
+        self.md_path = self.out / f"distill_resnet_{args.tag}.md"
+        self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="distill_resnet_"))
+        self.progress = not args.no_progress
+        self.results: dict = {
+            "meta": {
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "tnkernels": getattr(tnkernels, "__version__", "?"),
+                "note": "CPU only; the machine may be shared with other jobs (see load averages per run)",
+                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
+            },
+            "runs": [],
+        }
+
+    # ---- bookkeeping ----
+    def save(self) -> None:
+        atomic_write_json(self.json_path, self.results)
+        md = self.markdown().encode()
+        atomic_write_bytes(self.md_path, lambda f: f.write(md))
+
+    def add(self, run: dict) -> dict:
+        self.results["runs"].append(run)
+        self.save()
+        print(
+            f"[bench] {run['name']}: "
+            + ", ".join(f"{k}={v}" for k, v in run.items() if k in ("accuracy", "achieved_ratio", "seconds")),
+            flush=True,
+        )
+        return run
+
+    def markdown(self) -> str:
+        t = self.results.get("teacher", {})
+        lines = [
+            f"# ResNet-34 on digits: slice-wise vs global ({self.results['meta']['date_utc']})",
+            "",
+            f"Teacher test accuracy: **{t.get('accuracy', float('nan')):.4f}** "
+            f"({t.get('test_images', '?')} held-out images). {self.results['meta']['note']}.",
+            "",
+            "| run | target | achieved | calib imgs | workers | test acc | vs teacher | time (s) | detail |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        ta = t.get("accuracy")
+        for r in self.results["runs"]:
+            acc = r.get("accuracy")
+            delta = f"{100 * (acc - ta):+.2f} pt" if acc is not None and ta is not None else "-"
+            lines.append(
+                f"| {r['name']} | {r.get('ratio', '-')}x | {r.get('achieved_ratio', 0):.2f}x | "
+                f"{r.get('calib_images', '-')} | {r.get('workers', '-')} | "
+                f"{'-' if acc is None else f'{acc:.4f}'} | {delta} | {r.get('seconds', 0):.0f} | "
+                f"{r.get('detail', '')} |"
+            )
+        if "speedup" in self.results:
+            s = self.results["speedup"]
+            lines += [
+                "",
+                f"Slice training with {s['workers']} workers vs 1: {s['train_speedup']:.2f}x faster "
+                f"(train phase {s['train_s_1']:.0f}s -> {s['train_s_n']:.0f}s; whole run "
+                f"{s['total_s_1']:.0f}s -> {s['total_s_n']:.0f}s).",
+            ]
+        lines += ["", f"Command: `{self.results['meta']['command']}`", ""]
+        return "\n".join(lines)
+
+    # ---- phases ----
+    def setup(self) -> None:
+        t0 = time.perf_counter()
+        self.train_ds, self.test_ds = load_digits(image_size=32)
+        self.test_loader = DataLoader(self.test_ds, batch_size=256)
+        extra = {} if self.args.teacher_epochs is None else {"epochs": self.args.teacher_epochs}
+        self.teacher = get_teacher(
+            self.args.model,
+            data="digits",
+            datasets=(self.train_ds, self.test_ds),
+            seed=self.args.seed,
+            progress=self.progress,
+            **extra,
+        )
+        acc = evaluate(self.teacher, self.test_loader)
+        self.results["teacher"] = {
+            "model": self.args.model,
+            "accuracy": acc,
+            "test_images": len(self.test_ds),
+            "train_images": len(self.train_ds),
+            "seconds_load_or_train": time.perf_counter() - t0,
+        }
+        self.save()
+        print(f"[bench] teacher {self.args.model}: test accuracy {acc:.4f}", flush=True)
+
+    def config(self, **over) -> SliceTrainConfig:
+        a = self.args
+        kw = dict(max_steps=a.max_steps, batch_size=a.slice_batch, lr=a.slice_lr, seed=a.seed) | over
+        return SliceTrainConfig(**kw)
+
+    def slicewise(
+        self, name: str, ratio: float, fraction: float, workers: int, series: str | None = None, **cfg
+    ) -> dict:
+        calib = calibration_subset(self.train_ds, fraction, seed=self.args.seed)
+        loader = DataLoader(calib, batch_size=128, shuffle=False)
+        la = load()
+        t0 = time.perf_counter()
+        res = distill(
+            self.teacher,
+            loader,
+            slices=self.args.slices,
+            ratio=ratio,
+            workers=workers,
+            out_dir=self.work / name,
+            config=self.config(**cfg),
+            progress=self.progress,
+        )
+        wall = time.perf_counter() - t0
+        acc = evaluate(res.student, self.test_loader)
+        layers = [row for s in res.slices.values() for row in s.layers if row.get("status") == "tensorized"]
+        before = sum(r["params_before"] for r in layers)
+        after = sum(r["params_after"] for r in layers)
+        return {
+            "name": name,
+            "method": "slice-wise",
+            "series": series,
+            "ratio": ratio,
+            "calib_images": len(calib),
+            "workers": workers,
+            "accuracy": acc,
+            "achieved_ratio": before / after if after else 1.0,
+            "seconds": wall,
+            "timings": res.timings,
+            "layers": [r["name"] for r in layers],
+            "params_before": before,
+            "params_after": after,
+            "load_before": la,
+            "load_after": load(),
+            "detail": f"{len(res.slices)} slices, {sum(s.steps for s in res.slices.values())} steps",
+            "slices": {
+                k: {
+                    "init_loss": s.init_loss,
+                    "best_loss": s.best_loss,
+                    "steps": s.steps,
+                    "seconds": s.seconds,
+                    "history": s.history,
+                }
+                for k, s in res.slices.items()
+            },
+        }
+
+    def global_baseline(self, ratio: float, reference: dict) -> dict:
+        """Tensorize exactly the layers the slice-wise run did, then fine-tune within its wall-clock time."""
+        budget = reference["seconds"]
+        la = load()
+        t0 = time.perf_counter()
+        student = copy.deepcopy(self.teacher)
+        torch.manual_seed(self.args.seed)
+        rules = {layer_rule_pattern(n): {"ratio": ratio} for n in reference["layers"]}
+        report = tnkernels.tensorize(student, rules=rules)
+        t_tensorize = time.perf_counter() - t0
+        acc0 = evaluate(student, self.test_loader)
+        g = torch.Generator().manual_seed(self.args.seed)
+        loader = DataLoader(
+            self.train_ds, batch_size=self.args.global_batch, shuffle=True, generator=g, drop_last=True
+        )
+        remaining = max(budget - t_tensorize, 1.0)
+        out = global_finetune(
+            student,
+            loader,
+            teacher=self.teacher if self.args.global_kd > 0 else None,
+            kd_weight=self.args.global_kd,
+            time_budget_s=remaining,
+            lr=self.args.global_lr,
+            progress=self.progress,
+        )
+        acc = evaluate(student, self.test_loader)
+        return {
+            "name": f"global {ratio:g}x",
+            "method": "global",
+            "series": "global",
+            "ratio": ratio,
+            "calib_images": len(self.train_ds),
+            "workers": 1,
+            "accuracy": acc,
+            "accuracy_before_finetune": acc0,
+            "achieved_ratio": report.ratio,
+            "seconds": t_tensorize + out["seconds"],
+            "budget_s": budget,
+            "tensorize_s": t_tensorize,
+            "finetune_s": out["seconds"],
+            "steps": out["steps"],
+            "history": out["history"],
+            "load_before": la,
+            "load_after": load(),
+            "detail": f"{out['steps']} steps ({out['steps'] / len(loader):.2f} epochs), "
+            f"{acc0:.4f} before fine-tune",
+        }
+
+    def run(self) -> None:
+        a = self.args
+        phases = set(a.phases.split(","))
+        self.setup()
+        main: dict[float, dict] = {}
+        if "slice" in phases or "global" in phases or "speedup" in phases:
+            for r in a.ratios:
+                main[r] = self.add(self.slicewise(f"slice-wise {r:g}x", r, a.calib_fraction, 1, "slice-wise"))
+                if "global" in phases:
+                    self.add(self.global_baseline(r, main[r]))
+                self.plots()
+        if "calib10" in phases:
+            self.add(
+                self.slicewise(
+                    f"slice-wise {a.ratios[0]:g}x, {a.small_fraction:.0%} calib",
+                    a.ratios[0],
+                    a.small_fraction,
+                    1,
+                )
+            )
+        if "speedup" in phases:
+            one = main[a.ratios[0]]
+            n = self.add(
+                self.slicewise(
+                    f"slice-wise {a.ratios[0]:g}x, {a.workers} workers",
+                    a.ratios[0],
+                    a.calib_fraction,
+                    a.workers,
+                )
+            )
+            self.results["speedup"] = {
+                "workers": a.workers,
+                "train_s_1": one["timings"]["train_s"],
+                "train_s_n": n["timings"]["train_s"],
+                "train_speedup": one["timings"]["train_s"] / n["timings"]["train_s"],
+                "total_s_1": one["seconds"],
+                "total_s_n": n["seconds"],
+                "steps_1": sum(s["steps"] for s in one["slices"].values()),
+                "steps_n": sum(s["steps"] for s in n["slices"].values()),
+            }
+            self.save()
+        self.plots()
+        print(self.markdown())
+        print(f"[bench] wrote {self.json_path} and {self.md_path}")
+
+    def plots(self) -> None:
+        series: dict[str, dict[float, float]] = {}
+        for r in self.results["runs"]:
+            if r.get("series"):
+                series.setdefault(r["series"], {})[r["achieved_ratio"]] = r["accuracy"]
+        if series:
+            plot_accuracy_vs_ratio(
+                series,
+                self.out / f"distill_resnet_{self.args.tag}_accuracy.png",
+                teacher_accuracy=self.results["teacher"]["accuracy"],
+                title="ResNet-34 on digits: slice-wise (no fine-tune) vs global, equal time",
+            )
+        first = next((r for r in self.results["runs"] if r["method"] == "slice-wise"), None)
+        if first:
+            hist = {
+                k: [{"step": h["step"], "loss": h["val_loss"]} for h in v["history"]]
+                for k, v in first["slices"].items()
+            }
+            plot_slice_losses(
+                hist,
+                self.out / f"distill_resnet_{self.args.tag}_slice_losses.png",
+                title=f"{first['name']}: held-out slice loss (MSE / var)",
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    Bench(parse_args(argv)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
