@@ -6,6 +6,8 @@ interpreter, so K = r*i and N = j*r above 16 below exercise multi-tile loops and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -212,3 +214,20 @@ def test_fused_pair_with_wide_second_step():
         y = mpo_linear(x, [g.bfloat16() for g in cores], None, backend="triton")
     y_ref = mpo_linear_reference(x.double(), [g.bfloat16().double() for g in cores])
     assert_close_rel(y, y_ref, tolerance(torch.bfloat16, "triton"), "fused, bf16, two N2 blocks")
+
+
+def test_gpu_bench_script_runs_on_cpu_smoke(tmp_path):
+    # bench/gpu_bench.py only runs for real on a GPU session with a few minutes of device time, so its code paths
+    # (correctness phase, every provider, fwd+bwd, summary, JSON/CSV) are exercised here on tiny shapes.
+    from bench import gpu_bench
+
+    rc = gpu_bench.main(["--smoke-cpu", "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("gpu_bench_*.json")
+    doc = json.loads(json_path.read_text())
+    assert rc == 0 and not doc["errors"], doc["errors"]
+    checks = [r for r in doc["rows"] if r["phase"] == "correctness"]
+    assert checks and all(r["ok"] for r in checks)
+    ops = {r["op"] for r in doc["rows"] if r["phase"] == "perf"}
+    assert ops == {"mpo_fwd", "mpo_fwd_bwd", "tucker_fwd", "tucker_fwd_bwd"}
+    assert doc["meta"]["summary"]["n_cases"] > 0
+    assert list(tmp_path.glob("gpu_bench_*.csv"))
