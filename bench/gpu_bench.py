@@ -13,7 +13,7 @@ Phases
   4. Tucker grid (ResNet-like 3x3 layers, bf16): triton vs torch vs dense F.conv2d.
 
 Every case is wrapped in try/except and the results are rewritten (atomically) after each case, so a crash or the
-time budget (--budget-s, default 240 s; cases after it are skipped and listed) never loses what was measured.
+time budget (--budget-s, default 200 s; cases after it are skipped and listed) never loses what was measured.
 Timing: CUDA-graph replay (triton.testing.do_bench_cudagraph) so Python launch overhead is excluded for every
 provider alike; plain do_bench if graph capture fails (the `timer` column says which). Roofline time is
 max(FLOPs / peak, minimal bytes / bandwidth) with the measured peaks; minimal bytes = input + output + weights
