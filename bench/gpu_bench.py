@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     ap.add_argument(
-        "--budget-s", type=float, default=240.0, help="stop starting new cases after this many seconds"
+        "--budget-s", type=float, default=200.0, help="stop starting new cases after this many seconds"
     )
     ap.add_argument("--rows", default="1,4,16,256,4096", help="MPO row counts, comma-separated")
     ap.add_argument("--bonds", default="64,256", help="MPO max bonds, comma-separated")
