@@ -95,6 +95,8 @@ struct Step {
   std::vector<int64_t> koff;      // K offsets, K enumerated as (i_k, r_{k-1}) so A is read along the bond (stride 1)
   int64_t r_prev = 0, i_size = 0; // G row of k = (i, r) is r * i_size + i
   int64_t out_floats = 0;         // R * N
+  // The same layout as strided tensor modes, for the ATen GEMM path: A = [row modes..., r_{k-1}, i_k].
+  std::vector<int64_t> a_sizes, a_strides;
 };
 
 // Build the steps for `rows` batch rows. State modes are tracked as (size, stride) in the current buffer.
@@ -129,6 +131,12 @@ std::vector<Step> plan_steps(const std::vector<at::Tensor>& cores, int64_t rows,
     s.K = static_cast<int64_t>(s.koff.size());
     s.N = jk * rk;
     s.out_floats = s.R * s.N;
+    for (const auto& [size, stride] : row_modes) {
+      s.a_sizes.push_back(size);
+      s.a_strides.push_back(stride);
+    }
+    s.a_sizes.insert(s.a_sizes.end(), {r_mode.first, i_modes[0].first});
+    s.a_strides.insert(s.a_strides.end(), {r_mode.second, i_modes[0].second});
     // Output C[rows][j_k][r_k] is contiguous: recompute strides of the row modes, append j_k, then r_k.
     std::vector<Mode> new_modes(row_modes.size());
     int64_t stride = s.N;
@@ -224,9 +232,29 @@ void run_step(const Step& s, int64_t r_used, const float* A, const WT* M, float*
   }
 }
 
+// gemm=2 routes every step through ATen's GEMM (MKL/oneDNN) after a gather copy of A; gemm=0 (auto) and 1 use the
+// micro-kernel. Measured on the 2-core CI machine (docs/native.md) the micro-kernel matched or beat the ATen route
+// at 1-16 rows on every grid shape, so auto does not pick ATen; the route stays for experiments on other CPUs.
+enum class GemmMode : int64_t { kAuto = 0, kKernel = 1, kAten = 2 };
+
+bool use_aten(GemmMode mode) { return mode == GemmMode::kAten; }
+
+// One step through ATen: gather A (a strided view of the buffer) into [R, K] with K = (r_{k-1}, i_k), the core's own
+// row order, then C = A @ G[r*i, j*r'] with at::mm_out straight into the output buffer.
+void aten_step(const Step& s, int64_t r_used, const float* A, const at::Tensor& core, float* C) {
+  std::vector<int64_t> sizes = s.a_sizes, strides = s.a_strides;
+  sizes[0] = r_used / s.rows_per_b;  // batch rows of this chunk (the first row mode is the batch)
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), sizes, strides, f32).reshape({r_used, s.K});
+  at::Tensor g = core.reshape({s.K, s.N});
+  if (g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
+  at::Tensor c = at::from_blob(C, {r_used, s.N}, f32);
+  at::mm_out(c, a, g);
+}
+
 template <typename WT>
-void chain_chunk(const std::vector<Step>& steps, const std::vector<const WT*>& G, int64_t rows, const float* x,
-                 float* y, bool parallel) {
+void chain_chunk(const std::vector<Step>& steps, const std::vector<at::Tensor>& cores, int64_t rows, const float* x,
+                 float* y, bool parallel, GemmMode mode) {
   // Two ping-pong buffers for the intermediates of this chunk; reused across calls on the same thread.
   static thread_local std::vector<float> buf[2];
   const float* in = x;
@@ -242,37 +270,43 @@ void chain_chunk(const std::vector<Step>& steps, const std::vector<const WT*>& G
       if (b.size() < static_cast<size_t>(r_used * s.N)) b.resize(r_used * s.N);
       out = b.data();
     }
-    run_step<WT>(s, r_used, in, G[k], out, parallel);
+    if (use_aten(mode))
+      aten_step(s, r_used, in, cores[k], out);
+    else
+      run_step<WT>(s, r_used, in, cores[k].data_ptr<WT>(), out, parallel);
     in = out;
   }
 }
 
 template <typename WT>
 void chain_forward(const std::vector<at::Tensor>& cores, const float* x, float* y, int64_t B, int64_t in_features,
-                   int64_t out_features) {
-  std::vector<const WT*> G;
-  for (const auto& c : cores) G.push_back(c.data_ptr<WT>());
+                   int64_t out_features, GemmMode mode) {
   // Largest intermediate per batch row decides how many rows share one cache-resident chunk.
   int64_t per_row = 0;
+  const bool any_aten = use_aten(mode);
   {
     std::vector<Step> one = plan_steps(cores, 1, in_features);
-    for (const auto& s : one) per_row = std::max(per_row, s.out_floats);
+    for (const auto& s : one) {
+      per_row = std::max(per_row, s.out_floats);
+    }
   }
   const int64_t threads = at::get_num_threads();
   int64_t chunk = std::max<int64_t>(1, kL2Budget / (2 * 4 * std::max<int64_t>(per_row, 1)));
   if (B >= 2 && threads > 1) chunk = std::min(chunk, (B + threads - 1) / threads);
+  // ATen's GEMM threads itself and wants the whole batch in one call: no row chunks then.
+  if (any_aten) chunk = B;
   chunk = std::min(chunk, B);
   const int64_t n_chunks = (B + chunk - 1) / chunk;
   const std::vector<Step> steps = plan_steps(cores, chunk, in_features);
   if (n_chunks == 1) {
-    chain_chunk<WT>(steps, G, B, x, y, /*parallel=*/true);
+    chain_chunk<WT>(steps, cores, B, x, y, /*parallel=*/true, mode);
     return;
   }
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t b0 = c * chunk;
       const int64_t rows = std::min(chunk, B - b0);
-      chain_chunk<WT>(steps, G, rows, x + b0 * in_features, y + b0 * out_features, /*parallel=*/false);
+      chain_chunk<WT>(steps, cores, rows, x + b0 * in_features, y + b0 * out_features, /*parallel=*/false, mode);
     }
   });
 }
@@ -282,7 +316,9 @@ void chain_forward(const std::vector<at::Tensor>& cores, const float* x, float* 
 // x: [B, in_features] fp32 or bf16 (contiguous); cores: fp32 or bf16, all the same dtype, contiguous;
 // bias: [out_features] or None. Returns [B, out_features] in x's dtype. Forward only.
 at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>& cores,
-                             const c10::optional<at::Tensor>& bias) {
+                             const c10::optional<at::Tensor>& bias, int64_t gemm) {
+  TORCH_CHECK(gemm >= 0 && gemm <= 2, "mpo_chain_forward: gemm must be 0 (auto), 1 (kernel) or 2 (aten)");
+  const auto mode = static_cast<GemmMode>(gemm);
   TORCH_CHECK(!cores.empty(), "mpo_chain_forward: needs at least one core");
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "mpo_chain_forward: x must be a 2-D CPU tensor");
   const auto wdt = cores[0].scalar_type();
@@ -303,9 +339,10 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
   at::Tensor y = at::empty({B, out_features}, x.options().dtype(at::kFloat));
   if (B > 0) {
     if (wdt == at::kFloat)
-      chain_forward<float>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features);
+      chain_forward<float>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features, mode);
     else
-      chain_forward<at::BFloat16>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features);
+      chain_forward<at::BFloat16>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features,
+                                  mode);
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "mpo_chain_forward: bias must be [out_features]");
@@ -317,5 +354,6 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tnkernels native CPU kernels (csrc/): fused MPO chain for small-batch inference";
   m.def("mpo_chain_forward", &mpo_chain_forward, "MPO chain forward: y = x @ W.T + bias (fp32 accumulate)",
-        pybind11::arg("x"), pybind11::arg("cores"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("x"), pybind11::arg("cores"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("gemm") = 0);
 }

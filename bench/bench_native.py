@@ -1,0 +1,223 @@
+"""CPU latency of the native MPO kernel vs the torch path vs dense F.linear, on the grid shapes.
+
+    python bench/bench_native.py                       # full grid -> bench/results/native_<host>_<date>.json
+    python bench/bench_native.py --quick               # one shape, for a smoke run
+    python bench/bench_native.py --shapes gpt2xl_fc --rows 1 16 --ratios 4 16
+
+Every cell times the three providers in interleaved rounds (native, torch, dense, native, ...) so that drift on a
+shared machine hits them alike; it reports the median per-call latency and the min. Cores are random with the
+shapes an MPO of the given ratio has (latency does not depend on the values): balanced modes, a uniform bond chosen
+as the largest that keeps params <= dense/ratio (bonds also capped by the TT-rank bound).
+
+The "cost" columns are the criterion of issue 6: MPO (bytes + FLOPs) / dense (bytes + FLOPs) at that row count,
+bytes = fp32 weights + input + output, FLOPs of the left-to-right sweep the kernel runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tnkernels.ops import mpo_linear  # noqa: E402
+from tnkernels.ops.mpo import native_impl  # noqa: E402
+
+SHAPES = {  # name: (in_features, out_features)
+    "gpt2xl_fc": (1600, 6400),
+    "gpt2xl_proj": (6400, 1600),
+    "gpt2xl_attn": (1600, 4800),
+    "gpt2s_fc": (768, 3072),
+    "minilm_fc": (384, 1536),
+    "minilm_proj": (1536, 384),
+    "resnet_fc": (512, 1000),
+}
+ROWS = (1, 4, 16, 64)
+RATIOS = (2, 4, 16, 64)
+
+
+def balanced_modes(n: int, k: int) -> list[int]:
+    """Split n into k integer factors as evenly as possible (greedy on prime factors), largest in the middle."""
+    primes, m, p = [], n, 2
+    while m > 1:
+        while m % p == 0:
+            primes.append(p)
+            m //= p
+        p += 1
+    bins = [1] * k
+    for q in sorted(primes, reverse=True):
+        bins[bins.index(min(bins))] *= q
+    bins.sort()
+    # small modes at the ends keep the boundary cores small, as MPO layers usually are
+    return bins[0::2] + bins[1::2][::-1]
+
+
+def mpo_shapes(in_f: int, out_f: int, ratio: float, num_cores: int) -> list[tuple[int, int, int, int]]:
+    im, om = balanced_modes(in_f, num_cores), balanced_modes(out_f, num_cores)
+    dims = [i * j for i, j in zip(im, om)]
+
+    def shapes_for(bond: int) -> list[tuple[int, int, int, int]]:
+        rs = [1]
+        for k in range(1, num_cores):
+            left = 1
+            for d in dims[:k]:
+                left *= d
+            right = 1
+            for d in dims[k:]:
+                right *= d
+            rs.append(min(bond, left, right))
+        rs.append(1)
+        return [(rs[k], im[k], om[k], rs[k + 1]) for k in range(num_cores)]
+
+    budget = in_f * out_f / ratio
+    best = shapes_for(1)
+    for bond in range(1, 4096):
+        s = shapes_for(bond)
+        if sum(a * b * c * d for a, b, c, d in s) > budget or s == best and bond > 1:
+            break
+        best = s
+    return best
+
+
+def time_rounds(fns: dict, rounds: int, min_time: float) -> dict:
+    """Interleaved timing: per round, each fn runs `number` calls; returns median/min seconds per call."""
+    number = {}
+    for name, fn in fns.items():  # warm up and size `number` so one round takes about min_time
+        fn()
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < min_time / 4 or n < 3:
+            fn()
+            n += 1
+        per = (time.perf_counter() - t0) / n
+        number[name] = max(1, int(min_time / per))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(number[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / number[name])
+    return {name: {"median_s": statistics.median(s), "min_s": min(s)} for name, s in samples.items()}
+
+
+def bench_cell(in_f: int, out_f: int, ratio: float, rows: int, num_cores: int, rounds: int, min_time: float) -> dict:
+    shapes = mpo_shapes(in_f, out_f, ratio, num_cores)
+    cores = [torch.randn(s) * 0.1 for s in shapes]
+    cores_bf16 = [g.bfloat16() for g in cores]
+    w = torch.randn(out_f, in_f) * 0.02
+    bias = torch.randn(out_f)
+    x = torch.randn(rows, in_f)
+    fns = {
+        "native": lambda: mpo_linear(x, cores, bias, backend="native"),
+        "native_bf16": lambda: mpo_linear(x, cores_bf16, bias, backend="native"),
+        "torch": lambda: mpo_linear(x, cores, bias, backend="torch"),
+        "dense": lambda: F.linear(x, w, bias),
+    }
+    with torch.inference_mode():
+        res = time_rounds(fns, rounds, min_time)
+    params = sum(g.numel() for g in cores)
+    flops = native_impl.sweep_flops(cores, rows)
+    dense_flops = 2 * rows * in_f * out_f
+    io_bytes = 4 * rows * (in_f + out_f)
+    mpo_cost = 4 * params + io_bytes + flops
+    dense_cost = 4 * in_f * out_f + io_bytes + dense_flops
+    nat, tor, den = (res[p]["median_s"] for p in ("native", "torch", "dense"))
+    return {
+        "in": in_f,
+        "out": out_f,
+        "ratio_target": ratio,
+        "ratio_actual": in_f * out_f / params,
+        "core_shapes": shapes,
+        "rows": rows,
+        "mpo_flops": flops,
+        "dense_flops": dense_flops,
+        "cost_fraction": mpo_cost / dense_cost,
+        "latency": res,
+        "speedup_vs_torch": tor / nat,
+        "speedup_vs_dense": den / nat,
+        "native_gflops": flops / nat / 1e9,
+    }
+
+
+def environment() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "native_available": native_impl.native_available(),
+        "note": "shared machine: other jobs ran concurrently; compare ratios within a cell, not absolute times",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
+    ap.add_argument("--ratios", nargs="*", type=float, default=list(RATIOS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--min-time", type=float, default=0.02, help="seconds per provider per round")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="one shape, rows 1 and 16, ratios 4 and 16")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/native_<date>.json)")
+    args = ap.parse_args(argv)
+    if not native_impl.native_available():
+        print(f"native extension not built: {native_impl.is_available()[1]}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.shapes, args.rows, args.ratios = ["gpt2s_fc"], [1, 16], [4.0, 16.0]
+    cells = []
+    cols = ("native", "nat_bf16", "torch", "dense")
+    hdr = f"{'shape':12} {'ratio':>5} {'rows':>4} {'cost':>5} " + " ".join(f"{c:>9}" for c in cols)
+    hdr += f" {'x_torch':>7} {'x_dense':>7}"
+    print(hdr)
+    for name in args.shapes:
+        in_f, out_f = SHAPES[name]
+        num_cores = 4 if min(in_f, out_f) >= 1024 or max(in_f, out_f) >= 4096 else 3
+        for ratio in args.ratios:
+            for rows in args.rows:
+                c = bench_cell(in_f, out_f, ratio, rows, num_cores, args.rounds, args.min_time)
+                c["shape"] = name
+                cells.append(c)
+                lat = c["latency"]
+                print(
+                    f"{name:12} {ratio:5g} {rows:4d} {c['cost_fraction']:5.2f} "
+                    + " ".join(f"{lat[p]['median_s'] * 1e6:8.1f}u" for p in ("native", "native_bf16", "torch", "dense"))
+                    + f" {c['speedup_vs_torch']:7.2f} {c['speedup_vs_dense']:7.2f}",
+                    flush=True,
+                )
+    out = args.out or Path(__file__).parent / "results" / f"native_{_dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps({"environment": environment(), "cells": cells}, indent=1))
+    os.replace(tmp, out)  # atomic: a reader never sees a half-written file
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

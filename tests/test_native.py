@@ -1,0 +1,212 @@
+"""The native (csrc/) MPO kernel against the float64 reference.
+
+Tests that need the compiled extension are skipped, with the reason, when it was not built; CI sets
+TNK_EXPECT_NATIVE=1 so that a build that silently failed turns into a failing test instead of skipped ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_rel, tolerance
+from tnkernels.ops import mpo_linear
+from tnkernels.ops.mpo import native_impl
+from tnkernels.ops.mpo.reference import mpo_linear_reference
+
+_OK, _WHY = native_impl.is_available()
+needs_native = pytest.mark.skipif(not _OK, reason=f"native extension not built: {_WHY}")
+
+# gemm routes of the compiled entry: 1 = fused micro-kernel (what auto uses), 2 = gather + ATen GEMM per step.
+GEMM_ROUTES = (1, 2)
+
+
+def make_cores(in_modes, out_modes, bonds, dtype=torch.float32, gen=None):
+    ranks = [1, *bonds, 1]
+    return [
+        torch.randn(ranks[k], in_modes[k], out_modes[k], ranks[k + 1], generator=gen, dtype=dtype)
+        / math.sqrt(ranks[k] * in_modes[k])
+        for k in range(len(in_modes))
+    ]
+
+
+def reference64(x, cores, bias):
+    """The float64 reference computed from the very same (fp32 or bf16-rounded) values."""
+    return mpo_linear_reference(x.double(), [g.double() for g in cores], None if bias is None else bias.double())
+
+
+def test_expected_native_is_built():
+    """Fails (not skips) when the environment says the extension must be there: catches silent build failures."""
+    if os.environ.get("TNK_EXPECT_NATIVE", "") != "1":
+        pytest.skip("TNK_EXPECT_NATIVE is not 1: the native extension is optional here")
+    assert native_impl.native_available(), f"TNK_EXPECT_NATIVE=1 but the native extension is missing: {_WHY}"
+
+
+def test_availability_is_consistent():
+    ok, why = native_impl.is_available()
+    assert ok == native_impl.native_available()
+    assert ok or "TNK_NO_NATIVE" in why, "the reason must tell the user how to get the extension"
+
+
+CASES = [
+    # (in_modes, out_modes, bonds, rows)
+    ((7,), (5,), [], 1),  # one core: a plain matrix
+    ((3, 5), (4, 2), [1], 17),  # bond 1
+    ((2, 3), (5, 7), [6], 1),
+    ((3, 5, 2), (2, 7, 3), [4, 9], 17),  # odd modes, column remainders
+    ((2, 3, 2, 5), (3, 2, 5, 2), [3, 20, 5], 4),
+    ((2, 2, 3, 2, 2), (3, 2, 2, 2, 3), [4, 7, 6, 3], 17),  # 5 cores
+    ((2, 2, 2, 2, 2, 3), (3, 2, 2, 2, 2, 2), [2, 4, 8, 4, 2], 3),  # 6 cores
+    ((4, 8), (16, 3), [17], 33),  # N = 16*k + 3 columns, 33 rows = several row tiles and chunks
+]
+
+
+@needs_native
+@pytest.mark.parametrize("gemm", GEMM_ROUTES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("in_modes,out_modes,bonds,rows", CASES)
+def test_matches_float64_reference(in_modes, out_modes, bonds, rows, with_bias, gemm):
+    cores = make_cores(in_modes, out_modes, bonds)
+    x = torch.randn(rows, math.prod(in_modes))
+    bias = torch.randn(math.prod(out_modes)) if with_bias else None
+    y = native_impl._ext.mpo_chain_forward(x, cores, bias, gemm)
+    assert y.dtype == torch.float32
+    assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), "native vs float64")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_random_shapes_through_dispatcher(threads):
+    """Random chains (2..6 cores, bonds 1..12, modes 1..7) through mpo_linear(backend='native'), with leading
+    dims; 1 and 2 threads exercise the in-step parallel split and the parallel row chunks."""
+    rng = random.Random(1234 + threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(12):
+            n = rng.randint(2, 6)
+            in_modes = [rng.randint(1, 7) for _ in range(n)]
+            out_modes = [rng.randint(1, 7) for _ in range(n)]
+            bonds = [rng.randint(1, 12) for _ in range(n - 1)]
+            lead = rng.choice([(1,), (17,), (2, 3), (3, 1, 5)])
+            cores = make_cores(in_modes, out_modes, bonds)
+            x = torch.randn(*lead, math.prod(in_modes))
+            bias = torch.randn(math.prod(out_modes)) if rng.random() < 0.5 else None
+            y = mpo_linear(x, cores, bias, backend="native")
+            what = f"modes {in_modes}->{out_modes} bonds {bonds} lead {lead}"
+            assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), what)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+def test_bf16_weights_accumulate_in_fp32():
+    """bf16 cores are exact inputs: the result must match the float64 contraction of those bf16 values at fp32
+    accuracy (an fp32 accumulator), far tighter than a bf16 result could be."""
+    cores = [g.bfloat16() for g in make_cores((3, 4, 5), (5, 2, 6), [7, 11])]
+    x = torch.randn(17, 60)
+    bias = torch.randn(60)
+    y = mpo_linear(x, cores, bias, backend="native")
+    assert y.dtype == torch.float32
+    assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), "bf16 cores")
+
+
+@needs_native
+def test_bf16_input_gives_bf16_output():
+    cores = make_cores((3, 4), (2, 5), [6])
+    x = torch.randn(5, 12).bfloat16()
+    y = mpo_linear(x, cores, None, backend="native")
+    assert y.dtype == torch.bfloat16
+    # only the final rounding to bf16 differs from the float64 result of the same inputs
+    assert_close_rel(y, reference64(x, cores, None), tolerance(torch.bfloat16, "torch"), "bf16 input")
+
+
+@needs_native
+def test_non_contiguous_inputs_and_empty_batch():
+    cores = make_cores((4, 3), (2, 5), [5])
+    x = torch.randn(12, 9).t()  # [9, 12], non-contiguous
+    nc_cores = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in cores]  # same values, strided
+    assert not nc_cores[0].is_contiguous()
+    y = mpo_linear(x, nc_cores, None, backend="native")
+    assert_close_rel(y, reference64(x, cores, None), tolerance(torch.float32, "native"), "strided")
+    empty = mpo_linear(torch.randn(0, 12), cores, None, backend="native")
+    assert empty.shape == (0, 10)
+
+
+@needs_native
+def test_no_grad_inference_with_trainable_parameters():
+    cores = [g.requires_grad_() for g in make_cores((3, 4), (4, 3), [5])]
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        y = mpo_linear(x, cores, None, backend="native")
+    assert_close_rel(y, reference64(x, cores, None), tolerance(torch.float32, "native"), "no_grad")
+    with torch.inference_mode():
+        y2 = mpo_linear(x, cores, None, backend="native")
+    assert torch.equal(y, y2)
+
+
+@needs_native
+def test_gradient_request_is_refused_with_the_fix():
+    cores = [g.requires_grad_() for g in make_cores((3, 4), (4, 3), [5])]
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        mpo_linear(torch.randn(2, 12), cores, None, backend="native")
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        mpo_linear(torch.randn(2, 12, requires_grad=True), [g.detach() for g in cores], None, backend="native")
+
+
+@needs_native
+def test_bad_inputs_raise_value_errors_naming_the_problem():
+    cores = make_cores((3, 4), (4, 3), [5])
+    x = torch.randn(2, 12)
+    with pytest.raises(ValueError, match="x has dtype torch.float64"):
+        mpo_linear(x.double(), cores, None, backend="native")
+    with pytest.raises(ValueError, match="must all be float32 or all bfloat16"):
+        mpo_linear(x, [cores[0], cores[1].bfloat16()], None, backend="native")
+    with pytest.raises(ValueError, match="must all be float32 or all bfloat16"):
+        mpo_linear(x, [g.half() for g in cores], None, backend="native")
+    with pytest.raises(ValueError, match="CPU-only"):
+        native_impl.mpo_linear_native(x.to("meta"), cores, None)
+    with pytest.raises(ValueError, match="bias must be floating point"):
+        native_impl.mpo_linear_native(x, cores, torch.ones(12, dtype=torch.int64))
+    # shape errors are caught by the shared validation before the backend runs
+    with pytest.raises(ValueError, match="expect 12"):
+        mpo_linear(torch.randn(2, 11), cores, None, backend="native")
+
+
+@needs_native
+def test_compiled_entry_checks_its_own_arguments():
+    """The C++ entry must not trust its caller: bad shapes give an error, never a crash or a wrong result."""
+    ext = native_impl._ext
+    cores = make_cores((3, 4), (4, 3), [5])
+    with pytest.raises(RuntimeError, match="bond mismatch"):
+        ext.mpo_chain_forward(torch.randn(2, 12), [cores[0], cores[1][:4]], None, 1)
+    with pytest.raises(RuntimeError, match="cores expect 12"):
+        ext.mpo_chain_forward(torch.randn(2, 13), cores, None, 1)
+    with pytest.raises(RuntimeError, match="gemm must be"):
+        ext.mpo_chain_forward(torch.randn(2, 12), cores, None, 7)
+
+
+def test_missing_extension_is_reported_not_crashing(monkeypatch):
+    """Without the compiled module (TNK_NO_NATIVE=1 or a failed build) the backend says why and how to fix it."""
+    monkeypatch.setattr(native_impl, "_ext", None)
+    monkeypatch.setattr(native_impl, "_IMPORT_ERROR", "No module named 'tnkernels._native'")
+    ok, why = native_impl.is_available()
+    assert not ok and "not built" in why and "TNK_NO_NATIVE" in why
+    assert not native_impl.native_available()
+    cores = make_cores((3, 4), (4, 3), [5])
+    with pytest.raises(RuntimeError, match="not built"):
+        native_impl.mpo_linear_native(torch.randn(2, 12), cores, None)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        mpo_linear(torch.randn(2, 12), cores, None, backend="native")
+
+
+def test_sweep_flops_counts_each_step():
+    """sweep_flops is what the planner reads: check it against a direct count for a 3-core chain."""
+    cores = make_cores((2, 3, 4), (5, 6, 7), [3, 2])
+    rows = 5
+    expected = 2 * rows * (cores[0].numel() * (3 * 4) + cores[1].numel() * (5 * 4) + cores[2].numel() * (5 * 6))
+    assert native_impl.sweep_flops(cores, rows) == expected
