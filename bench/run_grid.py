@@ -313,7 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--check-plans", action="store_true", help="force and time every plan kind (forward)")
     ap.add_argument("--no-peers", action="store_true", help="skip tltorch and torch-mpo")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 tames a shared machine"
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the calibration is keyed by thread count, so it follows
     preset = "quick" if args.quick else args.preset
     cfg = PRESETS[preset]
     passes = args.passes.split(",")
