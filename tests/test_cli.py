@@ -20,16 +20,35 @@ def test_help_lists_every_command(capsys):
 
 def test_inspect_resnet_subset(capsys, tmp_path):
     out_json = tmp_path / "r.json"
-    assert main(["inspect", "--model", "resnet18", "--ratio", "3", "--include", "layer1.*", "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                "resnet18",
+                "--ratio",
+                "3",
+                "--include",
+                "layer1.*",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "layer1.0.conv1" in out and "tucker" in out and "whole model" in out
     data = json.loads(out_json.read_text())
-    assert data["target_ratio"] == 3 and all(r["ratio"] >= 3 for r in data["rows"] if r["status"] == "tensorized")
+    assert data["target_ratio"] == 3 and all(
+        r["ratio"] >= 3 for r in data["rows"] if r["status"] == "tensorized"
+    )
 
 
 def test_inspect_gpt2_config(capsys):
     pytest.importorskip("transformers")
-    assert main(["inspect", "--model", "gpt2", "--ratio", "8", "--include", "transformer.h.0.mlp.c_proj"]) == 0
+    assert (
+        main(["inspect", "--model", "gpt2", "--ratio", "8", "--include", "transformer.h.0.mlp.c_proj"]) == 0
+    )
     assert "transformer.h.0.mlp.c_proj" in capsys.readouterr().out
 
 

@@ -120,10 +120,13 @@ def test_gpt2_full_rank_tensorize_keeps_outputs():
 
 def test_bert_tensorize():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=100)
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
+    )
     model = transformers.BertModel(cfg).eval()
-    report = tensorize(model, ratio=2, rules={"encoder.layer.?.intermediate.dense": {}, "encoder.layer.?.output.dense": {}})
+    report = tensorize(
+        model, ratio=2, rules={"encoder.layer.?.intermediate.dense": {}, "encoder.layer.?.output.dense": {}}
+    )
     assert len(report.tensorized) == 4
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 7)))

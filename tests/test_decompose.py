@@ -116,7 +116,9 @@ def test_mpo_and_tucker_on_cuda():
 
 
 # --------------------------------------------------------------------------------------------------- auto_modes
-@pytest.mark.parametrize("n,cores", [(768, 2), (3072, 2), (1600, 3), (6400, 4), (1000, 3), (10, 2), (4800, 2)])
+@pytest.mark.parametrize(
+    "n,cores", [(768, 2), (3072, 2), (1600, 3), (6400, 4), (1000, 3), (10, 2), (4800, 2)]
+)
 def test_auto_modes_balanced_and_exact(n, cores):
     modes = auto_modes(n, cores)
     assert math.prod(modes) == n and len(modes) == cores
@@ -180,3 +182,17 @@ def test_bad_inputs_raise_clear_errors():
         tucker_decompose(torch.randn(4, 4, 3, 3), (5, 2))
     with pytest.raises(ValueError, match="NaN or Inf"):
         tucker_decompose(torch.full((4, 4, 3, 3), float("inf")), (2, 2))
+
+
+def test_large_matrix_truncated_path_is_near_optimal_and_reports_the_true_error():
+    # 1024 x 1024 unfolding at bond 64 takes the randomized branch; give it a decaying spectrum like trained weights.
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(1024, 1024, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(1024, 1024, generator=g, dtype=torch.float64))
+    s = torch.arange(1, 1025, dtype=torch.float64) ** -0.7
+    m = (u * s) @ v.T  # m = W reshaped to [(i1 j1), (i2 j2)]
+    w = m.reshape(32, 32, 32, 32).permute(1, 3, 0, 2).reshape(1024, 1024)  # back to W[(j1 j2), (i1 i2)]
+    cores, err = mpo_decompose(w, (32, 32), (32, 32), max_bond=64, return_error=True)
+    optimal = ((s[64:] ** 2).sum().sqrt() / s.norm()).item()
+    assert err == pytest.approx(rel_err(mpo_to_dense(cores), w), rel=1e-6)
+    assert optimal <= err <= 1.01 * optimal

@@ -19,7 +19,12 @@ def _linear(in_f, out_f, dtype=torch.float64, bias=True):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "in_f,out_f,kwargs",
-    [(24, 30, {"num_cores": 3}), (35, 12, {"in_modes": (5, 7), "out_modes": (4, 3)}), (16, 16, {}), (7, 10, {"num_cores": 1})],
+    [
+        (24, 30, {"num_cores": 3}),
+        (35, 12, {"in_modes": (5, 7), "out_modes": (4, 3)}),
+        (16, 16, {}),
+        (7, 10, {"num_cores": 1}),
+    ],
 )
 def test_mpo_linear_full_rank_equals_dense(dtype, in_f, out_f, kwargs):
     lin = _linear(in_f, out_f, dtype)
@@ -146,11 +151,18 @@ def test_tucker_conv_gradients_match_dense_reference():
     out = layer(x)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    u_out, core, u_in, b = (t.detach().clone().requires_grad_() for t in (layer.u_out, layer.core, layer.u_in, layer.bias))
+    u_out, core, u_in, b = (
+        t.detach().clone().requires_grad_() for t in (layer.u_out, layer.core, layer.u_in, layer.bias)
+    )
     x_ref = x.detach().clone().requires_grad_()
     F.conv2d(x_ref, tucker_to_dense(u_out, core, u_in), b, 2, 1, (1, 2)).backward(grad_out)
-    for name, got, want in [("x", x.grad, x_ref.grad), ("u_in", layer.u_in.grad, u_in.grad), ("core", layer.core.grad, core.grad),
-                            ("u_out", layer.u_out.grad, u_out.grad), ("bias", layer.bias.grad, b.grad)]:
+    for name, got, want in [
+        ("x", x.grad, x_ref.grad),
+        ("u_in", layer.u_in.grad, u_in.grad),
+        ("core", layer.core.grad, core.grad),
+        ("u_out", layer.u_out.grad, u_out.grad),
+        ("bias", layer.bias.grad, b.grad),
+    ]:
         assert_close_rel(got, want, 1e-10, f"grad {name}")
 
 

@@ -17,7 +17,14 @@ from .decompose import (
     tucker_ranks_for_ratio,
 )
 from .nn import MPOLinear, TuckerConv2d
-from .ops import backend_available, mpo_linear, mpo_linear_reference, mpo_to_dense, tucker_conv2d, tucker_to_dense
+from .ops import (
+    backend_available,
+    mpo_linear,
+    mpo_linear_reference,
+    mpo_to_dense,
+    tucker_conv2d,
+    tucker_to_dense,
+)
 
 __all__ = [
     "__version__",

@@ -12,7 +12,10 @@ HF_CONFIGS = ("gpt2", "gpt2-medium", "gpt2-xl", "bert", "minilm")
 
 
 def list_models() -> str:
-    return ", ".join((*TORCHVISION, *HF_CONFIGS)) + ", or a local path (Hugging Face directory or .pt/.pth state dict)"
+    return (
+        ", ".join((*TORCHVISION, *HF_CONFIGS))
+        + ", or a local path (Hugging Face directory or .pt/.pth state dict)"
+    )
 
 
 def _hf():
@@ -26,16 +29,23 @@ def _hf():
 def _hf_from_config(name: str) -> nn.Module:
     tf = _hf()
     if name.startswith("gpt2"):
-        sizes = {"gpt2": {}, "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
-                 "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25)}[name]
+        sizes = {
+            "gpt2": {},
+            "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+            "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+        }[name]
         return tf.GPT2LMHeadModel(tf.GPT2Config(**sizes))
     if name == "bert":
         return tf.BertModel(tf.BertConfig())
     # all-MiniLM-L6-v2's shapes
-    return tf.BertModel(tf.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536))
+    return tf.BertModel(
+        tf.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    )
 
 
-def build_model(name: str, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, str]:
+def build_model(
+    name: str, weights: str | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, str]:
     """Return (model, description). Random weights unless `weights` or a local path is given."""
     import torchvision
 
@@ -43,9 +53,13 @@ def build_model(name: str, weights: str | None = None, num_classes: int | None =
     if path.exists():
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ValueError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
+                raise ValueError(
+                    f"{path} is a directory without config.json; expected a Hugging Face model directory"
+                )
             tf = _hf()
-            return tf.AutoModel.from_pretrained(str(path), local_files_only=True), f"Hugging Face model from {path}"
+            return tf.AutoModel.from_pretrained(
+                str(path), local_files_only=True
+            ), f"Hugging Face model from {path}"
         raise ValueError(f"{path}: for a state dict pass --model <architecture> --weights {path}")
     if name in TORCHVISION:
         kwargs = {"num_classes": num_classes} if num_classes else {}

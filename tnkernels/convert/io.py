@@ -82,7 +82,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
             entry["aliases"] = [a for a in aliases[id(module)] if a != name]
             layers[name] = entry
     if not layers:
-        raise ValueError("save_compressed: the model has no tensorized layers; call tnkernels.tensorize(model) first")
+        raise ValueError(
+            "save_compressed: the model has no tensorized layers; call tnkernels.tensorize(model) first"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -130,7 +132,9 @@ def read_spec(path: str | os.PathLike) -> dict:
             f"{FORMAT_VERSION}; upgrade tnkernels"
         )
     if _sha256(weights_file) != spec.get("sha256"):
-        raise ValueError(f"load_compressed: {weights_file} does not match its checksum: the file is corrupted")
+        raise ValueError(
+            f"load_compressed: {weights_file} does not match its checksum: the file is corrupted"
+        )
     return spec
 
 

@@ -57,7 +57,17 @@ class TensorizeReport:
         }
 
     def __str__(self) -> str:
-        header = ("layer", "kind", "shape", "params", "tensorized", "ratio", "rel.err", "time", "structure / status")
+        header = (
+            "layer",
+            "kind",
+            "shape",
+            "params",
+            "tensorized",
+            "ratio",
+            "rel.err",
+            "time",
+            "structure / status",
+        )
         lines = []
         for r in self.rows:
             detail = r.structure if r.tensorized else r.status
@@ -74,7 +84,9 @@ class TensorizeReport:
                     detail,
                 )
             )
-        widths = [max(len(h), *(len(line[c]) for line in lines)) if lines else len(h) for c, h in enumerate(header)]
+        widths = [
+            max(len(h), *(len(line[c]) for line in lines)) if lines else len(h) for c, h in enumerate(header)
+        ]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]

@@ -55,7 +55,9 @@ def _match_rules(names: list[str], rules: Mapping[str, Mapping | None] | None, c
     for pattern, settings in rules.items():
         if settings is not None:
             if not isinstance(settings, Mapping):
-                raise ValueError(f"tensorize: rule {pattern!r} must map to a dict of settings or None, got {settings!r}")
+                raise ValueError(
+                    f"tensorize: rule {pattern!r} must map to a dict of settings or None, got {settings!r}"
+                )
             unknown = set(settings) - _RULE_KEYS
             if unknown:
                 raise ValueError(
@@ -64,7 +66,9 @@ def _match_rules(names: list[str], rules: Mapping[str, Mapping | None] | None, c
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             close = difflib.get_close_matches(pattern, names, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; run `tnk inspect` to list layer names"
+            hint = (
+                f"; did you mean {', '.join(close)}?" if close else "; run `tnk inspect` to list layer names"
+            )
             raise ValueError(f"tensorize: rule {pattern!r} matches no layer of the model{hint}")
         for n in hits:
             chosen.setdefault(n, (pattern, settings))
@@ -125,8 +129,10 @@ def tensorize(
         shape = tuple(weight.shape)
         before = weight.numel()
 
-        def skip(reason: str) -> None:
-            report.rows.append(LayerReport(name, "-", shape, before, before, 1.0, None, 0.0, f"skipped: {reason}"))
+        def skip(reason: str, name=name, shape=shape, before=before) -> None:
+            report.rows.append(
+                LayerReport(name, "-", shape, before, before, 1.0, None, 0.0, f"skipped: {reason}")
+            )
 
         if settings is None:
             skip(f"excluded by rule {pattern!r}")
@@ -137,7 +143,13 @@ def tensorize(
                 raise ValueError(f"tensorize: layer {name!r} cannot be tensorized: {reason}")
             skip(reason)
             continue
-        opts = {"ratio": ratio, "rel_tol": rel_tol, "max_bond": max_bond, "num_cores": num_cores, "backend": backend}
+        opts = {
+            "ratio": ratio,
+            "rel_tol": rel_tol,
+            "max_bond": max_bond,
+            "num_cores": num_cores,
+            "backend": backend,
+        }
         if _RANK_KEYS & set(settings):
             # A rule that chooses ranks its own way replaces the global rank selection instead of mixing with it.
             opts.update(dict.fromkeys(_RANK_KEYS))
@@ -155,14 +167,22 @@ def tensorize(
         with torch.no_grad():
             approx = new.to_dense()
             ref = weight.detach()
-            err = (torch.linalg.norm((approx - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300)).item()
+            err = (
+                torch.linalg.norm((approx - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300)
+            ).item()
         for alias in aliases[id(module)]:
             _set_submodule(model, alias, new)
         after = new.num_weight_params
         structure = (
-            f"modes {new.in_modes}x{new.out_modes} bonds {new.bonds}" if kind == "mpo" else f"ranks {new.ranks}"
+            f"modes {new.in_modes}x{new.out_modes} bonds {new.bonds}"
+            if kind == "mpo"
+            else f"ranks {new.ranks}"
         )
-        report.rows.append(LayerReport(name, kind, shape, before, after, before / after, err, seconds, "tensorized", structure))
+        report.rows.append(
+            LayerReport(
+                name, kind, shape, before, after, before / after, err, seconds, "tensorized", structure
+            )
+        )
     if todo and unreachable and not report.tensorized and ratio is not None:
         raise ValueError(
             f"tensorize: ratio {ratio:g} cannot be reached by any selected layer; choose a smaller ratio "

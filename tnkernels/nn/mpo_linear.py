@@ -157,7 +157,9 @@ class MPOLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         g = self.cores[0]
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=g.device, dtype=g.dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=g.device, dtype=g.dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:

@@ -100,7 +100,9 @@ class TuckerConv2d(nn.Module):
             )
         if conv.padding_mode != "zeros":
             raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
-        chosen = [name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None]
+        chosen = [
+            name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None
+        ]
         if len(chosen) > 1:
             raise ValueError(f"{where}: give only one of ranks, ratio or rel_tol (got {', '.join(chosen)})")
         weight = conv.weight

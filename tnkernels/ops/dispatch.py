@@ -33,7 +33,9 @@ def _load(op: str, backend: str):
     try:
         module = importlib.import_module(module_path)
     except ImportError as exc:
-        raise RuntimeError(f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}") from exc
+        raise RuntimeError(
+            f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}"
+        ) from exc
     return module, getattr(module, entry)
 
 
@@ -55,5 +57,7 @@ def resolve(op: str, backend: str, device_type: str) -> Callable:
     module, fn = _load(op, backend)
     ok, why = module.is_available()
     if not ok:
-        raise RuntimeError(f"{op}: backend {backend!r} is unavailable on {device_type}: {why}. {_HINTS.get(backend, '')}")
+        raise RuntimeError(
+            f"{op}: backend {backend!r} is unavailable on {device_type}: {why}. {_HINTS.get(backend, '')}"
+        )
     return fn
