@@ -158,3 +158,22 @@ def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, seed):
     assert_close_rel(y, ref, tolerance(F64), f"{kind} forward")
     for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_close_rel(a, e, tolerance(F64), f"{kind} grad of leaf {k}")
+
+
+def test_planned_paths_trace_without_graph_breaks():
+    import torch._dynamo as dynamo
+
+    cores = [torch.randn(s, requires_grad=True) for s in ((1, 4, 3, 2), (2, 5, 2, 3), (3, 3, 4, 1))]
+    bias = torch.randn(24, requires_grad=True)
+    u_in, core, u_out = torch.randn(3, 2), torch.randn(2, 2, 3, 3), torch.randn(4, 2)
+
+    def f(x, img):
+        y = mpo_linear_torch(x, cores, bias)
+        z = tucker_conv2d_torch(img, u_in, core, u_out, None, (1, 1), (1, 1), (1, 1))
+        return y.sum() + z.sum()
+
+    x, img = torch.randn(5, 60), torch.randn(2, 3, 6, 6)
+    f(x, img)  # plan searches happen eagerly, outside the traced region
+    dynamo.reset()
+    explanation = dynamo.explain(f)(x, img)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
