@@ -40,7 +40,7 @@ from .train_slice import (
     train_slice,
 )
 
-__all__ = ["DistillResult", "distill", "run_fingerprint", "MODES"]
+__all__ = ["DistillResult", "distill", "run_fingerprint", "tensorized_copy", "MODES"]
 
 MODES = ("parallel", "sequential")
 
@@ -48,6 +48,7 @@ MODES = ("parallel", "sequential")
 @dataclass
 class DistillResult:
     student: nn.Module | None  # None on torch.distributed ranks other than 0
+    specs: list[SliceSpec] = field(default_factory=list)
     slices: dict[str, SliceResult] = field(default_factory=dict)
     trained: list[str] = field(default_factory=list)  # slices trained by this call (on this rank)
     resumed: list[str] = field(default_factory=list)  # slices loaded from checkpoints
@@ -105,9 +106,7 @@ def _dist_info(distributed: bool | None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _prepare(
-    teacher: nn.Module, spec: SliceSpec, ratio, rules, seed: int
-) -> tuple[nn.Module, list[dict], bool, int]:
+def _prepare(teacher: nn.Module, spec: SliceSpec, ratio, rules, seed: int) -> tuple[nn.Module, list[dict], bool, int]:
     """(tensorized copy of the slice, tensorize report rows, whether any layer was tensorized, dense params)."""
     container = build_slice_container(teacher, spec)
     params_before = count_params(slice_modules(container, spec))
@@ -121,6 +120,19 @@ def _prepare(
         layers = [{"name": spec.name, "status": f"skipped: {exc}"}]
     any_tensorized = any(r.get("status") == "tensorized" for r in layers)
     return container, layers, any_tensorized, params_before
+
+
+def tensorized_copy(
+    teacher: nn.Module, slices, *, ratio: float | None = None, rules: dict | None = None, seed: int = 0
+) -> nn.Module:
+    """A copy of `teacher` with each slice tensorized exactly as distill() initializes it (same decomposition,
+    same per-slice seeds), untrained: the starting point of the global fine-tune baseline."""
+    student = copy.deepcopy(teacher)
+    for spec in make_slices(teacher, slices):
+        container = _prepare(teacher, spec, ratio, rules, seed)[0]
+        for name in spec.modules:
+            set_submodule(student, name, container.get_submodule(name))
+    return student
 
 
 def _train_task(args) -> tuple[str, dict]:
@@ -194,17 +206,13 @@ def distill(
     specs = make_slices(teacher, slices)
     rank, world = _dist_info(distributed)
     if mode == "sequential" and world > 1:
-        raise ValueError(
-            "sequential mode cannot be split across torch.distributed ranks; use --mode parallel"
-        )
+        raise ValueError("sequential mode cannot be split across torch.distributed ranks; use --mode parallel")
     teacher = teacher.eval()
     out = Path(out_dir)
     ckpt_dir = out / "slices"
-    fp = run_fingerprint(
-        teacher, specs, ratio=ratio, rules=rules, config=config, mode=mode, fp16=fp16, run_key=run_key
-    )
+    fp = run_fingerprint(teacher, specs, ratio=ratio, rules=rules, config=config, mode=mode, fp16=fp16, run_key=run_key)
     timings: dict[str, float] = {}
-    res = DistillResult(student=None)
+    res = DistillResult(student=None, specs=list(specs))
 
     t0 = time.perf_counter()
     done: dict[str, dict] = {}
@@ -218,9 +226,7 @@ def distill(
     for spec in pending:
         prepared[spec.name] = _prepare(teacher, spec, ratio, rules, config.seed)
     if ratio is not None and pending and not done and world == 1 and not any(p[2] for p in prepared.values()):
-        raise ValueError(
-            f"--ratio {ratio:g} cannot be reached by any layer of the slices; choose a smaller ratio"
-        )
+        raise ValueError(f"--ratio {ratio:g} cannot be reached by any layer of the slices; choose a smaller ratio")
     timings["tensorize_s"] = time.perf_counter() - t0
 
     from tqdm.auto import tqdm
@@ -276,9 +282,7 @@ def distill(
                 r.layers = layers
                 finish(spec, container, r)
         else:
-            _train_in_workers(
-                to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress
-            )
+            _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress)
             for spec in to_train:
                 done[spec.name] = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
                 res.trained.append(spec.name)
@@ -322,9 +326,7 @@ def distill(
     return res
 
 
-def _train_in_workers(
-    to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress
-) -> None:
+def _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress) -> None:
     import torch.multiprocessing as mp
     from tqdm.auto import tqdm
 

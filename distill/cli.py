@@ -1,0 +1,437 @@
+"""`tnk compress`, `tnk eval`, `tnk sensitivity` (registered through the `tnk.commands` entry point).
+
+`tnk compress` with no arguments runs the embedded default end to end: a torchvision ResNet-34 trained on
+scikit-learn's digits (on first use, then cached), slice-wise distillation at 2x, and the outputs in distill_out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+__all__ = ["register", "cmd_compress", "cmd_eval", "cmd_sensitivity"]
+
+DEFAULT_RATIO = 2.0
+# Defaults sized so that `tnk compress` (teacher training included) stays within 10 minutes on 2 CPU cores.
+DEFAULT_STEPS = 120
+DEFAULT_BATCH = 64
+DEFAULT_LR = 1e-3
+
+
+def _is_hf_dir(model: str | None) -> bool:
+    return model is not None and (Path(model).expanduser() / "config.json").is_file()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="resnet34 (default) or resnet18, or a Hugging Face folder holding config.json"
+    )
+    p.add_argument("--weights", default=None, help="teacher checkpoint (default: train on first use and cache)")
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (embedded), a CIFAR-10 folder, or an ImageFolder root with train/ and test/",
+    )
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="epochs when the teacher is trained here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add compress, eval and sensitivity to the `tnk` parser."""
+    p = subparsers.add_parser(
+        "compress",
+        help="slice-wise distillation into a tensorized student",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--ratio", type=float, default=None, help=f"compression ratio of the sliced layers (default {DEFAULT_RATIO})"
+    )
+    g.add_argument("--budget", default=None, help="per-layer budget JSON from `tnk sensitivity --target-ratio`")
+    p.add_argument(
+        "--slices",
+        nargs="+",
+        default=["per-block"],
+        help="per-block | per-conv | per-stage, or module names (a+b groups consecutive modules)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("parallel", "sequential"),
+        default="parallel",
+        help="parallel: teacher inputs; sequential: the student's own upstream outputs",
+    )
+    p.add_argument("--workers", type=int, default=1, help="worker processes for parallel mode")
+    p.add_argument("--out", default="distill_out", help="output folder")
+    p.add_argument("--calib-fraction", type=float, default=1.0, help="share of the training images used")
+    p.add_argument(
+        "--global-baseline",
+        action="store_true",
+        help="also fine-tune the same tensorization end to end within the same wall-clock time",
+    )
+    p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight for the baseline")
+    p.add_argument("--steps", type=int, default=None, help=f"max training steps per slice (default {DEFAULT_STEPS})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULT_BATCH}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {DEFAULT_LR}")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="spill captured features to OUT/features shards beyond this many MB",
+    )
+    p.add_argument("--sensitivity", default=None, help="a sensitivity JSON to plot as a heat map in OUT")
+    try:  # Hugging Face flags (--fp16-features, --max-seconds-per-slice, ...), owned by distill.hf
+        from .hf.pipeline import add_arguments
+
+        add_arguments(p.add_argument_group("Hugging Face models / shared"), core=False)
+    except ImportError:
+        p.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
+        p.add_argument("--max-seconds-per-slice", type=float, default=None)
+    p.set_defaults(func=cmd_compress)
+
+    e = subparsers.add_parser("eval", help="test accuracy of a teacher or of a compressed student")
+    _common(e)
+    e.add_argument("--compressed", default=None, help="a save_compressed folder, e.g. distill_out/compressed")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    s = subparsers.add_parser("sensitivity", help="per-layer sensitivity scan and rank budget")
+    _common(s)
+    s.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    s.add_argument("--layers", nargs="+", default=None, help="layer names (default: every conv in the stages)")
+    s.add_argument(
+        "--metric",
+        choices=("error", "accuracy"),
+        default="error",
+        help="error: relative logit error against the teacher on calibration images; accuracy: accuracy on them",
+    )
+    s.add_argument("--calib-fraction", type=float, default=0.2)
+    s.add_argument("--target-ratio", type=float, default=None, help="also allocate a budget for this ratio")
+    s.add_argument("--out", default="distill_out", help="writes OUT/sensitivity.json, .png and budget.json")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_sensitivity)
+
+
+def _setup(args) -> str:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _teacher(args, device, datasets):
+    from .teacher import DEFAULT_EPOCHS, get_teacher
+
+    return get_teacher(
+        args.model or "resnet34",
+        args.weights,
+        args.data,
+        device,
+        image_size=args.image_size,
+        epochs=args.teacher_epochs or DEFAULT_EPOCHS,
+        seed=args.seed,
+        progress=args.progress,
+        datasets=datasets,
+    )
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def cmd_compress(args) -> int:
+    if _is_hf_dir(args.model):
+        from .hf.pipeline import compress_hf
+
+        if args.ratio is None:
+            args.ratio = DEFAULT_RATIO
+        compress_hf(args)
+        return 0
+    import copy
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    import tnkernels
+
+    from .data import calibration_subset, load_data
+    from .runner import distill, tensorized_copy
+    from .teacher import evaluate
+    from .train_slice import SliceTrainConfig
+
+    device = _setup(args)
+    out = Path(args.out)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    train_ds, test_ds = load_data(args.data, image_size=args.image_size)
+    calib_ds = calibration_subset(train_ds, args.calib_fraction, args.seed)
+    rules = None
+    if args.budget is not None:
+        from .budget import load_budget
+
+        if not Path(args.budget).is_file():
+            raise ValueError(
+                f"--budget: {args.budget!r} does not exist; write one with `tnk sensitivity --target-ratio R`"
+            )
+        rules = load_budget(args.budget)
+    ratio = None if rules is not None else (args.ratio if args.ratio is not None else DEFAULT_RATIO)
+    times["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    teacher = _teacher(args, device, (train_ds, test_ds))
+    times["teacher_s"] = time.perf_counter() - t
+    test_loader = DataLoader(test_ds, batch_size=256)
+    t = time.perf_counter()
+    teacher_acc = evaluate(teacher, test_loader, device)
+    times["eval_teacher_s"] = time.perf_counter() - t
+
+    config = SliceTrainConfig(
+        max_steps=args.steps or DEFAULT_STEPS,
+        batch_size=args.batch_size or DEFAULT_BATCH,
+        lr=args.lr or DEFAULT_LR,
+        seed=args.seed,
+        device=device,
+        time_budget_s=getattr(args, "max_seconds_per_slice", None),
+    )
+    calib_loader = DataLoader(calib_ds, batch_size=32, shuffle=False)
+    fp16 = bool(getattr(args, "fp16_features", False))
+    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
+    run_key = f"{args.data}|{args.image_size}|{args.calib_fraction}|{args.seed}"
+    res = distill(
+        teacher,
+        calib_loader,
+        slices=args.slices,
+        ratio=ratio,
+        rules=rules,
+        mode=args.mode,
+        workers=args.workers,
+        out_dir=out,
+        config=config,
+        fp16=fp16,
+        memory_budget_bytes=budget,
+        device=device,
+        progress=args.progress,
+        run_key=run_key,
+    )
+    if res.student is None:  # a torch.distributed rank other than 0: rank 0 writes the outputs
+        return 0
+    student = res.student
+    t = time.perf_counter()
+    student_acc = evaluate(student, test_loader, device)
+    times["eval_student_s"] = time.perf_counter() - t
+    rows = [r for s in res.slices.values() for r in s.layers if r.get("status") == "tensorized"]
+    before = sum(r["params_before"] for r in rows)
+    after = sum(r["params_after"] for r in rows)
+    t = time.perf_counter()
+    tnkernels.save_compressed(student, out / "compressed")
+    times["save_s"] = time.perf_counter() - t
+    slicewise_s = sum(v for k, v in res.timings.items() if k in ("tensorize_s", "capture_s", "train_s"))
+
+    report = {
+        "model": args.model or "resnet34",
+        "data": args.data,
+        "calib_fraction": args.calib_fraction,
+        "calib_images": len(calib_ds),
+        "test_images": len(test_ds),
+        "mode": args.mode,
+        "workers": args.workers,
+        "slices": args.slices,
+        "ratio_requested": ratio,
+        "budget": args.budget,
+        "ratio": before / after if after else 1.0,
+        "params_compressed_layers": [before, after],
+        "params_model": [sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters())],
+        "teacher_accuracy": teacher_acc,
+        "student_accuracy": student_acc,
+        "slicewise_seconds": slicewise_s,
+        "trained_slices": res.trained,
+        "resumed_slices": res.resumed,
+        "times": {**times, **{f"distill_{k}": v for k, v in res.timings.items()}},
+        "slices_detail": {k: v.to_dict() for k, v in res.slices.items()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
+    if args.global_baseline:
+        from .global_baseline import global_finetune
+
+        g_student = tensorized_copy(teacher, res.specs, ratio=ratio, rules=rules, seed=args.seed)
+        g_loader = DataLoader(
+            calib_ds,
+            batch_size=args.batch_size or DEFAULT_BATCH,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        t = time.perf_counter()
+        g = global_finetune(
+            g_student,
+            g_loader,
+            teacher=copy.deepcopy(teacher) if args.kd_weight else None,
+            kd_weight=args.kd_weight,
+            time_budget_s=slicewise_s,
+            device=device,
+            progress=args.progress,
+        )
+        report["times"]["global_s"] = time.perf_counter() - t
+        report["global_accuracy"] = evaluate(g_student, test_loader, device)
+        report["global_seconds"] = g.get("seconds")
+        report["global_history"] = g.get("history")
+    _plots(report, res, out, args)
+    _write_json(out / "report.json", report)
+    print(_summary(report, out))
+    return 0
+
+
+def _plots(report: dict, res, out: Path, args) -> None:
+    try:
+        from . import plots
+    except ImportError as exc:  # matplotlib missing: the numbers in report.json are still written
+        report["plots_error"] = str(exc)
+        return
+    histories = {
+        k: [{"step": h["step"], "loss": h["val_loss"]} for h in v.history] for k, v in res.slices.items() if v.history
+    }
+    files = []
+    if histories:
+        files.append(str(plots.plot_slice_losses(histories, out / "slice_losses.png")))
+    acc = {"slice-wise": {report["ratio"]: report["student_accuracy"]}}
+    if "global_accuracy" in report:
+        acc["global"] = {report["ratio"]: report["global_accuracy"]}
+    files.append(
+        str(
+            plots.plot_accuracy_vs_ratio(
+                acc, out / "accuracy_vs_ratio.png", teacher_accuracy=report["teacher_accuracy"]
+            )
+        )
+    )
+    sens = args.sensitivity or (out / "sensitivity.json" if (out / "sensitivity.json").is_file() else None)
+    if sens is not None:
+        from .sensitivity import SensitivityTable
+
+        files.append(str(plots.plot_sensitivity(SensitivityTable.from_json(sens), out / "sensitivity.png")))
+    report["plots"] = files
+
+
+def _summary(r: dict, out: Path) -> str:
+    lines = [
+        f"teacher accuracy  {r['teacher_accuracy']:.4f}",
+        f"student accuracy  {r['student_accuracy']:.4f}  (slice-wise, {r['mode']}, no global fine-tune)",
+    ]
+    if "global_accuracy" in r:
+        lines.append(f"global baseline   {r['global_accuracy']:.4f}  (same tensorization, same wall-clock)")
+    lines += [
+        f"ratio             {r['ratio']:.2f}x on the sliced layers "
+        f"({r['params_compressed_layers'][0]:,} -> {r['params_compressed_layers'][1]:,} weights)",
+        f"time              teacher {r['times']['teacher_s']:.0f}s, slice-wise {r['slicewise_seconds']:.0f}s",
+        f"outputs           {out / 'compressed'}, {out / 'report.json'}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from torch.utils.data import DataLoader
+
+    import tnkernels
+
+    from .data import load_data, num_classes_of
+    from .teacher import build_model, evaluate, load_weights
+
+    device = _setup(args)
+    train_ds, test_ds = load_data(args.data, image_size=args.image_size)
+    loader = DataLoader(test_ds, batch_size=256)
+    name = args.model or "resnet34"
+    if args.compressed is not None:
+        path = Path(args.compressed)
+        if not path.is_dir():
+            raise ValueError(f"--compressed: {str(path)!r} is not a folder; pass OUT/compressed from tnk compress")
+        model = tnkernels.load_compressed(build_model(name, num_classes_of(train_ds)), path)
+        what = f"student {path}"
+    elif args.weights is not None:
+        model = load_weights(build_model(name, num_classes_of(train_ds)), args.weights, model_name=name)
+        what = f"teacher {args.weights}"
+    else:
+        model = _teacher(args, device, (train_ds, test_ds))
+        what = f"teacher {name} (cached)"
+    acc = evaluate(model.to(device), loader, device)
+    print(f"{what}: test accuracy {acc:.4f} on {len(test_ds)} images")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import calibration_subset, load_data
+    from .sensitivity import sensitivity_scan
+    from .slices import resnet_slices
+
+    device = _setup(args)
+    train_ds, test_ds = load_data(args.data, image_size=args.image_size)
+    teacher = _teacher(args, device, (train_ds, test_ds))
+    layers = args.layers or [s.name for s in resnet_slices(teacher, "per-conv")]
+    calib = DataLoader(calibration_subset(train_ds, args.calib_fraction, args.seed), batch_size=256)
+    batches = [x for x, _ in calib]
+    labels = [y for _, y in calib]
+    with torch.no_grad():
+        ref = [teacher(x.to(device)) for x in batches]
+
+    @torch.no_grad()
+    def eval_fn(model) -> float:
+        model.eval()
+        if args.metric == "accuracy":
+            hits = sum(int((model(x.to(device)).argmax(-1).cpu() == y).sum()) for x, y in zip(batches, labels))
+            return hits / sum(len(y) for y in labels)
+        num = sum(float((model(x.to(device)) - r).pow(2).sum()) for x, r in zip(batches, ref))
+        den = sum(float(r.pow(2).sum()) for r in ref)
+        return (num / den) ** 0.5
+
+    table = sensitivity_scan(
+        teacher,
+        layers,
+        args.ratios,
+        eval_fn,
+        progress=args.progress,
+        higher_is_better=args.metric == "accuracy",
+        metric=args.metric,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_json(out / "sensitivity.json")
+    from . import plots
+
+    plots.plot_sensitivity(table, out / "sensitivity.png")
+    print(
+        f"sensitivity of {len(layers)} layers at ratios {args.ratios}: {out / 'sensitivity.json'}, "
+        f"{out / 'sensitivity.png'}"
+    )
+    if args.target_ratio is not None:
+        from .budget import allocate_ratios, save_budget
+
+        alloc = allocate_ratios(table, args.target_ratio)
+        save_budget(out / "budget.json", alloc, {"target_ratio": args.target_ratio, "metric": args.metric})
+        print(
+            f"budget for {args.target_ratio:g}x: {out / 'budget.json'} (use: tnk compress --budget "
+            f"{out / 'budget.json'})"
+        )
+    return 0

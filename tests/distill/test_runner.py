@@ -1,0 +1,131 @@
+"""Runner: resume after a simulated kill, worker processes, modes, bad input, and a small convergence test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distill.runner as runner
+from distill.runner import distill, tensorized_copy
+from distill.teacher import evaluate
+from distill.train_slice import SliceTrainConfig
+from tests.distill.tiny import TinyResNet, calib_loader, held_out_loader, tiny_teacher
+
+CFG = dict(max_steps=6, eval_every=3, batch_size=16)
+
+
+def _random_teacher() -> TinyResNet:
+    torch.manual_seed(3)
+    return TinyResNet(8).eval()
+
+
+def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs"
+
+
+def test_resume_after_kill_redoes_nothing_and_matches(tmp_path, monkeypatch):
+    teacher, loader = _random_teacher(), calib_loader(n=64, batch_size=16)
+    full = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "a", config=SliceTrainConfig(**CFG), progress=False)
+    assert sorted(full.trained) == ["layer1.0", "layer1.1", "layer2.0", "layer3.0"] and not full.resumed
+
+    real, calls = runner.train_slice, []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(args[1].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_slice", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "b", config=SliceTrainConfig(**CFG), progress=False)
+    finished = calls[:2]
+    # A half-written file from the kill must not be mistaken for a checkpoint.
+    (tmp_path / "b" / "slices" / f".{calls[2]}.pt.999.tmp").write_bytes(b"partial")
+    monkeypatch.setattr(runner, "train_slice", real)
+
+    resumed = distill(
+        teacher, loader, ratio=2.0, out_dir=tmp_path / "b", config=SliceTrainConfig(**CFG), progress=False
+    )
+    assert sorted(resumed.resumed) == sorted(finished)
+    assert not set(resumed.trained) & set(finished) and len(resumed.trained) == 2
+    _states_equal(resumed.student, full.student)  # bit for bit, same seed and thread count
+
+
+def test_two_workers_equal_in_process(tmp_path):
+    teacher, loader = _random_teacher(), calib_loader(n=64, batch_size=16)
+    one = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "w1", config=SliceTrainConfig(**CFG), progress=False)
+    two = distill(
+        teacher, loader, ratio=2.0, out_dir=tmp_path / "w2", workers=2, config=SliceTrainConfig(**CFG), progress=False
+    )
+    assert sorted(two.trained) == sorted(one.trained)
+    _states_equal(two.student, one.student)
+
+
+def test_sequential_uses_student_inputs(tmp_path):
+    teacher, loader = _random_teacher(), calib_loader(n=64, batch_size=16)
+    cfg = SliceTrainConfig(**CFG)
+    par = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "p", config=cfg, progress=False)
+    seq = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "s", mode="sequential", config=cfg, progress=False)
+    # The first slice sees the same (teacher) input in both modes; later slices see the student's own outputs.
+    assert par.slices["layer1.0"].init_loss == seq.slices["layer1.0"].init_loss
+    assert par.slices["layer1.1"].init_loss != seq.slices["layer1.1"].init_loss
+    torch.testing.assert_close(seq.student.layer1[0].conv1.core, par.student.layer1[0].conv1.core, rtol=0, atol=0)
+
+
+def test_bad_input(tmp_path):
+    teacher, loader = _random_teacher(), calib_loader(n=32, batch_size=16)
+    cfg = SliceTrainConfig(**CFG)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        distill(teacher, loader, ratio=1e5, out_dir=tmp_path / "r", config=cfg, progress=False)
+    with pytest.raises(ValueError, match="unknown module name 'layer9'"):
+        distill(teacher, loader, slices=["layer9"], ratio=2.0, out_dir=tmp_path / "n", config=cfg, progress=False)
+    with pytest.raises(ValueError, match="--workers 1"):
+        distill(teacher, loader, ratio=2.0, mode="sequential", workers=2, out_dir=tmp_path / "m", progress=False)
+    with pytest.raises(ValueError, match="--ratio"):
+        distill(teacher, loader, out_dir=tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="--mode"):
+        distill(teacher, loader, ratio=2.0, mode="both", out_dir=tmp_path / "x", progress=False)
+    # A checkpoint folder from another setup (here: another ratio) is refused, not silently mixed in.
+    distill(teacher, loader, slices=["layer1.0"], ratio=2.0, out_dir=tmp_path / "c", config=cfg, progress=False)
+    with pytest.raises(ValueError, match="fresh --out"):
+        distill(teacher, loader, slices=["layer1.0"], ratio=3.0, out_dir=tmp_path / "c", config=cfg, progress=False)
+
+
+def test_disk_store_fp16_runs(tmp_path):
+    teacher, loader = _random_teacher(), calib_loader(n=48, batch_size=16)
+    res = distill(
+        teacher,
+        loader,
+        slices=["layer2.0"],
+        ratio=2.0,
+        out_dir=tmp_path,
+        fp16=True,
+        memory_budget_bytes=20_000,
+        config=SliceTrainConfig(**CFG),
+        progress=False,
+    )
+    assert list((tmp_path / "features" / "layer2.0").glob("shard_*.pt"))
+    assert res.slices["layer2.0"].steps > 0
+
+
+def test_convergence_slice_wise_recovers_accuracy(tmp_path):
+    """Like Liger's convergence tests: a small trained CNN, compressed 2x slice-wise. Each slice's held-out loss
+    must drop well below the decomposition's, and the student must beat the untrained decomposition and stay
+    near the teacher."""
+    teacher = tiny_teacher(16)
+    test = held_out_loader()
+    t_acc = evaluate(teacher, test)
+    assert t_acc > 0.85, f"the tiny teacher did not train ({t_acc:.3f}); the test would be meaningless"
+    loader = calib_loader(n=512, batch_size=32)
+    cfg = SliceTrainConfig(max_steps=80, eval_every=10, batch_size=64, lr=2e-3)
+    res = distill(teacher, loader, ratio=2.0, out_dir=tmp_path, mode="sequential", config=cfg, progress=False)
+    for name, r in res.slices.items():
+        assert r.best_loss < 0.7 * r.init_loss, f"{name}: loss {r.init_loss:.4f} -> {r.best_loss:.4f}"
+    s_acc = evaluate(res.student, test)
+    d_acc = evaluate(tensorized_copy(teacher, "per-block", ratio=2.0), test)
+    assert s_acc > d_acc, f"training did not help: {d_acc:.3f} (decomposition) -> {s_acc:.3f}"
+    assert s_acc >= t_acc - 0.05, f"student {s_acc:.3f} too far below teacher {t_acc:.3f}"
