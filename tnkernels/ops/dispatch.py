@@ -26,17 +26,23 @@ _HINTS = {
 }
 
 
+# Resolved backends, cached: torch.compile cannot trace importlib.import_module (a graph break per op call).
+_LOADED: dict[tuple[str, str], tuple[object, Callable]] = {}
+
+
 def _load(op: str, backend: str):
+    cached = _LOADED.get((op, backend))
+    if cached is not None:
+        return cached
     if (op, backend) not in _REGISTRY:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; use 'torch' or 'auto'")
     module_path, entry = _REGISTRY[(op, backend)]
     try:
         module = importlib.import_module(module_path)
     except ImportError as exc:
-        raise RuntimeError(
-            f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}"
-        ) from exc
-    return module, getattr(module, entry)
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}") from exc
+    _LOADED[(op, backend)] = (module, getattr(module, entry))
+    return _LOADED[(op, backend)]
 
 
 def backend_available(op: str, backend: str) -> tuple[bool, str]:
