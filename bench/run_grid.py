@@ -57,11 +57,11 @@ CONV_SHAPES = {  # name: (channels, spatial size at that stage of ResNet-34)
 PRESETS = {
     "full": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024, 4096], ratios=[2, 4, 16, 64],
                  conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
-    # What 2 shared CPU cores can run in ~15 minutes: 4 of the 7 linear shapes (no GPT-2 XL: one of its ratio-2
-    # chains alone takes ~0.6 s a call here), 2 of the 4 conv stages, rows up to 1024.
+    # What 2 shared CPU cores can run in ~30 minutes: 4 of the 7 linear shapes (no GPT-2 XL: one of its ratio-2
+    # chains alone takes ~0.6 s a call here), ratios 4..64, 2 of the 4 conv stages, rows up to 1024.
     "cpu": dict(linear=["gpt2-mlp-up", "minilm-mlp-up", "minilm-mlp-down", "resnet34-fc"],
-                rows=[1, 64, 1024], ratios=[2, 4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
-                batches=[1, 8], reps=5),
+                rows=[1, 64, 1024], ratios=[4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
+                batches=[1, 8], reps=3),
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], rows=[1, 64], ratios=[4, 16],
                   conv=["resnet34-conv256"], batches=[1], reps=5),
     "smoke": dict(linear=["minilm-mlp-down"], rows=[8], ratios=[4], conv=["resnet34-conv512"], batches=[1],
@@ -200,9 +200,7 @@ def recompute_memory(rows: int = 1024) -> dict:
     """Bytes autograd keeps for backward with and without recompute, on a 4-core MiniLM-sized chain."""
     from tnkernels.nn import MPOLinear
 
-    layer = MPOLinear(
-        1536, 384, in_modes=(8, 4, 6, 8), out_modes=(4, 4, 4, 6), bonds=(16, 16, 16), backend="torch"
-    )
+    layer = MPOLinear(1536, 384, in_modes=(8, 4, 6, 8), out_modes=(4, 4, 4, 6), bonds=(16, 16, 16), backend="torch")
     x = torch.randn(rows, 1536, requires_grad=True)
     out = {}
     for rec in (False, True):
@@ -327,6 +325,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PRESETS[preset]
     passes = args.passes.split(",")
     records = []
+
+    def save_partial() -> None:  # a long run that is interrupted still leaves its points on disk
+        path = os.path.join(args.out, f"grid-{preset}.partial.json")
+        _atomic_write(path, json.dumps(dict(preset=preset, records=records, summary=summarize(records)), default=str))
+
     for name in cfg["linear"]:
         cap = cfg.get("big_rows_cap", {}).get(name, math.inf)
         for ratio in cfg["ratios"]:
@@ -334,10 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if rows > cap:
                     continue
                 for ps in passes:
-                    rec = bench_linear(
-                        name, rows, ratio, ps, cfg["reps"], args.check_plans, not args.no_peers
-                    )
+                    rec = bench_linear(name, rows, ratio, ps, cfg["reps"], args.check_plans, not args.no_peers)
                     records.append(rec)
+                    save_partial()
                     print(table([rec]).splitlines()[-1], flush=True)
     for name in cfg["conv"]:
         for ratio in cfg["ratios"]:
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for ps in passes:
                     rec = bench_conv(name, batch, ratio, ps, cfg["reps"], not args.no_peers)
                     records.append(rec)
+                    save_partial()
                     print(table([rec]).splitlines()[-1], flush=True)
     small = preset in ("quick", "smoke")
     result = dict(
@@ -360,11 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
     md += "\n```\n"
     _atomic_write(os.path.join(args.out, f"grid-{preset}.json"), json.dumps(result, indent=1, default=str))
     _atomic_write(os.path.join(args.out, f"grid-{preset}.md"), md)
+    os.remove(os.path.join(args.out, f"grid-{preset}.partial.json"))
     print(json.dumps(result["summary"], indent=1))
-    print(
-        f"recompute saved bytes: {result['recompute_saved_bytes']}; "
-        f"plan lookup {result['plan_lookup_us']:.2f} us"
-    )
+    print(f"recompute saved bytes: {result['recompute_saved_bytes']}; plan lookup {result['plan_lookup_us']:.2f} us")
     return result
 
 
