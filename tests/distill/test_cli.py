@@ -1,0 +1,69 @@
+"""`tnk compress` / `tnk eval` end to end on a tiny setup (resnet18, 16x16 digits, a few steps per slice)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tnkernels
+from distill.teacher import build_model, save_checkpoint
+from tnkernels.cli import main
+
+
+@pytest.fixture(scope="module")
+def r18_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "r18.pt"
+    torch.manual_seed(0)
+    save_checkpoint(build_model("resnet18", 10), path, model_name="resnet18", num_classes=10)
+    return path
+
+
+def test_compress_writes_outputs_and_eval_reads_them(tmp_path, r18_weights, capsys):
+    out = tmp_path / "out"
+    base = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "16", "--no-progress"]
+    rc = main(
+        [
+            "compress",
+            *base,
+            "--calib-fraction",
+            "0.05",
+            "--steps",
+            "2",
+            "--slices",
+            "layer3",
+            "layer4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("teacher_accuracy", "student_accuracy", "ratio", "times", "slices_detail", "slicewise_seconds"):
+        assert key in report
+    assert set(report["slices_detail"]) == {"layer3", "layer4"}
+    assert report["ratio"] >= 1.9 and (out / "slice_losses.png").is_file() and (out / "accuracy_vs_ratio.png").is_file()
+    student = tnkernels.load_compressed(build_model("resnet18", 10), out / "compressed")
+    assert any(isinstance(m, tnkernels.TuckerConv2d) for m in student.modules())
+    capsys.readouterr()
+    assert main(["eval", *base, "--compressed", str(out / "compressed")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{report['student_accuracy']:.4f}" in printed
+
+
+def test_compress_bad_input_gives_clear_errors(tmp_path, r18_weights, capsys):
+    base = ["compress", "--model", "resnet18", "--image-size", "16", "--no-progress", "--out", str(tmp_path)]
+    cases = [
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--weights", str(r18_weights), "--slices", "layer5"], "unknown module name 'layer5'"),
+        (
+            ["--weights", str(r18_weights), "--ratio", "100000", "--slices", "layer4", "--calib-fraction", "0.05"],
+            "cannot be reached",
+        ),
+        (["--model", "resnet34", "--weights", str(r18_weights)], "holds a 'resnet18' checkpoint"),
+        (["--weights", str(r18_weights), "--budget", str(tmp_path / "none.json")], "--budget"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
