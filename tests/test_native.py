@@ -204,6 +204,45 @@ def test_missing_extension_is_reported_not_crashing(monkeypatch):
         mpo_linear(torch.randn(2, 12), cores, None, backend="native")
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_groups_match_reference(dtype):
+    """A chain whose cheapest native schedule merges cores (big middle bond, several rows) still equals the
+    reference; bf16 cores are merged in fp32."""
+    in_modes, out_modes, bonds = (4, 6, 4), (6, 8, 6), [24, 24]
+    cores = [g.to(dtype) for g in make_cores(in_modes, out_modes, bonds)]
+    rows = 16
+    groups, _ = native_impl.choose_groups(tuple(tuple(g.shape) for g in cores), rows)
+    assert len(groups) < len(cores), f"expected a merge for this chain, got {groups}"
+    x = torch.randn(rows, 96)
+    bias = torch.randn(288)
+    y = mpo_linear(x, cores, bias, backend="native")
+    assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), f"groups {groups}")
+
+
+def test_choose_groups_is_the_cheapest_grouping():
+    """choose_groups must return the minimum over all groupings of its own cost: check against brute force for a
+    chain where the plain sweep is not the cheapest."""
+    shapes = ((1, 4, 6, 24), (24, 6, 8, 24), (24, 4, 6, 1))
+    groups, cost = native_impl.choose_groups(shapes, 16)
+    candidates = {
+        ((0, 1), (1, 2), (2, 3)): native_impl._sweep_flops_shapes(shapes, 16),
+    }
+    for grouping in (((0, 2), (2, 3)), ((0, 1), (1, 3)), ((0, 3),)):
+        c, merged = 0.0, []
+        for a, b in grouping:
+            if b - a == 1:
+                merged.append(shapes[a])
+            else:
+                mc, m = native_impl._merge_cost(shapes[a:b])
+                c += mc
+                merged.append(m)
+        candidates[grouping] = c + native_impl._sweep_flops_shapes(merged, 16)
+    assert cost == min(candidates.values())
+    assert candidates[groups] == cost
+    assert cost < candidates[((0, 1), (1, 2), (2, 3))]
+
+
 def test_sweep_flops_counts_each_step():
     """sweep_flops is what the planner reads: check it against a direct count for a 3-core chain."""
     cores = make_cores((2, 3, 4), (5, 6, 7), [3, 2])

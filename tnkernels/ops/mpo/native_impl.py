@@ -5,13 +5,16 @@ package works without it). It sweeps the cores left to right, one small GEMM per
 chunk of rows kept in cache and fp32 accumulation; cores may be float32 or bfloat16. Forward only: training goes
 through backend="torch".
 
-Cost behaviour (for the planner): the FLOPs are those of the left-to-right sweep, `sweep_flops(cores, rows)`, with
-no Python dispatch per core (one call per layer, ~10 us fixed cost). It is the fastest CPU path at a few rows; at
-many rows the per-core GEMMs are not blocked as well as MKL's, so the planned torch path can win there.
+Before the sweep, adjacent cores may be merged (with torch matmuls) when that lowers the total work: a plain sweep
+multiplies each core by prod(j_<k) * prod(i_>k) rows, which for large middle bonds costs far more than merging the
+small boundary cores into their neighbours first. `choose_groups` picks the grouping from a FLOP count and caches
+it per (core shapes, rows); `native_cost` returns that count for the planner.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -57,6 +60,82 @@ def sweep_flops(cores: Sequence[torch.Tensor], rows: int) -> int:
             i_after *= i
         total += 2 * rows * g.numel() * j_before * i_after
     return total
+
+
+# FLOP-equivalent of one extra torch op (dispatch + allocation, ~10 us at ~20 GFLOP/s): keeps tiny merges from
+# being chosen for a negligible FLOP saving.
+_OP_OVERHEAD_FLOPS = 2e5
+
+
+def _sweep_flops_shapes(shapes: Sequence[tuple[int, int, int, int]], rows: int) -> int:
+    total = 0
+    for k, (r0, i, j, r1) in enumerate(shapes):
+        j_before = 1
+        for s in shapes[:k]:
+            j_before *= s[2]
+        i_after = 1
+        for s in shapes[k + 1 :]:
+            i_after *= s[1]
+        total += 2 * rows * r0 * i * j * r1 * j_before * i_after
+    return total
+
+
+def _merge_cost(shapes: Sequence[tuple[int, int, int, int]]) -> tuple[float, tuple[int, int, int, int]]:
+    """FLOP-equivalent cost of merging `shapes` left to right (matmul + permute copy per step), and the result."""
+    r0, big_i, big_j, r = shapes[0]
+    cost = 0.0
+    for _, i, j, r1 in shapes[1:]:
+        cost += (
+            2.0 * r0 * big_i * big_j * r * i * j * r1 + 4.0 * r0 * big_i * i * big_j * j * r1 + 2 * _OP_OVERHEAD_FLOPS
+        )
+        big_i, big_j, r = big_i * i, big_j * j, r1
+    return cost, (r0, big_i, big_j, r)
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_groups(
+    shapes: tuple[tuple[int, int, int, int], ...], rows: int
+) -> tuple[tuple[tuple[int, int], ...], float]:
+    """The contiguous grouping of cores (half-open ranges) that minimises merge + sweep work, and that work in
+    FLOP-equivalents. All 2^(N-1) groupings are tried (N <= ~8 cores in practice)."""
+    n = len(shapes)
+    best: tuple[tuple[tuple[int, int], ...], float] | None = None
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        groups, start = [], 0
+        for k, cut in enumerate(cuts, start=1):
+            if cut:
+                groups.append((start, k))
+                start = k
+        groups.append((start, n))
+        cost, merged = 0.0, []
+        for a, b in groups:
+            if b - a == 1:
+                merged.append(shapes[a])
+            else:
+                c, m = _merge_cost(shapes[a:b])
+                cost += c
+                merged.append(m)
+        cost += _sweep_flops_shapes(merged, rows)
+        if best is None or cost < best[1]:
+            best = (tuple(groups), cost)
+    assert best is not None
+    return best
+
+
+def native_cost(cores: Sequence[torch.Tensor], rows: int) -> float:
+    """FLOP-equivalent work of one native call with `rows` rows (merges included), for the planner to compare."""
+    return choose_groups(tuple(tuple(int(d) for d in g.shape) for g in cores), int(rows))[1]
+
+
+def _merge(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Merge adjacent cores (r0, I, J, r) x (r, i, j, r1) -> (r0, I*i, J*j, r1), in fp32."""
+    p = cores[0].float()
+    for g in cores[1:]:
+        r0, ip, jp, r = p.shape
+        _, i, j, r1 = g.shape
+        prod = (p.reshape(r0 * ip * jp, r) @ g.float().reshape(r, i * j * r1)).view(r0, ip, jp, i, j, r1)
+        p = prod.permute(0, 1, 3, 2, 4, 5).reshape(r0, ip * i, jp * j, r1)
+    return p
 
 
 def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
@@ -109,6 +188,12 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
+    groups, _ = choose_groups(tuple(tuple(int(d) for d in g.shape) for g in cores), int(x2.shape[0]))
+    if len(groups) < len(cores):
+        # merged cores are fp32 (merging bf16 values in bf16 would round them twice); the rest follow suit
+        cores = [cores[a] if b - a == 1 else _merge(cores[a:b]) for a, b in groups]
+        if any(g.dtype != cores[0].dtype for g in cores):
+            cores = [g.float() for g in cores]
     cores_c = [g if g.is_contiguous() else g.contiguous() for g in cores]
     y = _ext.mpo_chain_forward(x2, cores_c, bias)
     return y.reshape(*lead, y.shape[-1])
