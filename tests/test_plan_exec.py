@@ -160,7 +160,8 @@ def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, seed):
         assert_close_rel(a, e, tolerance(F64), f"{kind} grad of leaf {k}")
 
 
-def test_planned_paths_trace_without_graph_breaks():
+@pytest.mark.parametrize("kind", PLAN_KINDS)
+def test_planned_paths_trace_without_graph_breaks(kind):
     import torch._dynamo as dynamo
 
     cores = [torch.randn(s, requires_grad=True) for s in ((1, 4, 3, 2), (2, 5, 2, 3), (3, 3, 4, 1))]
@@ -173,7 +174,8 @@ def test_planned_paths_trace_without_graph_breaks():
         return y.sum() + z.sum()
 
     x, img = torch.randn(5, 60), torch.randn(2, 3, 6, 6)
-    f(x, img)  # plan searches happen eagerly, outside the traced region
-    dynamo.reset()
-    explanation = dynamo.explain(f)(x, img)
+    with options(force=kind):
+        f(x, img)  # plan searches happen eagerly, outside the traced region
+        dynamo.reset()
+        explanation = dynamo.explain(f)(x, img)
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]

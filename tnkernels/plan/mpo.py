@@ -49,6 +49,9 @@ class MPOPlan:
     einsum_path: tuple = ()
     optimize: str = ""
     folds: tuple[bool, ...] = ()  # per sweep step: folded GEMM (True) or batched matmul (False)
+    # einsum plans: (operand positions to pop, pairwise equation) per contraction, executed with torch.einsum so
+    # that nothing of opt_einsum runs at call time (dynamo cannot trace it)
+    einsum_steps: tuple[tuple[tuple[int, ...], str], ...] = ()
 
     @property
     def flops(self) -> float:
@@ -84,9 +87,7 @@ class MPODecision:
     saved_bytes: int  # memory held between forward and backward beyond x and the cores
     dense_bytes: int  # memory a cached dense weight would cost (cache_dense mode)
     dense_seconds: float  # predicted time of one dense GEMM of the same layer
-    alternatives: tuple[tuple[str, float], ...] = field(
-        default=()
-    )  # (label, predicted fwd seconds), best first
+    alternatives: tuple[tuple[str, float], ...] = field(default=())  # (label, predicted fwd seconds), best first
     rows: int = 0
     shapes: tuple[CoreShape, ...] = ()
 
@@ -278,9 +279,7 @@ def groupings(n: int) -> list[tuple[tuple[int, int], ...]]:
     return out
 
 
-def grouped_plans(
-    cal: Calibration, shapes, rows: int, isz: int, force_fold: bool | None = None
-) -> list[MPOPlan]:
+def grouped_plans(cal: Calibration, shapes, rows: int, isz: int, force_fold: bool | None = None) -> list[MPOPlan]:
     plans = []
     n = len(shapes)
     for groups in groupings(n):
@@ -344,7 +343,8 @@ def einsum_plans(cal: Calibration, shapes, rows: int, isz: int) -> list[MPOPlan]
                 mind = 1
             nbytes = isz * 2 * (sum(_prod(sizes[x] for x in p) for p in parts) + _prod(sizes[x] for x in out))
             steps.append(price(cal, f"einsum {sub}", flops, nbytes, mind, ops=3))
-        plans.append(MPOPlan("einsum", "", (), tuple(steps), eq, tuple(path), optimize))
+        ops = tuple((tuple(c[0]), c[2]) for c in info.contraction_list)
+        plans.append(MPOPlan("einsum", "", (), tuple(steps), eq, tuple(path), optimize, einsum_steps=ops))
     return plans
 
 

@@ -165,27 +165,16 @@ def backward_grouped(dy: torch.Tensor, cores, plan: MPOPlan, saved, need_x: bool
     return dx, grads
 
 
-# ---------------------------------------------------------------------------------------------------- einsum
-_EXPRESSIONS: dict[tuple, object] = {}
-
-
 def run_einsum(x2d: torch.Tensor, cores, plan: MPOPlan) -> torch.Tensor:
-    import opt_einsum
-
+    """The opt_einsum path, replayed as pairwise torch.einsum calls (as opt_einsum's contract() does)."""
     shapes = tuple(tuple(int(d) for d in g.shape) for g in cores)
     rows = x2d.shape[0]
     operand_shapes = einsum_operand_shapes(shapes, rows)
-    key = (plan.einsum_eq, plan.einsum_path, tuple(operand_shapes))
-    expr = _EXPRESSIONS.get(key)
-    if expr is None:
-        expr = opt_einsum.contract_expression(
-            plan.einsum_eq, *operand_shapes, optimize=list(plan.einsum_path)
-        )
-        _EXPRESSIONS[key] = expr
-    operands = [x2d.reshape(operand_shapes[0])] + [
-        g.reshape(s) for g, s in zip(cores, operand_shapes[1:], strict=False)
-    ]
-    return expr(*operands, backend="torch").reshape(rows, -1)
+    operands = [x2d.reshape(operand_shapes[0])] + [g.reshape(s) for g, s in zip(cores, operand_shapes[1:], strict=True)]
+    for positions, eq in plan.einsum_steps:
+        picked = [operands.pop(p) for p in positions]
+        operands.append(torch.einsum(eq, *picked))
+    return operands[0].reshape(rows, -1)
 
 
 def run_forward(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool):
@@ -288,11 +277,7 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     shapes = tuple(tuple(int(d) for d in g.shape) for g in cores)
     dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
     if not needs_grad:
-        if (
-            OPTIONS.cache_dense
-            and dec.forward.seconds > dec.dense_seconds
-            and not torch.compiler.is_compiling()
-        ):
+        if OPTIONS.cache_dense and dec.forward.seconds > dec.dense_seconds and not torch.compiler.is_compiling():
             y = x2d @ _cached_dense(cores)
         else:
             y, _ = run_forward(x2d, cores, dec.forward, keep=False)
