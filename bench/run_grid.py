@@ -59,7 +59,7 @@ PRESETS = {
                  conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
     # What 2 shared CPU cores can run in ~30 minutes: 4 of the 7 linear shapes (no GPT-2 XL: one of its ratio-2
     # chains alone takes ~0.6 s a call here), ratios 4..64, 2 of the 4 conv stages, rows up to 1024.
-    "cpu": dict(linear=["gpt2-mlp-up", "minilm-mlp-up", "minilm-mlp-down", "resnet34-fc"],
+    "cpu": dict(linear=["resnet34-fc", "minilm-mlp-down", "minilm-mlp-up", "gpt2-mlp-up"],
                 rows=[1, 64, 1024], ratios=[4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
                 batches=[1, 8], reps=3),
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], rows=[1, 64], ratios=[4, 16],
