@@ -221,3 +221,16 @@ def test_choose_structure_errors():
         choose_mpo_structure(96, 64, 4, weight=torch.randn(64, 96))
     with pytest.raises(ValueError, match="no MPO"):
         choose_mpo_structure(7, 13, 4)
+
+
+def test_auto_backend_hook():
+    from tnkernels.ops import backend_available
+    from tnkernels.plan import NATIVE_MAX_ROWS, auto_mpo_backend
+
+    assert auto_mpo_backend("cpu", 1, torch.float32, needs_grad=True) == "torch"  # native is forward only
+    assert auto_mpo_backend("cpu", NATIVE_MAX_ROWS + 1, torch.float32, needs_grad=False) == "torch"
+    assert auto_mpo_backend("cpu", 1, torch.float64, needs_grad=False) == "torch"
+    native = backend_available("mpo_linear", "native")[0]
+    assert auto_mpo_backend("cpu", 1, torch.float32, needs_grad=False) == ("native" if native else "torch")
+    triton = backend_available("mpo_linear", "triton")[0]
+    assert auto_mpo_backend("cuda", 64, torch.float32, needs_grad=True) == ("triton" if triton else "torch")

@@ -6,6 +6,7 @@ recalibrate()                   re-measure this device's cost constants (cached 
 choose_mpo_structure(...)       pick cores / modes / bonds for a ratio by predicted time and accuracy
 """
 
+from .backends import NATIVE_MAX_ROWS, auto_mpo_backend
 from .cache import OPTIONS, clear_plans, mpo_decision, options, plan_stats, set_options, tucker_decision
 from .calibrate import Calibration, cache_dir, get_calibration, recalibrate, set_calibration
 from .explain import explain, explain_tucker
@@ -14,10 +15,12 @@ from .structure import MPOStructure, choose_mpo_structure, structure_candidates
 from .tucker import TUCKER_KINDS, TuckerDecision
 
 __all__ = [
+    "NATIVE_MAX_ROWS",
     "OPTIONS",
     "PLAN_KINDS",
     "TUCKER_KINDS",
     "Calibration",
+    "auto_mpo_backend",
     "MPODecision",
     "MPOPlan",
     "MPOStructure",

@@ -1,0 +1,41 @@
+"""Which backend `backend="auto"` should run for one MPO call: a hook for tnkernels.ops.dispatch.
+
+Backends are reached only through `tnkernels.ops.dispatch.backend_available`, so a backend that is not built or not
+importable is simply not a candidate.
+
+    CUDA tensor             -> "triton" when available, else "torch"
+    CPU, forward only,      -> "native" when available, for float32 / bfloat16 and at most NATIVE_MAX_ROWS rows
+    small row count            (the C++ kernel keeps a chunk's intermediates in cache and skips per-op dispatch)
+    otherwise               -> "torch" (the planned path; the only one with a backward on CPU)
+
+NATIVE_MAX_ROWS comes from a side-by-side measurement on this project's shared 2-core CI machine (one thread;
+MiniLM, ResNet-34 fc and GPT-2 MLP shapes): the native kernel was 0.4-0.9x the planned torch time at 1 row and
+0.1-1.2x at 8 rows, and 0.8-2.5x at 64 rows and more. Re-measure with bench/bench_native.py on other hardware.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NATIVE_MAX_ROWS = 8
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_AVAILABLE: dict[str, bool] = {}
+
+
+def _available(backend: str) -> bool:
+    # memoized: dispatch's availability check imports a module, which has no place on every forward
+    if backend not in _AVAILABLE:
+        from ..ops.dispatch import backend_available
+
+        _AVAILABLE[backend] = backend_available("mpo_linear", backend)[0]
+    return _AVAILABLE[backend]
+
+
+def auto_mpo_backend(device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool) -> str:
+    """The backend name ("torch", "triton" or "native") that backend="auto" should resolve to for this call."""
+    if device_type == "cuda":
+        return "triton" if _available("triton") else "torch"
+    if device_type == "cpu" and not needs_grad and rows <= NATIVE_MAX_ROWS and dtype in _NATIVE_DTYPES:
+        if _available("native"):
+            return "native"
+    return "torch"
