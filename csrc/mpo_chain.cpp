@@ -313,29 +313,44 @@ void chain_forward(const std::vector<at::Tensor>& cores, const float* x, float* 
 
 }  // namespace
 
-// x: [B, in_features] fp32 or bf16 (contiguous); cores: fp32 or bf16, all the same dtype, contiguous;
-// bias: [out_features] or None. Returns [B, out_features] in x's dtype. Forward only.
-at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>& cores,
-                             const c10::optional<at::Tensor>& bias, int64_t gemm) {
+// x: [..., in_features] fp32 or bf16 (any strides); cores: fp32 or bf16, all the same dtype; bias: [out_features]
+// (any float dtype) or None. Returns [..., out_features] in x's dtype. Forward only. Every argument is checked here,
+// so the Python wrapper can skip its own checks on the hot path and only re-validate (for a clearer error) on failure.
+at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>& cores_in,
+                             const c10::optional<at::Tensor>& bias_in, int64_t gemm) {
   TORCH_CHECK(gemm >= 0 && gemm <= 2, "mpo_chain_forward: gemm must be 0 (auto), 1 (kernel) or 2 (aten)");
   const auto mode = static_cast<GemmMode>(gemm);
-  TORCH_CHECK(!cores.empty(), "mpo_chain_forward: needs at least one core");
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "mpo_chain_forward: x must be a 2-D CPU tensor");
-  const auto wdt = cores[0].scalar_type();
+  TORCH_CHECK(!cores_in.empty(), "mpo_chain_forward: needs at least one core");
+  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu(), "mpo_chain_forward: x must be a CPU tensor with >= 1 dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "mpo_chain_forward: x must be float32 or bfloat16");
+  const at::Tensor* bias = bias_in.has_value() && bias_in->defined() ? &*bias_in : nullptr;
+  const bool wants_grad = at::GradMode::is_enabled() &&
+                          (x.requires_grad() || (bias && bias->requires_grad()) ||
+                           std::any_of(cores_in.begin(), cores_in.end(), [](const at::Tensor& c) { return c.requires_grad(); }));
+  TORCH_CHECK(!wants_grad, "mpo_chain_forward is forward-only: use backend='torch' for training");
+  const auto wdt = cores_in[0].scalar_type();
   TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, "mpo_chain_forward: cores must be float32 or bfloat16");
+  std::vector<at::Tensor> cores;
   int64_t in_features = 1, out_features = 1;
-  for (size_t k = 0; k < cores.size(); ++k) {
-    const auto& c = cores[k];
-    TORCH_CHECK(c.dim() == 4 && c.device().is_cpu() && c.is_contiguous() && c.scalar_type() == wdt,
-                "mpo_chain_forward: core ", k, " must be a contiguous 4-D CPU tensor of the first core's dtype");
-    TORCH_CHECK(k == 0 ? c.size(0) == 1 : c.size(0) == cores[k - 1].size(3), "mpo_chain_forward: bond mismatch at core ", k);
+  for (size_t k = 0; k < cores_in.size(); ++k) {
+    const auto& c = cores_in[k];
+    TORCH_CHECK(c.dim() == 4 && c.device().is_cpu() && c.scalar_type() == wdt,
+                "mpo_chain_forward: core ", k, " must be a 4-D CPU tensor of the first core's dtype");
+    TORCH_CHECK(k == 0 ? c.size(0) == 1 : c.size(0) == cores_in[k - 1].size(3), "mpo_chain_forward: bond mismatch at core ", k);
+    cores.push_back(c.contiguous());
     in_features *= c.size(1);
     out_features *= c.size(2);
   }
   TORCH_CHECK(cores.back().size(3) == 1, "mpo_chain_forward: last bond must be 1");
-  TORCH_CHECK(x.size(1) == in_features, "mpo_chain_forward: x has ", x.size(1), " features, cores expect ", in_features);
-  const int64_t B = x.size(0);
-  at::Tensor xf = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.size(-1) == in_features, "mpo_chain_forward: x has ", x.size(-1), " features, cores expect ", in_features);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->device().is_cpu() &&
+                    at::isFloatingType(bias->scalar_type()),
+                "mpo_chain_forward: bias must be a floating [out_features] CPU tensor");
+  }
+  const int64_t B = x.numel() / in_features;
+  at::Tensor xf = x.reshape({B, in_features}).to(at::kFloat).contiguous();
   at::Tensor y = at::empty({B, out_features}, x.options().dtype(at::kFloat));
   if (B > 0) {
     if (wdt == at::kFloat)
@@ -344,10 +359,10 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
       chain_forward<at::BFloat16>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features,
                                   mode);
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "mpo_chain_forward: bias must be [out_features]");
-    y.add_(bias->to(at::kFloat).unsqueeze(0));
-  }
+  if (bias) y.add_(bias->to(at::kFloat).unsqueeze(0));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  y = y.view(out_shape);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

@@ -151,10 +151,11 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
         RuntimeError: if the extension is not built, or if a gradient is required (use backend="torch").
         ValueError: for non-CPU tensors, unsupported dtypes, or cores of mixed dtypes.
     """
-    ok, why = is_available()
-    if not ok:
-        raise RuntimeError(f"mpo_linear(backend='native'): {why}")
+    if _ext is None:
+        raise RuntimeError(f"mpo_linear(backend='native'): {is_available()[1]}")
     cores = list(cores)
+    # Hot path: only the gradient check runs in Python (it must come before any merge builds a graph); the C++
+    # entry checks everything else, and on failure _validate() re-checks here to raise a clear ValueError.
     if torch.is_grad_enabled() and (
         x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
     ):
@@ -162,6 +163,28 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
             "mpo_linear(backend='native') is forward-only (inference) and cannot give gradients; use "
             "backend='torch' for training, or run inference under torch.no_grad() / torch.inference_mode()"
         )
+    if x.dim() == 0 or not cores:
+        _validate(x, cores, bias)
+    groups, _ = choose_groups(tuple(g.shape for g in cores), x.numel() // max(1, x.shape[-1]))
+    if len(groups) < len(cores):
+        _validate(x, cores, bias)  # merging runs torch ops first: check before, not after
+        # merged cores are fp32 (merging bf16 values in bf16 would round them twice); the rest follow suit
+        cores = [cores[a] if b - a == 1 else _merge(cores[a:b]) for a, b in groups]
+        if any(g.dtype != cores[0].dtype for g in cores):
+            cores = [g.float() for g in cores]
+    try:
+        return _ext.mpo_chain_forward(x, cores, bias)
+    except RuntimeError:
+        _validate(x, cores, bias)
+        raise
+
+
+def _validate(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> None:
+    """The argument checks with messages that say the fix (ValueError); shapes are checked by ops.check_mpo_cores."""
+    if x.dim() == 0:
+        raise ValueError("mpo_linear(backend='native'): x must have at least one dimension [..., in_features]")
+    if not cores:
+        raise ValueError("mpo_linear(backend='native'): needs at least one core")
     tensors = [("x", x), *((f"core {k}", g) for k, g in enumerate(cores))]
     if bias is not None:
         tensors.append(("bias", bias))
@@ -184,16 +207,3 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
         )
     if bias is not None and not bias.is_floating_point():
         raise ValueError(f"mpo_linear(backend='native'): bias must be floating point, got {bias.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    groups, _ = choose_groups(tuple(tuple(int(d) for d in g.shape) for g in cores), int(x2.shape[0]))
-    if len(groups) < len(cores):
-        # merged cores are fp32 (merging bf16 values in bf16 would round them twice); the rest follow suit
-        cores = [cores[a] if b - a == 1 else _merge(cores[a:b]) for a, b in groups]
-        if any(g.dtype != cores[0].dtype for g in cores):
-            cores = [g.float() for g in cores]
-    cores_c = [g if g.is_contiguous() else g.contiguous() for g in cores]
-    y = _ext.mpo_chain_forward(x2, cores_c, bias)
-    return y.reshape(*lead, y.shape[-1])
