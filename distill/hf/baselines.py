@@ -22,17 +22,23 @@ from .models import base_model, block_names, family_of
 
 
 def ffn_rules(model: nn.Module, ratio: float, *, attention: bool = False) -> dict:
-    """tensorize rules (names relative to the *base* model) for the FFN layers, and attention if asked."""
+    """tensorize rules (names relative to the *base* model) for the FFN layers, and attention if asked.
+
+    Exact names, not globs: fnmatch's ``*`` crosses dots, so ``encoder.layer.*.output.dense`` would also catch
+    ``encoder.layer.0.attention.output.dense``.
+    """
     fam = family_of(model)
-    if fam == "gpt2":
-        pats = ["h.*.mlp.c_fc", "h.*.mlp.c_proj"] + (
-            ["h.*.attn.c_attn", "h.*.attn.c_proj"] if attention else []
-        )
-    else:
-        pats = ["encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense"]
-        if attention:
-            pats += ["encoder.layer.*.attention.self.*", "encoder.layer.*.attention.output.dense"]
-    return {p: {"ratio": ratio} for p in pats}
+    names = []
+    for b in block_names(model):
+        if fam == "gpt2":
+            names += [f"{b}.mlp.c_fc", f"{b}.mlp.c_proj"]
+            names += [f"{b}.attn.c_attn", f"{b}.attn.c_proj"] if attention else []
+        else:
+            names += [f"{b}.intermediate.dense", f"{b}.output.dense"]
+            if attention:
+                names += [f"{b}.attention.self.{p}" for p in ("query", "key", "value")]
+                names += [f"{b}.attention.output.dense"]
+    return {n: {"ratio": ratio} for n in names}
 
 
 def one_shot(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -82,13 +82,14 @@ def capture_features(
     store_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    on_block: Callable[[int], None] | None = None,
 ) -> dict:
     """Fill ``store`` with the teacher features of ``specs``, block by block (see the module docstring).
 
     ``calib``: model-call dicts (``input_ids`` and optionally ``attention_mask``).
     ``store_dtype=torch.float16`` halves the disk and I/O. Slices whose features are already complete are
-    skipped, and blocks after the last needed one are never run. Returns ``{"batches", "blocks_run",
-    "bytes_written"}``.
+    skipped, and blocks after the last needed one are never run. ``on_block(i)`` is called after block ``i``
+    has processed every batch. Returns ``{"batches", "blocks_run", "bytes_written"}``.
     """
     from tqdm.auto import tqdm
 
@@ -189,6 +190,8 @@ def capture_features(
         for s in todo:
             if last_block[s.name] == i:
                 (store / s.name / "DONE").write_text(f"{n_batches}\n")
+        if on_block is not None:
+            on_block(i)  # e.g. the scale benchmark samples resident memory after every block
     shutil.rmtree(bdir)
     return {"batches": n_batches, "blocks_run": n_blocks, "bytes_written": written}
 
