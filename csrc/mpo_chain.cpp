@@ -3,14 +3,14 @@
 // Cores G_k have shape (r_{k-1}, i_k, j_k, r_k) (docs/ARCHITECTURE.md). The chain is swept left to right; step k
 // is one small GEMM
 //     C[(b, j_<k, i_>k), (j_k, r_k)] = sum_{(r_{k-1}, i_k)} A[(b, j_<k, i_>k), (r_{k-1}, i_k)] * G_k[(r_{k-1}, i_k), (j_k, r_k)]
-// where G_k is used in its own memory layout (a [r*i, j*r] row-major matrix, no repacking) and A is the previous
-// step's output read through precomputed row/column offsets (A entries are broadcast scalars in the micro-kernel,
-// so A may have any layout and no transpose copy is ever made). C rows are contiguous, so the micro-kernel's vector
-// loads and stores run along (j_k, r_k). After the last step C is exactly y[b, J] in row-major J order.
+// where G_k is seen in its own memory layout (a [r*i, j*r] row-major matrix) and A is the previous step's output,
+// gathered through precomputed row/column offsets into packed tiles (so no transpose of the state is ever made).
+// C rows are contiguous, so the micro-kernel's vector loads and stores run along (j_k, r_k). After the last step C is
+// exactly y[b, J] in row-major J order.
 //
 // Rows of the batch are cut into chunks whose intermediates fit in L2; chunks run in parallel (one thread each,
 // the chain of a chunk never leaves that core's cache). With fewer chunks than threads (1 row), the tiles inside each
-// step run in parallel instead. Accumulation is always fp32; cores may be fp32 or bf16 (converted in registers).
+// step run in parallel instead. Accumulation is always fp32; cores may be fp32 or bf16 (converted to fp32 when packed).
 //
 // Portable GCC/Clang vector extensions (8 x float) rather than intrinsics: one code path that compiles to AVX2/FMA
 // with -march=native and to SSE/NEON elsewhere.
@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -39,13 +40,13 @@ inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
 inline float to_f32(float v) { return v; }
 inline float to_f32(at::BFloat16 v) { return static_cast<float>(v); }
 
-// C[mr, nc] = Ap x P: Ap is a packed A tile [K, MR] (row values interleaved), P a packed panel [K, NR].
-// Both are read sequentially, so the loop is pure loads + broadcasts + FMAs.
-inline void micro_tile(const float* Ap, int mr, int64_t K, const float* P, float* C, int64_t ldc, int nc) {
+// C[mr, nc] = Ap x P: Ap is a packed A tile [K, MR] (row values interleaved), P a panel [K, NR] with row stride ldp
+// (a packed panel, ldp = NR, or 16 columns of the fp32 core itself, ldp = N). The loop is loads + broadcasts + FMAs.
+inline void micro_tile(const float* Ap, int mr, int64_t K, const float* P, int64_t ldp, float* C, int64_t ldc, int nc) {
   v8f acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = v8f{};
   for (int64_t k = 0; k < K; ++k) {
-    const v8f b0 = load8(P + k * NR), b1 = load8(P + k * NR + 8);
+    const v8f b0 = load8(P + k * ldp), b1 = load8(P + k * ldp + 8);
     const float* a = Ap + k * MR;
     for (int r = 0; r < MR; ++r) {
       acc[r][0] += a[r] * b0;
@@ -92,8 +93,7 @@ struct Step {
   int64_t R = 0, K = 0, N = 0;   // GEMM sizes for a full chunk
   int64_t rows_per_b = 0;         // R / rows
   std::vector<int64_t> roff;      // R offsets of the GEMM rows into the input buffer
-  std::vector<int64_t> koff;      // K offsets, K enumerated as (i_k, r_{k-1}) so A is read along the bond (stride 1)
-  int64_t r_prev = 0, i_size = 0; // G row of k = (i, r) is r * i_size + i
+  std::vector<int64_t> koff;      // K offsets, K enumerated as (r_{k-1}, i_k): k is the row of G seen as [r*i, j*r']
   int64_t out_floats = 0;         // R * N
   // The same layout as strided tensor modes, for the ATen GEMM path: A = [row modes..., r_{k-1}, i_k].
   std::vector<int64_t> a_sizes, a_strides;
@@ -125,9 +125,7 @@ std::vector<Step> plan_steps(const std::vector<at::Tensor>& cores, int64_t rows,
     s.roff = offsets(row_modes);
     s.R = static_cast<int64_t>(s.roff.size());
     s.rows_per_b = s.R / rows;
-    s.koff = offsets({i_modes[0], r_mode});
-    s.r_prev = r_mode.first;
-    s.i_size = i_modes[0].first;
+    s.koff = offsets({r_mode, i_modes[0]});
     s.K = static_cast<int64_t>(s.koff.size());
     s.N = jk * rk;
     s.out_floats = s.R * s.N;
@@ -155,20 +153,16 @@ std::vector<Step> plan_steps(const std::vector<at::Tensor>& cores, int64_t rows,
   return steps;
 }
 
-// Copy columns [n0, n0 + nc) of G (a [r_prev * i, N] matrix) into an fp32 panel [K, NR] in the step's K order,
-// zero-padding past nc. Packing makes the micro-kernel's panel reads sequential, converts bf16 once per panel, and
-// handles the column remainder with the same micro-kernel.
+// Copy columns [n0, n0 + nc) of G (a [K, N] matrix) into an fp32 panel [K, NR], zero-padding past nc. Packing
+// makes panel reads sequential, converts bf16 once per panel, and handles the column remainder.
 template <typename WT>
 void pack_panel(const Step& s, const WT* M, int64_t n0, int nc, float* P) {
-  const int64_t N = s.N;
-  for (int64_t i = 0, kk = 0; i < s.i_size; ++i) {
-    for (int64_t r = 0; r < s.r_prev; ++r, ++kk) {
-      const WT* src = M + (r * s.i_size + i) * N + n0;
-      float* dst = P + kk * NR;
-      int c = 0;
-      for (; c < nc; ++c) dst[c] = to_f32(src[c]);
-      for (; c < NR; ++c) dst[c] = 0.f;
-    }
+  for (int64_t k = 0; k < s.K; ++k) {
+    const WT* src = M + k * s.N + n0;
+    float* dst = P + k * NR;
+    int c = 0;
+    for (; c < nc; ++c) dst[c] = to_f32(src[c]);
+    for (; c < NR; ++c) dst[c] = 0.f;
   }
 }
 
@@ -192,20 +186,37 @@ void run_step(const Step& s, int64_t r_used, const float* A, const WT* M, float*
   // Pack A once per step (one pass over R*K values; the GEMM does 2*N flops per value): afterwards every
   // micro-tile reads its A rows sequentially instead of gathering them through offsets for every column block.
   // Pack G once per step into [n_blocks][K][NR] fp32 panels (converting bf16 here, once).
+  // With few row tiles a packed panel would be read only a few times, so packing all of G (one pass over the core)
+  // would cost as much as the GEMM: fp32 full column blocks are then read in place (ldp = N) and only the
+  // remainder block is packed.
+  const bool direct = std::is_same<WT, float>::value && r_tiles <= 16;
+  const int64_t n_full = N / NR;
+  const int64_t first_packed = direct ? n_full : 0;  // column blocks [first_packed, n_blocks) are packed
   static thread_local std::vector<float> a_packed, b_packed;
   if (a_packed.size() < static_cast<size_t>(r_tiles * K * MR)) a_packed.resize(r_tiles * K * MR);
-  if (b_packed.size() < static_cast<size_t>(n_blocks * K * NR)) b_packed.resize(n_blocks * K * NR);
+  if (b_packed.size() < static_cast<size_t>((n_blocks - first_packed) * K * NR))
+    b_packed.resize((n_blocks - first_packed) * K * NR);
   float* Ap = a_packed.data();
   float* Bp = b_packed.data();
+  const int64_t n_pack_tasks = r_tiles + (n_blocks - first_packed);
   auto pack = [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (t < r_tiles) {
         pack_a_tile(A, s.roff.data(), s.koff.data(), K, t, r_used, Ap + t * K * MR);
       } else {
-        const int64_t nb = t - r_tiles;
-        pack_panel<WT>(s, M, nb * NR, static_cast<int>(std::min<int64_t>(NR, N - nb * NR)), Bp + nb * K * NR);
+        const int64_t nb = first_packed + (t - r_tiles);
+        pack_panel<WT>(s, M, nb * NR, static_cast<int>(std::min<int64_t>(NR, N - nb * NR)),
+                       Bp + (nb - first_packed) * K * NR);
       }
     }
+  };
+  auto panel = [&](int64_t nb, int64_t* ldp) -> const float* {
+    if (nb < first_packed) {  // only reached when WT is float
+      *ldp = N;
+      return reinterpret_cast<const float*>(M) + nb * NR;
+    }
+    *ldp = NR;
+    return Bp + (nb - first_packed) * K * NR;
   };
   auto body = [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -213,28 +224,30 @@ void run_step(const Step& s, int64_t r_used, const float* A, const WT* M, float*
       const int64_t g = t / n_blocks, nb = t % n_blocks;
       const int nc = static_cast<int>(std::min<int64_t>(NR, N - nb * NR));
       const int64_t rt_end = std::min(r_tiles, (g + 1) * per_group);
+      int64_t ldp = 0;
+      const float* P = panel(nb, &ldp);
       for (int64_t rt = g * per_group; rt < rt_end; ++rt) {
         const int64_t r0 = rt * MR;
         const int mr = static_cast<int>(std::min<int64_t>(MR, r_used - r0));
-        micro_tile(Ap + rt * K * MR, mr, K, Bp + nb * K * NR, C + r0 * N + nb * NR, N, nc);
+        micro_tile(Ap + rt * K * MR, mr, K, P, ldp, C + r0 * N + nb * NR, N, nc);
       }
     }
   };
   const int64_t n_tasks = n_blocks * groups;
   if (threads > 1) {
     // Grains keep about 32k copies / 100k FMAs per thread chunk so thread wake-up never dominates a tiny step.
-    at::parallel_for(0, r_tiles + n_blocks, std::max<int64_t>(1, 32768 / (K * NR)), pack);
+    at::parallel_for(0, n_pack_tasks, std::max<int64_t>(1, 32768 / (K * NR)), pack);
     const int64_t task_fma = std::max<int64_t>(1, per_group * MR * NR * K);
     at::parallel_for(0, n_tasks, std::max<int64_t>(1, 100000 / task_fma), body);
   } else {
-    pack(0, r_tiles + n_blocks);
+    pack(0, n_pack_tasks);
     body(0, n_tasks);
   }
 }
 
-// gemm=2 routes every step through ATen's GEMM (MKL/oneDNN) after a gather copy of A; gemm=0 (auto) and 1 use the
-// micro-kernel. Measured on the 2-core CI machine (docs/native.md) the micro-kernel matched or beat the ATen route
-// at 1-16 rows on every grid shape, so auto does not pick ATen; the route stays for experiments on other CPUs.
+// gemm=2 routes every step through ATen's GEMM (MKL/oneDNN) after a gather copy of A; gemm=0 and 1 use the fused
+// micro-kernel. Neither wins everywhere on the measured CPU (docs/native.md), so the Python wrapper times both on the
+// first call of each shape and passes the winner here.
 enum class GemmMode : int64_t { kAuto = 0, kKernel = 1, kAten = 2 };
 
 bool use_aten(GemmMode mode) { return mode == GemmMode::kAten; }

@@ -220,6 +220,25 @@ def test_merged_groups_match_reference(dtype):
     assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), f"groups {groups}")
 
 
+@needs_native
+def test_route_tuning_picks_a_route_and_stays_exact():
+    """Above the tuning threshold the first call times both GEMM routes and caches the winner; every call, the
+    tuning one included, equals the reference."""
+    cores = make_cores((8, 8, 8), (8, 8, 8), [16, 16])
+    x = torch.randn(3, 512)
+    shapes = tuple(g.shape for g in cores)
+    assert native_impl.choose_groups(shapes, 3)[1] >= native_impl._TUNE_MIN_FLOPS
+    native_impl._ROUTES.clear()
+    with torch.inference_mode():
+        first = mpo_linear(x, cores, None, backend="native")
+        second = mpo_linear(x, cores, None, backend="native")
+    routes = native_impl.route_cache()
+    assert len(routes) == 1 and next(iter(routes.values())) in ("kernel", "aten")
+    ref = reference64(x, cores, None)
+    for y in (first, second):
+        assert_close_rel(y, ref, tolerance(torch.float32, "native"), f"route {routes}")
+
+
 def test_choose_groups_is_the_cheapest_grouping():
     """choose_groups must return the minimum over all groupings of its own cost: check against brute force for a
     chain where the plain sweep is not the cheapest."""

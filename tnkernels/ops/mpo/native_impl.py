@@ -9,12 +9,18 @@ Before the sweep, adjacent cores may be merged (with torch matmuls) when that lo
 multiplies each core by prod(j_<k) * prod(i_>k) rows, which for large middle bonds costs far more than merging the
 small boundary cores into their neighbours first. `choose_groups` picks the grouping from a FLOP count and caches
 it per (core shapes, rows); `native_cost` returns that count for the planner.
+
+Each step then runs either on the fused micro-kernel or through ATen's GEMM (MKL) called from C++ (both without
+Python dispatch). Which is faster depends on the CPU and the shapes, so for calls above `_TUNE_MIN_FLOPS` the first
+call with a new key (shapes, rows, dtypes, threads) times both routes on the real inputs and remembers the winner
+(`route_cache()` shows the choices). The two routes agree to fp32 rounding.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections.abc import Sequence
 
 import torch
@@ -127,6 +133,32 @@ def native_cost(cores: Sequence[torch.Tensor], rows: int) -> float:
     return choose_groups(tuple(tuple(int(d) for d in g.shape) for g in cores), int(rows))[1]
 
 
+# gemm routes of the compiled entry
+_KERNEL, _ATEN = 1, 2
+# Below this much work the fused kernel always wins (ATen adds a gather copy and a call per step): no tuning.
+_TUNE_MIN_FLOPS = 2e6
+_TUNE_REPS = 3
+_ROUTES: dict[tuple, int] = {}
+
+
+def route_cache() -> dict[tuple, str]:
+    """The routes chosen so far: {(core shapes, rows, x dtype, core dtype, threads): "kernel" | "aten"}."""
+    return {k: ("kernel" if v == _KERNEL else "aten") for k, v in _ROUTES.items()}
+
+
+def _pick_route(key: tuple, run) -> int:
+    """Time both routes on the real call (interleaved, best of _TUNE_REPS) and remember the faster one."""
+    best = {_KERNEL: float("inf"), _ATEN: float("inf")}
+    for _ in range(_TUNE_REPS):
+        for route in best:
+            t0 = time.perf_counter()
+            run(route)
+            best[route] = min(best[route], time.perf_counter() - t0)
+    route = min(best, key=best.get)
+    _ROUTES[key] = route
+    return route
+
+
 def _merge(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Merge adjacent cores (r0, I, J, r) x (r, i, j, r1) -> (r0, I*i, J*j, r1), in fp32."""
     p = cores[0].float()
@@ -165,15 +197,23 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
         )
     if x.dim() == 0 or not cores:
         _validate(x, cores, bias)
-    groups, _ = choose_groups(tuple(g.shape for g in cores), x.numel() // max(1, x.shape[-1]))
+    shapes = tuple(g.shape for g in cores)
+    rows = x.numel() // max(1, x.shape[-1])
+    groups, work = choose_groups(shapes, rows)
     if len(groups) < len(cores):
         _validate(x, cores, bias)  # merging runs torch ops first: check before, not after
         # merged cores are fp32 (merging bf16 values in bf16 would round them twice); the rest follow suit
         cores = [cores[a] if b - a == 1 else _merge(cores[a:b]) for a, b in groups]
         if any(g.dtype != cores[0].dtype for g in cores):
             cores = [g.float() for g in cores]
+    route = _KERNEL
+    if work >= _TUNE_MIN_FLOPS:
+        key = (shapes, rows, x.dtype, cores[0].dtype, torch.get_num_threads())
+        route = _ROUTES.get(key, 0)
     try:
-        return _ext.mpo_chain_forward(x, cores, bias)
+        if route == 0:
+            route = _pick_route(key, lambda r: _ext.mpo_chain_forward(x, cores, bias, r))
+        return _ext.mpo_chain_forward(x, cores, bias, route)
     except RuntimeError:
         _validate(x, cores, bias)
         raise
