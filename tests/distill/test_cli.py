@@ -1,4 +1,4 @@
-"""`tnk compress` / `tnk eval` end to end on a tiny setup (resnet18, 16x16 digits, a few steps per slice)."""
+"""`tnk compress` / `tnk eval` end to end on a tiny setup (resnet18, 8x8 digits, a few steps per slice)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def r18_weights(tmp_path_factory):
 
 def test_compress_writes_outputs_and_eval_reads_them(tmp_path, r18_weights, capsys):
     out = tmp_path / "out"
-    base = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "16", "--no-progress"]
+    base = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "8", "--no-progress"]
     rc = main(
         [
             "compress",
@@ -53,7 +53,7 @@ def test_compress_writes_outputs_and_eval_reads_them(tmp_path, r18_weights, caps
 
 
 def test_compress_bad_input_gives_clear_errors(tmp_path, r18_weights, capsys):
-    base = ["compress", "--model", "resnet18", "--image-size", "16", "--no-progress", "--out", str(tmp_path)]
+    base = ["compress", "--model", "resnet18", "--image-size", "8", "--no-progress", "--out", str(tmp_path)]
     cases = [
         (["--data", str(tmp_path / "missing")], "does not exist"),
         (["--weights", str(r18_weights), "--slices", "layer5"], "unknown module name 'layer5'"),
@@ -67,3 +67,21 @@ def test_compress_bad_input_gives_clear_errors(tmp_path, r18_weights, capsys):
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_sensitivity_budget_then_compress_with_budget(tmp_path, r18_weights, capsys):
+    base = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "8", "--no-progress"]
+    layers = ["layer4.0.conv1", "layer4.0.conv2"]
+    rc = main(["sensitivity", *base, "--layers", *layers, "--ratios", "2", "4", "--calib-fraction", "0.05",
+               "--target-ratio", "2", "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "sensitivity.json").is_file() and (tmp_path / "sensitivity.png").is_file()
+    budget = tmp_path / "budget.json"
+    assert set(json.loads(budget.read_text())["allocation"]) == set(layers)
+    out = tmp_path / "c"
+    rc = main(["compress", *base, "--budget", str(budget), "--slices", "layer4.0", "--calib-fraction", "0.05",
+               "--steps", "2", "--out", str(out), "--sensitivity", str(tmp_path / "sensitivity.json")])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["ratio"] >= 2.0 - 1e-6 and report["ratio_requested"] is None
+    assert (out / "sensitivity.png").is_file()  # --sensitivity FILE adds the heat map
