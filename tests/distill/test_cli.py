@@ -32,8 +32,8 @@ def test_compress_writes_outputs_and_eval_reads_them(tmp_path, r18_weights, caps
             "--steps",
             "2",
             "--slices",
-            "layer3",
-            "layer4",
+            "layer1",
+            "layer2",
             "--out",
             str(out),
         ]
@@ -42,7 +42,7 @@ def test_compress_writes_outputs_and_eval_reads_them(tmp_path, r18_weights, caps
     report = json.loads((out / "report.json").read_text())
     for key in ("teacher_accuracy", "student_accuracy", "ratio", "times", "slices_detail", "slicewise_seconds"):
         assert key in report
-    assert set(report["slices_detail"]) == {"layer3", "layer4"}
+    assert set(report["slices_detail"]) == {"layer1", "layer2"}
     assert report["ratio"] >= 1.9 and (out / "slice_losses.png").is_file() and (out / "accuracy_vs_ratio.png").is_file()
     student = tnkernels.load_compressed(build_model("resnet18", 10), out / "compressed")
     assert any(isinstance(m, tnkernels.TuckerConv2d) for m in student.modules())
@@ -58,7 +58,7 @@ def test_compress_bad_input_gives_clear_errors(tmp_path, r18_weights, capsys):
         (["--data", str(tmp_path / "missing")], "does not exist"),
         (["--weights", str(r18_weights), "--slices", "layer5"], "unknown module name 'layer5'"),
         (
-            ["--weights", str(r18_weights), "--ratio", "100000", "--slices", "layer4", "--calib-fraction", "0.05"],
+            ["--weights", str(r18_weights), "--ratio", "100000", "--slices", "layer1", "--calib-fraction", "0.05"],
             "cannot be reached",
         ),
         (["--model", "resnet34", "--weights", str(r18_weights)], "holds a 'resnet18' checkpoint"),
@@ -71,7 +71,7 @@ def test_compress_bad_input_gives_clear_errors(tmp_path, r18_weights, capsys):
 
 def test_sensitivity_budget_then_compress_with_budget(tmp_path, r18_weights, capsys):
     base = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "8", "--no-progress"]
-    layers = ["layer4.0.conv1", "layer4.0.conv2"]
+    layers = ["layer1.0.conv1", "layer1.0.conv2"]
     rc = main(["sensitivity", *base, "--layers", *layers, "--ratios", "2", "4", "--calib-fraction", "0.05",
                "--target-ratio", "2", "--out", str(tmp_path)])
     assert rc == 0, capsys.readouterr().err
@@ -79,7 +79,7 @@ def test_sensitivity_budget_then_compress_with_budget(tmp_path, r18_weights, cap
     budget = tmp_path / "budget.json"
     assert set(json.loads(budget.read_text())["allocation"]) == set(layers)
     out = tmp_path / "c"
-    rc = main(["compress", *base, "--budget", str(budget), "--slices", "layer4.0", "--calib-fraction", "0.05",
+    rc = main(["compress", *base, "--budget", str(budget), "--slices", "layer1.0", "--calib-fraction", "0.05",
                "--steps", "2", "--out", str(out), "--sensitivity", str(tmp_path / "sensitivity.json")])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
