@@ -17,6 +17,7 @@ from .decompose import (
     tucker_ranks_for_ratio,
 )
 from .nn import MPOLinear, TuckerConv2d
+from .ops.mpo.native_impl import native_available
 from .ops import (
     backend_available,
     mpo_linear,
@@ -43,6 +44,7 @@ __all__ = [
     "mpo_linear_reference",
     "mpo_num_params",
     "mpo_to_dense",
+    "native_available",
     "save_compressed",
     "tensorize",
     "tucker_conv2d",
