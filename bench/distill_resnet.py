@@ -65,26 +65,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="only for smoke tests with TNK_CACHE_DIR set to a scratch folder (the cache key ignores it)",
     )
-    p.add_argument(
-        "--max-steps", type=int, default=200, help="per-slice training steps (early stopping may cut)"
-    )
+    p.add_argument("--max-steps", type=int, default=200, help="per-slice training steps (early stopping may cut)")
     p.add_argument("--slice-batch", type=int, default=64)
     p.add_argument("--slice-lr", type=float, default=1e-3)
     p.add_argument("--calib-fraction", type=float, default=1.0, help="calibration share for the main runs")
-    p.add_argument(
-        "--small-fraction", type=float, default=0.1, help="calibration share for the calib10 phase"
-    )
+    p.add_argument("--small-fraction", type=float, default=0.1, help="calibration share for the calib10 phase")
     p.add_argument("--workers", type=int, default=2, help="worker count compared with 1 in the speedup phase")
     p.add_argument("--global-lr", type=float, default=5e-4)
     p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument(
-        "--global-kd", type=float, default=0.0, help="KD weight of the global baseline (0 = CE only)"
-    )
+    p.add_argument("--global-kd", type=float, default=0.0, help="KD weight of the global baseline (0 = CE only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default=time.strftime("%Y-%m-%d", time.gmtime()))
     p.add_argument("--work-dir", default=None, help="slice checkpoints (default: a fresh temporary folder)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="only rebuild the markdown table and plots from an existing results JSON",
+    )
     args = p.parse_args(argv)
     bad = set(args.phases.split(",")) - set(PHASES)
     if bad:
@@ -98,7 +98,7 @@ class Bench:
         self.out = Path(args.out)
         self.json_path = self.out / f"distill_resnet_{args.tag}.json"
         self.md_path = self.out / f"distill_resnet_{args.tag}.md"
-        self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="distill_resnet_"))
+        self.work = Path(args.work_dir) if args.work_dir else None  # made in run(), not for --render
         self.progress = not args.no_progress
         self.results: dict = {
             "meta": {
@@ -132,10 +132,13 @@ class Bench:
         )
         return run
 
+    def model_name(self) -> str:
+        return str(self.results["meta"]["settings"].get("model", "resnet34"))
+
     def markdown(self) -> str:
         t = self.results.get("teacher", {})
         lines = [
-            f"# ResNet-34 on digits: slice-wise vs global ({self.results['meta']['date_utc']})",
+            f"# {self.model_name()} on digits: slice-wise vs global ({self.results['meta']['date_utc']})",
             "",
             f"Teacher test accuracy: **{t.get('accuracy', float('nan')):.4f}** "
             f"({t.get('test_images', '?')} held-out images). {self.results['meta']['note']}.",
@@ -257,9 +260,7 @@ class Bench:
         t_tensorize = time.perf_counter() - t0
         acc0 = evaluate(student, self.test_loader)
         g = torch.Generator().manual_seed(self.args.seed)
-        loader = DataLoader(
-            self.train_ds, batch_size=self.args.global_batch, shuffle=True, generator=g, drop_last=True
-        )
+        loader = DataLoader(self.train_ds, batch_size=self.args.global_batch, shuffle=True, generator=g, drop_last=True)
         remaining = max(budget - t_tensorize, 1.0)
         out = global_finetune(
             student,
@@ -289,13 +290,14 @@ class Bench:
             "history": out["history"],
             "load_before": la,
             "load_after": load(),
-            "detail": f"{out['steps']} steps ({out['steps'] / len(loader):.2f} epochs), "
-            f"{acc0:.4f} before fine-tune",
+            "detail": f"{out['steps']} steps ({out['steps'] / len(loader):.2f} epochs), {acc0:.4f} before fine-tune",
         }
 
     def run(self) -> None:
         a = self.args
         phases = set(a.phases.split(","))
+        if self.work is None:
+            self.work = Path(tempfile.mkdtemp(prefix="distill_resnet_"))
         self.setup()
         main: dict[float, dict] = {}
         if "slice" in phases or "global" in phases or "speedup" in phases:
@@ -348,7 +350,7 @@ class Bench:
                 series,
                 self.out / f"distill_resnet_{self.args.tag}_accuracy.png",
                 teacher_accuracy=self.results["teacher"]["accuracy"],
-                title="ResNet-34 on digits: slice-wise (no fine-tune) vs global, equal time",
+                title=f"{self.model_name()} on digits: slice-wise (no fine-tune) vs global, equal time",
             )
         first = next((r for r in self.results["runs"] if r["method"] == "slice-wise"), None)
         if first:
@@ -363,8 +365,26 @@ class Bench:
             )
 
 
+def render(path: str, args: argparse.Namespace) -> None:
+    """Rebuild the markdown and plots of a finished (or interrupted) run from its JSON."""
+    import json
+
+    src = Path(path)
+    bench = Bench(args)
+    bench.results = json.loads(src.read_text())
+    bench.json_path, bench.md_path = src, src.with_suffix(".md")
+    bench.out, bench.args.tag = src.parent, src.stem.removeprefix("distill_resnet_")
+    bench.save()
+    bench.plots()
+    print(bench.markdown())
+
+
 def main(argv: list[str] | None = None) -> int:
-    Bench(parse_args(argv)).run()
+    args = parse_args(argv)
+    if args.render:
+        render(args.render, args)
+    else:
+        Bench(args).run()
     return 0
 
 
