@@ -11,7 +11,6 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -181,9 +180,3 @@ def count_params(modules: Iterable[nn.Module]) -> int:
 def slice_forward(root: nn.Module, spec: SliceSpec, x: Tensor, kwargs: dict | None = None) -> Tensor:
     """run_slice on the slice's modules inside `root`."""
     return run_slice(slice_modules(root, spec), x, kwargs)
-
-
-def _check_tensor(x: object, what: str) -> Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what}: expected a tensor, got {type(x).__name__}")
-    return x
