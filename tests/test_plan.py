@@ -223,7 +223,7 @@ def test_choose_structure_errors():
         choose_mpo_structure(7, 13, 4)
 
 
-def test_auto_backend_hook():
+def test_auto_backend_hook(monkeypatch):
     from tnkernels.ops import backend_available
     from tnkernels.plan import NATIVE_MAX_ROWS, auto_mpo_backend
 
@@ -233,4 +233,8 @@ def test_auto_backend_hook():
     native = backend_available("mpo_linear", "native")[0]
     assert auto_mpo_backend("cpu", 1, torch.float32, needs_grad=False) == ("native" if native else "torch")
     triton = backend_available("mpo_linear", "triton")[0]
+    # Triton is opt-in on CUDA until it has been checked on a GPU (see tnkernels/plan/backends.py).
+    monkeypatch.delenv("TNK_AUTO_TRITON", raising=False)
+    assert auto_mpo_backend("cuda", 64, torch.float32, needs_grad=True) == "torch"
+    monkeypatch.setenv("TNK_AUTO_TRITON", "1")
     assert auto_mpo_backend("cuda", 64, torch.float32, needs_grad=True) == ("triton" if triton else "torch")

@@ -3,6 +3,7 @@
 Layers: decompose -> plan -> ops -> nn -> convert (see docs/ARCHITECTURE.md).
 """
 
+from . import plan
 from ._version import __version__
 from .convert import LayerReport, TensorizeReport, count_params, load_compressed, save_compressed, tensorize
 from .decompose import (
@@ -17,6 +18,7 @@ from .decompose import (
     tucker_ranks_for_ratio,
 )
 from .nn import MPOLinear, TuckerConv2d
+from .plan import explain
 from .ops.mpo.native_impl import native_available
 from .ops import (
     backend_available,
@@ -37,6 +39,8 @@ __all__ = [
     "auto_modes",
     "backend_available",
     "count_params",
+    "explain",
+    "plan",
     "load_compressed",
     "mpo_bonds_for_ratio",
     "mpo_decompose",

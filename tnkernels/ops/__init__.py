@@ -78,6 +78,13 @@ def mpo_linear(
         )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if backend == "auto":
+        from ..plan import auto_mpo_backend
+
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
+        )
+        backend = auto_mpo_backend(x.device.type, x.numel() // max(in_features, 1), x.dtype, needs_grad)
     fn = resolve("mpo_linear", backend, x.device.type)
     return fn(x, cores, bias)
 

@@ -3,7 +3,9 @@
 Backends are reached only through `tnkernels.ops.dispatch.backend_available`, so a backend that is not built or not
 importable is simply not a candidate.
 
-    CUDA tensor             -> "triton" when available, else "torch"
+    CUDA tensor             -> "torch" (the planned path). The Triton kernels pass their tests under the CPU
+                               interpreter but have not yet been run on a GPU; until bench/gpu_bench.py has checked
+                               them on real hardware they are opt-in (backend="triton", or TNK_AUTO_TRITON=1).
     CPU, forward only,      -> "native" when available, for float32 / bfloat16 and at most NATIVE_MAX_ROWS rows
     small row count            (the C++ kernel keeps a chunk's intermediates in cache and skips per-op dispatch)
     otherwise               -> "torch" (the planned path; the only one with a backward on CPU)
@@ -14,6 +16,8 @@ MiniLM, ResNet-34 fc and GPT-2 MLP shapes): the native kernel was 0.4-0.9x the p
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,7 +38,7 @@ def _available(backend: str) -> bool:
 def auto_mpo_backend(device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool) -> str:
     """The backend name ("torch", "triton" or "native") that backend="auto" should resolve to for this call."""
     if device_type == "cuda":
-        return "triton" if _available("triton") else "torch"
+        return "triton" if os.environ.get("TNK_AUTO_TRITON") == "1" and _available("triton") else "torch"
     if device_type == "cpu" and not needs_grad and rows <= NATIVE_MAX_ROWS and dtype in _NATIVE_DTYPES:
         if _available("native"):
             return "native"
