@@ -134,6 +134,16 @@ def main() -> None:
     log["capture"]["rss_first_block_gib"], log["capture"]["rss_last_block_gib"] = rss[0], rss[-1]
     log["capture"]["rss_max_over_blocks_gib"] = max(rss)
 
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f"{out.stem}.rank{rank}.json")
+
+    def dump() -> None:  # after every stage, so a run stopped early still leaves its measurements
+        tmp = part.with_name(part.name + ".tmp")
+        tmp.write_text(json.dumps(log, indent=2))
+        os.replace(tmp, part)
+
+    dump()
     log["slices"] = []
     for s in specs[: args.train_slices]:
         t = time.perf_counter()
@@ -154,6 +164,7 @@ def main() -> None:
             "layers": [(r.name, list(r.shape), r.ratio, r.rel_error) for r in rep.rows],
         }
         log["slices"].append(row)
+        dump()
         print(
             f"[rank {rank}] {s.name}: tensorize {t_dec:.0f}s, train {stats['steps']} steps "
             f"{stats['seconds']:.0f}s, nmse {stats['initial_nmse']:.3f} -> {stats['final_nmse']:.3f}",
@@ -163,12 +174,7 @@ def main() -> None:
     log["peak_rss_gib"] = peak_rss_gib()
     shutil.rmtree(store, ignore_errors=True)
 
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f"{out.stem}.rank{rank}.json")
-    tmp = part.with_name(part.name + ".tmp")
-    tmp.write_text(json.dumps(log, indent=2))
-    os.replace(tmp, part)
+    dump()
     if rank == 0:
         parts = [out.with_name(f"{out.stem}.rank{r}.json") for r in range(world)]
         while not all(q.is_file() for q in parts):
