@@ -150,6 +150,28 @@ def _teacher(args, device, datasets):
     )
 
 
+def _init_distributed(device: str) -> tuple[int, str]:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo on CPU, nccl on GPUs (one per local rank)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), device
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -195,8 +217,13 @@ def cmd_compress(args) -> int:
     ratio = None if rules is not None else (args.ratio if args.ratio is not None else DEFAULT_RATIO)
     times["data_s"] = time.perf_counter() - t
 
+    rank, device = _init_distributed(device)
     t = time.perf_counter()
+    if rank > 0:  # under torchrun, rank 0 trains (or loads) the teacher first; the others then read its cache
+        _barrier()
     teacher = _teacher(args, device, (train_ds, test_ds))
+    if rank == 0:
+        _barrier()
     times["teacher_s"] = time.perf_counter() - t
     test_loader = DataLoader(test_ds, batch_size=256)
     t = time.perf_counter()
