@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .._version import __version__
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
@@ -82,9 +83,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
             entry["aliases"] = [a for a in aliases[id(module)] if a != name]
             layers[name] = entry
     if not layers:
-        raise ValueError(
-            "save_compressed: the model has no tensorized layers; call tnkernels.tensorize(model) first"
-        )
+        raise ValueError("save_compressed: the model has no tensorized layers; call tnkernels.tensorize(model) first")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -132,9 +131,7 @@ def read_spec(path: str | os.PathLike) -> dict:
             f"{FORMAT_VERSION}; upgrade tnkernels"
         )
     if _sha256(weights_file) != spec.get("sha256"):
-        raise ValueError(
-            f"load_compressed: {weights_file} does not match its checksum: the file is corrupted"
-        )
+        raise ValueError(f"load_compressed: {weights_file} does not match its checksum: the file is corrupted")
     return spec
 
 
@@ -155,9 +152,11 @@ def _build_layer(name: str, entry: dict, old: nn.Module) -> nn.Module:
         if shape != (entry["out_features"], entry["in_features"]):
             raise ValueError(
                 f"load_compressed: layer {name!r} is {shape[1]}->{shape[0]} in the skeleton but "
-                f"{entry['in_features']}->{entry['out_features']} in the checkpoint; the checkpoint belongs to another model"
+                f"{entry['in_features']}->{entry['out_features']} in the checkpoint; "
+                "the checkpoint belongs to another model"
             )
-        return MPOLinear(
+        return skip_init(  # weights come from the checkpoint: no random init
+            MPOLinear,
             entry["in_features"],
             entry["out_features"],
             in_modes=entry["in_modes"],
@@ -182,7 +181,8 @@ def _build_layer(name: str, entry: dict, old: nn.Module) -> nn.Module:
                 "checkpoint; the checkpoint belongs to another model"
             )
         padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
-        return TuckerConv2d(
+        return skip_init(
+            TuckerConv2d,
             entry["in_channels"],
             entry["out_channels"],
             tuple(entry["kernel_size"]),

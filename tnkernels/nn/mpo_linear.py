@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from ..decompose import (
     auto_modes,
@@ -51,12 +52,13 @@ class MPOLinear(nn.Module):
         in_modes, out_modes, bonds = tuple(in_modes), tuple(out_modes), tuple(bonds)
         if len(in_modes) != len(out_modes) or len(bonds) != len(in_modes) - 1:
             raise ValueError(
-                f"MPOLinear: need len(in_modes) == len(out_modes) == len(bonds) + 1, got {in_modes}, {out_modes}, {bonds}"
+                "MPOLinear: need len(in_modes) == len(out_modes) == len(bonds) + 1, "
+                f"got {in_modes}, {out_modes}, {bonds}"
             )
         if math.prod(in_modes) != in_features or math.prod(out_modes) != out_features:
             raise ValueError(
-                f"MPOLinear: modes {in_modes} x {out_modes} multiply to {math.prod(in_modes)} x {math.prod(out_modes)}, "
-                f"not in_features={in_features} x out_features={out_features}"
+                f"MPOLinear: modes {in_modes} x {out_modes} multiply to "
+                f"{math.prod(in_modes)} x {math.prod(out_modes)}, not in_features={in_features} x out_features={out_features}"
             )
         if any(b < 1 for b in bonds):
             raise ValueError(f"MPOLinear: bonds must be >= 1, got {bonds}")
@@ -128,7 +130,9 @@ class MPOLinear(nn.Module):
         cores = mpo_decompose(weight, in_modes, out_modes, max_bond=max_bond, rel_tol=rel_tol)
         bonds = tuple(g.shape[3] for g in cores[:-1])
         bias = getattr(linear, "bias", None)
-        layer = cls(
+        # skip_init: every parameter is overwritten below, so the random init would be wasted work.
+        layer = skip_init(
+            cls,
             in_features,
             out_features,
             in_modes=in_modes,
@@ -157,9 +161,7 @@ class MPOLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         g = self.cores[0]
-        lin = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=g.device, dtype=g.dtype
-        )
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=g.device, dtype=g.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:

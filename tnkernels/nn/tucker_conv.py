@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from ..decompose import (
     check_ratio,
@@ -100,9 +101,7 @@ class TuckerConv2d(nn.Module):
             )
         if conv.padding_mode != "zeros":
             raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
-        chosen = [
-            name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None
-        ]
+        chosen = [name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None]
         if len(chosen) > 1:
             raise ValueError(f"{where}: give only one of ranks, ratio or rel_tol (got {', '.join(chosen)})")
         weight = conv.weight
@@ -114,7 +113,9 @@ class TuckerConv2d(nn.Module):
         elif ranks is None:
             ranks = (weight.shape[0], weight.shape[1])
         u_out, core, u_in = tucker_decompose(weight, tuple(ranks), n_iter=n_iter)
-        layer = cls(
+        # skip_init: every parameter is overwritten below, so the random init would be wasted work.
+        layer = skip_init(
+            cls,
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
