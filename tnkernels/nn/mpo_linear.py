@@ -58,7 +58,8 @@ class MPOLinear(nn.Module):
         if math.prod(in_modes) != in_features or math.prod(out_modes) != out_features:
             raise ValueError(
                 f"MPOLinear: modes {in_modes} x {out_modes} multiply to "
-                f"{math.prod(in_modes)} x {math.prod(out_modes)}, not in_features={in_features} x out_features={out_features}"
+                f"{math.prod(in_modes)} x {math.prod(out_modes)}, "
+                f"not in_features={in_features} x out_features={out_features}"
             )
         if any(b < 1 for b in bonds):
             raise ValueError(f"MPOLinear: bonds must be >= 1, got {bonds}")
