@@ -17,7 +17,7 @@ __all__ = ["register", "cmd_compress", "cmd_eval", "cmd_sensitivity"]
 
 DEFAULT_RATIO = 2.0
 # Defaults sized so that `tnk compress` (teacher training included) stays within 10 minutes on 2 CPU cores.
-DEFAULT_STEPS = 120
+DEFAULT_STEPS = 300
 DEFAULT_BATCH = 64
 DEFAULT_LR = 1e-3
 
