@@ -14,7 +14,7 @@ from torch import nn
 
 from tests.helpers import assert_close_rel, tolerance
 from tnkernels.nn import MPOLinear, TuckerConv2d
-from tnkernels.ops import backend_available, dispatch
+from tnkernels.ops import backend_available
 
 
 class TinyNet(nn.Module):
@@ -33,25 +33,8 @@ class TinyNet(nn.Module):
         return self.mpo(self.pool(h).flatten(1))
 
 
-@pytest.fixture
-def memoized_dispatch(monkeypatch):
-    """Stand-in for a backend cache in ops/dispatch.py: its _load calls importlib.import_module on every call, which
-    dynamo refuses to trace (a graph break per op). Memoizing after the first eager call removes it; once dispatch
-    caches loaded backends itself this wrapper is a no-op."""
-    cache: dict = {}
-    real_load = dispatch._load
-
-    def load(op: str, backend: str):
-        if (op, backend) not in cache:
-            cache[(op, backend)] = real_load(op, backend)
-        return cache[(op, backend)]
-
-    monkeypatch.setattr(dispatch, "_load", load)
-    yield
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_graph_breaks(backend, memoized_dispatch):
+def test_no_graph_breaks(backend):
     ok, why = backend_available("mpo_linear", backend)
     if not ok:
         pytest.skip(why)

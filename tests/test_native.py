@@ -194,6 +194,10 @@ def test_missing_extension_is_reported_not_crashing(monkeypatch):
     """Without the compiled module (TNK_NO_NATIVE=1 or a failed build) the backend says why and how to fix it."""
     monkeypatch.setattr(native_impl, "_ext", None)
     monkeypatch.setattr(native_impl, "_IMPORT_ERROR", "No module named 'tnkernels._native'")
+    # dispatch caches availability per process; a process without the extension starts with an empty cache
+    from tnkernels.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_LOADED", {})
     ok, why = native_impl.is_available()
     assert not ok and "not built" in why and "TNK_NO_NATIVE" in why
     assert not native_impl.native_available()

@@ -151,7 +151,8 @@ def tucker_conv2d(
         )
     if u_in.shape[1] != core.shape[1] or u_out.shape[1] != core.shape[0]:
         raise ValueError(
-            f"tucker_conv2d: ranks disagree: u_in {tuple(u_in.shape)}, core {tuple(core.shape)}, u_out {tuple(u_out.shape)}"
+            f"tucker_conv2d: ranks disagree: u_in {tuple(u_in.shape)}, core {tuple(core.shape)}, "
+            f"u_out {tuple(u_out.shape)}"
         )
     if x.shape[1] != u_in.shape[0]:
         raise ValueError(f"tucker_conv2d: input has {x.shape[1]} channels but u_in expects {u_in.shape[0]}")

@@ -26,8 +26,10 @@ _HINTS = {
 }
 
 
-# Resolved backends, cached: torch.compile cannot trace importlib.import_module (a graph break per op call).
-_LOADED: dict[tuple[str, str], tuple[object, Callable]] = {}
+# Resolved backends with their availability, cached: torch.compile cannot trace importlib.import_module (a graph
+# break per op call), and availability (an import, a build) does not change while the process runs, so checking it
+# on every call only cost time (~25 us per call at one row).
+_LOADED: dict[tuple[str, str], tuple[Callable, tuple[bool, str]]] = {}
 
 
 def _load(op: str, backend: str):
@@ -41,17 +43,17 @@ def _load(op: str, backend: str):
         module = importlib.import_module(module_path)
     except ImportError as exc:
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}") from exc
-    _LOADED[(op, backend)] = (module, getattr(module, entry))
+    _LOADED[(op, backend)] = (getattr(module, entry), module.is_available())
     return _LOADED[(op, backend)]
 
 
 def backend_available(op: str, backend: str) -> tuple[bool, str]:
     """Whether `backend` can run `op` here, and if not, why."""
     try:
-        module, _ = _load(op, backend)
+        _, available = _load(op, backend)
     except (RuntimeError, ValueError) as exc:
         return False, str(exc)
-    return module.is_available()
+    return available
 
 
 def resolve(op: str, backend: str, device_type: str) -> Callable:
@@ -60,8 +62,7 @@ def resolve(op: str, backend: str, device_type: str) -> Callable:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "torch"
-    module, fn = _load(op, backend)
-    ok, why = module.is_available()
+    fn, (ok, why) = _load(op, backend)
     if not ok:
         raise RuntimeError(
             f"{op}: backend {backend!r} is unavailable on {device_type}: {why}. {_HINTS.get(backend, '')}"

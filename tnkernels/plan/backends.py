@@ -23,16 +23,12 @@ import torch
 
 NATIVE_MAX_ROWS = 8
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-_AVAILABLE: dict[str, bool] = {}
 
 
 def _available(backend: str) -> bool:
-    # memoized: dispatch's availability check imports a module, which has no place on every forward
-    if backend not in _AVAILABLE:
-        from ..ops.dispatch import backend_available
+    from ..ops.dispatch import backend_available  # cached there: no import on the forward path
 
-        _AVAILABLE[backend] = backend_available("mpo_linear", backend)[0]
-    return _AVAILABLE[backend]
+    return backend_available("mpo_linear", backend)[0]
 
 
 def auto_mpo_backend(device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool) -> str:

@@ -29,7 +29,6 @@ def mpo_linear_reference(
 
     x: [..., in_features] -> y: [..., out_features]. Differentiable through ordinary autograd.
     """
-    in_modes = [g.shape[1] for g in cores]
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1]).shape[0]
     # state[b, J_done, r, I_rest]: output modes produced so far, bond, input modes still to consume.
@@ -46,7 +45,6 @@ def mpo_linear_reference(
         )
         s = (s @ g.reshape(r0 * i, j * r1)).reshape(b, big_j, rest_after, j, r1)
         state = s.permute(0, 1, 3, 4, 2).reshape(b, big_j * j, r1, rest_after)
-    del in_modes
     y = state.reshape(*lead, -1)
     if bias is not None:
         y = y + bias
