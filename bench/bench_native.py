@@ -11,7 +11,10 @@ shapes an MPO of the given ratio has (latency does not depend on the values): ba
 as the largest that keeps params <= dense/ratio (bonds also capped by the TT-rank bound).
 
 The "cost" columns are the criterion of issue 6: MPO (bytes + FLOPs) / dense (bytes + FLOPs) at that row count,
-bytes = fp32 weights + input + output, FLOPs = native_impl.native_cost (core merges + the left-to-right sweep).
+bytes = fp32 bytes of the cores the kernel sweeps (the merged ones when its schedule merges) + input + output,
+FLOPs = native_impl.native_cost (the sweep of the chosen schedule, plus merges it pays per call). "flops_vs_torch"
+is the torch plan's FLOPs over native's: where it is near 1 both paths run the same GEMMs and the speed-up is bound
+by GEMM throughput, not by overheads. The load average is recorded before and after every cell.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -127,8 +131,9 @@ def bench_cell(
     in_f: int, out_f: int, ratio: float, rows: int, num_cores: int, rounds: int, min_time: float, max_flops: float
 ) -> dict:
     shapes = mpo_shapes(in_f, out_f, ratio, num_cores)
-    # the work native runs: merges (if any) + the sweep over the merged cores
+    # the work native runs: the sweep of its schedule (+ the merges it pays per call, if its pack is not cached)
     flops = native_impl.native_cost([torch.empty(s, device="meta") for s in shapes], rows)
+    direction, groups, _, cached = native_impl.choose_schedule(tuple(tuple(s) for s in shapes), rows, 4, True)
     if flops > max_flops:  # e.g. ratio 2 on GPT-2 XL: a sweep of ~1e11 FLOPs takes seconds per call here
         return {
             "in": in_f,
@@ -150,15 +155,20 @@ def bench_cell(
         "torch": lambda: mpo_linear(x, cores, bias, backend="torch"),
         "dense": lambda: F.linear(x, w, bias),
     }
+    load_before = os.getloadavg()
     with torch.inference_mode():
         res = time_rounds(fns, rounds, min_time)
+    load_after = os.getloadavg()
     params = sum(g.numel() for g in cores)
+    # elements of the cores the kernel reads per call (a group of one core is that core)
+    swept = sum(math.prod(native_impl._merged_shape(shapes[a:b])) for a, b in groups)
     dense_flops = 2 * rows * in_f * out_f
     io_bytes = 4 * rows * (in_f + out_f)
-    mpo_cost = 4 * params + io_bytes + flops
+    mpo_cost = 4 * swept + io_bytes + flops
     dense_cost = 4 * in_f * out_f + io_bytes + dense_flops
     # speed-ups use the per-cell minimum: on a shared machine it is the least disturbed estimate
     nat, tor, den = (res[p]["min_s"] for p in ("native", "torch", "dense"))
+    plan = torch_plan(shapes, rows)
     return {
         "in": in_f,
         "out": out_f,
@@ -172,9 +182,11 @@ def bench_cell(
         "latency": res,
         "speedup_vs_torch": tor / nat,
         "speedup_vs_dense": den / nat,
-        "native_groups": native_impl.choose_groups(tuple(tuple(s) for s in shapes), rows)[0],
+        "native_schedule": {"direction": direction, "groups": groups, "cached_pack": cached},
         "native_gflops": flops / nat / 1e9,
-        "torch_plan": torch_plan(shapes, rows),
+        "torch_plan": plan,
+        "flops_vs_torch": plan["flops"] / flops if plan["flops"] else None,
+        "loadavg_before_after": [load_before[0], load_after[0]],
     }
 
 
@@ -196,6 +208,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "native_available": native_impl.native_available(),
+        "pack_budget": native_impl._PACK_BUDGET[0],
+        "loadavg_at_end": os.getloadavg(),
         "note": "shared machine: other jobs ran concurrently; compare ratios within a cell, not absolute times",
     }
 
@@ -209,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=0.01, help="seconds per provider per round")
     ap.add_argument("--max-flops", type=float, default=4e9, help="skip cells whose native work needs more FLOPs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--pack-budget", type=float, default=None, help="native_impl.set_pack_budget (default: the library default)"
+    )
     ap.add_argument("--quick", action="store_true", help="one shape, rows 1 and 16, ratios 4 and 16")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/native_<date>.json)")
     args = ap.parse_args(argv)
@@ -217,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pack_budget is not None:
+        native_impl.set_pack_budget(args.pack_budget)
     if args.quick:
         args.shapes, args.rows, args.ratios = ["gpt2s_fc"], [1, 16], [4.0, 16.0]
     cells = []
     cols = ("native", "nat_bf16", "torch", "dense")
     hdr = f"{'shape':12} {'ratio':>5} {'rows':>4} {'cost':>5} " + " ".join(f"{c:>9}" for c in cols)
-    hdr += f" {'x_torch':>7} {'x_dense':>7}"
+    hdr += f" {'x_torch':>7} {'x_dense':>7} {'fl_t/n':>6} {'load':>5} schedule"
     print(hdr)
     for name in args.shapes:
         in_f, out_f = SHAPES[name]
@@ -240,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{name:12} {ratio:5g} {rows:4d} {c['cost_fraction']:5.2f} "
                     + " ".join(f"{lat[p]['min_s'] * 1e6:8.1f}u" for p in ("native", "native_bf16", "torch", "dense"))
-                    + f" {c['speedup_vs_torch']:7.2f} {c['speedup_vs_dense']:7.2f}",
+                    + f" {c['speedup_vs_torch']:7.2f} {c['speedup_vs_dense']:7.2f}"
+                    + f" {c['flops_vs_torch'] or float('nan'):6.2f} {c['loadavg_before_after'][1]:5.1f}"
+                    + f" {c['native_schedule']['direction']}{list(c['native_schedule']['groups'])}"
+                    + ("(cached)" if c["native_schedule"]["cached_pack"] else ""),
                     flush=True,
                 )
     out = args.out or Path(__file__).parent / "results" / f"native_{_dt.date.today().isoformat()}.json"

@@ -272,3 +272,119 @@ def test_sweep_flops_counts_each_step():
     rows = 5
     expected = 2 * rows * (cores[0].numel() * (3 * 4) + cores[1].numel() * (5 * 4) + cores[2].numel() * (5 * 6))
     assert native_impl.sweep_flops(cores, rows) == expected
+
+
+# ------------------------------------------------------------------------------------------ schedules and packs
+@pytest.fixture
+def fresh_packs():
+    """Each test starts from an empty pack cache and the default budget, and leaves them so."""
+    native_impl.clear_pack_cache()
+    old = native_impl._PACK_BUDGET[0]
+    yield
+    native_impl.set_pack_budget(old)
+
+
+@needs_native
+def test_right_to_left_schedule_matches_reference(fresh_packs):
+    """A chain the schedule sweeps from the right (reversed cores, x and y permuted by mode) equals the reference,
+    with leading dims, with and without bias, for fp32 and bf16 inputs."""
+    shapes = ((1, 8, 4, 6), (6, 16, 4, 6), (6, 12, 2, 1))
+    direction, groups, _, cached = native_impl.choose_schedule(shapes, 3, 4, True)
+    assert direction == "right" and cached, (direction, groups)
+    cores = make_cores((8, 16, 12), (4, 4, 2), [6, 6])
+    bias = torch.randn(32)
+    for b in (bias, None):
+        x = torch.randn(3, 1536)
+        with torch.inference_mode():
+            y = mpo_linear(x, cores, b, backend="native")
+        assert_close_rel(y, reference64(x, cores, b), tolerance(torch.float32, "native"), "right-to-left")
+    x3 = torch.randn(1, 3, 1536)  # leading dims, 3 rows in all
+    with torch.no_grad():
+        y3 = mpo_linear(x3, cores, bias, backend="native")
+        yb = mpo_linear(x3.bfloat16(), cores, bias, backend="native")
+    assert y3.shape == (1, 3, 32) and yb.dtype == torch.bfloat16
+    assert_close_rel(y3, reference64(x3, cores, bias), tolerance(torch.float32, "native"), "right, lead dims")
+    assert_close_rel(yb, reference64(x3.bfloat16(), cores, bias), tolerance(torch.bfloat16), "right, bf16 x")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_pack_is_reused_and_rebuilt_when_a_core_changes(fresh_packs, dtype):
+    """The merged cores are built once per layer and rebuilt after an in-place change or a swapped .data."""
+    native_impl.set_pack_budget(2.0)  # merged bf16 cores are stored in fp32: twice the bytes of bf16 cores
+    cores = [g.to(dtype) for g in make_cores((4, 6, 4), (6, 8, 6), [24, 24])]
+    shapes = tuple(tuple(g.shape) for g in cores)
+    direction, groups, _, cached = native_impl.choose_schedule(shapes, 1, cores[0].element_size(), True)
+    assert cached and len(groups) < len(cores), (direction, groups)
+    x = torch.randn(1, 96)
+    with torch.inference_mode():
+        y1 = mpo_linear(x, cores, None, backend="native")
+        pack = native_impl._PACKS[cores[0]].packs[(direction, groups)]
+        mpo_linear(x, cores, None, backend="native")
+        assert native_impl._PACKS[cores[0]].packs[(direction, groups)] is pack, "the pack must be reused"
+    assert 0 < native_impl.pack_cache_bytes() <= native_impl._PACK_BUDGET[0] * sum(
+        g.numel() * g.element_size() for g in cores
+    )
+    assert_close_rel(y1, reference64(x, cores, None), tolerance(torch.float32, "native"), "cached pack")
+    cores[1].mul_(-2.0)  # in place: the version counter moves
+    with torch.inference_mode():
+        y2 = mpo_linear(x, cores, None, backend="native")
+    assert_close_rel(y2, reference64(x, cores, None), tolerance(torch.float32, "native"), "after in-place change")
+    param = torch.nn.Parameter(cores[2].clone(), requires_grad=False)
+    cores[2] = param
+    with torch.no_grad():
+        mpo_linear(x, cores, None, backend="native")
+        param.data = torch.randn_like(param)  # same tensor object and version, new storage
+        y3 = mpo_linear(x, cores, None, backend="native")
+    assert_close_rel(y3, reference64(x, cores, None), tolerance(torch.float32, "native"), "after .data swap")
+
+
+@needs_native
+def test_zero_budget_keeps_no_pack_and_inference_tensors_are_not_cached(fresh_packs):
+    cores = make_cores((4, 6, 4), (6, 8, 6), [24, 24])
+    x = torch.randn(2, 96)
+    native_impl.set_pack_budget(0.0)
+    with torch.inference_mode():
+        y = mpo_linear(x, cores, None, backend="native")
+    assert native_impl.pack_cache_bytes() == 0
+    assert_close_rel(y, reference64(x, cores, None), tolerance(torch.float32, "native"), "budget 0")
+    native_impl.set_pack_budget(1.0)
+    with torch.inference_mode():  # inference tensors have no version counter: never cached, changes always seen
+        inf_cores = [g.clone() for g in cores]
+        mpo_linear(x, inf_cores, None, backend="native")
+        inf_cores[1].mul_(3.0)
+        y = mpo_linear(x, inf_cores, None, backend="native")
+    assert native_impl.pack_cache_bytes() == 0
+    assert_close_rel(y, reference64(x, inf_cores, None), tolerance(torch.float32, "native"), "inference tensors")
+    with pytest.raises(ValueError, match="factor must be >= 0"):
+        native_impl.set_pack_budget(-1.0)
+
+
+@needs_native
+def test_random_schedules_match_reference(fresh_packs):
+    """Random chains and row counts (1..16 and larger batches), fp32 and bf16 cores, budgets 0, 1 and 4: every
+    schedule (left or right, merged or not, cached or merged per call) equals the float64 reference."""
+    rng = random.Random(77)
+    seen = set()
+    for t in range(24):
+        native_impl.set_pack_budget((0.0, 1.0, 4.0)[t % 3])
+        n = rng.randint(1, 5)
+        in_modes = [rng.randint(1, 7) for _ in range(n)]
+        out_modes = [rng.randint(1, 7) for _ in range(n)]
+        bonds = [rng.randint(1, 20) for _ in range(n - 1)]
+        dtype = rng.choice([torch.float32, torch.bfloat16])
+        cores = [g.to(dtype) for g in make_cores(in_modes, out_modes, bonds)]
+        rows = rng.choice([1, 2, 3, 4, 5, 8, 16, 40])
+        x = torch.randn(rows, math.prod(in_modes))
+        bias = torch.randn(math.prod(out_modes)) if rng.random() < 0.5 else None
+        schedule = native_impl.choose_schedule(tuple(g.shape for g in cores), rows, cores[0].element_size(), True)
+        seen.add((schedule[0], len(schedule[1]) < n, schedule[3]))
+        with torch.inference_mode():
+            y = mpo_linear(x, cores, bias, backend="native")
+            y_again = mpo_linear(x, cores, bias, backend="native")  # the cached pack, if any
+        what = f"modes {in_modes}->{out_modes} bonds {bonds} rows {rows} {dtype} schedule {schedule}"
+        assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), what)
+        assert torch.equal(y, y_again), what
+    # the draw covers a right-to-left sweep, a cached merge and a merge paid per call
+    assert {"right", "left"} == {s[0] for s in seen} and ("left", True, True) in seen, seen
+    assert ("left", True, False) in seen, seen

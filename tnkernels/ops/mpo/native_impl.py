@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import os
 import time
 from collections.abc import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:  # the extension is optional: a missing or broken build only disables this backend
     from tnkernels import _native as _ext
@@ -129,8 +132,10 @@ def choose_groups(
 
 
 def native_cost(cores: Sequence[torch.Tensor], rows: int) -> float:
-    """FLOP-equivalent work of one native call with `rows` rows (merges included), for the planner to compare."""
-    return choose_groups(tuple(tuple(int(d) for d in g.shape) for g in cores), int(rows))[1]
+    """FLOP-equivalent work of one native call with `rows` rows, for the planner to compare: the sweep of the
+    schedule choose_schedule picks, plus the merges it pays per call when its pack does not fit the budget."""
+    shapes = tuple(tuple(int(d) for d in g.shape) for g in cores)
+    return choose_schedule(shapes, int(rows), cores[0].element_size(), True)[2]
 
 
 # gemm routes of the compiled entry
@@ -170,6 +175,150 @@ def _merge(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return p
 
 
+# ------------------------------------------------------------------------------------------------ pack cache
+# Measured (docs/native.md): on small and middle-sized layers the per-call core merges cost as much as the sweep
+# (the torch path pays them on every call too). An inference layer's cores do not change between calls, so the
+# merged (and, for a right-to-left sweep, reversed) cores are kept per layer and rebuilt only when a core changes:
+# the stamp holds each core's id, storage pointer, version counter, shape and dtype. The extra memory a layer may
+# hold is bounded by a budget relative to its own cores (set_pack_budget): a schedule whose copies exceed it is
+# still available, but then pays its merges on every call, as before.
+
+_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # cores[0] -> _LayerPacks (dropped when the core dies)
+_PACK_BUDGET = [float(os.environ.get("TNK_NATIVE_PACK_BUDGET", "1.0"))]
+
+
+class _LayerPacks:
+    __slots__ = ("stamp", "packs", "nbytes")
+
+    def __init__(self, stamp: tuple) -> None:
+        self.stamp = stamp
+        self.packs: dict[tuple, list[torch.Tensor]] = {}
+        self.nbytes = 0
+
+
+def set_pack_budget(factor: float) -> None:
+    """Extra memory the native backend may keep per layer for pre-merged / reversed cores, as a multiple of the
+    layer's own core bytes (default 1.0, or TNK_NATIVE_PACK_BUDGET). 0 keeps nothing: merges then run every call."""
+    if not factor >= 0:
+        raise ValueError(f"set_pack_budget: factor must be >= 0, got {factor!r}")
+    _PACK_BUDGET[0] = float(factor)
+    choose_schedule.cache_clear()
+    clear_pack_cache()
+
+
+def clear_pack_cache() -> None:
+    """Drop every cached pack (they are rebuilt on the next call)."""
+    _PACKS.clear()
+
+
+def pack_cache_bytes() -> int:
+    """Memory held by cached packs, in bytes."""
+    return sum(v.nbytes for v in _PACKS.values())
+
+
+def _merged_shape(shapes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    r0, big_i, big_j, _ = shapes[0]
+    for _, i, j, _ in shapes[1:]:
+        big_i, big_j = big_i * i, big_j * j
+    return (r0, big_i, big_j, shapes[-1][3])
+
+
+def _reverse_shapes(shapes: Sequence[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    return [(r1, i, j, r0) for r0, i, j, r1 in reversed(shapes)]
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_schedule(
+    shapes: tuple[tuple[int, int, int, int], ...], rows: int, core_bytes: int, can_cache: bool
+) -> tuple[str, tuple[tuple[int, int], ...], float, bool]:
+    """(direction, groups, work, cached): the cheapest way for the kernel to run this chain at `rows` rows.
+
+    Candidates are every contiguous grouping of cores, swept left to right or right to left (the kernel always
+    sweeps left to right; "right" runs it on the reversed chain: core k becomes core N-1-k with its bonds swapped,
+    and x / y are permuted by mode). A schedule whose copies fit the pack budget (and `can_cache`) is cached per
+    layer, so its merges cost nothing per call; otherwise its merges are paid on every call (merge FLOPs + torch
+    op overhead). Right-to-left needs the reversed cores, so it is only a candidate when cached.
+    Work is in FLOP-equivalents (core_bytes: bytes per core element, 4 or 2)."""
+    n = len(shapes)
+    params = sum(a * b * c * d for a, b, c, d in shapes)
+    budget = _PACK_BUDGET[0] * params * core_bytes if can_cache else -1.0
+    in_f = math.prod(s[1] for s in shapes)
+    out_f = math.prod(s[2] for s in shapes)
+    best: tuple[str, tuple[tuple[int, int], ...], float, bool] | None = None
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        groups, start = [], 0
+        for k, cut in enumerate(cuts, start=1):
+            if cut:
+                groups.append((start, k))
+                start = k
+        groups.append((start, n))
+        merged = [shapes[a] if b - a == 1 else _merged_shape(shapes[a:b]) for a, b in groups]
+        merge_work = sum(_merge_cost(shapes[a:b])[0] for a, b in groups if b - a > 1)
+        any_merge = len(groups) < n
+        # bytes of the copies a pack holds: merged cores are fp32; bf16 cores become fp32 too once any is merged
+        for direction in ("left", "right"):
+            if direction == "left":
+                extra = sum(4 * math.prod(m) for m, (a, b) in zip(merged, groups) if b - a > 1)
+                if any_merge and core_bytes != 4:
+                    extra += sum(4 * math.prod(m) for m, (a, b) in zip(merged, groups) if b - a == 1)
+                work = _sweep_flops_shapes(merged, rows)
+            else:
+                extra = sum((4 if any_merge else core_bytes) * math.prod(m) for m in merged)
+                # two permute copies (x and y) and their op overhead per call
+                work = _sweep_flops_shapes(_reverse_shapes(merged), rows) + 2 * (_OP_OVERHEAD_FLOPS + rows * (in_f + out_f))
+            cached = extra == 0 or extra <= budget
+            if not cached:
+                if direction == "right":
+                    continue
+                work += merge_work
+            if best is None or work < best[2]:
+                best = (direction, tuple(groups), work, cached and extra > 0)
+    assert best is not None
+    return best
+
+
+def _stamp(cores: Sequence[torch.Tensor]) -> tuple | None:
+    """What identifies the values of `cores` for the pack cache; None when they cannot be tracked (inference
+    tensors carry no version counter, so an in-place change would go unseen)."""
+    try:
+        return tuple((id(g), g.data_ptr(), g._version, g.shape, g.stride(), g.dtype) for g in cores)
+    except RuntimeError:
+        return None
+
+
+def _build_pack(cores: Sequence[torch.Tensor], direction: str, groups) -> list[torch.Tensor]:
+    """The cores the kernel sweeps for this schedule: groups merged (fp32), reversed for a right-to-left sweep."""
+    with torch.no_grad():
+        packed = [cores[a] if b - a == 1 else _merge(cores[a:b]) for a, b in groups]
+        if any(g.dtype != packed[0].dtype for g in packed):
+            packed = [g.float() for g in packed]
+        if direction == "right":
+            packed = [g.permute(3, 1, 2, 0).contiguous() for g in reversed(packed)]
+    return packed
+
+
+def _packed_cores(cores: list[torch.Tensor], direction: str, groups, cached: bool) -> list[torch.Tensor]:
+    if not cached:
+        return _build_pack(cores, direction, groups)
+    stamp = _stamp(cores)
+    entry = _PACKS.get(cores[0])
+    if entry is None or entry.stamp != stamp:
+        entry = _LayerPacks(stamp)
+        _PACKS[cores[0]] = entry
+    key = (direction, groups)
+    pack = entry.packs.get(key)
+    if pack is None:
+        pack = _build_pack(cores, direction, groups)
+        nbytes = sum(g.numel() * g.element_size() for g in pack if all(g is not c for c in cores))
+        budget = _PACK_BUDGET[0] * sum(g.numel() * g.element_size() for g in cores)
+        if entry.nbytes + nbytes > budget:  # another row count's schedule is cached: keep only the newest
+            entry.packs.clear()
+            entry.nbytes = 0
+        entry.packs[key] = pack
+        entry.nbytes += nbytes
+    return pack
+
+
 def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias on the CPU with the fused native chain (inference only).
 
@@ -198,25 +347,47 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
     if x.dim() == 0 or not cores:
         _validate(x, cores, bias)
     shapes = tuple(g.shape for g in cores)
-    rows = x.numel() // max(1, x.shape[-1])
-    groups, work = choose_groups(shapes, rows)
-    if len(groups) < len(cores):
+    in_f = x.shape[-1]
+    rows = x.numel() // max(1, in_f)
+    can_cache = not cores[0].is_inference()
+    direction, groups, work, cached = choose_schedule(shapes, rows, cores[0].element_size(), can_cache)
+    xin, b_in = x, bias
+    if len(groups) < len(cores) or direction == "right":
         _validate(x, cores, bias)  # merging runs torch ops first: check before, not after
-        # merged cores are fp32 (merging bf16 values in bf16 would round them twice); the rest follow suit
-        cores = [cores[a] if b - a == 1 else _merge(cores[a:b]) for a, b in groups]
-        if any(g.dtype != cores[0].dtype for g in cores):
-            cores = [g.float() for g in cores]
+        if x.shape[-1] != math.prod(g.shape[1] for g in cores):
+            raise ValueError(f"mpo_linear(backend='native'): x has {in_f} features, the cores expect another count")
+        packed = _packed_cores(cores, direction, groups, cached)
+    else:
+        packed = cores
+    if direction == "right":
+        # the reversed chain maps x with its (merged) input modes reversed to y with its output modes reversed
+        in_modes = [g.shape[1] for g in reversed(packed)]
+        n = len(packed)
+        xin = x.reshape(rows, *in_modes).permute(0, *range(n, 0, -1)).reshape(rows, in_f)
+        b_in = None
     route = _KERNEL
     if work >= _TUNE_MIN_FLOPS:
-        key = (shapes, rows, x.dtype, cores[0].dtype, torch.get_num_threads())
+        key = (shapes, rows, x.dtype, cores[0].dtype, torch.get_num_threads(), direction, groups)
         route = _ROUTES.get(key, 0)
     try:
         if route == 0:
-            route = _pick_route(key, lambda r: _ext.mpo_chain_forward(x, cores, bias, r))
-        return _ext.mpo_chain_forward(x, cores, bias, route)
+            route = _pick_route(key, lambda r: _ext.mpo_chain_forward(xin, packed, b_in, r))
+        y = _ext.mpo_chain_forward(xin, packed, b_in, route)
     except RuntimeError:
         _validate(x, cores, bias)
         raise
+    if direction == "right":
+        out_modes = [g.shape[2] for g in packed]  # y's modes in the reversed chain's order
+        n = len(packed)
+        y_view = y.view(rows, *out_modes).permute(0, *range(n, 0, -1))
+        out = torch.empty((*x.shape[:-1], y.shape[-1]), dtype=y.dtype)
+        target = out.view(rows, *reversed(out_modes))
+        if bias is None:
+            target.copy_(y_view)
+        else:
+            torch.add(y_view, bias.to(y.dtype).view(*reversed(out_modes)), out=target)
+        return out
+    return y
 
 
 def _validate(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> None:
