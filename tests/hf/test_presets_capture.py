@@ -123,3 +123,53 @@ def test_bad_inputs_raise_value_error():
         load_slice_features("/nonexistent-store", "mlp0")
     with pytest.raises(ValueError, match="not supported"):
         family_of(torch.nn.Linear(2, 2))
+
+
+def test_capture_stops_after_last_needed_block_and_skips_finished_slices(tmp_path):
+    """Only the blocks up to the last requested slice run; a second call finds the slices complete and
+    captures nothing; the per-batch boundary activations are deleted at the end (disk holds features only)."""
+    model = tiny_model("gpt2")
+    specs = slice_specs(model, "mlp", layers=[0, 1])
+    seen_blocks = []
+    stats = capture_features(
+        model, specs, padded_batches("gpt2"), tmp_path, progress=False, on_block=seen_blocks.append
+    )
+    assert stats["blocks_run"] == 2 and seen_blocks == [0, 1], "block 2 holds no requested slice"
+    assert stats["bytes_written"] > 0
+    assert not (tmp_path / "_boundary").exists()
+    again = capture_features(model, specs, padded_batches("gpt2"), tmp_path, progress=False)
+    assert again == {"batches": 0, "blocks_run": 0, "bytes_written": 0}
+
+
+def test_capture_redoes_a_slice_left_incomplete_by_a_killed_run(tmp_path):
+    model = tiny_model("gpt2")
+    spec = slice_specs(model, "mlp", layers=[1])
+    capture_features(model, spec, padded_batches("gpt2"), tmp_path, progress=False)
+    want = load_slice_features(tmp_path, "mlp1")
+    (tmp_path / "mlp1" / "DONE").unlink()  # as if killed before the slice finished
+    (tmp_path / "mlp1" / "y0.pt").write_bytes(b"half-written")
+    stats = capture_features(model, spec, padded_batches("gpt2"), tmp_path, progress=False)
+    assert stats["batches"] == 2
+    got = load_slice_features(tmp_path, "mlp1")
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g["y"], w["y"]) and torch.equal(g["x"], w["x"])
+
+
+def test_fp16_store_halves_features_but_keeps_masks_exact(family, tmp_path):
+    """float16 features, but the attention mask is stored as captured: fp16 would turn its large negative
+    fill value into -inf and change the attention."""
+    model = tiny_model(family)
+    specs = slice_specs(model, "block", layers=[1])
+    capture_features(model, specs, padded_batches(family), tmp_path / "f32", progress=False)
+    capture_features(
+        model, specs, padded_batches(family), tmp_path / "f16", store_dtype=torch.float16, progress=False
+    )
+    name = specs[0].name
+    raw32 = torch.load(tmp_path / "f32" / name / "x0.pt", weights_only=True)
+    raw16 = torch.load(tmp_path / "f16" / name / "x0.pt", weights_only=True)
+    assert raw32["x"].dtype == torch.float32 and raw16["x"].dtype == torch.float16
+    assert raw16["kwargs"]["attention_mask"].dtype == raw32["kwargs"]["attention_mask"].dtype
+    assert torch.equal(raw16["kwargs"]["attention_mask"], raw32["kwargs"]["attention_mask"])
+    d16 = load_slice_features(tmp_path / "f16", name)[0]
+    assert d16["x"].dtype == torch.float32  # cast back for training
+    assert_close_rel(d16["x"], raw32["x"], 1e-3, "fp16 round trip")
