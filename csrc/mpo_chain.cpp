@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +36,10 @@ typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
 constexpr int MR = 6;   // rows per micro-tile: 6 rows x 2 vectors = 12 accumulators (+2 panel +1 broadcast = 15 ymm)
 constexpr int NR = 16;  // columns per micro-tile (2 vectors of 8)
 constexpr int64_t kL2Budget = 512 * 1024;  // bytes of intermediates per chunk (half a typical L2)
+// Steps with less work than this run on the calling thread: measured on a 2-core VM shared with other jobs, a
+// parallel region whose partner thread is descheduled costs milliseconds, and even on an idle core a fork/join
+// costs a few microseconds, which a ~50 us step cannot earn back.
+constexpr int64_t kMinParallelFma = 1 << 20;
 
 inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
 
@@ -172,7 +178,7 @@ void run_step(const Step& s, int64_t r_used, const float* A, const WT* M, float*
   const int64_t K = s.K, N = s.N;
   const int64_t n_blocks = (N + NR - 1) / NR;
   const int64_t r_tiles = (r_used + MR - 1) / MR;
-  const int64_t threads = parallel ? at::get_num_threads() : 1;
+  const int64_t threads = parallel && r_used * K * N >= kMinParallelFma ? at::get_num_threads() : 1;
   // Row tiles are grouped so that one group's packed A (per_group * K * MR floats) stays in L2 (~128 KB) while all
   // column panels stream past it; with few column blocks (the last core has N = j_N) the groups are also made
   // small enough that every thread gets work.
@@ -291,26 +297,54 @@ void chain_chunk(const std::vector<Step>& steps, const std::vector<at::Tensor>& 
   }
 }
 
+// The steps of a chain depend only on the core shapes and the chunk's row count, so they are built once and kept
+// (per thread, so no lock): rebuilding them (offset tables, a dozen small vectors) cost ~10% of a 1-row call on a
+// small layer. The key is (rows, in_features, r0, i, j, r1 of every core).
+const std::vector<Step>& cached_steps(const std::vector<at::Tensor>& cores, int64_t rows, int64_t in_features) {
+  static thread_local std::map<std::vector<int64_t>, std::unique_ptr<std::vector<Step>>> cache;
+  std::vector<int64_t> key{rows, in_features};
+  for (const auto& c : cores)
+    for (int d = 0; d < 4; ++d) key.push_back(c.size(d));
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  if (cache.size() >= 256) cache.clear();  // bound the memory of processes that see many shapes
+  auto steps = std::make_unique<std::vector<Step>>(plan_steps(cores, rows, in_features));
+  return *cache.emplace(std::move(key), std::move(steps)).first->second;
+}
+
 template <typename WT>
 void chain_forward(const std::vector<at::Tensor>& cores, const float* x, float* y, int64_t B, int64_t in_features,
                    int64_t out_features, GemmMode mode) {
-  // Largest intermediate per batch row decides how many rows share one cache-resident chunk.
+  // Largest intermediate per batch row decides how many rows share one cache-resident chunk. Step k leaves
+  // prod(j_<=k) * r_k * prod(i_>k) floats per row.
   int64_t per_row = 0;
-  const bool any_aten = use_aten(mode);
   {
-    std::vector<Step> one = plan_steps(cores, 1, in_features);
-    for (const auto& s : one) {
-      per_row = std::max(per_row, s.out_floats);
+    int64_t j_done = 1, i_left = in_features;
+    for (const auto& c : cores) {
+      j_done *= c.size(2);
+      i_left /= c.size(1);
+      per_row = std::max(per_row, j_done * c.size(3) * i_left);
     }
   }
+  const bool any_aten = use_aten(mode);
   const int64_t threads = at::get_num_threads();
   int64_t chunk = std::max<int64_t>(1, kL2Budget / (2 * 4 * std::max<int64_t>(per_row, 1)));
-  if (B >= 2 && threads > 1) chunk = std::min(chunk, (B + threads - 1) / threads);
+  // Row chunks in parallel only when there is enough work per thread (see kMinParallelFma).
+  int64_t fma_per_row = 0;
+  {
+    int64_t j_before = 1, i_after = in_features;
+    for (const auto& c : cores) {
+      i_after /= c.size(1);
+      fma_per_row += c.numel() * j_before * i_after;
+      j_before *= c.size(2);
+    }
+  }
+  if (B >= 2 && threads > 1 && B * fma_per_row >= 2 * kMinParallelFma) chunk = std::min(chunk, (B + threads - 1) / threads);
   // ATen's GEMM threads itself and wants the whole batch in one call: no row chunks then.
   if (any_aten) chunk = B;
   chunk = std::min(chunk, B);
   const int64_t n_chunks = (B + chunk - 1) / chunk;
-  const std::vector<Step> steps = plan_steps(cores, chunk, in_features);
+  const std::vector<Step>& steps = cached_steps(cores, chunk, in_features);
   if (n_chunks == 1) {
     chain_chunk<WT>(steps, cores, B, x, y, /*parallel=*/true, mode);
     return;
@@ -363,8 +397,11 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
                 "mpo_chain_forward: bias must be a floating [out_features] CPU tensor");
   }
   const int64_t B = x.numel() / in_features;
-  at::Tensor xf = x.reshape({B, in_features}).to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({B, out_features}, x.options().dtype(at::kFloat));
+  // Skip the ATen calls that would return x itself (each costs ~1 us of dispatch on a ~20 us call).
+  at::Tensor xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.reshape({B, in_features}).to(at::kFloat).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
   if (B > 0) {
     if (wdt == at::kFloat)
       chain_forward<float>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features, mode);
@@ -372,10 +409,16 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
       chain_forward<at::BFloat16>(cores, xf.data_ptr<float>(), y.data_ptr<float>(), B, in_features, out_features,
                                   mode);
   }
-  if (bias) y.add_(bias->to(at::kFloat).unsqueeze(0));
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  y = y.view(out_shape);
+  if (bias && B > 0) {
+    // a plain loop (vectorised by the compiler) instead of an ATen add: one pass over y, no dispatch
+    at::Tensor bf = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+    const float* bp = bf.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = yp + b * out_features;
+      for (int64_t o = 0; o < out_features; ++o) row[o] += bp[o];
+    }
+  }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
