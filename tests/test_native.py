@@ -225,13 +225,12 @@ def test_merged_groups_match_reference(dtype):
 
 
 @needs_native
-def test_route_tuning_picks_a_route_and_stays_exact():
+def test_route_tuning_picks_a_route_and_stays_exact(monkeypatch):
     """Above the tuning threshold the first call times both GEMM routes and caches the winner; every call, the
     tuning one included, equals the reference."""
+    monkeypatch.setattr(native_impl, "_TUNE_MIN_FLOPS", 1e5)  # tune this small chain too (keeps the test fast)
     cores = make_cores((8, 8, 8), (8, 8, 8), [16, 16])
     x = torch.randn(3, 512)
-    shapes = tuple(g.shape for g in cores)
-    assert native_impl.choose_groups(shapes, 3)[1] >= native_impl._TUNE_MIN_FLOPS
     native_impl._ROUTES.clear()
     with torch.inference_mode():
         first = mpo_linear(x, cores, None, backend="native")
