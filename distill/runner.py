@@ -53,12 +53,14 @@ class DistillResult:
     trained: list[str] = field(default_factory=list)  # slices trained by this call (on this rank)
     resumed: list[str] = field(default_factory=list)  # slices loaded from checkpoints
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    chained: list[str] = field(default_factory=list)  # sequential mode: slices whose inputs came from upstream
 
     def summary(self) -> dict:
         return {
             "trained": self.trained,
             "resumed": self.resumed,
             "timings": self.timings,
+            "chained": self.chained,
             "slices": {k: v.to_dict() for k, v in self.slices.items()},
         }
 
@@ -135,11 +137,11 @@ def tensorized_copy(
     return student
 
 
-def _train_task(args) -> tuple[str, dict]:
-    """Worker entry (also used in-process): train one prepared slice and checkpoint it."""
-    container, spec, store, ratio, rules, config, ckpt, fp, layers, params_before, threads = args
-    if threads:
-        torch.set_num_threads(threads)
+def _train_prepared(
+    spec: SliceSpec, entry: tuple, store: FeatureStore, ratio, rules, config, *, progress: bool, position: int = 1
+) -> SliceResult:
+    """Train one slice prepared by _prepare (tensorized already) on `store`; the one call site of train_slice."""
+    container, layers, _, before = entry
     result = train_slice(
         container,
         spec,
@@ -147,12 +149,22 @@ def _train_task(args) -> tuple[str, dict]:
         ratio=ratio,
         rules=rules,
         config=config,
-        progress=False,
+        progress=progress,
+        position=position,
         tensorized=True,
-        params_before=params_before,
+        params_before=before,
     )
     result.layers = layers
-    save_slice_checkpoint(ckpt, container, spec, result, fp)
+    return result
+
+
+def _train_task(args) -> tuple[str, dict]:
+    """Worker entry: train one prepared slice and checkpoint it."""
+    entry, spec, store, ratio, rules, config, ckpt, fp, threads = args
+    if threads:
+        torch.set_num_threads(threads)
+    result = _train_prepared(spec, entry, store, ratio, rules, config, progress=False)
+    save_slice_checkpoint(ckpt, entry[0], spec, result, fp)
     return spec.name, result.to_dict()
 
 
@@ -266,21 +278,9 @@ def distill(
         t1 = time.perf_counter()
         if workers == 1:
             for spec in tqdm(to_train, desc="slices", disable=not progress, unit="slice"):
-                container, layers, _, before = prepared[spec.name]
-                r = train_slice(
-                    container,
-                    spec,
-                    stores[spec.name],
-                    ratio=ratio,
-                    rules=rules,
-                    config=config,
-                    progress=progress,
-                    position=1,
-                    tensorized=True,
-                    params_before=before,
-                )
-                r.layers = layers
-                finish(spec, container, r)
+                entry = prepared[spec.name]
+                r = _train_prepared(spec, entry, stores[spec.name], ratio, rules, config, progress=progress)
+                finish(spec, entry[0], r)
         else:
             _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress)
             for spec in to_train:
@@ -288,7 +288,7 @@ def distill(
                 res.trained.append(spec.name)
         timings["train_s"] = time.perf_counter() - t1
     elif mode == "sequential" and to_train:
-        _sequential(
+        res.chained = _sequential(
             teacher,
             specs,
             to_train,
@@ -334,19 +334,7 @@ def _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir
     # Biggest slices first, so the pool does not end waiting on one large slice.
     order = sorted(to_train, key=lambda s: -sum(p.numel() for p in prepared[s.name][0].parameters()))
     tasks = [
-        (
-            prepared[s.name][0],
-            s,
-            stores[s.name],
-            ratio,
-            rules,
-            config,
-            ckpt_dir / f"{s.name}.pt",
-            fp,
-            prepared[s.name][1],
-            prepared[s.name][3],
-            threads,
-        )
+        (prepared[s.name], s, stores[s.name], ratio, rules, config, ckpt_dir / f"{s.name}.pt", fp, threads)
         for s in order
     ]
     ctx = mp.get_context("spawn")
@@ -359,6 +347,30 @@ def _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir
             unit="slice",
         ):
             pass
+
+
+def _chains(upstream: FeatureStore, store: FeatureStore) -> bool:
+    """Whether the teacher fed `upstream`'s slice output straight into the next slice (e.g. consecutive ResNet
+    blocks): then the student's input to the next slice is the trained upstream slice applied to its own input,
+    and no pass of the whole model is needed."""
+    if upstream.num_chunks != store.num_chunks:
+        return False
+    return all(
+        y is not None and y.shape == x.shape and torch.equal(y, x)
+        for (_, y, _), (x, _, _) in zip(upstream.chunks(), store.chunks(), strict=True)
+    )
+
+
+@torch.no_grad()
+def _chained_store(modules, upstream: FeatureStore, targets: FeatureStore, root, budget, fp16) -> FeatureStore:
+    """The next slice's store: inputs = the trained upstream slice run on its own (student) inputs; outputs and
+    kwargs = the teacher's."""
+    from .slices import run_slice
+
+    store = FeatureStore(root, budget, fp16)
+    for (x, _, kw), (_, y, tkw) in zip(upstream.chunks(), targets.chunks(), strict=True):
+        store.add(run_slice(modules, x.float(), kw), y, tkw)
+    return store
 
 
 def _sequential(
@@ -379,21 +391,26 @@ def _sequential(
     progress,
     timings,
     finish,
-) -> None:
+) -> list[str]:
+    """Train slices in model order, each on the inputs the already-trained student produces upstream.
+
+    Where slices follow each other directly (the teacher's output of one is the next one's input), the student's
+    inputs are carried from slice to slice by running only the trained upstream slice; otherwise (e.g. per-conv
+    slices with a BN/ReLU in between) the hybrid model (trained slices so far + teacher elsewhere) is run again.
+    """
     from tqdm.auto import tqdm
 
     t1 = time.perf_counter()
+    # Every slice, finished ones included: a resumed slice still carries the student's inputs to the next one.
     targets = capture_features(
         teacher,
-        to_train,
+        specs,
         loader,
         device=device,
         root=feat_root,
         memory_budget_bytes=budget,
         fp16=fp16,
         forward_fn=forward_fn,
-        inputs=True,
-        outputs=True,
         progress=progress,
         desc="teacher features",
     )
@@ -401,35 +418,42 @@ def _sequential(
     hybrid = copy.deepcopy(teacher).eval()
     train_names = {s.name for s in to_train}
     t1 = time.perf_counter()
+    store, upstream = None, None  # the current slice's student-input store; the previous slice's (spec, store)
+    chained: list[str] = []
     for spec in tqdm(specs, desc="slices (sequential)", disable=not progress, unit="slice"):
-        if spec.name in train_names:
-            container, layers, _, before = prepared[spec.name]
+        seq_root = None if feat_root is None else feat_root / f"{spec.name}.seq"
+        store = None
+        if upstream is not None and upstream[1] is not None and _chains(targets[upstream[0].name], targets[spec.name]):
+            mods = [hybrid.get_submodule(n) for n in upstream[0].modules]
+            store = _chained_store(mods, upstream[1], targets[spec.name], seq_root, budget, fp16)
+            chained.append(spec.name)
+        elif upstream is None:  # the first slice: nothing upstream is trained, its inputs are the teacher's
+            store = targets[spec.name]
+        elif spec.name in train_names:
             inputs = capture_features(
                 hybrid, [spec], loader, device=device, forward_fn=forward_fn, outputs=False, progress=False
             )[spec.name]
-            store = FeatureStore(None if feat_root is None else feat_root / f"{spec.name}.seq", budget, fp16)
+            store = FeatureStore(seq_root, budget, fp16)
             for (x, _, kw), (_, y, _) in zip(inputs.chunks(), targets[spec.name].chunks(), strict=True):
                 store.add(x, y, kw)
-            r = train_slice(
-                container,
-                spec,
-                store,
-                ratio=ratio,
-                rules=rules,
-                config=config,
-                progress=progress,
-                position=1,
-                tensorized=True,
-                params_before=before,
-            )
-            r.layers = layers
-            finish(spec, container, r)
-            store.clear()
+        if upstream is not None:
+            targets[upstream[0].name].clear()  # no longer needed: free memory (or shards) as we go
+            if upstream[1] is not None:
+                upstream[1].clear()
+        if spec.name in train_names:
+            entry = prepared[spec.name]
+            finish(spec, entry[0], _train_prepared(spec, entry, store, ratio, rules, config, progress=progress))
         payload = done.get(spec.name)
         if payload is not None:
             for name, module in payload["modules"].items():
                 set_submodule(hybrid, name, copy.deepcopy(module))
+        hybrid.eval()
+        upstream = (spec, store)
+    if store is not None:
+        store.clear()
+    targets[specs[-1].name].clear()
     timings["train_s"] = time.perf_counter() - t1
+    return chained
 
 
 def _gather(done: dict[str, dict], mine: list[str], rank: int, ckpt_dir: Path) -> dict[str, dict]:
