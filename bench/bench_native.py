@@ -214,6 +214,78 @@ def environment() -> dict:
     }
 
 
+def summarize(paths: list[Path], out_json: Path, out_md: Path) -> None:
+    """Combine repeated runs: per cell and provider the minimum over runs (the least disturbed estimate on a shared
+    machine, applied alike to every provider), then medians of the speed-ups per row count, as JSON and markdown."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    cells: dict[tuple, dict] = {}
+    for run in runs:
+        for c in run["cells"]:
+            if "skipped" in c:
+                continue
+            key = (c["shape"], c["ratio_target"], c["rows"])
+            best = cells.setdefault(key, {**c, "latency": {}, "loads": []})
+            best["loads"].extend(c["loadavg_before_after"])
+            for prov, lat in c["latency"].items():
+                prev = best["latency"].get(prov)
+                best["latency"][prov] = lat["min_s"] if prev is None else min(prev, lat["min_s"])
+    rows_all = sorted({k[2] for k in cells})
+    table = []
+    for c in cells.values():
+        lat = c["latency"]
+        c["speedup_vs_torch"] = lat["torch"] / lat["native"]
+        c["speedup_vs_dense"] = lat["dense"] / lat["native"]
+        c["bf16_vs_fp32_cores"] = lat["native"] / lat["native_bf16"]
+    summary = {}
+    for rows in rows_all:
+        sel = [c for c in cells.values() if c["rows"] == rows]
+        qual = [c for c in sel if c["cost_fraction"] < 0.5]
+        summary[rows] = {
+            "cells": len(sel),
+            "median_x_torch": statistics.median(c["speedup_vs_torch"] for c in sel),
+            "cells_x_torch_ge_2": sum(c["speedup_vs_torch"] >= 2 for c in sel),
+            "median_x_dense": statistics.median(c["speedup_vs_dense"] for c in sel),
+            "cost_under_half_cells": len(qual),
+            "cost_under_half_faster_than_dense": sum(c["speedup_vs_dense"] > 1 for c in qual),
+            "median_torch_flops_over_native": statistics.median(c["flops_vs_torch"] or float("nan") for c in sel),
+            "median_bf16_vs_fp32_cores": statistics.median(c["bf16_vs_fp32_cores"] for c in sel),
+        }
+    loads = [x for c in cells.values() for x in c["loads"]]
+    env = {"runs": [str(p) for p in paths], "environments": [r["environment"] for r in runs],
+           "loadavg_min_median_max": [min(loads), statistics.median(loads), max(loads)]}  # fmt: skip
+    out_json.write_text(json.dumps({"environment": env, "summary": summary, "cells": list(cells.values())}, indent=1))
+    lines = [
+        f"# Native MPO kernel vs torch planned path vs dense ({len(runs)} runs, per-cell minimum over runs)",
+        "",
+        f"Load average during the runs (1-min, min / median / max): {env['loadavg_min_median_max'][0]:.1f} / "
+        f"{env['loadavg_min_median_max'][1]:.1f} / {env['loadavg_min_median_max'][2]:.1f} on "
+        f"{runs[0]['environment']['logical_cpus']} logical CPUs; torch threads "
+        f"{runs[0]['environment']['torch_threads']}. Command: `python bench/bench_native.py --threads 1 --out ...` "
+        f"per run, then `python bench/bench_native.py --summarize RUN.json ...`.",
+        "",
+        "| rows | cells | median x torch | cells >= 2x torch | median x dense | cost < 1/2 dense: faster than dense "
+        "| median torch FLOPs / native FLOPs | median bf16-core speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rows, m in summary.items():
+        lines.append(
+            f"| {rows} | {m['cells']} | {m['median_x_torch']:.2f} | {m['cells_x_torch_ge_2']} | "
+            f"{m['median_x_dense']:.2f} | {m['cost_under_half_faster_than_dense']} of {m['cost_under_half_cells']} | "
+            f"{m['median_torch_flops_over_native']:.2f} | {m['median_bf16_vs_fp32_cores']:.2f} |"
+        )
+    lines += ["", "| shape | ratio | rows | cost | native us | torch us | dense us | x torch | x dense | "
+              "torch/native FLOPs | schedule |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (shape, ratio, rows), c in sorted(cells.items()):
+        lat, sch = c["latency"], c["native_schedule"]
+        table.append(
+            f"| {shape} | {ratio:g} | {rows} | {c['cost_fraction']:.2f} | {lat['native'] * 1e6:.0f} | "
+            f"{lat['torch'] * 1e6:.0f} | {lat['dense'] * 1e6:.0f} | {c['speedup_vs_torch']:.2f} | "
+            f"{c['speedup_vs_dense']:.2f} | {c['flops_vs_torch'] or float('nan'):.2f} | {sch['direction']} "
+            f"{[tuple(g) for g in sch['groups']]}{' cached' if sch['cached_pack'] else ''} |"
+        )
+    out_md.write_text("\n".join(lines + table) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -228,7 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="one shape, rows 1 and 16, ratios 4 and 16")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/native_<date>.json)")
+    ap.add_argument("--summarize", nargs="+", type=Path, default=None, help="combine these run JSONs into --out "
+                    "(JSON) and the same path with .md; runs nothing")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.summarize:
+        out = args.out or Path(__file__).parent / "results" / "native_summary.json"
+        summarize(args.summarize, out, out.with_suffix(".md"))
+        print(out.with_suffix(".md").read_text())
+        return 0
     if not native_impl.native_available():
         print(f"native extension not built: {native_impl.is_available()[1]}", file=sys.stderr)
         return 2

@@ -355,6 +355,13 @@ def test_zero_budget_keeps_no_pack_and_inference_tensors_are_not_cached(fresh_pa
         y = mpo_linear(x, inf_cores, None, backend="native")
     assert native_impl.pack_cache_bytes() == 0
     assert_close_rel(y, reference64(x, inf_cores, None), tolerance(torch.float32, "native"), "inference tensors")
+    with torch.inference_mode():  # one inference core among normal ones is enough to disable the cache
+        mixed = [cores[0], inf_cores[1], cores[2]]
+        mpo_linear(x, mixed, None, backend="native")
+        inf_cores[1].mul_(0.5)
+        y = mpo_linear(x, mixed, None, backend="native")
+    assert native_impl.pack_cache_bytes() == 0
+    assert_close_rel(y, reference64(x, mixed, None), tolerance(torch.float32, "native"), "mixed cores")
     with pytest.raises(ValueError, match="factor must be >= 0"):
         native_impl.set_pack_budget(-1.0)
 

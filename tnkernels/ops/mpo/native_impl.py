@@ -304,9 +304,9 @@ def _build_pack(cores: Sequence[torch.Tensor], direction: str, groups) -> list[t
 
 
 def _packed_cores(cores: list[torch.Tensor], direction: str, groups, cached: bool) -> list[torch.Tensor]:
-    if not cached:
+    stamp = _stamp(cores) if cached else None
+    if stamp is None:
         return _build_pack(cores, direction, groups)
-    stamp = _stamp(cores)
     entry = _PACKS.get(cores[0])
     if entry is None or entry.stamp != stamp:
         entry = _LayerPacks(stamp)
@@ -355,7 +355,7 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
     shapes = tuple(g.shape for g in cores)
     in_f = x.shape[-1]
     rows = x.numel() // max(1, in_f)
-    can_cache = not cores[0].is_inference()
+    can_cache = not any(g.is_inference() for g in cores)
     direction, groups, work, cached = choose_schedule(shapes, rows, cores[0].element_size(), can_cache)
     xin, b_in = x, bias
     if len(groups) < len(cores) or direction == "right":
