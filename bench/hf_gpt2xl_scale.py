@@ -2,12 +2,15 @@
 
 Runs the HF pipeline's stages on it: block-by-block teacher capture of all 48 MLP slices with activations on
 disk (``distill.hf.capture``), then tensorizing and training the first ``--train-slices`` slices of this rank's
-share (``distill.hf.train``). It records peak RSS (``resource.getrusage``), RSS after every captured block
-(from /proc/self/statm: the evidence that memory does not grow with the number of slices), bytes written to
-disk, and the time of every trained slice.
+share (``distill.hf.train``; all of them by default), deleting each slice's features once it is trained, as the
+pipeline does. It records peak RSS (``resource.getrusage``), RSS after every captured block and after every
+trained slice (from /proc/self/statm), the peak RSS so far after every slice (the evidence that memory does not
+grow with the number of slices), bytes on disk, and the time of every slice (load, tensorize, train).
 
-    python bench/hf_gpt2xl_scale.py --train-slices 2 --steps 10
-    torchrun --nproc_per_node 2 bench/hf_gpt2xl_scale.py --n-layer 8 --train-slices 1 --steps 5
+It is about memory and plumbing, not accuracy: a few random-token sequences and a few steps per slice.
+
+    python bench/hf_gpt2xl_scale.py --steps 3
+    torchrun --nproc_per_node 2 bench/hf_gpt2xl_scale.py --n-layer 16 --steps 3
 
 Each rank writes ``<results>.rank<r>.json``; rank 0 merges them into ``<results>`` once all are there.
 """
@@ -46,6 +49,10 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def loadavg() -> list[float]:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-layer", type=int, default=48)
@@ -58,9 +65,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--ratio", type=float, default=2.0)
     p.add_argument(
-        "--train-slices", type=int, default=2, help="slices of this rank's share to train (0: none)"
+        "--train-slices", type=int, default=-1, help="slices of this rank's share to train (0: none, -1: all)"
     )
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=3, help="training steps per slice")
+    p.add_argument(
+        "--num-cores",
+        type=int,
+        default=3,
+        help="MPO cores per layer (3: a 6400x1600 matrix decomposes in about a second; 0: let the planner "
+        "choose, which tries several structures and took 80-124 s per matrix on the shared CPU)",
+    )
     p.add_argument("--fp16-features", action="store_true")
     p.add_argument(
         "--work", default="/tmp/tnk_gpt2xl_scale", help="feature store folder (deleted at the end)"
@@ -145,33 +159,60 @@ def main() -> None:
 
     dump()
     log["slices"] = []
-    for s in specs[: args.train_slices]:
+    to_train = specs if args.train_slices < 0 else specs[: args.train_slices]
+    for k, s in enumerate(to_train, 1):
         t = time.perf_counter()
         data = load_slice_features(store, s.name)
+        t_load = time.perf_counter() - t
         student, rep = tensorize_slice(
             resolve(model, s),
             ratio=args.ratio,
             attention=False,
             attention_patterns=ATTENTION_PATTERNS["gpt2"],
+            num_cores=args.num_cores or None,
         )
-        t_dec = time.perf_counter() - t
-        stats = train_slice(s, student, data, steps=args.steps, eval_every=max(1, args.steps // 2))
+        t_dec = time.perf_counter() - t - t_load
+        stats = train_slice(s, student, data, steps=args.steps, eval_every=max(1, args.steps))
+        del data, student
+        shutil.rmtree(store / s.name, ignore_errors=True)  # as the pipeline does once a slice is trained
         row = {
             **stats,
+            "load_seconds": t_load,
             "tensorize_seconds": t_dec,
             "total_seconds": time.perf_counter() - t,
+            "slices_done": k,
             "rss_gib": rss_gib(),
+            "peak_rss_so_far_gib": peak_rss_gib(),
+            "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
+            "loadavg": loadavg(),
             "layers": [(r.name, list(r.shape), r.ratio, r.rel_error) for r in rep.rows],
         }
         log["slices"].append(row)
         dump()
         print(
-            f"[rank {rank}] {s.name}: tensorize {t_dec:.0f}s, train {stats['steps']} steps "
-            f"{stats['seconds']:.0f}s, nmse {stats['initial_nmse']:.3f} -> {stats['final_nmse']:.3f}",
+            f"[rank {rank}] {s.name} ({k}/{len(to_train)}): tensorize {t_dec:.1f}s, train {stats['steps']} "
+            f"steps {stats['seconds']:.1f}s, nmse {stats['initial_nmse']:.3f} -> {stats['final_nmse']:.3f}, "
+            f"RSS {row['rss_gib']:.2f} GiB, peak {row['peak_rss_so_far_gib']:.2f} GiB",
             flush=True,
         )
-        del data, student
     log["peak_rss_gib"] = peak_rss_gib()
+    if log["slices"]:
+        rows = log["slices"]
+        log["summary"] = {
+            "slices_trained": len(rows),
+            "seconds_per_slice_mean": sum(r["total_seconds"] for r in rows) / len(rows),
+            "tensorize_seconds_mean": sum(r["tensorize_seconds"] for r in rows) / len(rows),
+            "train_seconds_mean": sum(r["seconds"] for r in rows) / len(rows),
+            "rss_gib_after_first_slice": rows[0]["rss_gib"],
+            "rss_gib_after_last_slice": rows[-1]["rss_gib"],
+            "rss_gib_max_over_slices": max(r["rss_gib"] for r in rows),
+            # ru_maxrss after 1, 8, 16, ... slices: flat = memory does not grow with the number of slices
+            "peak_rss_gib_after_n_slices": {
+                str(r["slices_done"]): r["peak_rss_so_far_gib"]
+                for r in rows
+                if r["slices_done"] in (1, 2, 4, 8, 16, 24, 32, 48) or r is rows[-1]
+            },
+        }
     shutil.rmtree(store, ignore_errors=True)
 
     dump()
@@ -186,9 +227,10 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "mem_total_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
                 "torch": torch.__version__,
-                "note": "2 CPU cores shared with 5 other engineers' jobs; timings are noisy",
+                "note": "2 CPU cores shared with 3 other engineers' jobs; timings are noisy",
             },
             "command": " ".join(["torchrun" if world > 1 else "python"] + sys.argv),
+            "loadavg_end": loadavg(),
             "ranks": [json.loads(q.read_text()) for q in parts],
         }
         tmp = out.with_name(out.name + ".tmp")
