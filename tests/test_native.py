@@ -62,6 +62,7 @@ CASES = [
     ((2, 2, 3, 2, 2), (3, 2, 2, 2, 3), [4, 7, 6, 3], 17),  # 5 cores
     ((2, 2, 2, 2, 2, 3), (3, 2, 2, 2, 2, 2), [2, 4, 8, 4, 2], 3),  # 6 cores
     ((4, 8), (16, 3), [17], 33),  # N = 16*k + 3 columns, 33 rows = several row tiles and chunks
+    ((3, 40), (7, 19), [11], 7),  # K = 440 > one K block (256): accumulating tiles, column remainders, partial tiles
 ]
 
 
