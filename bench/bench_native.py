@@ -10,7 +10,9 @@ min (the least disturbed estimate when other jobs share the cores). Cores are ra
 shapes an MPO of the given ratio has (latency does not depend on the values): balanced modes, a uniform bond chosen
 as the largest that keeps params <= dense/ratio (bonds also capped by the TT-rank bound).
 
-The "cost" columns are the criterion of issue 6: MPO (bytes + FLOPs) / dense (bytes + FLOPs) at that row count,
+With --threads 1 the speed-ups compare CPU time per call (time.thread_time: every provider then runs on the
+calling thread), because on a shared machine wall time mostly measures how long the thread sat descheduled; wall
+times are stored too. The "cost" columns are the criterion of issue 6: MPO (bytes + FLOPs) / dense (bytes + FLOPs) at that row count,
 bytes = fp32 bytes of the cores the kernel sweeps (the merged ones when its schedule merges) + input + output,
 FLOPs = native_impl.native_cost (the sweep of the chosen schedule, plus merges it pays per call). "flops_vs_torch"
 is the torch plan's FLOPs over native's: where it is near 1 both paths run the same GEMMs and the speed-up is bound
@@ -95,7 +97,10 @@ def mpo_shapes(in_f: int, out_f: int, ratio: float, num_cores: int) -> list[tupl
 
 
 def time_rounds(fns: dict, rounds: int, min_time: float) -> dict:
-    """Interleaved timing: per round, each fn runs `number` calls; returns median/min seconds per call."""
+    """Interleaved timing: per round, each fn runs `number` calls; returns median/min seconds per call, both wall
+    clock and this thread's CPU time (time.thread_time). With one torch thread every provider runs on the calling
+    thread, so CPU time is the latency it would have on an idle core: it does not count the time the thread sat
+    descheduled, which on a machine with a load average of 10 on 2 cores is most of the wall time and is random."""
     number = {}
     for name, fn in fns.items():  # warm up and size `number` so one round takes about min_time
         fn()
@@ -107,13 +112,18 @@ def time_rounds(fns: dict, rounds: int, min_time: float) -> dict:
         per = (time.perf_counter() - t0) / n
         number[name] = max(1, int(min_time / per))
     samples = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(number[name]):
                 fn()
+            cpu[name].append((time.thread_time() - c0) / number[name])
             samples[name].append((time.perf_counter() - t0) / number[name])
-    return {name: {"median_s": statistics.median(s), "min_s": min(s)} for name, s in samples.items()}
+    return {
+        name: {"median_s": statistics.median(s), "min_s": min(s), "cpu_min_s": min(cpu[name])}
+        for name, s in samples.items()
+    }
 
 
 def torch_plan(shapes, rows: int) -> dict:
@@ -166,8 +176,9 @@ def bench_cell(
     io_bytes = 4 * rows * (in_f + out_f)
     mpo_cost = 4 * swept + io_bytes + flops
     dense_cost = 4 * in_f * out_f + io_bytes + dense_flops
-    # speed-ups use the per-cell minimum: on a shared machine it is the least disturbed estimate
-    nat, tor, den = (res[p]["min_s"] for p in ("native", "torch", "dense"))
+    # speed-ups use the per-cell minimum of CPU time with one thread (see time_rounds), or of wall time otherwise
+    metric = "cpu_min_s" if torch.get_num_threads() == 1 else "min_s"
+    nat, tor, den = (res[p][metric] for p in ("native", "torch", "dense"))
     plan = torch_plan(shapes, rows)
     return {
         "in": in_f,
@@ -180,6 +191,7 @@ def bench_cell(
         "dense_flops": dense_flops,
         "cost_fraction": mpo_cost / dense_cost,
         "latency": res,
+        "speedup_metric": metric,
         "speedup_vs_torch": tor / nat,
         "speedup_vs_dense": den / nat,
         "native_schedule": {"direction": direction, "groups": groups, "cached_pack": cached},
@@ -228,7 +240,8 @@ def summarize(paths: list[Path], out_json: Path, out_md: Path) -> None:
             best["loads"].extend(c["loadavg_before_after"])
             for prov, lat in c["latency"].items():
                 prev = best["latency"].get(prov)
-                best["latency"][prov] = lat["min_s"] if prev is None else min(prev, lat["min_s"])
+                v = lat[c.get("speedup_metric", "min_s")]
+                best["latency"][prov] = v if prev is None else min(prev, v)
     rows_all = sorted({k[2] for k in cells})
     table = []
     for c in cells.values():
@@ -260,8 +273,9 @@ def summarize(paths: list[Path], out_json: Path, out_md: Path) -> None:
         f"Load average during the runs (1-min, min / median / max): {env['loadavg_min_median_max'][0]:.1f} / "
         f"{env['loadavg_min_median_max'][1]:.1f} / {env['loadavg_min_median_max'][2]:.1f} on "
         f"{runs[0]['environment']['logical_cpus']} logical CPUs; torch threads "
-        f"{runs[0]['environment']['torch_threads']}. Command: `python bench/bench_native.py --threads 1 --out ...` "
-        f"per run, then `python bench/bench_native.py --summarize RUN.json ...`.",
+        f"{runs[0]['environment']['torch_threads']}. Times are per-call {'CPU time of the calling thread' if runs[0]['cells'][0].get('speedup_metric') == 'cpu_min_s' else 'wall time'} "
+        "(minimum over rounds and runs). Command: `python bench/bench_native.py --threads 1 --out RUN.json` "
+        "per run, then `python bench/bench_native.py --summarize RUN.json ... --out SUMMARY.json`.",
         "",
         "| rows | cells | median x torch | cells >= 2x torch | median x dense | cost < 1/2 dense: faster than dense "
         "| median torch FLOPs / native FLOPs | median bf16-core speed-up |",
@@ -337,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat = c["latency"]
                 print(
                     f"{name:12} {ratio:5g} {rows:4d} {c['cost_fraction']:5.2f} "
-                    + " ".join(f"{lat[p]['min_s'] * 1e6:8.1f}u" for p in ("native", "native_bf16", "torch", "dense"))
+                    + " ".join(f"{lat[p][c['speedup_metric']] * 1e6:8.1f}u" for p in ("native", "native_bf16", "torch", "dense"))
                     + f" {c['speedup_vs_torch']:7.2f} {c['speedup_vs_dense']:7.2f}"
                     + f" {c['flops_vs_torch'] or float('nan'):6.2f} {c['loadavg_before_after'][1]:5.1f}"
                     + f" {c['native_schedule']['direction']}{list(c['native_schedule']['groups'])}"
