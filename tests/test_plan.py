@@ -143,6 +143,44 @@ def test_rate_interpolates_between_measured_points():
     assert math.isclose(cal.rate(4), 4e9, rel_tol=1e-9)  # log-linear between the points
 
 
+def test_gemm_rate_uses_the_role_of_the_smallest_dimension():
+    cal = Calibration("cpu", "f", 0.0, 1.0, {1: 1e9, 256: 1e9}, n_rates={1: 2e9, 256: 2e9}, m_rates={1: 3e9, 256: 3e9})
+    assert math.isclose(cal.gemm_rate(1000, 8, 1000), 1e9)  # small K
+    assert math.isclose(cal.gemm_rate(1000, 1000, 8), 2e9)  # narrow output
+    assert math.isclose(cal.gemm_rate(8, 1000, 1000), 3e9)  # few rows
+    bare = Calibration("cpu", "f", 0.0, 1.0, {1: 1e9, 256: 1e9})  # an old calibration: one table for all
+    assert math.isclose(bare.gemm_rate(1000, 1000, 8), 1e9) and math.isclose(bare.batched_rate(8), 1e9)
+
+
+def test_fresh_pages_and_dram_price_huge_intermediates():
+    # Same FLOPs, but the second calibration knows that a fresh 32 MiB+ tensor costs page faults and that
+    # traffic beyond the cache streams from DRAM: a sweep whose intermediate is ~170 MB must cost more there.
+    rates = {1: 1e11, 256: 1e11}
+    flat = Calibration("cpu", "f", 0.0, 5e10, rates)
+    real = Calibration("cpu", "f", 0.0, 5e10, rates, dram_bandwidth=1e10, fault_bandwidth=1e9)
+    assert real.fresh_seconds((16 << 20,)) == 0.0  # below glibc's mmap threshold: reused heap memory
+    assert math.isclose(real.fresh_seconds((64 << 20,)), (64 << 20) / 1e9)
+    assert real.memory_seconds(1 << 20) == (1 << 20) / 5e10 and real.memory_seconds(1 << 30) == (1 << 30) / 1e10
+    shapes = ((1, 64, 64, 64), (64, 64, 64, 1))
+    sweep_flat = decide(flat, shapes, 1024, 4, needs_grad=False, recompute=False, force="sweep-left").forward
+    sweep_real = decide(real, shapes, 1024, 4, needs_grad=False, recompute=False, force="sweep-left").forward
+    assert sweep_real.seconds > 2 * sweep_flat.seconds
+    assert decide(real, shapes, 1024, 4, needs_grad=False, recompute=False).forward.kind == "rebuild"
+
+
+def test_calibration_from_an_older_version_is_measured_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    key = calibrate._key(torch.device("cpu"), torch.float32)
+    old = {"device": "cpu", "dtype": "torch.float32", "overhead_s": 1e-6, "bandwidth": 1e10, "rates": {"1": 1e9}}
+    (tmp_path / "calibration.json").write_text(json.dumps({key: old}))
+    fresh = Calibration("cpu", "torch.float32", 2e-6, 1e10, {1: 1e9, 256: 1e11}, dram_bandwidth=5e9)
+    monkeypatch.setattr(calibrate, "measure", lambda device, dtype, rounds=3: fresh)
+    assert calibrate.get_calibration("cpu", torch.float32).overhead_s == 2e-6
+    stored = json.loads((tmp_path / "calibration.json").read_text())[key]
+    assert stored["dram_bandwidth"] == 5e9
+
+
 def test_explain_lists_steps_alternatives_and_memory():
     text = explain([(1, 8, 8, 4), (4, 8, 8, 4), (4, 8, 8, 1)], rows=32, needs_grad=True, top=100)
     assert "forward plan:" in text and "backward plan:" in text

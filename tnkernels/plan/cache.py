@@ -29,12 +29,8 @@ class _Options:
     recompute: bool = False  # backward recomputes intermediate states instead of saving them
     force: str | None = None  # force a plan kind (tests, benchmarks)
     tucker_force: str | None = None
-    fold: bool | None = (
-        None  # force every sweep step folded (True) or batched (False); None: the planner picks
-    )
-    cache_dense: bool = (
-        False  # inference: keep rebuilt dense weights of layers whose chain costs more than dense
-    )
+    fold: bool | None = None  # force every sweep step folded (True) or batched (False); None: the planner picks
+    cache_dense: bool = False  # inference: keep rebuilt dense weights of layers whose chain costs more than dense
 
 
 OPTIONS = _Options()
@@ -95,9 +91,7 @@ def tucker_decision(
         return hit
     _STATS["searches"] += 1
     cal = get_calibration(device, dtype)
-    dec = decide_tucker(
-        cal, key_shapes, conv, dtype.itemsize, needs_grad=needs_grad, force=OPTIONS.tucker_force
-    )
+    dec = decide_tucker(cal, key_shapes, conv, dtype.itemsize, needs_grad=needs_grad, force=OPTIONS.tucker_force)
     _TUCKER_PLANS[key] = dec
     return dec
 
@@ -123,9 +117,7 @@ def options(
     """
     saved = (OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense, OPTIONS.fold)
     try:
-        set_options(
-            recompute=recompute, force=force, tucker_force=tucker_force, cache_dense=cache_dense, fold=fold
-        )
+        set_options(recompute=recompute, force=force, tucker_force=tucker_force, cache_dense=cache_dense, fold=fold)
         yield
     finally:
         OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense, OPTIONS.fold = saved
@@ -147,8 +139,7 @@ def set_options(
         raise ValueError(f"plan options: force must be one of {', '.join(PLAN_KINDS)} or None, got {force!r}")
     if tucker_force is not ... and tucker_force is not None and tucker_force not in TUCKER_KINDS:
         raise ValueError(
-            f"plan options: tucker_force must be one of {', '.join(TUCKER_KINDS)} or None, "
-            f"got {tucker_force!r}"
+            f"plan options: tucker_force must be one of {', '.join(TUCKER_KINDS)} or None, got {tucker_force!r}"
         )
     if recompute is not None:
         OPTIONS.recompute = bool(recompute)

@@ -18,6 +18,7 @@ thread count, so that it runs once per machine; `recalibrate()` forces a new mea
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -29,6 +30,11 @@ import torch
 # Values of the smallest GEMM dimension at which the matmul rate is measured; rate() interpolates in log
 # space.
 _RATE_DIMS = (1, 4, 16, 64, 256)
+# A step moving more bytes than this is priced at the DRAM bandwidth (a typical last-level cache share per core).
+_CACHE_BYTES = 16 << 20
+# Size of the buffers that measure DRAM bandwidth and the page-fault cost: well above any cache and above glibc's
+# largest mmap threshold (32 MiB), so every fresh buffer of this size is new pages.
+_BIG_BYTES = 64 << 20
 _LOCK = threading.Lock()
 _MEMO: dict[str, Calibration] = {}
 
@@ -43,25 +49,74 @@ class Calibration:
     bandwidth: float
     rates: dict[int, float] = field(default_factory=dict)
     source: str = "measured"
+    # Large working sets stream from DRAM, not from cache: bytes/s of a copy far bigger than the last-level cache
+    # (0: use `bandwidth` for every size).
+    dram_bandwidth: float = 0.0
+    # A fresh CPU allocation above glibc's mmap threshold comes from new pages, and the first write to each page
+    # faults; that first touch runs at `fault_bandwidth` bytes/s, an order of magnitude below a copy (0: free, as
+    # with CUDA's caching allocator). It is what makes a plan with huge intermediates slow on a CPU.
+    fault_bandwidth: float = 0.0
+    fault_threshold_bytes: int = 32 << 20
+    # A copy that permutes dimensions (a transpose) reads or writes with a stride and runs far below a plain
+    # copy: bytes/s of a [N, M] -> [M, N] copy (0: use `bandwidth`).
+    permute_bandwidth: float = 0.0
+    # A sweep step core[M, K] @ state[B, K, N] runs as a batched matmul of B small products; its FLOP/s at
+    # smallest dimension d (K or N) is far below one GEMM's: rates measured that way (empty: use `rates`).
+    bmm_rates: dict[int, float] = field(default_factory=dict)
+    # `rates` are measured with the inner dimension K small ([big, d] @ [d, big]). A GEMM whose output is
+    # narrow ([big, big] @ [big, d], N small) or short (M small) runs at other rates, measured the same way.
+    n_rates: dict[int, float] = field(default_factory=dict)
+    m_rates: dict[int, float] = field(default_factory=dict)
+
+    def memory_seconds(self, nbytes: float) -> float:
+        """Time to move `nbytes` in one step: from cache when the step's traffic fits, else from DRAM."""
+        bw = self.dram_bandwidth if (self.dram_bandwidth and nbytes > _CACHE_BYTES) else self.bandwidth
+        return nbytes / bw
+
+    def permute_seconds(self, nbytes: float) -> float:
+        """Time to copy `nbytes` (read plus write) while permuting dimensions."""
+        return nbytes / (self.permute_bandwidth or self.bandwidth)
+
+    def fresh_seconds(self, allocations: tuple[float, ...]) -> float:
+        """First-touch cost of the fresh tensors (sizes in bytes) a step allocates."""
+        if not self.fault_bandwidth:
+            return 0.0
+        return sum(a for a in allocations if a >= self.fault_threshold_bytes) / self.fault_bandwidth
 
     def rate(self, d: int) -> float:
         """Matmul FLOP/s when the smallest GEMM dimension is `d` (log-linear interpolation, clamped)."""
-        dims = sorted(self.rates)
-        if d <= dims[0]:
-            return self.rates[dims[0]]
-        if d >= dims[-1]:
-            return self.rates[dims[-1]]
-        import math
+        return _interpolate(self.rates, d)
 
-        for lo, hi in zip(dims, dims[1:], strict=False):
-            if lo <= d <= hi:
-                t = (math.log(d) - math.log(lo)) / (math.log(hi) - math.log(lo))
-                return math.exp((1 - t) * math.log(self.rates[lo]) + t * math.log(self.rates[hi]))
-        return self.rates[dims[-1]]  # pragma: no cover (the loop always returns)
+    def gemm_rate(self, m: int, k: int, n: int) -> float:
+        """FLOP/s of one [m, k] @ [k, n] GEMM: the rate of its smallest dimension in that dimension's role."""
+        d = max(1, min(m, k, n))
+        if n == d and n < k and self.n_rates:
+            return _interpolate(self.n_rates, d)
+        if m == d and m < k and self.m_rates:
+            return _interpolate(self.m_rates, d)
+        return _interpolate(self.rates, d)
+
+    def batched_rate(self, d: int) -> float:
+        """FLOP/s of a broadcast batched matmul whose per-product smallest dimension is `d`."""
+        return _interpolate(self.bmm_rates or self.rates, d)
 
     @property
     def peak(self) -> float:
         return max(self.rates.values())
+
+
+def _interpolate(rates: dict[int, float], d: int) -> float:
+    """rates[d], log-linear between the measured dimensions, clamped at both ends."""
+    dims = sorted(rates)
+    if d <= dims[0]:
+        return rates[dims[0]]
+    if d >= dims[-1]:
+        return rates[dims[-1]]
+    for lo, hi in zip(dims, dims[1:], strict=False):
+        if lo <= d <= hi:
+            t = (math.log(d) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            return math.exp((1 - t) * math.log(rates[lo]) + t * math.log(rates[hi]))
+    return rates[dims[-1]]  # pragma: no cover (the loop always returns)
 
 
 def cache_dir() -> str:
@@ -79,9 +134,7 @@ def _key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{_device_name(device)}|{str(dtype).removeprefix('torch.')}|torch{torch.__version__}"
 
 
-def _timeit(
-    fn, device: torch.device, budget_s: float = 0.05, min_calls: int = 5, max_calls: int = 400
-) -> float:
+def _timeit(fn, device: torch.device, budget_s: float = 0.05, min_calls: int = 5, max_calls: int = 400) -> float:
     """Fastest single call, timing calls one by one until `budget_s` has passed.
 
     The minimum, not a mean or median: on a shared machine other processes only ever add time (a call that is
@@ -114,31 +167,93 @@ def measure(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> Calibr
     dst = torch.empty_like(src)
     # The budget of each rate measurement: enough FLOPs that the call overhead is negligible.
     budget = 8e6 if device.type == "cpu" else 4e9
-    gemms = {}
+    gemms = {}  # role -> d -> (big, a, b, out): the role's dimension is d, the other two `big`
+    for role in ("k", "n", "m"):
+        gemms[role] = {}
+        for d in _RATE_DIMS:
+            big = max(64, int((budget / (2 * d)) ** 0.5) // 16 * 16)
+            m, k, n = {"k": (big, d, big), "n": (big, big, d), "m": (d, big, big)}[role]
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            gemms[role][d] = (big, a, b, torch.empty(m, n, device=device, dtype=dtype))
+    # a transposing copy of the same bytes: [rows, cols] -> [cols, rows]
+    side = int((n_bytes // dtype.itemsize) ** 0.5)
+    src_t = src[: side * side].view(side, side).t()
+    dst_t = torch.empty(side, side, device=device, dtype=dtype)
+    # broadcast batched matmul core[256, d] @ state[B, d, d], with B sized to the same FLOP budget
+    bmms = {}
     for d in _RATE_DIMS:
-        big = max(64, int((budget / (2 * d)) ** 0.5) // 16 * 16)
-        a = torch.randn(big, d, device=device, dtype=dtype)
-        b = torch.randn(d, big, device=device, dtype=dtype)
-        c = torch.empty(big, big, device=device, dtype=dtype)
-        gemms[d] = (big, a, b, c)
-    overhead = copy_t = float("inf")
-    times = {d: float("inf") for d in _RATE_DIMS}
+        batch = max(1, int(budget / (2 * 256 * d * d)))
+        bmms[d] = (
+            batch,
+            torch.randn(256, d, device=device, dtype=dtype),
+            torch.randn(batch, d, d, device=device, dtype=dtype),
+        )
+    overhead = copy_t = perm_t = float("inf")
+    times = {role: {d: float("inf") for d in _RATE_DIMS} for role in gemms}
+    bmm_times = {d: float("inf") for d in _RATE_DIMS}
     for _ in range(rounds):
         overhead = min(overhead, _timeit(lambda: tiny_a @ tiny_b, device, budget_s=0.01))
         copy_t = min(copy_t, _timeit(lambda: dst.copy_(src), device))
-        for d, (_, a, b, c) in gemms.items():
-            # out= keeps page faults of a fresh output out of the rate; the bandwidth term prices memory
-            # traffic.
-            times[d] = min(times[d], _timeit(lambda a=a, b=b, c=c: torch.matmul(a, b, out=c), device))
+        perm_t = min(perm_t, _timeit(lambda: dst_t.copy_(src_t), device))
+        for role, by_d in gemms.items():
+            for d, (_, a, b, c) in by_d.items():
+                # out= keeps page faults of a fresh output out of the rate; the other terms price memory.
+                t = _timeit(lambda a=a, b=b, c=c: torch.matmul(a, b, out=c), device)
+                times[role][d] = min(times[role][d], t)
+        for d, (_, core, state) in bmms.items():
+            bmm_times[d] = min(bmm_times[d], _timeit(lambda a=core, b=state: torch.matmul(a, b), device))
     bandwidth = 2 * n_bytes / max(copy_t - overhead, 1e-9)  # a copy reads and writes every byte
-    rates = {d: 2 * gemms[d][0] ** 2 * d / max(times[d] - overhead, 1e-9) for d in _RATE_DIMS}
+    dram_bw, fault_bw = _measure_big_buffers(device, dtype, rounds)
+    bandwidth = max(bandwidth, dram_bw)  # cache is never slower than DRAM: a lower number is load, not truth
+    permute_bw = min(2 * side * side * dtype.itemsize / max(perm_t - overhead, 1e-9), bandwidth)
+    role_rates = {
+        role: {d: 2 * by_d[d][0] ** 2 * d / max(times[role][d] - overhead, 1e-9) for d in _RATE_DIMS}
+        for role, by_d in gemms.items()
+    }
+    rates, n_rates, m_rates = role_rates["k"], role_rates["n"], role_rates["m"]
     # Monotone in d: a fat GEMM is never slower per FLOP than a thin one; a lower measurement is load, not
     # truth.
-    running = 0.0
-    for d in _RATE_DIMS:
-        running = max(running, rates[d])
-        rates[d] = running
-    return Calibration(str(device), str(dtype), overhead, bandwidth, rates)
+    bmm_rates = {d: 2 * b * 256 * d * d / max(bmm_times[d] - overhead, 1e-9) for d, (b, _, _) in bmms.items()}
+    for table in (rates, n_rates, m_rates, bmm_rates):
+        running = 0.0
+        for d in _RATE_DIMS:
+            running = max(running, table[d])
+            table[d] = running
+    return Calibration(
+        str(device),
+        str(dtype),
+        overhead,
+        bandwidth,
+        rates,
+        dram_bandwidth=dram_bw,
+        fault_bandwidth=fault_bw,
+        permute_bandwidth=permute_bw,
+        bmm_rates=bmm_rates,
+        n_rates=n_rates,
+        m_rates=m_rates,
+    )
+
+
+def _measure_big_buffers(device: torch.device, dtype: torch.dtype, rounds: int) -> tuple[float, float]:
+    """(DRAM copy bandwidth, first-touch bandwidth of fresh pages) in bytes/s; (0, 0) off the CPU, where the
+    cache-sized copy already streams from device memory and the caching allocator reuses blocks."""
+    if device.type != "cpu":
+        return 0.0, 0.0
+    n = _BIG_BYTES // dtype.itemsize
+    src = torch.ones(n, dtype=dtype)
+    dst = torch.empty_like(src).fill_(0)
+    copy_t = fresh_t = float("inf")
+    for _ in range(rounds):
+        copy_t = min(copy_t, _timeit(lambda: dst.copy_(src), device, min_calls=3, max_calls=10))
+        # torch.empty + fill: the fill writes every byte once into pages the kernel has to map first
+        fill_t = _timeit(lambda: dst.fill_(1), device, min_calls=3, max_calls=10)
+        fresh = _timeit(lambda: torch.empty(n, dtype=dtype).fill_(1), device, min_calls=3, max_calls=10)
+        fresh_t = min(fresh_t, max(fresh - fill_t, 1e-9))
+    dram = 2 * _BIG_BYTES / copy_t
+    fault = _BIG_BYTES / fresh_t
+    # Pages that cost nothing extra (an allocator that caches) would give a huge number: call it free.
+    return dram, (0.0 if fault > 10 * dram else fault)
 
 
 def _path() -> str:
@@ -177,6 +292,13 @@ def _from_json(d: dict) -> Calibration:
         bandwidth=float(d["bandwidth"]),
         rates={int(k): float(v) for k, v in d["rates"].items()},
         source="disk",
+        dram_bandwidth=float(d["dram_bandwidth"]),
+        fault_bandwidth=float(d["fault_bandwidth"]),
+        fault_threshold_bytes=int(d.get("fault_threshold_bytes", 32 << 20)),
+        permute_bandwidth=float(d["permute_bandwidth"]),
+        bmm_rates={int(k): float(v) for k, v in d["bmm_rates"].items()},
+        n_rates={int(k): float(v) for k, v in d["n_rates"].items()},
+        m_rates={int(k): float(v) for k, v in d["m_rates"].items()},
     )
 
 
@@ -226,9 +348,7 @@ def recalibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     return cal
 
 
-def set_calibration(
-    cal: Calibration, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> None:
+def set_calibration(cal: Calibration, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """Install fixed constants (used by tests to make plan choices independent of the machine's noise)."""
     _MEMO[_key(torch.device(device), dtype)] = cal
     from .cache import clear_plans

@@ -25,14 +25,33 @@ class Step:
     seconds: float = 0.0
 
 
-def price(cal: Calibration, what: str, flops: float, nbytes: float, mindim: int, ops: int = 1) -> Step:
-    """A Step with its predicted time: overhead per call plus the roofline max of compute time and memory
-    time."""
-    compute = flops / cal.rate(max(1, mindim)) if flops else 0.0
-    memory = nbytes / cal.bandwidth
-    return Step(
-        what, float(flops), float(nbytes), int(mindim), ops, ops * cal.overhead_s + max(compute, memory)
-    )
+def price(
+    cal: Calibration,
+    what: str,
+    flops: float,
+    nbytes: float,
+    gemm: int | tuple[int, int, int],
+    ops: int = 1,
+    fresh: tuple[float, ...] = (),
+    permuted: float = 0.0,
+    batched: bool = False,
+) -> Step:
+    """A Step with its predicted time: overhead per call, the roofline max of compute time and memory time, the
+    first-touch cost of the fresh tensors it allocates (`fresh`: their sizes in bytes), and the strided copies
+    it makes (`permuted`: bytes read plus written by copies that permute dimensions; not part of `nbytes`).
+    `gemm`: the step's GEMM as (M, K, N), or just its smallest dimension (priced as a small K).
+    `batched`: the step is a broadcast batched matmul of many small products, priced at the batched rate."""
+    mindim = max(1, min(gemm)) if isinstance(gemm, tuple) else max(1, int(gemm))
+    if batched:
+        rate = cal.batched_rate(mindim)
+    elif isinstance(gemm, tuple):
+        rate = cal.gemm_rate(*gemm)
+    else:
+        rate = cal.rate(mindim)
+    compute = flops / rate if flops else 0.0
+    memory = cal.memory_seconds(nbytes)
+    seconds = ops * cal.overhead_s + max(compute, memory) + cal.permute_seconds(permuted) + cal.fresh_seconds(fresh)
+    return Step(what, float(flops), float(nbytes), int(mindim), ops, seconds)
 
 
 def total(steps: list[Step] | tuple[Step, ...]) -> tuple[float, float, float]:

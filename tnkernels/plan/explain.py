@@ -30,9 +30,7 @@ def format_mpo(dec: MPODecision, top: int = 8) -> str:
         f"   (dense GEMM predicted {_fmt_s(dec.dense_seconds)})",
     ]
     for s in f.steps:
-        lines.append(
-            f"    {s.what:<70s} {_fmt_n(s.flops):>8s} FLOP {_fmt_n(s.bytes):>8s} B {_fmt_s(s.seconds)}"
-        )
+        lines.append(f"    {s.what:<70s} {_fmt_n(s.flops):>8s} FLOP {_fmt_n(s.bytes):>8s} B {_fmt_s(s.seconds)}")
     if dec.backward is not None:
         how = "reusing saved states" if dec.save_states else "recomputing states"
         lines.append(
@@ -102,15 +100,12 @@ def explain_tucker(
         shapes, (tuple(stride), tuple(padding), tuple(dilation)), dtype, torch.device(device), needs_grad
     )
     lines = [
-        f"Tucker-2 conv x{tuple(x_shape)} U_in{tuple(u_in_shape)} core{tuple(core_shape)} "
-        f"U_out{tuple(u_out_shape)}",
+        f"Tucker-2 conv x{tuple(x_shape)} U_in{tuple(u_in_shape)} core{tuple(core_shape)} U_out{tuple(u_out_shape)}",
         f"plan: {dec.kind}   FLOPs {_fmt_n(dec.flops)}  bytes {_fmt_n(dec.bytes)}  predicted fwd "
         f"{_fmt_s(dec.fwd_seconds)} bwd {_fmt_s(dec.bwd_seconds)}  (dense conv {_fmt_s(dec.dense_seconds)})",
     ]
     for s in dec.steps:
-        lines.append(
-            f"    {s.what:<60s} {_fmt_n(s.flops):>8s} FLOP {_fmt_n(s.bytes):>8s} B {_fmt_s(s.seconds)}"
-        )
+        lines.append(f"    {s.what:<60s} {_fmt_n(s.flops):>8s} FLOP {_fmt_n(s.bytes):>8s} B {_fmt_s(s.seconds)}")
     lines.append("alternatives (forward time):")
     for label, sec in dec.alternatives:
         lines.append(f"    {label:<20s} {_fmt_s(sec)}")

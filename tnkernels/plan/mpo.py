@@ -32,6 +32,7 @@ from .calibrate import Calibration
 from .cost import Step, price, total
 
 CoreShape = tuple[int, int, int, int]
+_CACHE_LINE = 64  # bytes
 PLAN_KINDS = ("sweep-left", "sweep-right", "merge", "rebuild", "einsum")
 # Beyond this many cores the 2^(N-1) groupings are sampled down to sweeps, pairs and the rebuild.
 _MAX_FULL_ENUMERATION = 10
@@ -113,14 +114,19 @@ def merge_steps(cal: Calibration, shapes, a: int, b: int, isz: int) -> list[Step
         _, i, j, r1 = shapes[k]
         m, kk, n = r0 * ip * jp, r, i * j * r1
         out = m * n
+        # The permute swaps jp and i but moves contiguous runs of j·r1 elements: with runs of a cache line or
+        # more it streams like a plain copy; shorter runs make it a strided copy.
+        strided = j * r1 * isz < _CACHE_LINE
         steps.append(
             price(
                 cal,
                 f"merge G{a + 1}..G{k} x G{k + 1}: [{m}, {kk}] @ [{kk}, {n}] + permute",
                 2 * m * kk * n,
-                isz * (m * kk + kk * n + 3 * out),
-                min(m, kk, n),
+                isz * (m * kk + kk * n + out + (0 if strided else 2 * out)),
+                (m, kk, n),
                 ops=2,
+                fresh=(isz * out, isz * out),
+                permuted=2 * isz * out if strided else 0,
             )
         )
         ip, jp, r = ip * i, jp * j, r1
@@ -139,7 +145,7 @@ def merge_backward_steps(cal: Calibration, shapes, a: int, b: int, isz: int) -> 
                 f"merge backward G{k + 1}: permute + 2 GEMMs",
                 4 * m * kk * n,
                 isz * (3 * m * n + 2 * (m * kk + kk * n)),
-                min(m, kk, n),
+                (m, kk, n),
                 ops=3,
             )
         )
@@ -168,10 +174,6 @@ def sweep_dims(shapes, groups, direction: str, rows: int) -> list[tuple[int, int
     return dims
 
 
-def _step_mindim(bp: int, m: int, k: int, n: int) -> int:
-    return min(bp, m, k) if n == 1 else min(m, k, n)
-
-
 def _price_step(cal: Calibration, s: int, dims, isz: int, direction: str, fold: bool) -> Step:
     bp, m, k, n = dims
     extra_ops, extra_bytes = (1, 2 * m * k * isz) if direction == "right" else (0, 0)
@@ -183,17 +185,21 @@ def _price_step(cal: Calibration, s: int, dims, isz: int, direction: str, fold: 
             cal,
             f"step {s + 1} (folded): [{bp}*{n}, {k}] @ [{k}, {m}] + 2 copies",
             2 * bp * m * k * n,
-            base + 2 * isz * (bp * k * n + bp * m * n),
-            min(bp * n, k, m),
+            base,
+            (bp * n, k, m),
             ops=3 + extra_ops,
+            fresh=(isz * bp * k * n, isz * bp * m * n, isz * bp * m * n),
+            permuted=2 * isz * (bp * k * n + bp * m * n),  # both copies transpose the last two dimensions
         )
     return price(
         cal,
         f"step {s + 1}: state[{bp}, {k}, {n}] <- core[{m}, {k}] -> [{bp}, {m}, {n}]",
         2 * bp * m * k * n,
         base,
-        _step_mindim(bp, m, k, n),
+        (bp, k, m) if n == 1 else (m, k, n),
         ops=1 + extra_ops,
+        fresh=(isz * bp * m * n,),
+        batched=n > 1 and bp > 1,
     )
 
 
@@ -229,12 +235,14 @@ def sweep_backward_steps(
                 cal,
                 f"step {s + 1} backward: d_core [{m}, {k}] over {bp * n}",
                 2 * bp * m * k * n,
-                isz * (bp * k * n + m * k + bp * m * n + copies),
-                min(m, k, bp * n),
+                isz * (bp * k * n + m * k + bp * m * n),
+                (m, bp * n, k),
                 ops=2,
+                fresh=(isz * bp * m * n, isz * bp * k * n) if n > 1 else (),
+                permuted=isz * copies,
             )
         )
-        mind = min(bp * n, k, m) if (fold or n == 1) else _step_mindim(bp, m, k, n)
+        mind = (bp * n, m, k) if (fold or n == 1) else (k, m, n)
         steps.append(
             price(
                 cal,
@@ -243,6 +251,8 @@ def sweep_backward_steps(
                 isz * (bp * k * n + m * k + bp * m * n),
                 mind,
                 ops=1,
+                fresh=(isz * bp * k * n,),
+                batched=not (fold or n == 1) and bp > 1,
             )
         )
     for a, b in groups:
@@ -337,12 +347,22 @@ def einsum_plans(cal: Calibration, shapes, rows: int, isz: int) -> list[MPOPlan]
                 n = _prod(sizes[x] for x in b - a)
                 batch = _prod(sizes[x] for x in (a & b) - set(idx_removed))
                 flops = 2 * batch * m * n * kk
-                mind = min(m, n, kk)
+                mind = (m, kk, n)
+                is_bmm = batch > 1
             else:
                 flops = 2 * _prod(sizes[x] for x in set(lhs) - {","})
                 mind = 1
-            nbytes = isz * 2 * (sum(_prod(sizes[x] for x in p) for p in parts) + _prod(sizes[x] for x in out))
-            steps.append(price(cal, f"einsum {sub}", flops, nbytes, mind, ops=3))
+                is_bmm = False
+            part_sizes = [isz * _prod(sizes[x] for x in p) for p in parts]
+            out_size = isz * _prod(sizes[x] for x in out)
+            nbytes = sum(part_sizes) + out_size
+            # torch.einsum permutes its operands into a bmm layout and the result back out of it: strided copies
+            # unless a layout happens to line up already, which the cost model cannot see, so it assumes not.
+            fresh = (out_size, max(part_sizes), out_size)
+            permuted = 2 * (sum(part_sizes) + out_size)
+            steps.append(
+                price(cal, f"einsum {sub}", flops, nbytes, mind, ops=3, fresh=fresh, permuted=permuted, batched=is_bmm)
+            )
         ops = tuple((tuple(c[0]), c[2]) for c in info.contraction_list)
         plans.append(MPOPlan("einsum", "", (), tuple(steps), eq, tuple(path), optimize, einsum_steps=ops))
     return plans
@@ -357,7 +377,8 @@ def dense_seconds(cal: Calibration, shapes, rows: int, isz: int, passes: int = 1
         "dense",
         2 * rows * n_in * n_out,
         isz * (rows * n_in + n_in * n_out + rows * n_out),
-        min(rows, n_in, n_out),
+        (rows, n_in, n_out),
+        fresh=(isz * rows * n_out,),
     )
     return passes * step.seconds
 

@@ -91,27 +91,20 @@ def structure_candidates(
 ) -> list[MPOStructure]:
     """Each structure of 2..max_cores cores reaching `ratio`: predicted time, and error given `weight`."""
     if not ratio > 1:
-        raise ValueError(
-            f"choose_mpo_structure: ratio must be > 1 (dense / tensorized parameters), got {ratio}"
-        )
+        raise ValueError(f"choose_mpo_structure: ratio must be > 1 (dense / tensorized parameters), got {ratio}")
     if weight is not None and tuple(weight.shape) != (out_features, in_features):
         raise ValueError(
-            f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, "
-            f"expected ({out_features}, {in_features})"
+            f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})"
         )
     out = []
     for n in range(2, max_cores + 1):
         try:
             in_modes, out_modes = auto_modes(in_features, n), auto_modes(out_features, n)
             bonds = tuple(mpo_bonds_for_ratio(in_modes, out_modes, ratio))
-        except (
-            ValueError
-        ):  # too few prime factors, a lopsided split, or the ratio is unreachable (a subclass)
+        except ValueError:  # too few prime factors, a lopsided split, or the ratio is unreachable (a subclass)
             continue
         params = mpo_num_params(in_modes, out_modes, bonds)
-        s = MPOStructure(
-            n, in_modes, out_modes, bonds, params, out_features * in_features / params, 0.0, None
-        )
+        s = MPOStructure(n, in_modes, out_modes, bonds, params, out_features * in_features / params, 0.0, None)
         dec = mpo_decision(s.core_shapes(), rows, dtype, torch.device(device), False)
         s = MPOStructure(n, in_modes, out_modes, bonds, params, s.ratio, dec.forward.seconds, None)
         out.append(s.with_error(tt_error(weight, in_modes, out_modes, bonds)) if weight is not None else s)
@@ -141,8 +134,7 @@ def choose_mpo_structure(
         raise ValueError(f"choose_mpo_structure: prefer must be 'speed' or 'accuracy', got {prefer!r}")
     if weight is not None and tuple(weight.shape) != (out_features, in_features):
         raise ValueError(
-            f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, "
-            f"expected ({out_features}, {in_features})"
+            f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})"
         )
     lazy = weight if prefer == "accuracy" else None  # speed computes errors lazily below
     cands = structure_candidates(

@@ -59,16 +59,15 @@ def _conv(
     backward: bool,
 ) -> Step:
     m, k = n * ho * wo, ci * kh * kw
-    mult = (
-        2 if backward else 1
-    )  # backward: gradient of the input and of the weight, each as costly as the forward
+    mult = 2 if backward else 1  # backward: gradient of the input and of the weight, each as costly as the forward
     return price(
         cal,
         f"{'d ' if backward else ''}{what}: conv {ci}->{co} {kh}x{kw} at {ho}x{wo}",
         mult * 2 * m * k * co,
         mult * isz * (n * ci * h * w + co * k + m * co),
-        min(m, k, co),
+        (m, k, co),
         ops=mult,
+        fresh=(isz * m * co,),  # the output
     )
 
 
@@ -80,14 +79,12 @@ def _fold(cal: Calibration, what: str, a: int, b: int, c: int, isz: int, backwar
         f"{'d ' if backward else ''}fold {what}: [{a}, {b}] @ [{b}, {c}]",
         mult * 2 * a * b * c,
         mult * isz * (a * b + b * c + a * c),
-        min(a, b, c),
+        (a, b, c),
         ops=mult,
     )
 
 
-def tucker_steps(
-    cal: Calibration, kind: str, shapes: tuple, conv: tuple, isz: int, backward: bool
-) -> list[Step]:
+def tucker_steps(cal: Calibration, kind: str, shapes: tuple, conv: tuple, isz: int, backward: bool) -> list[Step]:
     (n, c_in, h, w), (_, r_in), (r_out, _, kh, kw), (c_out, _) = shapes
     (sh, sw), (ph, pw), (dh, dw) = conv
     ho, wo = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
@@ -126,9 +123,7 @@ def decide_tucker(
 ) -> TuckerDecision:
     """Pick the kind with the least predicted time for the pass(es) that will run."""
     if force is not None and force not in TUCKER_KINDS:
-        raise ValueError(
-            f"plan: tucker force must be one of {', '.join(TUCKER_KINDS)} or None, got {force!r}"
-        )
+        raise ValueError(f"plan: tucker force must be one of {', '.join(TUCKER_KINDS)} or None, got {force!r}")
     scored = []
     for kind in TUCKER_KINDS:
         fwd = total(tucker_steps(cal, kind, shapes, conv, isz, False))[2]
@@ -142,6 +137,4 @@ def decide_tucker(
     (sh, sw), (ph, pw), (dh, dw) = conv
     ho, wo = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
     dense = _conv(cal, "dense", n, c_in, h, w, c_out, kh, kw, ho, wo, isz, False).seconds
-    return TuckerDecision(
-        kind, tuple(tucker_steps(cal, kind, shapes, conv, isz, False)), fwd, bwd, dense, alternatives
-    )
+    return TuckerDecision(kind, tuple(tucker_steps(cal, kind, shapes, conv, isz, False)), fwd, bwd, dense, alternatives)
