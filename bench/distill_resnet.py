@@ -3,11 +3,16 @@
 Measures, on the held-out digits test split (360 images):
   - the teacher's accuracy;
   - slice-wise distillation (per-block slices, no global fine-tune) at 2x and 4x compression of the conv
-    layers inside the residual stages, with its wall-clock time per phase;
+    layers inside the residual stages, in the main mode (--mode, default sequential, the CLI default) and in
+    the other mode (phase othermode), with its time per phase;
   - the global baseline at the same ratios: the same layers tensorized, then end-to-end fine-tuning on
-    cross-entropy, given exactly the slice-wise run's wall-clock time (its own tensorization included);
+    cross-entropy, given exactly the main slice-wise run's time (its own tensorization included);
   - slice-wise at 2x with only 10% of the training images as calibration data;
-  - the speed-up of 2 worker processes over 1 for the slice training phase.
+  - the speed-up of 2 worker processes over 1 for the slice training phase (parallel mode).
+
+Time accounting (--clock): "cpu" (default) charges both methods the CPU time of this process
+(time.process_time, single-threaded with --threads 1), which stays fair when other jobs share the machine;
+"wall" uses wall-clock time, which is only fair on an otherwise idle machine. Both are recorded.
 
 Every phase appends to bench/results/distill_resnet_<date>.json (written atomically after each phase, so an
 interrupted run keeps what it finished) and the markdown table next to it, plus two plots.
@@ -46,7 +51,7 @@ from distill.sensitivity import layer_rule_pattern  # noqa: E402
 from distill.teacher import evaluate, get_teacher  # noqa: E402
 from distill.train_slice import SliceTrainConfig  # noqa: E402
 
-PHASES = ("teacher", "slice", "global", "calib10", "speedup")
+PHASES = ("teacher", "slice", "global", "othermode", "calib10", "speedup")
 
 
 def load() -> list[float]:
@@ -59,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--slices", default="per-block")
+    p.add_argument("--mode", choices=("sequential", "parallel"), default="sequential", help="main slice-wise mode")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="time accounting of the equal budget")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = single-core time)")
     p.add_argument(
         "--teacher-epochs",
         type=int,
@@ -84,6 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="JSON",
         default=None,
         help="only rebuild the markdown table and plots from an existing results JSON",
+    )
+    p.add_argument(
+        "--merge",
+        metavar="JSON",
+        nargs="+",
+        default=None,
+        help="combine the runs of several results JSONs (phases run as separate processes) into --tag's files",
     )
     args = p.parse_args(argv)
     bad = set(args.phases.split(",")) - set(PHASES)
@@ -143,8 +158,12 @@ class Bench:
             f"Teacher test accuracy: **{t.get('accuracy', float('nan')):.4f}** "
             f"({t.get('test_images', '?')} held-out images). {self.results['meta']['note']}.",
             "",
-            "| run | target | achieved | calib imgs | workers | test acc | vs teacher | time (s) | detail |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"Equal-time budget on the {self.clock_name()} clock; {self.results['meta']['torch_threads']} "
+            f"torch thread(s). Load average (1/5/15 min) before and after each run in the last column.",
+            "",
+            "| run | target | achieved | calib imgs | workers | test acc | vs teacher | wall (s) | CPU (s) | detail "
+            "| load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         ta = t.get("accuracy")
         for r in self.results["runs"]:
@@ -154,15 +173,17 @@ class Bench:
                 f"| {r['name']} | {r.get('ratio', '-')}x | {r.get('achieved_ratio', 0):.2f}x | "
                 f"{r.get('calib_images', '-')} | {r.get('workers', '-')} | "
                 f"{'-' if acc is None else f'{acc:.4f}'} | {delta} | {r.get('seconds', 0):.0f} | "
-                f"{r.get('detail', '')} |"
+                f"{r.get('cpu_seconds', float('nan')):.0f} | {r.get('detail', '')} | "
+                f"{r.get('load_before', '')} -> {r.get('load_after', '')} |"
             )
         if "speedup" in self.results:
             s = self.results["speedup"]
             lines += [
                 "",
-                f"Slice training with {s['workers']} workers vs 1: {s['train_speedup']:.2f}x faster "
-                f"(train phase {s['train_s_1']:.0f}s -> {s['train_s_n']:.0f}s; whole run "
-                f"{s['total_s_1']:.0f}s -> {s['total_s_n']:.0f}s).",
+                f"Slice training (parallel mode) with {s['workers']} workers vs 1: {s['train_speedup']:.2f}x "
+                f"faster in wall-clock (train phase {s['train_s_1']:.0f}s -> {s['train_s_n']:.0f}s; whole run "
+                f"{s['total_s_1']:.0f}s -> {s['total_s_n']:.0f}s; load {s.get('load_1', '?')} / "
+                f"{s.get('load_n', '?')}).",
             ]
         lines += ["", f"Command: `{self.results['meta']['command']}`", ""]
         return "\n".join(lines)
@@ -197,24 +218,33 @@ class Bench:
         kw = dict(max_steps=a.max_steps, batch_size=a.slice_batch, lr=a.slice_lr, seed=a.seed) | over
         return SliceTrainConfig(**kw)
 
+    def clock_name(self) -> str:
+        return "CPU-time" if self.results["meta"]["settings"].get("clock") == "cpu" else "wall-clock"
+
+    def spent(self, run: dict) -> float:
+        """The run's time on the clock of the equal budget."""
+        return run["cpu_seconds"] if self.args.clock == "cpu" else run["seconds"]
+
     def slicewise(
-        self, name: str, ratio: float, fraction: float, workers: int, series: str | None = None, **cfg
+        self, name: str, ratio: float, fraction: float, workers: int, series: str | None = None, mode=None, **cfg
     ) -> dict:
+        mode = mode or self.args.mode
         calib = calibration_subset(self.train_ds, fraction, seed=self.args.seed)
         loader = DataLoader(calib, batch_size=128, shuffle=False)
         la = load()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = distill(
             self.teacher,
             loader,
             slices=self.args.slices,
             ratio=ratio,
+            mode=mode,
             workers=workers,
             out_dir=self.work / name,
             config=self.config(**cfg),
             progress=self.progress,
         )
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         acc = evaluate(res.student, self.test_loader)
         layers = [row for s in res.slices.values() for row in s.layers if row.get("status") == "tensorized"]
         before = sum(r["params_before"] for r in layers)
@@ -222,6 +252,7 @@ class Bench:
         return {
             "name": name,
             "method": "slice-wise",
+            "mode": mode,
             "series": series,
             "ratio": ratio,
             "calib_images": len(calib),
@@ -229,13 +260,15 @@ class Bench:
             "accuracy": acc,
             "achieved_ratio": before / after if after else 1.0,
             "seconds": wall,
+            "cpu_seconds": cpu,  # this process only: worker processes' CPU is not included
             "timings": res.timings,
+            "chained": res.chained,
             "layers": [r["name"] for r in layers],
             "params_before": before,
             "params_after": after,
             "load_before": la,
             "load_after": load(),
-            "detail": f"{len(res.slices)} slices, {sum(s.steps for s in res.slices.values())} steps",
+            "detail": f"{mode}, {len(res.slices)} slices, {sum(s.steps for s in res.slices.values())} steps",
             "slices": {
                 k: {
                     "init_loss": s.init_loss,
@@ -249,15 +282,16 @@ class Bench:
         }
 
     def global_baseline(self, ratio: float, reference: dict) -> dict:
-        """Tensorize exactly the layers the slice-wise run did, then fine-tune within its wall-clock time."""
-        budget = reference["seconds"]
+        """Tensorize exactly the layers the slice-wise run did, then fine-tune within its time (same clock)."""
+        budget = self.spent(reference)
+        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
         la = load()
-        t0 = time.perf_counter()
+        t0, w0 = clock(), time.perf_counter()
         student = copy.deepcopy(self.teacher)
         torch.manual_seed(self.args.seed)
         rules = {layer_rule_pattern(n): {"ratio": ratio} for n in reference["layers"]}
         report = tnkernels.tensorize(student, rules=rules)
-        t_tensorize = time.perf_counter() - t0
+        t_tensorize = clock() - t0
         acc0 = evaluate(student, self.test_loader)
         g = torch.Generator().manual_seed(self.args.seed)
         loader = DataLoader(self.train_ds, batch_size=self.args.global_batch, shuffle=True, generator=g, drop_last=True)
@@ -270,7 +304,9 @@ class Bench:
             time_budget_s=remaining,
             lr=self.args.global_lr,
             progress=self.progress,
+            clock=clock,
         )
+        wall = time.perf_counter() - w0
         acc = evaluate(student, self.test_loader)
         return {
             "name": f"global {ratio:g}x",
@@ -282,8 +318,10 @@ class Bench:
             "accuracy": acc,
             "accuracy_before_finetune": acc0,
             "achieved_ratio": report.ratio,
-            "seconds": t_tensorize + out["seconds"],
+            "seconds": wall,  # includes the untimed evaluation before the fine-tune
+            "cpu_seconds" if self.args.clock == "cpu" else "charged_seconds": t_tensorize + out["seconds"],
             "budget_s": budget,
+            "budget_clock": self.args.clock,
             "tensorize_s": t_tensorize,
             "finetune_s": out["seconds"],
             "steps": out["steps"],
@@ -295,17 +333,30 @@ class Bench:
 
     def run(self) -> None:
         a = self.args
+        torch.set_num_threads(a.threads)
+        self.results["meta"]["torch_threads"] = torch.get_num_threads()
         phases = set(a.phases.split(","))
+        other = "parallel" if a.mode == "sequential" else "sequential"
         if self.work is None:
             self.work = Path(tempfile.mkdtemp(prefix="distill_resnet_"))
         self.setup()
         main: dict[float, dict] = {}
-        if "slice" in phases or "global" in phases or "speedup" in phases:
-            for r in a.ratios:
-                main[r] = self.add(self.slicewise(f"slice-wise {r:g}x", r, a.calib_fraction, 1, "slice-wise"))
+        par1: dict | None = None  # a 1-worker parallel run at the first ratio, the reference of the speed-up
+        for r in a.ratios:
+            if phases & {"slice", "global"}:
+                run = self.slicewise(f"slice-wise {r:g}x", r, a.calib_fraction, 1, f"slice-wise ({a.mode})")
+                main[r] = self.add(run)
                 if "global" in phases:
                     self.add(self.global_baseline(r, main[r]))
-                self.plots()
+            if "othermode" in phases:
+                o = self.add(
+                    self.slicewise(f"slice-wise {r:g}x", r, a.calib_fraction, 1, f"slice-wise ({other})", mode=other)
+                )
+                if other == "parallel" and r == a.ratios[0]:
+                    par1 = o
+            self.plots()
+        if a.mode == "parallel" and a.ratios[0] in main:
+            par1 = main[a.ratios[0]]
         if "calib10" in phases:
             self.add(
                 self.slicewise(
@@ -316,24 +367,30 @@ class Bench:
                 )
             )
         if "speedup" in phases:
-            one = main[a.ratios[0]]
+            if par1 is None:
+                par1 = self.add(
+                    self.slicewise(f"slice-wise {a.ratios[0]:g}x", a.ratios[0], a.calib_fraction, 1, mode="parallel")
+                )
             n = self.add(
                 self.slicewise(
                     f"slice-wise {a.ratios[0]:g}x, {a.workers} workers",
                     a.ratios[0],
                     a.calib_fraction,
                     a.workers,
+                    mode="parallel",
                 )
             )
             self.results["speedup"] = {
                 "workers": a.workers,
-                "train_s_1": one["timings"]["train_s"],
+                "train_s_1": par1["timings"]["train_s"],
                 "train_s_n": n["timings"]["train_s"],
-                "train_speedup": one["timings"]["train_s"] / n["timings"]["train_s"],
-                "total_s_1": one["seconds"],
+                "train_speedup": par1["timings"]["train_s"] / n["timings"]["train_s"],
+                "total_s_1": par1["seconds"],
                 "total_s_n": n["seconds"],
-                "steps_1": sum(s["steps"] for s in one["slices"].values()),
+                "steps_1": sum(s["steps"] for s in par1["slices"].values()),
                 "steps_n": sum(s["steps"] for s in n["slices"].values()),
+                "load_1": [par1["load_before"], par1["load_after"]],
+                "load_n": [n["load_before"], n["load_after"]],
             }
             self.save()
         self.plots()
@@ -379,9 +436,36 @@ def render(path: str, args: argparse.Namespace) -> None:
     print(bench.markdown())
 
 
+def merge(paths: list[str], args: argparse.Namespace) -> None:
+    """One results file from several runs of this script (e.g. phases run side by side as separate processes,
+    which is fair with --clock cpu: each process is charged only its own CPU time)."""
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    bench = Bench(args)
+    bench.results = parts[0]
+    bench.results["meta"]["merged_from"] = [
+        {"file": Path(p).name, "command": part["meta"]["command"], "date_utc": part["meta"]["date_utc"]}
+        for p, part in zip(paths, parts)
+    ]
+    bench.results["meta"]["command"] = " + ".join(part["meta"]["command"] for part in parts)
+    for part in parts:
+        if part.get("teacher", {}).get("accuracy") != parts[0].get("teacher", {}).get("accuracy"):
+            raise ValueError(f"--merge: {paths} were measured with different teachers")
+    bench.results["runs"] = [r for part in parts for r in part["runs"]]
+    for part in parts:
+        if "speedup" in part:
+            bench.results["speedup"] = part["speedup"]
+    bench.save()
+    bench.plots()
+    print(bench.markdown())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.render:
+    if args.merge:
+        merge(args.merge, args)
+    elif args.render:
         render(args.render, args)
     else:
         Bench(args).run()

@@ -43,6 +43,7 @@ def test_compress_writes_outputs_and_eval_reads_them(tmp_path, r18_weights, caps
     for key in ("teacher_accuracy", "student_accuracy", "ratio", "times", "slices_detail", "slicewise_seconds"):
         assert key in report
     assert set(report["slices_detail"]) == {"layer1", "layer2"}
+    assert report["mode"] == "sequential"  # the default on one process
     assert report["ratio"] >= 1.9 and (out / "slice_losses.png").is_file() and (out / "accuracy_vs_ratio.png").is_file()
     student = tnkernels.load_compressed(build_model("resnet18", 10), out / "compressed")
     assert any(isinstance(m, tnkernels.TuckerConv2d) for m in student.modules())

@@ -74,6 +74,19 @@ def test_sequential_uses_student_inputs(tmp_path):
     assert par.slices["layer1.0"].init_loss == seq.slices["layer1.0"].init_loss
     assert par.slices["layer1.1"].init_loss != seq.slices["layer1.1"].init_loss
     torch.testing.assert_close(seq.student.layer1[0].conv1.core, par.student.layer1[0].conv1.core, rtol=0, atol=0)
+    # Consecutive blocks chain: their inputs come from running the trained upstream block, not the whole model.
+    assert seq.chained == ["layer1.1", "layer2.0", "layer3.0"]
+
+
+def test_sequential_chaining_equals_whole_model_pass(tmp_path, monkeypatch):
+    """Carrying inputs slice to slice must give the same student as re-running the hybrid model for each slice."""
+    teacher, loader = _random_teacher(), calib_loader(n=48, batch_size=16)
+    cfg = SliceTrainConfig(**CFG)
+    chained = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "c", mode="sequential", config=cfg, progress=False)
+    monkeypatch.setattr(runner, "_chains", lambda *a: False)
+    rerun = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "r", mode="sequential", config=cfg, progress=False)
+    assert rerun.chained == [] and len(chained.chained) == 3
+    _states_equal(chained.student, rerun.student)
 
 
 def test_bad_input(tmp_path):
