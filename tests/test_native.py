@@ -340,6 +340,25 @@ def test_cached_pack_is_reused_and_rebuilt_when_a_core_changes(fresh_packs, dtyp
 
 
 @needs_native
+def test_pack_cache_does_not_keep_a_layer_alive(fresh_packs):
+    """The cache is keyed weakly on the first core; a pack that uses that core as is must not hold it, or the
+    entry (and its merged copies) would outlive the layer."""
+    import gc
+    import weakref
+
+    cores = make_cores((4, 6, 4), (6, 8, 6), [4, 24])
+    direction, groups, _, cached = native_impl.choose_schedule(tuple(tuple(g.shape) for g in cores), 1, 4, True)
+    assert cached and direction == "left" and groups[0] == (0, 1), (direction, groups, cached)  # core 0 as is
+    with torch.inference_mode():
+        mpo_linear(torch.randn(1, 96), cores, None, backend="native")
+    assert len(native_impl._PACKS) == 1
+    ref = weakref.ref(cores[0])
+    del cores
+    gc.collect()
+    assert ref() is None and len(native_impl._PACKS) == 0
+
+
+@needs_native
 def test_zero_budget_keeps_no_pack_and_inference_tensors_are_not_cached(fresh_packs):
     cores = make_cores((4, 6, 4), (6, 8, 6), [24, 24])
     x = torch.randn(2, 96)

@@ -198,7 +198,7 @@ class _LayerPacks:
 
     def __init__(self, stamp: tuple) -> None:
         self.stamp = stamp
-        self.packs: dict[tuple, list[torch.Tensor]] = {}
+        self.packs: dict[tuple, list[torch.Tensor | int]] = {}  # int k: the layer's own core k, used as is
         self.nbytes = 0
 
 
@@ -312,17 +312,20 @@ def _packed_cores(cores: list[torch.Tensor], direction: str, groups, cached: boo
         entry = _LayerPacks(stamp)
         _PACKS[cores[0]] = entry
     key = (direction, groups)
-    pack = entry.packs.get(key)
-    if pack is None:
+    stored = entry.packs.get(key)
+    if stored is None:
         pack = _build_pack(cores, direction, groups)
-        nbytes = sum(g.numel() * g.element_size() for g in pack if all(g is not c for c in cores))
+        # A core used as is is stored as its index, never as the tensor: the entry must not keep the layer's own
+        # cores alive (cores[0] is the weak key, so a strong reference to it would keep the entry forever).
+        stored = [next((k for k, c in enumerate(cores) if g is c), g) for g in pack]
+        nbytes = sum(g.numel() * g.element_size() for g in stored if not isinstance(g, int))
         budget = _PACK_BUDGET[0] * sum(g.numel() * g.element_size() for g in cores)
         if entry.nbytes + nbytes > budget:  # another row count's schedule is cached: keep only the newest
             entry.packs.clear()
             entry.nbytes = 0
-        entry.packs[key] = pack
+        entry.packs[key] = stored
         entry.nbytes += nbytes
-    return pack
+    return [cores[g] if isinstance(g, int) else g for g in stored]
 
 
 def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
