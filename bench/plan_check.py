@@ -1,0 +1,161 @@
+"""Does the planner pick the fastest plan? Force every plan kind, time it, and compare with the pick.
+
+    python -m bench.plan_check                       # the CPU grid (about 5 minutes on 2 quiet cores)
+    python -m bench.plan_check --quick               # 2 shapes, a few seconds
+    python -m bench.plan_check --out bench/results   # also writes plan_check_<date>.json and .md
+
+For each grid point (layer shape, ratio, rows; forward, no grad) the layer gets the structure the grid uses
+(`choose_mpo_structure(..., rows=1024)`), every plan kind is forced in turn and timed, and the planner's own
+pick is judged against the fastest kind measured in the same run. The kinds are timed in several interleaved
+rounds (kind A, B, C, ..., then again) and each keeps its fastest call, so a burst of load from another process
+hits one round of every kind rather than all calls of one kind. The predicted time of each kind is printed
+beside the measured one: it is the planner's cost model, so the table shows where that model is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+
+import torch
+
+from bench.providers import linear_providers
+from bench.run_grid import LINEAR_SHAPES
+from tnkernels.plan import PLAN_KINDS, choose_mpo_structure, mpo_decision, options
+
+GRIDS = {
+    "cpu": dict(
+        linear=["resnet34-fc", "minilm-mlp-down", "minilm-mlp-up", "gpt2-mlp-up"],
+        ratios=[4, 16, 64],
+        rows=[1, 16, 64, 1024],
+    ),
+    "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], ratios=[4, 16], rows=[1, 64]),
+}
+
+
+def _best_call(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int) -> dict:
+    n_in, n_out = LINEAR_SHAPES[name]
+    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024)
+    module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False)[1].module
+    x = torch.randn(rows, n_in)
+    shapes = s.core_shapes()
+    cpu = torch.device("cpu")
+    kinds, predicted = [], {}
+    for kind in PLAN_KINDS:
+        with options(force=kind):
+            try:
+                predicted[kind] = mpo_decision(shapes, rows, torch.float32, cpu, False).forward.seconds
+            except ValueError:
+                continue  # e.g. merge on a 2-core chain
+        kinds.append(kind)
+    measured = {k: float("inf") for k in kinds}
+    with torch.no_grad():
+        for kind in kinds:  # warm-up: first calls allocate and plan
+            with options(force=kind):
+                module(x)
+        for _ in range(rounds):
+            for kind in kinds:
+                with options(force=kind):
+                    measured[kind] = min(measured[kind], _best_call(lambda: module(x), reps))
+    chosen = mpo_decision(shapes, rows, torch.float32, cpu, False).forward.kind
+    fastest = min(measured, key=measured.get)
+    return dict(
+        layer=name,
+        shape=[n_out, n_in],
+        ratio=ratio,
+        rows=rows,
+        structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds),
+        predicted_s=predicted,
+        measured_s=measured,
+        chosen=chosen,
+        fastest=fastest,
+        chosen_over_fastest=measured[chosen] / measured[fastest],
+        within_10pct=measured[chosen] <= 1.1 * measured[fastest],
+    )
+
+
+def _table(records: list[dict]) -> str:
+    lines = [
+        "| layer | ratio | rows | picked | fastest | picked/fastest | measured ms (predicted ms) per kind |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        per_kind = ", ".join(
+            f"{k} {r['measured_s'][k] * 1e3:.3f} ({r['predicted_s'][k] * 1e3:.3f})" for k in r["measured_s"]
+        )
+        lines.append(
+            f"| {r['layer']} {r['shape'][0]}x{r['shape'][1]} | {r['ratio']} | {r['rows']} | {r['chosen']} | "
+            f"{r['fastest']} | {r['chosen_over_fastest']:.2f} | {per_kind} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 shapes, 2 ratios, 2 row counts")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the kinds (default 5)")
+    ap.add_argument("--reps", type=int, default=5, help="calls per kind per round (default 5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared box)")
+    ap.add_argument("--out", help="folder for plan_check_<date>.json and .md")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    grid = GRIDS["quick" if args.quick else "cpu"]
+    records = []
+    for name in grid["linear"]:
+        for ratio in grid["ratios"]:
+            for rows in grid["rows"]:
+                rec = check_point(name, ratio, rows, args.rounds, args.reps)
+                records.append(rec)
+                print(
+                    f"{name:16s} ratio {ratio:3g} rows {rows:5d}: picked {rec['chosen']:12s} "
+                    f"fastest {rec['fastest']:12s} x{rec['chosen_over_fastest']:.2f}",
+                    flush=True,
+                )
+    frac = sum(r["within_10pct"] for r in records) / len(records)
+    out = dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        machine=platform.machine(),
+        processor=platform.processor() or None,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        load_avg=os.getloadavg(),
+        command="python -m bench.plan_check " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        within_10pct_fraction=frac,
+        records=records,
+    )
+    print(f"\npick within 10% of the fastest measured kind: {frac:.0%} of {len(records)} points")
+    print(f"load average {out['load_avg']}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"plan_check_{out['date'][:10]}")
+        with open(stem + ".json.tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(stem + ".json.tmp", stem + ".json")
+        md = (
+            f"# Planner pick vs fastest forced kind ({out['date']}, {out['threads']} thread(s), "
+            f"load {', '.join(f'{v:.1f}' for v in out['load_avg'])})\n\n"
+            f"Pick within 10% of the fastest: **{frac:.0%}** of {len(records)} points. "
+            f"Command: `{out['command']}`\n\n" + _table(records) + "\n"
+        )
+        with open(stem + ".md.tmp", "w") as f:
+            f.write(md)
+        os.replace(stem + ".md.tmp", stem + ".md")
+    return out
+
+
+if __name__ == "__main__":
+    main()
