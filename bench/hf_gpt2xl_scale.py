@@ -214,11 +214,18 @@ def main() -> None:
             },
         }
     shutil.rmtree(store, ignore_errors=True)
-
+    log["finished"] = True
     dump()
     if rank == 0:
         parts = [out.with_name(f"{out.stem}.rank{r}.json") for r in range(world)]
-        while not all(q.is_file() for q in parts):
+
+        def finished(q: Path) -> bool:  # a part is dumped after every stage: wait for the last one
+            try:
+                return q.is_file() and json.loads(q.read_text()).get("finished", False)
+            except json.JSONDecodeError:
+                return False
+
+        while not all(finished(q) for q in parts):
             time.sleep(2)
         merged = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
