@@ -34,6 +34,7 @@ GRIDS = {
         rows=[1, 16, 64, 1024],
     ),
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], ratios=[4, 16], rows=[1, 64]),
+    "smoke": dict(linear=["minilm-mlp-down"], ratios=[16], rows=[8]),  # the unit test's plumbing check
 }
 
 
@@ -106,6 +107,7 @@ def _table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 shapes, 2 ratios, 2 row counts")
+    ap.add_argument("--smoke", action="store_true", help="1 point (plumbing check)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the kinds (default 5)")
     ap.add_argument("--reps", type=int, default=5, help="calls per kind per round (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared box)")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    grid = GRIDS["quick" if args.quick else "cpu"]
+    grid = GRIDS["smoke" if args.smoke else "quick" if args.quick else "cpu"]
     records = []
     for name in grid["linear"]:
         for ratio in grid["ratios"]:

@@ -35,3 +35,29 @@ def test_grid_smoke_writes_json_and_table(tmp_path):
     assert "| layer |" in md and "minilm-mlp-down" in md
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert not leftovers, "temporary file left behind"
+
+
+def test_plan_check_smoke_judges_the_pick(tmp_path):
+    plan_check = pytest.importorskip("bench.plan_check")
+    from tnkernels.plan import PLAN_KINDS
+
+    out = plan_check.main(["--smoke", "--rounds", "1", "--reps", "1", "--out", str(tmp_path)])
+    (rec,) = out["records"]
+    assert rec["chosen"] in PLAN_KINDS and rec["fastest"] in rec["measured_s"]
+    assert set(rec["measured_s"]) == set(rec["predicted_s"]) and len(rec["measured_s"]) >= 3
+    assert rec["chosen_over_fastest"] >= 1.0 and 0.0 <= out["within_10pct_fraction"] <= 1.0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"], files  # no temporary file left
+
+
+def test_structure_tradeoff_lists_every_structure_with_error_and_time():
+    tradeoff = pytest.importorskip("bench.structure_tradeoff")
+    import torch
+
+    w = torch.randn(96, 64)
+    rows = tradeoff.tradeoff("tiny", 4, w, "random")
+    assert len(rows) >= 2 and {r["cores"] for r in rows} >= {2, 3}
+    for r in rows:
+        assert 0.0 < r["rel_error"] < 1.0 and all(t > 0 for t in r["predicted_fwd_s"].values())
+    picked = {p for r in rows for p in r["picked_by"]}
+    assert picked == {"speed", "accuracy"}
