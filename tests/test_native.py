@@ -319,9 +319,9 @@ def test_cached_pack_is_reused_and_rebuilt_when_a_core_changes(fresh_packs, dtyp
     x = torch.randn(1, 96)
     with torch.inference_mode():
         y1 = mpo_linear(x, cores, None, backend="native")
-        pack = native_impl._PACKS[cores[0]].packs[(direction, groups)]
+        pack = native_impl._PACKS[cores[0]].packs[(direction, groups, cached)]
         mpo_linear(x, cores, None, backend="native")
-        assert native_impl._PACKS[cores[0]].packs[(direction, groups)] is pack, "the pack must be reused"
+        assert native_impl._PACKS[cores[0]].packs[(direction, groups, cached)] is pack, "the pack must be reused"
     assert 0 < native_impl.pack_cache_bytes() <= native_impl._PACK_BUDGET[0] * sum(
         g.numel() * g.element_size() for g in cores
     )
@@ -337,6 +337,31 @@ def test_cached_pack_is_reused_and_rebuilt_when_a_core_changes(fresh_packs, dtyp
         param.data = torch.randn_like(param)  # same tensor object and version, new storage
         y3 = mpo_linear(x, cores, None, backend="native")
     assert_close_rel(y3, reference64(x, cores, None), tolerance(torch.float32, "native"), "after .data swap")
+
+
+@needs_native
+def test_partly_kept_pack_merges_the_rest_per_call(fresh_packs):
+    """When only some merged groups fit the budget, those are kept and the others merged on every call: the result
+    equals the reference, the kept copy is reused, the bytes stay within the budget, and a change to a core whose
+    group is merged per call is seen too."""
+    cores = make_cores((8, 5, 2, 4), (6, 5, 5, 8), [28, 11, 32])
+    direction, groups, _, kept = native_impl.choose_schedule(tuple(tuple(g.shape) for g in cores), 2, 4, True)
+    merged = [gi for gi, (a, b) in enumerate(groups) if b - a > 1]
+    assert direction == "left" and kept and any(gi not in kept for gi in merged), (direction, groups, kept)
+    x = torch.randn(2, 320)
+    bias = torch.randn(1200)
+    with torch.inference_mode():
+        y = mpo_linear(x, cores, bias, backend="native")
+        stored = native_impl._PACKS[cores[0]].packs[(direction, groups, kept)]
+        assert mpo_linear(x, cores, bias, backend="native").equal(y)
+        assert native_impl._PACKS[cores[0]].packs[(direction, groups, kept)] is stored
+    assert_close_rel(y, reference64(x, cores, bias), tolerance(torch.float32, "native"), f"kept {kept} of {groups}")
+    assert 0 < native_impl.pack_cache_bytes() <= sum(4 * g.numel() for g in cores)
+    per_call = next(gi for gi in merged if gi not in kept)
+    cores[groups[per_call][0]].mul_(-1.5)
+    with torch.inference_mode():
+        y2 = mpo_linear(x, cores, bias, backend="native")
+    assert_close_rel(y2, reference64(x, cores, bias), tolerance(torch.float32, "native"), "after a change")
 
 
 @needs_native
@@ -404,7 +429,7 @@ def test_random_schedules_match_reference(fresh_packs):
         x = torch.randn(rows, math.prod(in_modes))
         bias = torch.randn(math.prod(out_modes)) if rng.random() < 0.5 else None
         schedule = native_impl.choose_schedule(tuple(g.shape for g in cores), rows, cores[0].element_size(), True)
-        seen.add((schedule[0], len(schedule[1]) < n, schedule[3]))
+        seen.add((schedule[0], len(schedule[1]) < n, bool(schedule[3])))
         with torch.inference_mode():
             y = mpo_linear(x, cores, bias, backend="native")
             y_again = mpo_linear(x, cores, bias, backend="native")  # the cached pack, if any

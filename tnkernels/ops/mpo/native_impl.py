@@ -236,21 +236,25 @@ def _reverse_shapes(shapes: Sequence[tuple[int, int, int, int]]) -> list[tuple[i
 @functools.lru_cache(maxsize=4096)
 def choose_schedule(
     shapes: tuple[tuple[int, int, int, int], ...], rows: int, core_bytes: int, can_cache: bool
-) -> tuple[str, tuple[tuple[int, int], ...], float, bool]:
-    """(direction, groups, work, cached): the cheapest way for the kernel to run this chain at `rows` rows.
+) -> tuple[str, tuple[tuple[int, int], ...], float, tuple[int, ...]]:
+    """(direction, groups, work, cached): the cheapest way for the kernel to run this chain at `rows` rows;
+    `cached` lists the groups whose packed copy is kept per layer (empty: nothing is kept).
 
     Candidates are every contiguous grouping of cores, swept left to right or right to left (the kernel always
     sweeps left to right; "right" runs it on the reversed chain: core k becomes core N-1-k with its bonds swapped,
     and x / y are permuted by mode). A schedule whose copies fit the pack budget (and `can_cache`) is cached per
     layer, so its merges cost nothing per call; otherwise its merges are paid on every call (merge FLOPs + torch
-    op overhead). Right-to-left needs the reversed cores, so it is only a candidate when cached.
+    op overhead). With fp32 cores swept left to right, the merged groups that fit are kept and the rest merged per
+    call (measured: GPT-2 XL at ratio 64 needs 1.27x its cores' bytes for both merges, so at budget 1.0 it paid
+    both merges every call and ran at 0.8-0.9x the torch path). Right-to-left needs the reversed cores, so it is
+    only a candidate when all of them are kept.
     Work is in FLOP-equivalents (core_bytes: bytes per core element, 4 or 2)."""
     n = len(shapes)
     params = sum(a * b * c * d for a, b, c, d in shapes)
     budget = _PACK_BUDGET[0] * params * core_bytes if can_cache else -1.0
     in_f = math.prod(s[1] for s in shapes)
     out_f = math.prod(s[2] for s in shapes)
-    best: tuple[str, tuple[tuple[int, int], ...], float, bool] | None = None
+    best: tuple[str, tuple[tuple[int, int], ...], float, tuple[int, ...]] | None = None
     for cuts in itertools.product((False, True), repeat=n - 1):
         groups, start = [], 0
         for k, cut in enumerate(cuts, start=1):
@@ -261,24 +265,31 @@ def choose_schedule(
         merged = [shapes[a] if b - a == 1 else _merged_shape(shapes[a:b]) for a, b in groups]
         merge_work = sum(_merge_cost(shapes[a:b])[0] for a, b in groups if b - a > 1)
         any_merge = len(groups) < n
-        # bytes of the copies a pack holds: merged cores are fp32; bf16 cores become fp32 too once any is merged
-        for direction in ("left", "right"):
-            if direction == "left":
-                extra = sum(4 * math.prod(m) for m, (a, b) in zip(merged, groups) if b - a > 1)
-                if any_merge and core_bytes != 4:
-                    extra += sum(4 * math.prod(m) for m, (a, b) in zip(merged, groups) if b - a == 1)
-                work = _sweep_flops_shapes(merged, rows)
-            else:
-                extra = sum((4 if any_merge else core_bytes) * math.prod(m) for m in merged)
-                # two permute copies (x and y) and their op overhead per call
-                work = _sweep_flops_shapes(_reverse_shapes(merged), rows) + 2 * (_OP_OVERHEAD_FLOPS + rows * (in_f + out_f))
-            cached = extra == 0 or extra <= budget
-            if not cached:
-                if direction == "right":
+        merged_ids = [gi for gi, (a, b) in enumerate(groups) if b - a > 1]
+        every = tuple(range(len(groups)))
+        sizes = [4 * math.prod(m) for m in merged]  # bytes of each group's fp32 copy
+        candidates: list[tuple[str, float, tuple[int, ...]]] = []
+        # left to right: which merged groups to keep (bytes within the budget) and which to merge per call
+        sweep = _sweep_flops_shapes(merged, rows)
+        if core_bytes == 4:
+            for mask in range(1 << len(merged_ids)):
+                kept = tuple(gi for t, gi in enumerate(merged_ids) if mask >> t & 1)
+                if kept and sum(sizes[gi] for gi in kept) > budget:
                     continue
-                work += merge_work
+                per_call = sum(_merge_cost(shapes[a:b])[0] for gi, (a, b) in enumerate(groups) if b - a > 1 and gi not in kept)
+                candidates.append(("left", sweep + per_call, kept))
+        else:  # bf16: once any core is merged, every core of the pack is an fp32 copy: all kept, or none
+            candidates.append(("left", sweep + merge_work, ()))
+            if any_merge and sum(sizes) <= budget:
+                candidates.append(("left", sweep, every))
+        # right to left: the reversed copies of every group are kept, or the schedule is not a candidate
+        if sum(sizes if any_merge else [core_bytes * math.prod(m) for m in merged]) <= budget:
+            # two permute copies (x and y) and their op overhead per call
+            work = _sweep_flops_shapes(_reverse_shapes(merged), rows) + 2 * (_OP_OVERHEAD_FLOPS + rows * (in_f + out_f))
+            candidates.append(("right", work, every))
+        for direction, work, kept in candidates:
             if best is None or work < best[2]:
-                best = (direction, tuple(groups), work, cached and extra > 0)
+                best = (direction, tuple(groups), work, kept)
     assert best is not None
     return best
 
@@ -303,7 +314,9 @@ def _build_pack(cores: Sequence[torch.Tensor], direction: str, groups) -> list[t
     return packed
 
 
-def _packed_cores(cores: list[torch.Tensor], direction: str, groups, cached: bool) -> list[torch.Tensor]:
+def _packed_cores(cores: list[torch.Tensor], direction: str, groups, cached: tuple[int, ...]) -> list[torch.Tensor]:
+    """The cores to sweep: the kept part of the pack from the layer's cache (built on a miss or after a core
+    changed), the rest merged now."""
     stamp = _stamp(cores) if cached else None
     if stamp is None:
         return _build_pack(cores, direction, groups)
@@ -311,21 +324,36 @@ def _packed_cores(cores: list[torch.Tensor], direction: str, groups, cached: boo
     if entry is None or entry.stamp != stamp:
         entry = _LayerPacks(stamp)
         _PACKS[cores[0]] = entry
-    key = (direction, groups)
+    key = (direction, groups, cached)
     stored = entry.packs.get(key)
     if stored is None:
-        pack = _build_pack(cores, direction, groups)
-        # A core used as is is stored as its index, never as the tensor: the entry must not keep the layer's own
-        # cores alive (cores[0] is the weak key, so a strong reference to it would keep the entry forever).
-        stored = [next((k for k, c in enumerate(cores) if g is c), g) for g in pack]
-        nbytes = sum(g.numel() * g.element_size() for g in stored if not isinstance(g, int))
+        if len(cached) == len(groups):
+            pack = _build_pack(cores, direction, groups)
+            # A core used as is is stored as its index, never as the tensor: the entry must not keep the layer's
+            # own cores alive (cores[0] is the weak key, so a strong reference to it would keep the entry forever).
+            stored = [next((k for k, c in enumerate(cores) if g is c), g) for g in pack]
+        else:  # fp32, left to right: keep the merged groups listed; None = a single core, or merged per call
+            with torch.no_grad():
+                stored = [_merge(cores[a:b]) if gi in cached else None for gi, (a, b) in enumerate(groups)]
+        nbytes = sum(g.numel() * g.element_size() for g in stored if isinstance(g, torch.Tensor))
         budget = _PACK_BUDGET[0] * sum(g.numel() * g.element_size() for g in cores)
         if entry.nbytes + nbytes > budget:  # another row count's schedule is cached: keep only the newest
             entry.packs.clear()
             entry.nbytes = 0
         entry.packs[key] = stored
         entry.nbytes += nbytes
-    return [cores[g] if isinstance(g, int) else g for g in stored]
+    out = []
+    for g, (a, b) in zip(stored, groups):
+        if isinstance(g, int):
+            out.append(cores[g])
+        elif g is not None:
+            out.append(g)
+        elif b - a == 1:
+            out.append(cores[a])
+        else:
+            with torch.no_grad():
+                out.append(_merge(cores[a:b]))
+    return out
 
 
 def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
