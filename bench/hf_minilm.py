@@ -34,7 +34,9 @@ import torch  # noqa: E402
 
 from distill.hf import baselines, evaluate  # noqa: E402
 from distill.hf.models import load_hf_model  # noqa: E402
-from distill.hf.pipeline import calibration_data, compress_model  # noqa: E402
+from distill.hf.pipeline import DEFAULTS, calibration_data, compress_model  # noqa: E402
+from distill.hf.presets import PRESETS  # noqa: E402
+from distill.hf.train import INITS  # noqa: E402
 
 
 def minilm_dir() -> Path:
@@ -59,12 +61,21 @@ def hardware() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--global-lr", type=float, default=1e-4)
-    p.add_argument("--seq-len", type=int, default=48)
+    p.add_argument("--seq-len", type=int, default=32, help="the longest corpus sentence is 27 tokens")
+    p.add_argument(
+        "--sequential-ratios",
+        type=float,
+        nargs="*",
+        default=[2.0],
+        help="ratios that also get a sequential-mode slice-wise run (--mode sequential)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention", action="store_true")
+    p.add_argument("--preset", default="mlp", choices=PRESETS)
+    p.add_argument("--init", default=DEFAULTS["init"], choices=INITS)
     p.add_argument("--out", default="bench/results/hf_minilm.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -83,69 +94,91 @@ def main() -> None:
         "calibration_sentences": sum(b["input_ids"].shape[0] for b in calib),
         "heldout_sentences": held["input_ids"].shape[0],
         "seq_len": args.seq_len,
+        "loadavg_start": _loadavg(),
         "runs": [],
     }
     print(
         f"calibration {results['calibration_sentences']} sentences, held-out {results['heldout_sentences']}"
     )
     for ratio in args.ratios:
-        # one-shot
+        # one-shot, plain: TT-SVD of each weight (tnkernels.tensorize), no data, no training
         t0 = time.perf_counter()
         shot = baselines.one_shot(teacher, ratio, attention=args.attention)
-        row = {
-            "ratio": ratio,
-            "method": "one-shot",
-            "seconds": time.perf_counter() - t0,
-            **evaluate.embedding_agreement(t_emb, evaluate.sentence_embeddings(shot, held)),
-        }
-        results["runs"].append(row)
-        print(row, flush=True)
-        # slice-wise
+        _add(results, args.out, ratio, "one-shot", t0, t_emb, shot, held)
+        # one-shot, data-aware: the slice-wise pipeline with 0 steps (whitened low-rank init only)
+        ws = copy.deepcopy(teacher)
+        t0 = time.perf_counter()
+        rep0 = _slicewise(ws, calib, ratio, args, steps=0)
+        _add(results, args.out, ratio, "one-shot-whitened", t0, t_emb, ws, held, **_slice_info(rep0))
+        # slice-wise: the same init, each slice then trained alone on the teacher's captured features
         student = copy.deepcopy(teacher)
-        with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
-            rep = compress_model(
-                student,
-                calib,
-                out,
-                ratio=ratio,
-                preset="mlp",
-                attention=args.attention,
-                steps=args.steps,
-                lr=args.lr,
-                progress=False,
-            )
-            total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = _slicewise(student, calib, ratio, args, steps=args.steps)
         train_s = sum(s["seconds"] for s in rep["slices"])
-        row = {
-            "ratio": ratio,
-            "method": "slice-wise",
-            "seconds": total,
-            "train_seconds": train_s,
-            "params_ffn_ratio": _ffn_ratio(rep),
-            "slice_nmse": [(s["slice"], s["initial_nmse"], s["final_nmse"]) for s in rep["slices"]],
-            **evaluate.embedding_agreement(t_emb, evaluate.sentence_embeddings(student, held)),
-        }
-        results["runs"].append(row)
-        print(row, flush=True)
-        # global fine-tuning, same training time as the slice-wise run
-        g = baselines.one_shot(teacher, ratio, attention=args.attention)
-        gstats = baselines.global_finetune(g, teacher, calib, seconds=train_s, lr=args.global_lr)
-        row = {
-            "ratio": ratio,
-            "method": "global",
-            "seconds": gstats["seconds"],
-            "steps": gstats["steps"],
-            "first_loss": gstats["first_loss"],
-            "last_loss": gstats["last_loss"],
-            **evaluate.embedding_agreement(t_emb, evaluate.sentence_embeddings(g, held)),
-        }
-        results["runs"].append(row)
-        print(row, flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, args.out)
+        _add(
+            results, args.out, ratio, "slice-wise", t0, t_emb, student, held, train_seconds=train_s,
+            **_slice_info(rep),
+        )  # fmt: skip
+        if ratio in args.sequential_ratios:
+            seq = copy.deepcopy(teacher)
+            t0 = time.perf_counter()
+            rep_s = _slicewise(seq, calib, ratio, args, steps=args.steps, sequential=True)
+            _add(
+                results, args.out, ratio, "slice-wise-sequential", t0, t_emb, seq, held,
+                train_seconds=sum(s["seconds"] for s in rep_s["slices"]), **_slice_info(rep_s),
+            )  # fmt: skip
+            del seq
+        # global fine-tuning from the same data-aware init, for the same training time as slice-wise
+        t0 = time.perf_counter()
+        gstats = baselines.global_finetune(ws, teacher, calib, seconds=train_s, lr=args.global_lr)
+        _add(
+            results, args.out, ratio, "global", t0, t_emb, ws, held,
+            init="one-shot-whitened", steps=gstats["steps"], first_loss=gstats["first_loss"],
+            last_loss=gstats["last_loss"], train_seconds=gstats["seconds"],
+        )  # fmt: skip
+
+
+def _slicewise(model, calib, ratio, args, *, steps, sequential=False):
+    with tempfile.TemporaryDirectory() as out:
+        return compress_model(
+            model, calib, out, ratio=ratio, preset=args.preset, attention=args.attention, steps=steps,
+            lr=args.lr, init=args.init, sequential=sequential, progress=False,
+        )  # fmt: skip
+
+
+def _slice_info(rep: dict) -> dict:
+    return {
+        "init": rep["init"],
+        "sequential": rep["sequential"],
+        "steps_per_slice": [s["steps"] for s in rep["slices"]],
+        "preset": rep["preset"],
+        "params_ffn_ratio": _ffn_ratio(rep),
+        "slice_nmse": [(s["slice"], s["initial_nmse"], s["final_nmse"], s["steps"]) for s in rep["slices"]],
+    }
+
+
+def _add(results, out, ratio, method, t0, t_emb, model, held, **extra) -> None:
+    row = {
+        "ratio": ratio,
+        "method": method,
+        "seconds": time.perf_counter() - t0,
+        **extra,
+        **evaluate.embedding_agreement(t_emb, evaluate.sentence_embeddings(model, held)),
+        "loadavg": _loadavg(),
+    }
+    results["runs"].append(row)
+    print({k: v for k, v in row.items() if k != "slice_nmse"}, flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+
+
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _ffn_ratio(rep: dict) -> float:

@@ -7,8 +7,10 @@ Steps (each rank of a ``torchrun`` job does its share; a single process is rank 
 2. The rank's slices (a contiguous share of the preset's slices) get their teacher features captured block by
    block to ``OUT/features/rank<r>/`` (``capture.py``: activations on disk, memory bounded by one block).
 3. Each slice is deep-copied, tensorized at ``--ratio`` (attention projections stay dense unless
-   ``--attention``), trained alone (``train.py``) and checkpointed atomically to ``OUT/slices/<name>.pt``;
-   finished slices are skipped when a killed run is restarted.
+   ``--attention``; by default as activation-whitened low-rank factors fitted to the captured inputs,
+   ``whiten.py``), trained alone (``train.py``) and checkpointed atomically to ``OUT/slices/<name>.pt``;
+   finished slices are skipped when a killed run is restarted. ``--mode sequential`` (one process) feeds slice
+   k the inputs the already compressed slices produce, with the teacher's outputs as targets.
 4. Rank 0 waits for every slice checkpoint, puts the students into the model, writes ``OUT/compressed``
    (``tnkernels.save_compressed`` of the *base* model, so ``AutoModel.from_pretrained(DIR)`` is the skeleton)
    and ``OUT/report.json`` (per-slice losses and timings, parameter counts, teacher-vs-student metrics).
@@ -33,7 +35,7 @@ from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
 from .models import base_model, family_of, load_hf_model
 from .presets import ATTENTION_PATTERNS, PRESETS, resolve, slice_specs
-from .train import tensorize_slice, train_slice
+from .train import INITS, tensorize_slice, train_slice
 
 DEFAULTS = {
     "preset": "mlp",
@@ -42,13 +44,15 @@ DEFAULTS = {
     "seq_len": 128,
     "num_samples": 256,
     "batch_size": 8,
-    "steps": 300,
-    "lr": 1e-3,
+    "steps": 100,
+    "lr": 3e-4,
     "group_size": 2,
     "layers": None,
     "fp16_features": False,
     "device": None,
     "num_cores": None,
+    "init": "whitened",
+    "sequential": False,
     "max_seconds_per_slice": None,
     "eval": True,
     "progress": True,
@@ -68,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
         p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
         p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: LOCAL_RANK's GPU or cpu)")
+        p.add_argument(
+            "--mode",
+            choices=("parallel", "sequential"),
+            default=None,
+            help="sequential: slice k trains on the inputs the already compressed slices produce (one "
+            "process only); parallel: on the teacher's inputs (default; required under torchrun)",
+        )
     p.add_argument("--preset", choices=PRESETS, default=DEFAULTS["preset"], help="slice granularity")
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
@@ -83,7 +94,16 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
     )
     p.add_argument("--layers", default=None, help="comma-separated block indices to compress (default: all)")
     p.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
-    p.add_argument("--num-cores", type=int, default=None, help="MPO cores per layer (default: auto)")
+    p.add_argument(
+        "--num-cores", type=int, default=None, help="MPO cores per layer with --init plain (default: auto)"
+    )
+    p.add_argument(
+        "--init",
+        choices=INITS,
+        default=DEFAULTS["init"],
+        help="whitened: low-rank factors fitted to the captured activations (default, the measured best); "
+        "plain: TT-SVD of each weight",
+    )
     p.add_argument("--max-seconds-per-slice", type=float, default=None)
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip teacher-vs-student metrics")
 
@@ -156,10 +176,12 @@ def compress_model(
     attention: bool = False,
     group_size: int = 2,
     layers=None,
-    steps: int = 300,
-    lr: float = 1e-3,
+    steps: int = DEFAULTS["steps"],
+    lr: float = DEFAULTS["lr"],
     fp16_features: bool = False,
     num_cores: int | None = None,
+    init: str = DEFAULTS["init"],
+    sequential: bool = DEFAULTS["sequential"],
     max_seconds_per_slice: float | None = None,
     held=None,
     device=None,
@@ -195,14 +217,27 @@ def compress_model(
         else {}
     )
     capture_s = time.perf_counter() - t0
-    for s in mine:
+    if sequential:
+        if world != 1:
+            raise ValueError(
+                f"sequential=True trains slice k on the outputs of the compressed slices before it, so it "
+                f"cannot be split over {world} ranks; run it in one process or drop --sequential"
+            )
+        for s in specs:  # a resumed run: slices finished earlier feed the ones still to train
+            if ckpt[s.name].is_file():
+                _install(base, torch.load(ckpt[s.name], weights_only=False, map_location=device))
+    for k, s in enumerate(mine):
         data = load_slice_features(store, s.name, device=device)
+        if sequential and any(ckpt[p.name].is_file() for p in specs[: specs.index(s)]):
+            data = _student_inputs(model, s, calib, out / "features" / "student", data, device, progress)
         student, rep = tensorize_slice(
             resolve(model, s),
             ratio=ratio,
             attention=attention,
             attention_patterns=ATTENTION_PATTERNS[family],
             num_cores=num_cores,
+            init=init,
+            data=data,
         )
         student.to(device)
         stats = train_slice(s, student, data, steps=steps, lr=lr, max_seconds=max_seconds_per_slice)
@@ -218,6 +253,8 @@ def compress_model(
         ]
         stats["rank"] = rank
         atomic_save({"modules": list(s.modules), "student": student.cpu(), "stats": stats}, ckpt[s.name])
+        if sequential:
+            _install(base, {"modules": list(s.modules), "student": student.to(device)})
         del data
         shutil.rmtree(store / s.name, ignore_errors=True)  # features are no longer needed: free the disk
         if progress:
@@ -242,8 +279,7 @@ def compress_model(
     slice_stats = []
     for s in specs:
         saved = torch.load(ckpt[s.name], weights_only=False, map_location=device)
-        for name, module in zip(saved["modules"], saved["student"], strict=True):
-            set_submodule(base, name, module)
+        _install(base, saved)
         slice_stats.append(saved["stats"])
     tnkernels.save_compressed(base, out / "compressed")
     report = {
@@ -252,6 +288,8 @@ def compress_model(
         "preset": preset,
         "ratio": ratio,
         "attention": attention,
+        "init": init,
+        "sequential": sequential,
         "world_size": world,
         "num_slices": len(specs),
         "params_before": params_before,
@@ -266,6 +304,32 @@ def compress_model(
     tmp.write_text(json.dumps(report, indent=2, default=float))
     os.replace(tmp, out / "report.json")
     return report
+
+
+def _install(base: nn.Module, saved: dict) -> None:
+    """Put a trained slice (a checkpoint dict: module names and the student ModuleList) into ``base``."""
+    for name, module in zip(saved["modules"], saved["student"], strict=True):
+        set_submodule(base, name, module)
+
+
+def _student_inputs(model, spec, calib, store: Path, data: list[dict], device, progress) -> list[dict]:
+    """Sequential mode: ``data`` (teacher features of ``spec``) with its inputs replaced by the ones the
+    partly compressed ``model`` feeds the slice; the targets stay the teacher's, so the slice also learns to
+    undo the error of the compressed slices before it."""
+    shutil.rmtree(store, ignore_errors=True)
+    capture_features(model, [spec], calib, store, progress=progress)
+    student_data = load_slice_features(store, spec.name, device=device)
+    shutil.rmtree(store, ignore_errors=True)
+    if len(student_data) != len(data):
+        raise RuntimeError(f"slice {spec.name!r}: {len(student_data)} student batches vs {len(data)} teacher")
+    return [{**d, "x": sd["x"], "kwargs": sd["kwargs"]} for d, sd in zip(data, student_data, strict=True)]
+
+
+def _sequential(args, world: int) -> bool:
+    mode = getattr(args, "mode", None)
+    if mode is None:
+        return DEFAULTS["sequential"] and world == 1
+    return mode == "sequential"
 
 
 def compress_hf(args: argparse.Namespace) -> dict | None:
@@ -300,6 +364,8 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
         lr=_opt(args, "lr"),
         fp16_features=_opt(args, "fp16_features"),
         num_cores=_opt(args, "num_cores"),
+        init=_opt(args, "init"),
+        sequential=_sequential(args, world),
         max_seconds_per_slice=_opt(args, "max_seconds_per_slice"),
         held=held if _opt(args, "eval") else None,
         device=_opt(args, "device"),
