@@ -10,9 +10,10 @@ importable is simply not a candidate.
     small row count            (the C++ kernel keeps a chunk's intermediates in cache and skips per-op dispatch)
     otherwise               -> "torch" (the planned path; the only one with a backward on CPU)
 
-NATIVE_MAX_ROWS comes from a side-by-side measurement on this project's shared 2-core CI machine (one thread;
-MiniLM, ResNet-34 fc and GPT-2 MLP shapes): the native kernel was 0.4-0.9x the planned torch time at 1 row and
-0.1-1.2x at 8 rows, and 0.8-2.5x at 64 rows and more. Re-measure with bench/bench_native.py on other hardware.
+NATIVE_MAX_ROWS comes from side-by-side measurements on this project's shared 2-core CI machine (one thread).
+The latest (docs/native.md, bench/results/native_cpu_1thread.md: CPU time per call, 28 grid layers, load ~10):
+median speed-up of native over the planned torch path 1.54x at 1 row, 1.06x at 4, 0.97x at 16 and 0.98x at 64 rows,
+so native pays up to a few rows and is a wash beyond. Re-measure with bench/bench_native.py on other hardware.
 """
 
 from __future__ import annotations
