@@ -12,11 +12,12 @@ as the largest that keeps params <= dense/ratio (bonds also capped by the TT-ran
 
 With --threads 1 the speed-ups compare CPU time per call (time.thread_time: every provider then runs on the
 calling thread), because on a shared machine wall time mostly measures how long the thread sat descheduled; wall
-times are stored too. The "cost" columns are the criterion of issue 6: MPO (bytes + FLOPs) / dense (bytes + FLOPs) at that row count,
-bytes = fp32 bytes of the cores the kernel sweeps (the merged ones when its schedule merges) + input + output,
-FLOPs = native_impl.native_cost (the sweep of the chosen schedule, plus merges it pays per call). "flops_vs_torch"
-is the torch plan's FLOPs over native's: where it is near 1 both paths run the same GEMMs and the speed-up is bound
-by GEMM throughput, not by overheads. The load average is recorded before and after every cell.
+times are stored too. The "cost" columns are the criterion of issue 6: MPO (bytes + FLOPs) / dense (bytes +
+FLOPs) at that row count, bytes = fp32 bytes of the cores the kernel sweeps (the merged ones when its schedule
+merges) + input + output, FLOPs = native_impl.native_cost (the sweep of the chosen schedule, plus merges it pays
+per call). "flops_vs_torch" is the torch plan's FLOPs over native's: where it is near 1 both paths run the same
+GEMMs and the speed-up is bound by GEMM throughput, not by overheads. The load average is recorded before and
+after every cell.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ SHAPES = {  # name: (in_features, out_features)
     "resnet_fc": (512, 1000),
 }
 ROWS = (1, 4, 16, 64)
+PROVIDERS = ("native", "native_bf16", "torch", "dense")
 RATIOS = (2, 4, 16, 64)
 
 
@@ -264,6 +266,8 @@ def summarize(paths: list[Path], out_json: Path, out_md: Path) -> None:
             "median_bf16_vs_fp32_cores": statistics.median(c["bf16_vs_fp32_cores"] for c in sel),
         }
     loads = [x for c in cells.values() for x in c["loads"]]
+    first = next(c for c in runs[0]["cells"] if "skipped" not in c)
+    metric_name = "CPU time of the calling thread" if first.get("speedup_metric") == "cpu_min_s" else "wall time"
     env = {"runs": [str(p) for p in paths], "environments": [r["environment"] for r in runs],
            "loadavg_min_median_max": [min(loads), statistics.median(loads), max(loads)]}  # fmt: skip
     out_json.write_text(json.dumps({"environment": env, "summary": summary, "cells": list(cells.values())}, indent=1))
@@ -273,7 +277,7 @@ def summarize(paths: list[Path], out_json: Path, out_md: Path) -> None:
         f"Load average during the runs (1-min, min / median / max): {env['loadavg_min_median_max'][0]:.1f} / "
         f"{env['loadavg_min_median_max'][1]:.1f} / {env['loadavg_min_median_max'][2]:.1f} on "
         f"{runs[0]['environment']['logical_cpus']} logical CPUs; torch threads "
-        f"{runs[0]['environment']['torch_threads']}. Times are per-call {'CPU time of the calling thread' if runs[0]['cells'][0].get('speedup_metric') == 'cpu_min_s' else 'wall time'} "
+        f"{runs[0]['environment']['torch_threads']}. Times are per-call {metric_name} "
         "(minimum over rounds and runs). Command: `python bench/bench_native.py --threads 1 --out RUN.json` "
         "per run, then `python bench/bench_native.py --summarize RUN.json ... --out SUMMARY.json`.",
         "",
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat = c["latency"]
                 print(
                     f"{name:12} {ratio:5g} {rows:4d} {c['cost_fraction']:5.2f} "
-                    + " ".join(f"{lat[p][c['speedup_metric']] * 1e6:8.1f}u" for p in ("native", "native_bf16", "torch", "dense"))
+                    + " ".join(f"{lat[p][c['speedup_metric']] * 1e6:8.1f}u" for p in PROVIDERS)
                     + f" {c['speedup_vs_torch']:7.2f} {c['speedup_vs_dense']:7.2f}"
                     + f" {c['flops_vs_torch'] or float('nan'):6.2f} {c['loadavg_before_after'][1]:5.1f}"
                     + f" {c['native_schedule']['direction']}{list(c['native_schedule']['groups'])}"

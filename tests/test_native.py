@@ -322,8 +322,10 @@ def test_cached_pack_is_reused_and_rebuilt_when_a_core_changes(fresh_packs, dtyp
         pack = native_impl._PACKS[cores[0]].packs[(direction, groups, cached)]
         mpo_linear(x, cores, None, backend="native")
         assert native_impl._PACKS[cores[0]].packs[(direction, groups, cached)] is pack, "the pack must be reused"
-    assert 0 < native_impl.pack_cache_bytes() <= native_impl._PACK_BUDGET[0] * sum(
-        g.numel() * g.element_size() for g in cores
+    assert (
+        0
+        < native_impl.pack_cache_bytes()
+        <= native_impl._PACK_BUDGET[0] * sum(g.numel() * g.element_size() for g in cores)
     )
     assert_close_rel(y1, reference64(x, cores, None), tolerance(torch.float32, "native"), "cached pack")
     cores[1].mul_(-2.0)  # in place: the version counter moves

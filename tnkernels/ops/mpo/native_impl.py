@@ -276,7 +276,9 @@ def choose_schedule(
                 kept = tuple(gi for t, gi in enumerate(merged_ids) if mask >> t & 1)
                 if kept and sum(sizes[gi] for gi in kept) > budget:
                     continue
-                per_call = sum(_merge_cost(shapes[a:b])[0] for gi, (a, b) in enumerate(groups) if b - a > 1 and gi not in kept)
+                per_call = sum(
+                    _merge_cost(shapes[a:b])[0] for gi, (a, b) in enumerate(groups) if gi not in kept and b > a + 1
+                )
                 candidates.append(("left", sweep + per_call, kept))
         else:  # bf16: once any core is merged, every core of the pack is an fp32 copy: all kept, or none
             candidates.append(("left", sweep + merge_work, ()))
