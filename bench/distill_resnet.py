@@ -7,7 +7,8 @@ Measures, on the held-out digits test split (360 images):
     the other mode (phase othermode), with its time per phase;
   - the global baseline at the same ratios: the same layers tensorized, then end-to-end fine-tuning on
     cross-entropy, given exactly the main slice-wise run's time (its own tensorization included);
-  - slice-wise at 2x with only 10% of the training images as calibration data;
+  - slice-wise at 2x with only 10% of the training images as calibration data, and (phase global10) the global
+    baseline given the same 10% of the images (with their labels) and the same time;
   - the speed-up of 2 worker processes over 1 for the slice training phase (parallel mode).
 
 Time accounting (--clock): "cpu" (default) charges both methods the CPU time of this process
@@ -51,7 +52,7 @@ from distill.sensitivity import layer_rule_pattern  # noqa: E402
 from distill.teacher import evaluate, get_teacher  # noqa: E402
 from distill.train_slice import SliceTrainConfig  # noqa: E402
 
-PHASES = ("teacher", "slice", "global", "othermode", "calib10", "speedup")
+PHASES = ("teacher", "slice", "global", "othermode", "calib10", "global10", "speedup")
 
 
 def load() -> list[float]:
@@ -87,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", default=time.strftime("%Y-%m-%d", time.gmtime()))
     p.add_argument("--work-dir", default=None, help="slice checkpoints (default: a fresh temporary folder)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--reference-json", default=None, help="phase global10 without calib10: its slice-wise row")
     p.add_argument(
         "--render",
         metavar="JSON",
@@ -218,6 +220,22 @@ class Bench:
         kw = dict(max_steps=a.max_steps, batch_size=a.slice_batch, lr=a.slice_lr, seed=a.seed) | over
         return SliceTrainConfig(**kw)
 
+    def reference_row(self, name: str) -> dict:
+        """A slice-wise row measured earlier (--reference-json), to give the global baseline the same budget."""
+        import json
+
+        if not self.args.reference_json:
+            raise ValueError(f"phase global10 needs the row {name!r}: run phase calib10 too, or --reference-json")
+        ref = json.loads(Path(self.args.reference_json).read_text())
+        if ref["teacher"]["accuracy"] != self.results["teacher"]["accuracy"]:
+            raise ValueError(f"--reference-json {self.args.reference_json}: measured with another teacher")
+        if ref["meta"]["settings"].get("clock") != self.args.clock:
+            raise ValueError(f"--reference-json {self.args.reference_json}: measured on another clock")
+        for r in ref["runs"]:
+            if r["name"] == name:
+                return r
+        raise ValueError(f"--reference-json {self.args.reference_json}: no row {name!r}")
+
     def clock_name(self) -> str:
         return "CPU-time" if self.results["meta"]["settings"].get("clock") == "cpu" else "wall-clock"
 
@@ -281,7 +299,7 @@ class Bench:
             },
         }
 
-    def global_baseline(self, ratio: float, reference: dict) -> dict:
+    def global_baseline(self, ratio: float, reference: dict, fraction: float = 1.0) -> dict:
         """Tensorize exactly the layers the slice-wise run did, then fine-tune within its time (same clock)."""
         budget = self.spent(reference)
         clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
@@ -294,7 +312,8 @@ class Bench:
         t_tensorize = clock() - t0
         acc0 = evaluate(student, self.test_loader)
         g = torch.Generator().manual_seed(self.args.seed)
-        loader = DataLoader(self.train_ds, batch_size=self.args.global_batch, shuffle=True, generator=g, drop_last=True)
+        data = calibration_subset(self.train_ds, fraction, seed=self.args.seed)  # the slice-wise run's images
+        loader = DataLoader(data, batch_size=self.args.global_batch, shuffle=True, generator=g, drop_last=True)
         remaining = max(budget - t_tensorize, 1.0)
         out = global_finetune(
             student,
@@ -309,11 +328,11 @@ class Bench:
         wall = time.perf_counter() - w0
         acc = evaluate(student, self.test_loader)
         return {
-            "name": f"global {ratio:g}x",
+            "name": f"global {ratio:g}x" + ("" if fraction >= 1.0 else f", {fraction:.0%} calib"),
             "method": "global",
-            "series": "global",
+            "series": "global" if fraction >= 1.0 else None,
             "ratio": ratio,
-            "calib_images": len(self.train_ds),
+            "calib_images": len(data),
             "workers": 1,
             "accuracy": acc,
             "accuracy_before_finetune": acc0,
@@ -357,8 +376,9 @@ class Bench:
             self.plots()
         if a.mode == "parallel" and a.ratios[0] in main:
             par1 = main[a.ratios[0]]
+        small = None
         if "calib10" in phases:
-            self.add(
+            small = self.add(
                 self.slicewise(
                     f"slice-wise {a.ratios[0]:g}x, {a.small_fraction:.0%} calib",
                     a.ratios[0],
@@ -366,6 +386,10 @@ class Bench:
                     1,
                 )
             )
+        if "global10" in phases:
+            if small is None:
+                small = self.reference_row(f"slice-wise {a.ratios[0]:g}x, {a.small_fraction:.0%} calib")
+            self.add(self.global_baseline(a.ratios[0], small, a.small_fraction))
         if "speedup" in phases:
             if par1 is None:
                 par1 = self.add(
