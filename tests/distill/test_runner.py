@@ -57,7 +57,16 @@ def test_resume_after_kill_redoes_nothing_and_matches(tmp_path, monkeypatch):
 
 def test_two_workers_equal_in_process(tmp_path):
     teacher, loader = _random_teacher(), calib_loader(n=64, batch_size=16)
-    one = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "w1", config=SliceTrainConfig(**CFG), progress=False)
+    # Each of 2 workers gets torch.get_num_threads() // 2 threads; the in-process run must use the same count, or
+    # kernels may split reductions differently and the two students differ in the last bits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        one = distill(
+            teacher, loader, ratio=2.0, out_dir=tmp_path / "w1", config=SliceTrainConfig(**CFG), progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
     two = distill(
         teacher, loader, ratio=2.0, out_dir=tmp_path / "w2", workers=2, config=SliceTrainConfig(**CFG), progress=False
     )
