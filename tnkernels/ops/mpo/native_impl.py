@@ -19,7 +19,6 @@ call with a new key (shapes, rows, dtypes, threads) times both routes on the rea
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 import time
@@ -27,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from ...plan.mpo import groupings
 
 try:  # the extension is optional: a missing or broken build only disables this backend
     from tnkernels import _native as _ext
@@ -109,13 +110,7 @@ def choose_groups(
     FLOP-equivalents. All 2^(N-1) groupings are tried (N <= ~8 cores in practice)."""
     n = len(shapes)
     best: tuple[tuple[tuple[int, int], ...], float] | None = None
-    for cuts in itertools.product((False, True), repeat=n - 1):
-        groups, start = [], 0
-        for k, cut in enumerate(cuts, start=1):
-            if cut:
-                groups.append((start, k))
-                start = k
-        groups.append((start, n))
+    for groups in groupings(n):
         cost, merged = 0.0, []
         for a, b in groups:
             if b - a == 1:
@@ -255,13 +250,7 @@ def choose_schedule(
     in_f = math.prod(s[1] for s in shapes)
     out_f = math.prod(s[2] for s in shapes)
     best: tuple[str, tuple[tuple[int, int], ...], float, tuple[int, ...]] | None = None
-    for cuts in itertools.product((False, True), repeat=n - 1):
-        groups, start = [], 0
-        for k, cut in enumerate(cuts, start=1):
-            if cut:
-                groups.append((start, k))
-                start = k
-        groups.append((start, n))
+    for groups in groupings(n):
         merged = [shapes[a] if b - a == 1 else _merged_shape(shapes[a:b]) for a, b in groups]
         merge_work = sum(_merge_cost(shapes[a:b])[0] for a, b in groups if b - a > 1)
         any_merge = len(groups) < n
