@@ -84,8 +84,12 @@ def _tnk_flops_bytes(dec, shapes, rows: int, cal, passes: str) -> tuple[float, f
 
 def _run_pass(module, x, passes: str):
     if passes == "fwd":
-        with torch.no_grad():
-            return lambda: module(x)
+
+        def forward():
+            with torch.no_grad():  # inside the call: a no_grad around building the lambda would not apply
+                return module(x)
+
+        return forward
 
     params = [p for p in module.parameters()]
     xg = x.detach().requires_grad_(True)

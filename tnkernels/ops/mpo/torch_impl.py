@@ -278,11 +278,13 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
     if not needs_grad:
         if OPTIONS.cache_dense and dec.forward.seconds > dec.dense_seconds and not torch.compiler.is_compiling():
-            y = x2d @ _cached_dense(cores)
+            wt = _cached_dense(cores)
+            # addmm fuses the bias into the GEMM, as F.linear does: no second pass over the output
+            y = x2d @ wt if bias is None else torch.addmm(bias, x2d, wt)
         else:
             y, _ = run_forward(x2d, cores, dec.forward, keep=False)
-        if bias is not None:
-            y = y + bias
+            if bias is not None:
+                y = y.add_(bias)  # y is this call's fresh result: adding in place saves an output-sized tensor
     else:
         y = MPOChainFunction.apply(x2d, bias, dec, *cores)
     return y.reshape(*lead, out_features)
