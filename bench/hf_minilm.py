@@ -61,6 +61,9 @@ def hardware() -> dict:
     }
 
 
+METHODS = ("one-shot", "one-shot-whitened", "slice-wise", "slice-wise-sequential", "global")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
@@ -79,6 +82,14 @@ def main() -> None:
     p.add_argument("--attention", action="store_true")
     p.add_argument("--preset", default="mlp", choices=PRESETS)
     p.add_argument("--init", default=DEFAULTS["init"], choices=INITS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="run only these (global also runs one-shot-whitened and slice-wise: it starts from the first "
+        "and gets the second's training time)",
+    )
     p.add_argument("--out", default="bench/results/hf_minilm.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -103,26 +114,29 @@ def main() -> None:
     print(
         f"calibration {results['calibration_sentences']} sentences, held-out {results['heldout_sentences']}"
     )
+    want = set(args.methods)
     for ratio in args.ratios:
-        # one-shot, plain: TT-SVD of each weight (tnkernels.tensorize), no data, no training
-        t0 = time.perf_counter()
-        shot = baselines.one_shot(teacher, ratio, attention=args.attention)
-        _add(results, args.out, ratio, "one-shot", t0, t_emb, shot, held)
-        # one-shot, data-aware: the slice-wise pipeline with 0 steps (whitened low-rank init only)
-        ws = copy.deepcopy(teacher)
-        t0 = time.perf_counter()
-        rep0 = _slicewise(ws, calib, ratio, args, steps=0)
-        _add(results, args.out, ratio, "one-shot-whitened", t0, t_emb, ws, held, **_slice_info(rep0))
-        # slice-wise: the same init, each slice then trained alone on the teacher's captured features
-        student = copy.deepcopy(teacher)
-        t0 = time.perf_counter()
-        rep = _slicewise(student, calib, ratio, args, steps=args.steps)
-        train_s = sum(s["seconds"] for s in rep["slices"])
-        _add(
-            results, args.out, ratio, "slice-wise", t0, t_emb, student, held, train_seconds=train_s,
-            **_slice_info(rep),
-        )  # fmt: skip
-        if ratio in args.sequential_ratios:
+        if "one-shot" in want:  # plain: TT-SVD of each weight (tnkernels.tensorize), no data, no training
+            t0 = time.perf_counter()
+            shot = baselines.one_shot(teacher, ratio, attention=args.attention)
+            _add(results, args.out, ratio, "one-shot", t0, t_emb, shot, held)
+            del shot
+        if want & {"one-shot-whitened", "global"}:  # data-aware: the pipeline with 0 steps (whitened init)
+            ws = copy.deepcopy(teacher)
+            t0 = time.perf_counter()
+            rep0 = _slicewise(ws, calib, ratio, args, steps=0)
+            _add(results, args.out, ratio, "one-shot-whitened", t0, t_emb, ws, held, **_slice_info(rep0))
+        if want & {"slice-wise", "global"}:  # the same init, each slice trained alone on teacher features
+            student = copy.deepcopy(teacher)
+            t0 = time.perf_counter()
+            rep = _slicewise(student, calib, ratio, args, steps=args.steps)
+            train_s = sum(s["seconds"] for s in rep["slices"])
+            _add(
+                results, args.out, ratio, "slice-wise", t0, t_emb, student, held, train_seconds=train_s,
+                **_slice_info(rep),
+            )  # fmt: skip
+            del student
+        if ratio in args.sequential_ratios and "slice-wise-sequential" in want:
             seq = copy.deepcopy(teacher)
             t0 = time.perf_counter()
             rep_s = _slicewise(seq, calib, ratio, args, steps=args.steps, sequential=True)
@@ -131,14 +145,14 @@ def main() -> None:
                 train_seconds=sum(s["seconds"] for s in rep_s["slices"]), **_slice_info(rep_s),
             )  # fmt: skip
             del seq
-        # global fine-tuning from the same data-aware init, for the same training time as slice-wise
-        t0 = time.perf_counter()
-        gstats = baselines.global_finetune(ws, teacher, calib, seconds=train_s, lr=args.global_lr)
-        _add(
-            results, args.out, ratio, "global", t0, t_emb, ws, held,
-            init="one-shot-whitened", steps=gstats["steps"], first_loss=gstats["first_loss"],
-            last_loss=gstats["last_loss"], train_seconds=gstats["seconds"],
-        )  # fmt: skip
+        if "global" in want:  # from the same data-aware init, for the same training time as slice-wise
+            t0 = time.perf_counter()
+            gstats = baselines.global_finetune(ws, teacher, calib, seconds=train_s, lr=args.global_lr)
+            _add(
+                results, args.out, ratio, "global", t0, t_emb, ws, held,
+                init="one-shot-whitened", steps=gstats["steps"], first_loss=gstats["first_loss"],
+                last_loss=gstats["last_loss"], train_seconds=gstats["seconds"],
+            )  # fmt: skip
 
 
 def _slicewise(model, calib, ratio, args, *, steps, sequential=False):
