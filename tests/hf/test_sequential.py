@@ -57,3 +57,14 @@ def test_sequential_targets_stay_the_teachers(tmp_path):
 def test_sequential_refuses_several_ranks(tmp_path):
     with pytest.raises(ValueError, match="sequential"):
         _run(tiny_model("bert"), tmp_path, "x", sequential=True, rank=0, world=2)
+
+
+def test_mode_defaults_sequential_on_one_process_and_parallel_under_torchrun():
+    import argparse
+
+    from distill.hf.pipeline import _sequential
+
+    assert _sequential(argparse.Namespace(mode=None), 1) is True
+    assert _sequential(argparse.Namespace(mode=None), 4) is False
+    assert _sequential(argparse.Namespace(mode="parallel"), 1) is False
+    assert _sequential(argparse.Namespace(mode="sequential"), 1) is True
