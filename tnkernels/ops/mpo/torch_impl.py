@@ -118,8 +118,11 @@ def _dims(merged: list[torch.Tensor], direction: str, rows: int) -> list[tuple[i
     return out
 
 
-def run_grouped(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool):
-    """Forward of a grouped plan. Returns y[rows, out] and, if `keep`, what the backward needs."""
+def run_grouped(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool, states_only: bool = False):
+    """Forward of a grouped plan. Returns y[rows, out] and, if `keep`, what the backward needs.
+
+    `states_only` (a backward recomputing its states) stops before the last step: the backward needs every step's
+    input but not the output, and the last step is often the most expensive one (the whole GEMM of a rebuild)."""
     merged, partials = [], []
     for a, b in plan.groups:
         m, parts = merge_group(cores, a, b)
@@ -131,9 +134,12 @@ def run_grouped(x2d: torch.Tensor, cores, plan: MPOPlan, keep: bool):
     state = x2d
     states = []
     folds = plan.folds or (False,) * len(mats)
-    for cm, (bp, n), fold in zip(mats, dims, folds, strict=True):
-        if keep:
+    last = len(mats) - 1
+    for k, (cm, (bp, n), fold) in enumerate(zip(mats, dims, folds, strict=True)):
+        if keep or states_only:
             states.append(state)
+        if states_only and k == last:
+            return None, (states, mats, dims, partials)
         state = _step(state, cm, bp, n, fold)
     y = state.reshape(x2d.shape[0], -1)
     return y, (states, mats, dims, partials)
@@ -217,7 +223,7 @@ class MPOChainFunction(torch.autograd.Function):
         need_cores = any(ctx.needs_input_grad[3:])
         if ctx.layout is None:  # recompute the states of the backward plan
             with torch.no_grad():
-                _, saved = run_grouped(x2d, cores, plan, keep=True)
+                _, saved = run_grouped(x2d, cores, plan, keep=True, states_only=True)
         else:
             n_states, n_mats, part_lens, dims = ctx.layout
             rest = saved_tensors[1 + n_cores :]
