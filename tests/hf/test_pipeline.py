@@ -23,30 +23,16 @@ from tests.hf.conftest import tiny_model
 from tests.hf.test_presets_capture import padded_batches
 
 
+def _small_run(out) -> list[str]:
+    """Flags of a tiny, fast compression run into `out`."""
+    flags = "--ratio 2 --steps 4 --seq-len 12 --num-samples 8 --batch-size 4 --device cpu".split()
+    return [*flags, "--out", str(out)]
+
+
 def _args(model_dir, out, *extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return p.parse_args(
-        [
-            "--model",
-            str(model_dir),
-            "--ratio",
-            "2",
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-            "--seq-len",
-            "12",
-            "--num-samples",
-            "8",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            *extra,
-        ]
-    )
+    return p.parse_args(["--model", str(model_dir), *_small_run(out), *extra])
 
 
 def test_conv1d_slice_tensorized_exactly_reproduces_teacher():
@@ -92,30 +78,7 @@ def test_pipeline_save_load_automodel_skeleton_and_resume(tiny_dir, tmp_path):
     out = tmp_path / "out"
     assert is_hf_model_dir(tiny_dir)
     # through the real `tnk compress` entry point (distill.cli dispatches a config.json folder to compress_hf)
-    rc = tnk(
-        [
-            "compress",
-            "--model",
-            str(tiny_dir),
-            "--ratio",
-            "2",
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-            "--seq-len",
-            "12",
-            "--num-samples",
-            "8",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            "--preset",
-            "block",
-            "--no-progress",
-        ]
-    )
+    rc = tnk(["compress", "--model", str(tiny_dir), *_small_run(out), "--preset", "block", "--no-progress"])
     assert rc == 0
     saved = json.loads((out / "report.json").read_text())
     assert saved["num_slices"] == 3 and len(saved["slices"]) == 3
