@@ -22,18 +22,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tnkernels.nn import is_hf_conv1d, linear_weight
 from tnkernels.nn.mpo_linear import MPOLinear
 
 from .presets import run_hf_slice
 
 
-def _linear_weight(module: nn.Module) -> torch.Tensor:
-    """``W[out, in]`` of an ``nn.Linear`` or a transformers ``Conv1D`` (which stores ``[in, out]``)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
-
-
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 @torch.no_grad()
@@ -83,7 +79,7 @@ def whitened_lowrank(
     """
     if count < 1:
         raise ValueError("whitened_lowrank needs at least one calibration token")
-    weight = _linear_weight(module).detach()
+    weight = linear_weight(module).detach()
     out_f, in_f = weight.shape
     layer = MPOLinear.from_linear(module, in_modes=(in_f, 1), out_modes=(1, out_f), ratio=ratio)
     r = layer.bonds[0]
