@@ -217,11 +217,27 @@ def test_forced_kind_is_part_of_the_key():
     assert kinds == {"sweep-left", "sweep-right", "merge", "rebuild", "einsum"}
 
 
-def test_modes_come_from_auto_modes():
+def test_modes_come_from_auto_modes_plus_the_low_rank_split():
     cands = structure_candidates(6400, 1600, 16, rows=64)
     assert [c.num_cores for c in cands][:2] == [2, 3]
     assert cands[0].in_modes == auto_modes(1600, 2) and cands[0].out_modes == auto_modes(6400, 2)
-    assert structure_candidates(7, 13, 2) == []
+    assert not cands[0].is_low_rank
+    low = [c for c in cands if c.is_low_rank]
+    assert len(low) == 1 and (low[0].in_modes, low[0].out_modes) == ((1600, 1), (1, 6400))
+    assert low[0].bonds == (6400 * 1600 // (16 * 8000),)  # the largest rank within dense / 16 parameters
+    assert all(not c.is_low_rank for c in structure_candidates(6400, 1600, 16, rows=64, low_rank=False))
+    # prime sizes: no balanced split, but the low-rank one exists
+    only = structure_candidates(7, 13, 2)
+    assert [(c.in_modes, c.out_modes, c.bonds) for c in only] == [((13, 1), (1, 7), (2,))]
+
+
+def test_low_rank_chain_costs_dense_over_ratio_flops_so_speed_picks_it_at_moderate_ratios():
+    # A balanced 2-core chain at ratio 2 costs more FLOPs than the dense product; the low-rank split costs half.
+    for rows in (64, 1024):
+        s = choose_mpo_structure(3072, 768, 2, rows=rows)
+        assert s.is_low_rank, (rows, s)
+        balanced = choose_mpo_structure(3072, 768, 2, rows=rows, low_rank=False)
+        assert s.predicted_seconds < balanced.predicted_seconds
 
 
 def test_tt_error_of_two_cores_is_the_truncated_svd_error():
@@ -258,7 +274,7 @@ def test_choose_structure_errors():
     with pytest.raises(ValueError, match="expected"):
         choose_mpo_structure(96, 64, 4, weight=torch.randn(64, 96))
     with pytest.raises(ValueError, match="no MPO"):
-        choose_mpo_structure(7, 13, 4)
+        choose_mpo_structure(7, 13, 8)  # even rank 1 keeps 20 of 91 weights (4.55x)
 
 
 def test_auto_backend_hook(monkeypatch):

@@ -3,9 +3,12 @@
 At equal parameter count the structure decides the FLOPs: two cores with a large bond often cost far less
 than four cores with a small one, and the truncation error differs too. `structure_candidates` enumerates
 2..max_cores cores with the modes and rank selection MPOLinear.from_linear uses (auto_modes,
-mpo_bonds_for_ratio) and prices each with the planner at a typical row count.
+mpo_bonds_for_ratio), plus the most lopsided 2-core split, modes (in, 1) x (1, out): a rank-r factorisation
+W = B A, the MPO whose chain costs exactly dense/ratio FLOPs at every row count (a balanced 2-core chain at a
+moderate ratio costs more than the dense product, which is why the planner so often has to rebuild the
+weight). It is priced with the planner at a typical row count like the others.
 `choose_mpo_structure(prefer="speed")` takes the fastest one whose TT-SVD error is not clearly worse than
-the fewest-cores structure's (error <= reference * (1 + error_slack)); errors are computed lazily, fastest
+the balanced 2-core structure's (error <= reference * (1 + error_slack)); errors are computed lazily, fastest
 first, since each costs SVD-sized work. prefer="accuracy" takes the most accurate one.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decompose import auto_modes, mpo_bonds_for_ratio, mpo_num_params
+from ..decompose.mpo import check_finite
 from .cache import mpo_decision
 
 
@@ -30,6 +34,15 @@ class MPOStructure:
     ratio: float
     predicted_seconds: float  # forward at `rows` rows, best plan
     rel_error: float | None  # relative Frobenius error bound of the TT-SVD truncation; None if not computed
+
+    @property
+    def is_low_rank(self) -> bool:
+        """Modes (in, 1) x (1, out): a plain rank-`bonds[0]` factorisation of the weight."""
+        return self.num_cores == 2 and self.out_modes[0] == 1 and self.in_modes[1] == 1
+
+    @property
+    def label(self) -> str:
+        return "low-rank" if self.is_low_rank else f"{self.num_cores} cores"
 
     def core_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
         r = (1, *self.bonds, 1)
@@ -86,22 +99,32 @@ def structure_candidates(
     rows: int = 1024,
     weight: torch.Tensor | None = None,
     max_cores: int = 5,
+    low_rank: bool = True,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> list[MPOStructure]:
-    """Each structure of 2..max_cores cores reaching `ratio`: predicted time, and error given `weight`."""
+    """Each structure of 2..max_cores cores reaching `ratio` (and the low-rank split unless `low_rank=False`):
+    predicted time, and error given `weight`."""
     if not ratio > 1:
         raise ValueError(f"choose_mpo_structure: ratio must be > 1 (dense / tensorized parameters), got {ratio}")
     if weight is not None and tuple(weight.shape) != (out_features, in_features):
         raise ValueError(
             f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})"
         )
-    out = []
+    splits = []
     for n in range(2, max_cores + 1):
         try:
-            in_modes, out_modes = auto_modes(in_features, n), auto_modes(out_features, n)
+            splits.append((auto_modes(in_features, n), auto_modes(out_features, n)))
+        except ValueError:  # too few prime factors or a lopsided split
+            continue
+    if low_rank:  # also fine for prime sizes (GPT-2's vocabulary), which auto_modes refuses
+        splits.append(((in_features, 1), (1, out_features)))
+    out = []
+    for in_modes, out_modes in splits:
+        n = len(in_modes)
+        try:
             bonds = tuple(mpo_bonds_for_ratio(in_modes, out_modes, ratio))
-        except ValueError:  # too few prime factors, a lopsided split, or the ratio is unreachable (a subclass)
+        except ValueError:  # the ratio is unreachable with these modes (a subclass)
             continue
         params = mpo_num_params(in_modes, out_modes, bonds)
         s = MPOStructure(n, in_modes, out_modes, bonds, params, out_features * in_features / params, 0.0, None)
@@ -121,6 +144,7 @@ def choose_mpo_structure(
     weight: torch.Tensor | None = None,
     error_slack: float = 0.05,
     max_cores: int = 5,
+    low_rank: bool = True,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> MPOStructure:
@@ -136,6 +160,8 @@ def choose_mpo_structure(
         raise ValueError(
             f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})"
         )
+    if weight is not None:
+        check_finite(weight, "choose_mpo_structure")  # before any eigh, which fails obscurely on NaN
     lazy = weight if prefer == "accuracy" else None  # speed computes errors lazily below
     cands = structure_candidates(
         out_features,
@@ -144,6 +170,7 @@ def choose_mpo_structure(
         rows=rows,
         weight=lazy,
         max_cores=max_cores,
+        low_rank=low_rank,
         dtype=dtype,
         device=device,
     )
@@ -159,7 +186,9 @@ def choose_mpo_structure(
     by_time = sorted(cands, key=lambda s: s.predicted_seconds)
     if weight is None:
         return by_time[0]
-    ref = min(cands, key=lambda s: s.num_cores)
+    # The reference for "clearly worse" is the balanced 2-core split (MPOLinear's default), or the low-rank one
+    # where the sizes cannot be split.
+    ref = min(cands, key=lambda s: (s.num_cores, s.is_low_rank))
     if by_time[0] is ref:  # the common case: no error needs computing at all
         return ref
     ref_err = tt_error(weight, ref.in_modes, ref.out_modes, ref.bonds)
