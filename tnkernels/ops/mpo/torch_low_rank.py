@@ -1,0 +1,71 @@
+"""Low-rank chains, modes (in, 1) x (1, out), swept from the left: two GEMMs on views of the cores.
+
+This is the plan the planner picks for such a chain (`sweep-left`: h = x A, then y = h B), run without the
+generic executor's bookkeeping. `torch_impl.run_grouped` computes the same thing, but its per-step reshapes,
+transposes and layout logic cost ~25 us of Python per call, which a low-rank chain never needs; at small row
+counts that overhead was larger than the GEMMs (512x1000 at rank 21, one row, one thread: 77 us a call against
+19 us for two plain GEMMs). The backward is the reverse sweep of the same plan: dh = dy B^T, then dA = x^T dh,
+dB = h^T dy and dx = dh A^T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...plan.mpo import MPODecision
+
+
+def applies(shapes: tuple[tuple[int, int, int, int], ...], decision: MPODecision) -> bool:
+    """True for a low-rank chain whose planned forward and backward are both the left sweep."""
+    if len(shapes) != 2 or shapes[0][2] != 1 or shapes[1][1] != 1:
+        return False
+    backward = decision.backward
+    return decision.forward.kind == "sweep-left" and (backward is None or backward.kind == "sweep-left")
+
+
+def _factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
+    """A[in, r] and B[r, out]: views of G_1 (1, in, 1, r) and G_2 (r, 1, out, 1) when they are contiguous."""
+    g1, g2 = cores
+    return g1.reshape(g1.shape[1], g1.shape[3]), g2.reshape(g2.shape[0], g2.shape[2])
+
+
+def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # addmm fuses the bias into the GEMM, as F.linear does: no second pass over the output
+    return h @ b if bias is None else torch.addmm(bias, h, b)
+
+
+def low_rank_forward(x2d: torch.Tensor, cores, bias: torch.Tensor | None) -> torch.Tensor:
+    """Inference: y = (x A) B + bias."""
+    a, b = _factors(cores)
+    return _second_gemm(x2d @ a, b, bias)
+
+
+class LowRankFunction(torch.autograd.Function):
+    """y = (x A) B + bias with the left sweep's backward; h = x A is saved unless `save_h` is False (the
+    planner's recompute option), in which case the backward recomputes it (one GEMM)."""
+
+    @staticmethod
+    def forward(ctx, x2d, bias, save_h: bool, g1, g2):
+        a, b = _factors((g1, g2))
+        h = x2d @ a
+        y = _second_gemm(h, b, bias)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2d, g1, g2, h if save_h else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, g1, g2, h = ctx.saved_tensors
+        a, b = _factors((g1, g2))
+        need_x, need_bias, _, need_g1, need_g2 = ctx.needs_input_grad
+        dh = dy @ b.t() if (need_x or need_g1) else None
+        d_g1 = (x2d.t() @ dh).view(g1.shape) if need_g1 else None
+        if need_g2:
+            if h is None:
+                h = x2d @ a
+            d_g2 = (h.t() @ dy).view(g2.shape)
+        else:
+            d_g2 = None
+        dx = dh @ a.t() if need_x else None
+        d_bias = dy.sum(0) if (ctx.has_bias and need_bias) else None
+        return dx, d_bias, None, d_g1, d_g2
