@@ -5,7 +5,9 @@
     python -m bench.plan_check --out bench/results   # also writes plan_check_<date>.json and .md
 
 For each grid point (layer shape, ratio, rows; forward, no grad) the layer gets the structure the grid uses
-(`choose_mpo_structure(..., rows=1024)`), every plan kind is forced in turn and timed, and the planner's own
+(`choose_mpo_structure(..., rows=1024)`, usually the low-rank split) and, with `--structure both` (the default),
+also the best balanced-modes structure (`low_rank=False`, 2..5 cores: where merges and rebuilds compete), every
+plan kind is forced in turn and timed, and the planner's own
 pick is judged against the fastest kind measured in the same run. The kinds are timed in several interleaved
 rounds (kind A, B, C, ..., then again) and each keeps its fastest call, so a burst of load from another process
 hits one round of every kind rather than all calls of one kind. The predicted time of each kind is printed
@@ -30,7 +32,7 @@ from tnkernels.plan import PLAN_KINDS, choose_mpo_structure, mpo_decision, optio
 GRIDS = {
     "cpu": dict(
         linear=["resnet34-fc", "minilm-mlp-down", "minilm-mlp-up", "gpt2-mlp-up"],
-        ratios=[4, 16, 64],
+        ratios=[2, 4, 16, 64],
         rows=[1, 16, 64, 1024],
     ),
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], ratios=[4, 16], rows=[1, 64]),
@@ -47,9 +49,9 @@ def _best_call(fn, reps: int) -> float:
     return best
 
 
-def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int) -> dict:
+def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int, low_rank: bool = True) -> dict:
     n_in, n_out = LINEAR_SHAPES[name]
-    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024)
+    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024, low_rank=low_rank)
     module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False)[1].module
     x = torch.randn(rows, n_in)
     shapes = s.core_shapes()
@@ -78,7 +80,7 @@ def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int) -> d
         shape=[n_out, n_in],
         ratio=ratio,
         rows=rows,
-        structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds),
+        structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds, label=s.label),
         predicted_s=predicted,
         measured_s=measured,
         chosen=chosen,
@@ -90,15 +92,16 @@ def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int) -> d
 
 def _table(records: list[dict]) -> str:
     lines = [
-        "| layer | ratio | rows | picked | fastest | picked/fastest | measured ms (predicted ms) per kind |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | ratio | structure | rows | picked | fastest | picked/fastest | measured ms (predicted ms) per kind |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         per_kind = ", ".join(
             f"{k} {r['measured_s'][k] * 1e3:.3f} ({r['predicted_s'][k] * 1e3:.3f})" for k in r["measured_s"]
         )
         lines.append(
-            f"| {r['layer']} {r['shape'][0]}x{r['shape'][1]} | {r['ratio']} | {r['rows']} | {r['chosen']} | "
+            f"| {r['layer']} {r['shape'][0]}x{r['shape'][1]} | {r['ratio']} | {r['structure']['label']} | "
+            f"{r['rows']} | {r['chosen']} | "
             f"{r['fastest']} | {r['chosen_over_fastest']:.2f} | {per_kind} |"
         )
     return "\n".join(lines)
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=5, help="calls per kind per round (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared box)")
     ap.add_argument("--out", help="folder for plan_check_<date>.json and .md")
+    ap.add_argument(
+        "--structure", choices=("both", "auto", "balanced"), default="both",
+        help="auto: from_linear's pick (usually low rank); balanced: balanced modes only; both (default)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -120,13 +127,19 @@ def main(argv: list[str] | None = None) -> dict:
     for name in grid["linear"]:
         for ratio in grid["ratios"]:
             for rows in grid["rows"]:
-                rec = check_point(name, ratio, rows, args.rounds, args.reps)
-                records.append(rec)
-                print(
-                    f"{name:16s} ratio {ratio:3g} rows {rows:5d}: picked {rec['chosen']:12s} "
-                    f"fastest {rec['fastest']:12s} x{rec['chosen_over_fastest']:.2f}",
-                    flush=True,
-                )
+                for low_rank in {"both": (True, False), "auto": (True,), "balanced": (False,)}[args.structure]:
+                    rec = check_point(name, ratio, rows, args.rounds, args.reps, low_rank)
+                    if low_rank is False and any(r["structure"] == rec["structure"] and r["rows"] == rows
+                                                 and r["ratio"] == ratio and r["layer"] == name
+                                                 for r in records):
+                        continue  # from_linear's pick was balanced already: the same point twice
+                    records.append(rec)
+                    print(
+                        f"{name:16s} ratio {ratio:3g} {rec['structure']['label']:8s} rows {rows:5d}: "
+                        f"picked {rec['chosen']:12s} "
+                        f"fastest {rec['fastest']:12s} x{rec['chosen_over_fastest']:.2f}",
+                        flush=True,
+                    )
     frac = sum(r["within_10pct"] for r in records) / len(records)
     out = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

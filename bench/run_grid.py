@@ -58,9 +58,9 @@ PRESETS = {
     "full": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024, 4096], ratios=[2, 4, 16, 64],
                  conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
     # What 2 shared CPU cores can run in ~30 minutes: 4 of the 7 linear shapes (no GPT-2 XL: one of its ratio-2
-    # chains alone takes ~0.6 s a call here), ratios 4..64, 2 of the 4 conv stages, rows up to 1024.
+    # calls takes ~0.6 s here with a balanced chain), 2 of the 4 conv stages, rows up to 1024.
     "cpu": dict(linear=["resnet34-fc", "minilm-mlp-down", "minilm-mlp-up", "gpt2-mlp-up"],
-                rows=[1, 64, 1024], ratios=[4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
+                rows=[1, 64, 1024], ratios=[2, 4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
                 batches=[1, 8], reps=3),
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], rows=[1, 64], ratios=[4, 16],
                   conv=["resnet34-conv256"], batches=[1], reps=5),
@@ -103,9 +103,13 @@ def _run_pass(module, x, passes: str):
     return step
 
 
-def bench_linear(name: str, rows: int, ratio: float, passes: str, reps: int, check_plans: bool, peers: bool):
+def bench_linear(
+    name: str, rows: int, ratio: float, passes: str, reps: int, check_plans: bool, peers: bool,
+    low_rank: bool = True,
+):  # fmt: skip
     n_in, n_out = LINEAR_SHAPES[name]
-    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024)  # structure fixed per layer, not per row count
+    # structure fixed per layer, not per row count; low_rank=False restricts it to balanced modes (2..5 cores)
+    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024, low_rank=low_rank)
     providers = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=peers)
     x = torch.randn(rows, n_in)
     times = {}
@@ -132,7 +136,7 @@ def bench_linear(name: str, rows: int, ratio: float, passes: str, reps: int, che
     rec = dict(
         kind="linear", layer=name, shape=[n_out, n_in], ratio=ratio, achieved_ratio=round(s.ratio, 3),
         rows=rows,
-        passes=passes, structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds),
+        passes=passes, structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds, label=s.label),
         plan=dec.forward.label, backward_plan=dec.backward.label if dec.backward else None,
         predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times, skipped=skipped,
         roofline_speedup=_roofline(cal, dense_flops, dense_bytes) / _roofline(cal, flops, nbytes),
@@ -262,11 +266,18 @@ def summarize(records: list[dict]) -> dict:
 
     big = [r["times_s"]["tnkernels"] / r["times_s"]["dense"] for r in lin if r["rows"] >= 64]
     out["max_tnk_over_dense_rows_ge_64"] = max(big) if big else None
+    for kind in ("linear", "conv"):
+        for ps in ("fwd", "fwd+bwd"):
+            cells = [r for r in lin if r["kind"] == kind and r["passes"] == ps and r["rows"] >= (64 if kind == "linear" else 1)]
+            if cells:
+                ok = sum(r["times_s"]["tnkernels"] <= 1.1 * r["times_s"]["dense"] for r in cells)
+                out[f"{kind}_{ps}_within_1.1x_dense"] = f"{ok}/{len(cells)}"
     for peer in ("tltorch", "torch-mpo", "naive-einsum"):
         v = [x for x in (ratio(r, peer) for r in lin) if x is not None]
         if v:
             out[f"median_speedup_vs_{peer}"] = statistics.median(v)
             out[f"min_speedup_vs_{peer}"] = min(v)
+            out[f"slower_than_{peer}"] = f"{sum(x < 1 for x in v)}/{len(v)}"
     hits = [r for r in lin if r.get("roofline_speedup", 0) >= 1.5]
     if hits:
         out["fraction_of_roofline_speedup_where_predicted_ge_1.5"] = statistics.median(
@@ -283,10 +294,10 @@ def summarize(records: list[dict]) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    head = ("| layer | shape | ratio | rows | pass | plan | dense ms | tnk ms | vs dense | roofline "
+    head = ("| layer | shape | ratio | structure | rows | pass | plan | dense ms | tnk ms | vs dense | roofline "
             "| vs einsum "
             "| vs tltorch | vs torch-mpo |")  # fmt: skip
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in records:
         t = r["times_s"]
         tnk = t["tnkernels"]
@@ -296,7 +307,8 @@ def table(records: list[dict]) -> str:
 
         shape = "x".join(map(str, r["shape"]))
         lines.append(
-            f"| {r['layer']} | {shape} | {r['ratio']} | {r['rows']} | {r['passes']} | {r['plan']} | "
+            f"| {r['layer']} | {shape} | {r['ratio']} | {r.get('structure', {}).get('label', 'Tucker-2')} | "
+            f"{r['rows']} | {r['passes']} | {r['plan']} | "
             f"{t['dense'] * 1e3:.3f} | {tnk * 1e3:.3f} | {vs('dense')} | {r['roofline_speedup']:.2f}x | "
             f"{vs('naive-einsum')} | {vs('tltorch')} | {vs('torch-mpo')} |"
         )
@@ -321,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--check-plans", action="store_true", help="force and time every plan kind (forward)")
     ap.add_argument("--no-peers", action="store_true", help="skip tltorch and torch-mpo")
     ap.add_argument(
+        "--structure", choices=("auto", "balanced"), default="auto",
+        help="auto: the structure MPOLinear.from_linear(ratio=R) picks (usually the low-rank split); balanced: "
+        "only balanced modes (2..5 cores), written as grid-<preset>-balanced.*",
+    )  # fmt: skip
+    ap.add_argument(
         "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 tames a shared machine"
     )
     args = ap.parse_args(argv)
@@ -328,11 +345,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)  # the calibration is keyed by thread count, so it follows
     preset = "quick" if args.quick else args.preset
     cfg = PRESETS[preset]
+    name_tag = preset + ("-balanced" if args.structure == "balanced" else "")
     passes = args.passes.split(",")
     records = []
 
     def save_partial() -> None:  # a long run that is interrupted still leaves its points on disk
-        path = os.path.join(args.out, f"grid-{preset}.partial.json")
+        path = os.path.join(args.out, f"grid-{name_tag}.partial.json")
         _atomic_write(path, json.dumps(dict(preset=preset, records=records, summary=summarize(records)), default=str))
 
     for name in cfg["linear"]:
@@ -342,7 +360,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if rows > cap:
                     continue
                 for ps in passes:
-                    rec = bench_linear(name, rows, ratio, ps, cfg["reps"], args.check_plans, not args.no_peers)
+                    rec = bench_linear(
+                        name, rows, ratio, ps, cfg["reps"], args.check_plans, not args.no_peers,
+                        low_rank=args.structure == "auto",
+                    )  # fmt: skip
                     records.append(rec)
                     save_partial()
                     print(table([rec]).splitlines()[-1], flush=True)
@@ -357,18 +378,19 @@ def main(argv: list[str] | None = None) -> dict:
     small = preset in ("quick", "smoke")
     result = dict(
         preset=preset,
+        structure=args.structure,
         environment=environment(),
         summary=summarize(records),
         recompute_saved_bytes=recompute_memory(64 if small else 1024),
         plan_lookup_us=plan_lookup_us(2000 if small else 20000),
         records=records,
     )
-    md = f"# tnkernels grid ({preset}), {result['environment']['date']}\n\n{table(records)}\n\n```\n"
+    md = f"# tnkernels grid ({name_tag}), {result['environment']['date']}\n\n{table(records)}\n\n```\n"
     md += json.dumps({k: result[k] for k in ("summary", "recompute_saved_bytes", "plan_lookup_us")}, indent=1)
     md += "\n```\n"
-    _atomic_write(os.path.join(args.out, f"grid-{preset}.json"), json.dumps(result, indent=1, default=str))
-    _atomic_write(os.path.join(args.out, f"grid-{preset}.md"), md)
-    os.remove(os.path.join(args.out, f"grid-{preset}.partial.json"))
+    _atomic_write(os.path.join(args.out, f"grid-{name_tag}.json"), json.dumps(result, indent=1, default=str))
+    _atomic_write(os.path.join(args.out, f"grid-{name_tag}.md"), md)
+    os.remove(os.path.join(args.out, f"grid-{name_tag}.partial.json"))
     print(json.dumps(result["summary"], indent=1))
     print(f"recompute saved bytes: {result['recompute_saved_bytes']}; plan lookup {result['plan_lookup_us']:.2f} us")
     return result
