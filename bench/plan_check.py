@@ -52,7 +52,7 @@ def _best_call(fn, reps: int) -> float:
 def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int, low_rank: bool = True) -> dict:
     n_in, n_out = LINEAR_SHAPES[name]
     s = choose_mpo_structure(n_out, n_in, ratio, rows=1024, low_rank=low_rank)
-    module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False)[1].module
+    module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False, backend="torch")[1].module
     x = torch.randn(rows, n_in)
     shapes = s.core_shapes()
     cpu = torch.device("cpu")

@@ -91,11 +91,14 @@ def _torch_mpo_linear(in_modes, out_modes, bonds) -> Provider:
     return Provider("torch-mpo", layer)
 
 
-def linear_providers(in_modes, out_modes, bonds, *, peers: bool = True) -> list[Provider]:
-    """dense, tnkernels, naive-einsum, tltorch, torch-mpo for one structure (random weights, timing only)."""
+def linear_providers(in_modes, out_modes, bonds, *, peers: bool = True, backend: str = "auto") -> list[Provider]:
+    """dense, tnkernels, naive-einsum, tltorch, torch-mpo for one structure (random weights, timing only).
+
+    tnkernels runs with `backend` (default "auto", what users get: the native kernel for small no-grad batches
+    when it is built, else the planned torch path); plan checks pass "torch", whose plans they force."""
     n_in, n_out = math.prod(in_modes), math.prod(out_modes)
     dense = nn.Linear(n_in, n_out)
-    tnk = MPOLinear(n_in, n_out, in_modes=in_modes, out_modes=out_modes, bonds=bonds, backend="torch")
+    tnk = MPOLinear(n_in, n_out, in_modes=in_modes, out_modes=out_modes, bonds=bonds, backend=backend)
     out = [Provider("dense", dense), Provider("tnkernels", tnk)]
     out.append(Provider("naive-einsum", NaiveEinsumMPO([c.data for c in tnk.cores], tnk.bias.data)))
     if peers:

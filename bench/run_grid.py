@@ -29,6 +29,7 @@ import torch
 
 from bench.providers import conv_providers, linear_providers, saved_bytes, timer
 from tnkernels.plan import (
+    auto_mpo_backend,
     PLAN_KINDS,
     choose_mpo_structure,
     get_calibration,
@@ -137,13 +138,15 @@ def bench_linear(
         kind="linear", layer=name, shape=[n_out, n_in], ratio=ratio, achieved_ratio=round(s.ratio, 3),
         rows=rows,
         passes=passes, structure=dict(in_modes=s.in_modes, out_modes=s.out_modes, bonds=s.bonds, label=s.label),
+        backend=auto_mpo_backend("cpu", rows, torch.float32, passes == "fwd+bwd"),
         plan=dec.forward.label, backward_plan=dec.backward.label if dec.backward else None,
         predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times, skipped=skipped,
         roofline_speedup=_roofline(cal, dense_flops, dense_bytes) / _roofline(cal, flops, nbytes),
         roofline_tnk_s=_roofline(cal, flops, nbytes),
     )  # fmt: skip
-    if check_plans and passes == "fwd":
-        rec["plan_check"] = _check_plans(providers[1].module, x, shapes, rows, reps)
+    if check_plans and passes == "fwd":  # the torch backend: the one whose plans can be forced
+        torch_module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False, backend="torch")[1].module
+        rec["plan_check"] = _check_plans(torch_module, x, shapes, rows, reps)
     return rec
 
 
@@ -308,7 +311,7 @@ def table(records: list[dict]) -> str:
         shape = "x".join(map(str, r["shape"]))
         lines.append(
             f"| {r['layer']} | {shape} | {r['ratio']} | {r.get('structure', {}).get('label', 'Tucker-2')} | "
-            f"{r['rows']} | {r['passes']} | {r['plan']} | "
+            f"{r['rows']} | {r['passes']} | {'native' if r.get('backend') == 'native' else r['plan']} | "
             f"{t['dense'] * 1e3:.3f} | {tnk * 1e3:.3f} | {vs('dense')} | {r['roofline_speedup']:.2f}x | "
             f"{vs('naive-einsum')} | {vs('tltorch')} | {vs('torch-mpo')} |"
         )

@@ -216,6 +216,7 @@ class MPOChainFunction(torch.autograd.Function):
     def backward(ctx, dy):
         dec: MPODecision = ctx.decision
         plan = dec.backward
+        dy = dy.contiguous()  # an expanded dy (stride 0, from a sum or mean) sends the BLAS down a slow path
         saved_tensors = ctx.saved_tensors
         x2d = saved_tensors[0]
         n_cores = len(dec.shapes)

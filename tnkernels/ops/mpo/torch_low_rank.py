@@ -32,14 +32,19 @@ def _factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
 # A GEMM whose output has few columns (N < 16) and whose right operand is a row-major [K, N] matrix runs up to
 # 5x slower in the CPU BLAS than the same product with the operand stored [N, K] (measured with one thread,
 # x[1024, 1536] @ A[1536, 4]: 2.1 ms; with A stored transposed: 0.41 ms; no difference from N = 16 up). So a
-# thin A is copied once per call to its transposed layout (in * r numbers, tiny), and the gradient of A is
-# computed as (dh^T x)^T, whose GEMM has the thin side as M (x^T dh: 4.6 ms; (dh^T x)^T: 0.49 ms at r = 4;
-# never slower at the ranks measured, 4 to 384).
+# thin A is copied once per call to its transposed layout (in * r numbers, tiny), and the gradient of a thin A
+# is computed as (dh^T x)^T, whose GEMM has the thin side as M (x^T dh: 4.6 ms; (dh^T x)^T: 0.49 ms at r = 4).
 _THIN = 16
 
 
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return x2d @ (a.t().contiguous().t() if a.shape[1] < _THIN else a)
+
+
+def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    # thin: (dh^T x)^T, whose transposed result autograd copies into the parameter's layout (a strided copy of
+    # in * r numbers, cheap next to the GEMM it saves); otherwise x^T dh, contiguous as it comes
+    return (dh.t() @ x2d).t() if dh.shape[1] < _THIN else x2d.t() @ dh
 
 
 def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -69,10 +74,13 @@ class LowRankFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, g1, g2, h = ctx.saved_tensors
+        # dy often arrives expanded (stride 0, from a sum or mean); the BLAS takes a slow path on such operands
+        # (h^T dy: 120 us instead of 12 at one row, rank 76, 384 outputs), so materialize it once
+        dy = dy.contiguous()
         a, b = _factors((g1, g2))
         need_x, need_bias, _, need_g1, need_g2 = ctx.needs_input_grad
         dh = dy @ b.t() if (need_x or need_g1) else None
-        d_g1 = (dh.t() @ x2d).t().view(g1.shape) if need_g1 else None
+        d_g1 = _grad_a(x2d, dh).view(g1.shape) if need_g1 else None
         if need_g2:
             if h is None:
                 h = _first_gemm(x2d, a)
