@@ -191,6 +191,14 @@ def test_explain_lists_steps_alternatives_and_memory():
         assert kind in tucker
 
 
+def test_explain_takes_a_layer():
+    from tnkernels.nn import MPOLinear
+
+    layer = MPOLinear(24, 10, in_modes=(24, 1), out_modes=(1, 10), bonds=(3,))
+    assert explain(layer, rows=5) == explain([tuple(g.shape) for g in layer.cores], rows=5)
+    assert "MPO chain [(1, 24, 1, 3), (3, 1, 10, 1)], rows=5" in explain(layer, rows=5)
+
+
 def test_explain_rejects_bad_input():
     with pytest.raises(ValueError, match="rows"):
         explain([(1, 2, 2, 1)], rows=0)

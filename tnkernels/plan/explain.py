@@ -65,11 +65,13 @@ def explain(
 ) -> str:
     """Return (and print nothing) the plan the torch backend runs for an MPO layer at `rows` rows.
 
-    `cores` may be tensors or their shapes (r0, i, j, r1). Example:
+    `cores` may be tensors, their shapes (r0, i, j, r1), or an MPOLinear. Example:
         >>> print(explain([(1, 40, 40, 16), (16, 40, 160, 1)], rows=64))
     """
     if rows < 1:
         raise ValueError(f"explain: rows must be >= 1, got {rows}")
+    if isinstance(getattr(cores, "cores", None), torch.nn.ParameterList):  # an MPOLinear (duck-typed: the
+        cores = list(cores.cores)  # type: ignore[union-attr]  # planner does not import the modules)
     shapes = tuple(
         tuple(int(d) for d in (c.shape if isinstance(c, torch.Tensor) else c))
         for c in cores  # type: ignore
