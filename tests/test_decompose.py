@@ -196,3 +196,21 @@ def test_large_matrix_truncated_path_is_near_optimal_and_reports_the_true_error(
     optimal = ((s[64:] ** 2).sum().sqrt() / s.norm()).item()
     assert err == pytest.approx(rel_err(mpo_to_dense(cores), w), rel=1e-6)
     assert optimal <= err <= 1.01 * optimal
+
+
+def test_lapack_threads_single_threads_small_factorizations_and_restores():
+    from tnkernels.decompose.linalg import _SINGLE_THREAD_MAX, lapack_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with lapack_threads(torch.zeros(300, 40)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with lapack_threads(torch.zeros(_SINGLE_THREAD_MAX + 1, _SINGLE_THREAD_MAX + 1)[:, :]):
+            assert torch.get_num_threads() == 2  # big: the factorization keeps every thread
+        with pytest.raises(RuntimeError, match="boom"), lapack_threads(torch.zeros(8, 8)):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2  # restored on error too
+    finally:
+        torch.set_num_threads(before)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decompose import auto_modes, mpo_bonds_for_ratio, mpo_num_params
+from ..decompose.linalg import lapack_threads
 from ..decompose.mpo import check_finite
 from .cache import mpo_decision
 
@@ -77,12 +78,16 @@ def tt_error(weight: torch.Tensor, in_modes, out_modes, bonds) -> float:
         # Singular values from the eigenvalues of the smaller Gram matrix: an eigh of a GEMM result is many
         # times faster than an SVD on a CPU, and the squared spectrum is accurate enough for an error bound.
         if m.shape[0] <= m.shape[1]:
-            lam, u = torch.linalg.eigh(m @ m.T)
+            gram = m @ m.T
+            with lapack_threads(gram):
+                lam, u = torch.linalg.eigh(gram)
             lam, u = lam.flip(0).clamp_min(0), u.flip(1)
             r = min(bonds[k], lam.numel())
             rest = u[:, :r].T @ m  # = S_r V_r^T
         else:
-            lam, v = torch.linalg.eigh(m.T @ m)
+            gram = m.T @ m
+            with lapack_threads(gram):
+                lam, v = torch.linalg.eigh(gram)
             lam, v = lam.flip(0).clamp_min(0), v.flip(1)
             r = min(bonds[k], lam.numel())
             rest = lam[:r].sqrt()[:, None] * v[:, :r].T  # = S_r V_r^T
