@@ -180,6 +180,9 @@ GPT2_XL = [
     ("attn.c_proj", (4, 4, 10, 10), (4, 4, 10, 10)),  # 1600 -> 1600
     ("mlp.c_fc", (4, 4, 10, 10), (8, 8, 10, 10)),  # 1600 -> 6400
     ("mlp.c_proj", (8, 8, 10, 10), (4, 4, 10, 10)),  # 6400 -> 1600
+    # the low-rank split, modes (in, 1) x (1, out): what MPOLinear.from_linear(ratio=R) picks by default
+    ("mlp.c_fc low-rank", (1600, 1), (1, 6400)),
+    ("mlp.c_proj low-rank", (6400, 1), (1, 1600)),
 ]
 
 
@@ -398,11 +401,11 @@ def bench_tucker(rec: Recorder, peaks: dict, deadline: float, grid) -> None:
                 rec.error(f"{case} fwd+bwd {provider}", exc)
 
 
-MPO_CHECKS = [(7, (3, 5, 7), (2, 3, 5), 6), (33, (4, 4, 10, 10), (8, 8, 10, 10), 32)]
+MPO_CHECKS = [(7, (3, 5, 7), (2, 3, 5), 6), (33, (4, 4, 10, 10), (8, 8, 10, 10), 32), (33, (160, 1), (1, 96), 24)]
 TUCKER_CHECKS = [(2, 19, 9, 5, 3, 2, 1), (4, 64, 14, 32, 3, 1, 1), (2, 96, 8, 160, 3, 1, 1)]
 # --smoke-cpu: the same code paths on shapes the interpreter finishes in seconds.
 SMOKE = {
-    "mpo_checks": [(3, (3, 5), (2, 3), 4)],
+    "mpo_checks": [(3, (3, 5), (2, 3), 4), (3, (15, 1), (1, 6), 4)],
     "tucker_checks": [(1, 5, 5, 3, 3, 1, 1)],
     "layers": [("tiny", (3, 5), (2, 3))],
     "rows": [1, 4],
