@@ -37,14 +37,18 @@ def _factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
 _THIN = 16
 
 
+def _thin(t: torch.Tensor) -> bool:
+    return t.shape[1] < _THIN and t.device.type == "cpu"  # a CPU BLAS matter; cuBLAS does not care
+
+
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return x2d @ (a.t().contiguous().t() if a.shape[1] < _THIN else a)
+    return x2d @ (a.t().contiguous().t() if _thin(a) else a)
 
 
 def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     # thin: (dh^T x)^T, whose transposed result autograd copies into the parameter's layout (a strided copy of
     # in * r numbers, cheap next to the GEMM it saves); otherwise x^T dh, contiguous as it comes
-    return (dh.t() @ x2d).t() if dh.shape[1] < _THIN else x2d.t() @ dh
+    return (dh.t() @ x2d).t() if _thin(dh) else x2d.t() @ dh
 
 
 def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
