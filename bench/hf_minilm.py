@@ -4,8 +4,9 @@ Compresses the FFN layers (intermediate.dense, output.dense of all 6 blocks) at 
 held-out sentence embeddings with the teacher's:
   one-shot            tnkernels.tensorize on the same layers (TT-SVD of the weights), no data, no training
   one-shot-whitened   the pipeline's data-aware init alone (activation-whitened low rank, 0 training steps)
-  slice-wise          the distill.hf pipeline (preset mlp, its defaults): whitened init, then each FFN
-                      trained alone on the teacher's captured features
+  slice-wise          the distill.hf pipeline with its defaults (preset block: one BertLayer per slice, only
+                      its FFN tensorized, its attention and LayerNorms trained too): whitened init, then each
+                      slice trained alone on the teacher's captured features
   slice-wise-sequential  the same with --mode sequential (inputs from the already compressed slices)
   global              the one-shot-whitened model fine-tuned end to end (last hidden states) for the same
                       wall-clock time as the slice-wise training
@@ -80,7 +81,9 @@ def main() -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention", action="store_true")
-    p.add_argument("--preset", default="mlp", choices=PRESETS)
+    p.add_argument(
+        "--preset", default=None, choices=PRESETS, help="slice preset (default: the pipeline's, block for BERT)"
+    )
     p.add_argument("--init", default=DEFAULTS["init"], choices=INITS)
     p.add_argument(
         "--methods",

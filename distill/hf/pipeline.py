@@ -35,11 +35,11 @@ from distill.slices import set_submodule
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
 from .models import base_model, family_of, load_hf_model
-from .presets import ATTENTION_PATTERNS, PRESETS, resolve, slice_specs
+from .presets import ATTENTION_PATTERNS, PRESETS, default_preset, resolve, slice_specs
 from .train import INITS, tensorize_slice, train_slice
 
 DEFAULTS = {
-    "preset": "mlp",
+    "preset": None,  # per family: presets.DEFAULT_PRESET (block for BERT, mlp for GPT-2)
     "attention": False,
     "text": None,
     "seq_len": 128,
@@ -80,7 +80,12 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
             help="sequential: slice k trains on the inputs the already compressed slices produce (default "
             "on one process); parallel: on the teacher's inputs (default and required under torchrun)",
         )
-    p.add_argument("--preset", choices=PRESETS, default=DEFAULTS["preset"], help="slice granularity")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=DEFAULTS["preset"],
+        help="slice granularity (default: block for BERT, mlp for GPT-2, the measured best of each)",
+    )
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
     p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
@@ -173,7 +178,7 @@ def compress_model(
     out: str | os.PathLike,
     *,
     ratio: float,
-    preset: str = "mlp",
+    preset: str | None = None,
     attention: bool = False,
     group_size: int = 2,
     layers=None,
@@ -193,6 +198,7 @@ def compress_model(
 ) -> dict | None:
     """Compress ``model`` (GPT-2 or BERT; in place on rank 0) slice-wise and write ``out`` (module doc).
 
+    ``preset=None`` takes the family's default (``presets.DEFAULT_PRESET``: block for BERT, mlp for GPT-2).
     Returns the report dict on rank 0, ``None`` on other ranks.
     """
     if not 0 <= rank < world:
@@ -202,6 +208,7 @@ def compress_model(
     model.to(device).eval()
     base = base_model(model)
     family = family_of(model)
+    preset = preset or default_preset(model)
     specs = slice_specs(model, preset, group_size=group_size, layers=layers)
     (out / "slices").mkdir(parents=True, exist_ok=True)
     ckpt = {s.name: out / "slices" / f"{s.name}.pt" for s in specs}
@@ -230,7 +237,7 @@ def compress_model(
         for s in specs:  # a resumed run: slices finished earlier feed the ones still to train
             if ckpt[s.name].is_file():
                 _install(base, torch.load(ckpt[s.name], weights_only=False, map_location=device))
-    for k, s in enumerate(mine):
+    for s in mine:
         data = load_slice_features(store, s.name, device=device)
         if sequential and any(ckpt[p.name].is_file() for p in specs[: specs.index(s)]):
             data = _student_inputs(model, s, calib, out / "features" / "student", data, device, progress)
