@@ -1,6 +1,7 @@
 """e9: end-to-end MiniLM FFNs at 2x through distill.hf.pipeline.compress_model (whitened init, sequential).
 
 python e9.py PRESET STEPS LR [EXTRA_TEXT_FILE [MAX_EXTRA]]
+RATIO=R (environment, default 2) sets the FFN ratio.
 PRESET mlp | block | groupN (groupN: N consecutive blocks per slice; block: whole BertLayer per slice, only its FFN compressed, attention + LayerNorms trained).
 EXTRA_TEXT_FILE: more calibration sentences (one per line) added to the embedded corpus's calibration sentences;
 the 50 held-out sentences of the embedded corpus stay the evaluation set.
@@ -33,12 +34,12 @@ t_emb = evaluate.sentence_embeddings(teacher, held)
 before = tnkernels.count_params(teacher.encoder)
 t0 = time.time()
 with tempfile.TemporaryDirectory() as out:
-    rep = compress_model(teacher, calib, out, ratio=2, preset=preset, group_size=group_size, steps=steps, lr=lr, sequential=True,
+    rep = compress_model(teacher, calib, out, ratio=float(os.environ.get("RATIO", "2")), preset=preset, group_size=group_size, steps=steps, lr=lr, sequential=True,
                          progress=False)
 for s in rep["slices"]:
     print(s["slice"], f"nmse {s['initial_nmse']:.4f} -> {s['final_nmse']:.4f} steps {s['steps']} {s['seconds']:.0f}s",
           flush=True)
 m = evaluate.embedding_agreement(t_emb, evaluate.sentence_embeddings(teacher, held))
 print("args", sys.argv[1:], "encoder params", before, "->", tnkernels.count_params(teacher.encoder))
-print("RESULT", sys.argv[1:], {k: round(v, 4) for k, v in m.items()}, "sec", round(time.time() - t0),
+print("RESULT", sys.argv[1:], "ratio", os.environ.get("RATIO", "2"), {k: round(v, 4) for k, v in m.items()}, "sec", round(time.time() - t0),
       "load", open("/proc/loadavg").read().split()[0], flush=True)
