@@ -441,3 +441,18 @@ def test_random_schedules_match_reference(fresh_packs):
     # the draw covers a right-to-left sweep, a cached merge and a merge paid per call
     assert {"right", "left"} == {s[0] for s in seen} and ("left", True, True) in seen, seen
     assert ("left", True, False) in seen, seen
+
+
+@needs_native
+def test_one_row_calls_over_big_cores_are_tuned(monkeypatch):
+    """A one-row call is a matrix-vector product: over _TUNE_MIN_ROW1_BYTES of cores it is tuned even below
+    _TUNE_MIN_FLOPS (ATen's GEMV can stream big cores faster than the kernel); a 2-row call of the same chain is not."""
+    monkeypatch.setattr(native_impl, "_TUNE_MIN_ROW1_BYTES", 1000)  # a small chain stands in for a big one
+    cores = make_cores((40, 1), (1, 24), [6])
+    native_impl._ROUTES.clear()
+    with torch.inference_mode():
+        for rows in (1, 2):
+            x = torch.randn(rows, 40)
+            y = mpo_linear(x, cores, None, backend="native")
+            assert_close_rel(y, reference64(x, cores, None), tolerance(torch.float32, "native"), f"{rows} rows")
+    assert [key[1] for key in native_impl.route_cache()] == [1]

@@ -139,6 +139,10 @@ _KERNEL, _ATEN = 1, 2
 # (docs/native.md) on the grid's small layers the kernel route was 1.1-2.3x faster than the ATen one, so tuning there
 # only risks a wrong pick: on a loaded machine one descheduled timing is enough to pick the slower route.
 _TUNE_MIN_FLOPS = 2e7
+# A single row is a matrix-vector product, bound by reading the cores: there MKL's GEMV (the ATen route) streams
+# big cores faster than the kernel (low-rank 768->3072 at rank 307, 4.7 MB of cores: kernel 320 us, ATen 119 us;
+# at 4 rows the kernel wins again, 323 against 364 us). So one-row calls over this many core bytes are tuned too.
+_TUNE_MIN_ROW1_BYTES = 1 << 20
 _TUNE_REPS = 5
 # ATen must beat the kernel by this factor to be picked (the kernel is the default; a tie is noise).
 _TUNE_MARGIN = 0.9
@@ -394,7 +398,9 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
         xin = x.reshape(rows, *in_modes).permute(0, *range(n, 0, -1)).reshape(rows, in_f)
         b_in = None
     route = _KERNEL
-    if work >= _TUNE_MIN_FLOPS:
+    if work >= _TUNE_MIN_FLOPS or (
+        rows == 1 and sum(math.prod(sh) for sh in shapes) * cores[0].element_size() >= _TUNE_MIN_ROW1_BYTES
+    ):
         key = (shapes, rows, x.dtype, cores[0].dtype, torch.get_num_threads(), direction, groups)
         route = _ROUTES.get(key, 0)
     try:
