@@ -62,7 +62,7 @@ PRESETS = {
     # calls takes ~0.6 s here with a balanced chain), 2 of the 4 conv stages, rows up to 1024.
     "cpu": dict(linear=["resnet34-fc", "minilm-mlp-down", "minilm-mlp-up", "gpt2-mlp-up"],
                 rows=[1, 64, 1024], ratios=[2, 4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
-                batches=[1, 8], reps=3),
+                batches=[1, 8], reps=7),
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], rows=[1, 64], ratios=[4, 16],
                   conv=["resnet34-conv256"], batches=[1], reps=5),
     "smoke": dict(linear=["minilm-mlp-down"], rows=[8], ratios=[4], conv=["resnet34-conv512"], batches=[1],
