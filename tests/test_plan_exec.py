@@ -185,7 +185,7 @@ def test_planned_paths_trace_without_graph_breaks(kind):
 @st.composite
 def low_rank_chains(draw):
     n_in, n_out = draw(st.integers(1, 9)), draw(st.integers(1, 9))
-    rank = draw(st.sampled_from([1, 2, 3, 5, 16, 17]))  # below and above the thin-GEMM layout switch (16)
+    rank = draw(st.sampled_from([1, 2, 3, 5, 16, 17, 40]))  # both sides of the layout switches (16, 32)
     lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
     shapes = [(1, n_in, 1, rank), (rank, 1, n_out, 1)]
     return shapes, lead, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
