@@ -155,15 +155,21 @@ def _check_plans(module, x, shapes, rows: int, reps: int) -> dict:
 
     The pick is judged by its own entry in the same measurement set (timed back to back with the others), not by
     a separate timing: on a noisy machine a separate run would compare two different load conditions."""
-    measured = {}
+    from bench.plan_check import SKIP_FACTOR
+
+    predicted = {}
     for kind in PLAN_KINDS:
         with options(force=kind):
             try:
-                mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False)
+                predicted[kind] = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False).forward.seconds
             except ValueError:
                 continue  # e.g. merge on a 2-core chain
-            with torch.no_grad():
-                measured[kind] = timer(lambda: module(x), reps=reps)
+    measured = {}
+    for kind, seconds in predicted.items():
+        if seconds > SKIP_FACTOR * min(predicted.values()):
+            continue  # hopeless, and possibly huge (see bench.plan_check)
+        with options(force=kind), torch.no_grad():
+            measured[kind] = timer(lambda: module(x), reps=reps)
     chosen = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False).forward.kind
     best = min(measured.values())
     return dict(measured_by_kind=measured, chosen=chosen, chosen_s=measured[chosen], fastest_s=best,
