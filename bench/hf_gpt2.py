@@ -221,7 +221,7 @@ def main() -> None:
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
-            "note": "2 CPU cores shared with 3 other engineers' jobs; timings are noisy, compare side by side",
+            "note": "timings depend on the machine's load (loadavg fields); compare side by side",
         },
         "loadavg_start": loadavg(),
         "config": (

@@ -234,7 +234,7 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "mem_total_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
                 "torch": torch.__version__,
-                "note": "2 CPU cores shared with 3 other engineers' jobs; timings are noisy",
+                "note": "timings depend on the machine's load (loadavg fields)",
             },
             "command": " ".join(["torchrun" if world > 1 else "python"] + sys.argv),
             "loadavg_end": loadavg(),

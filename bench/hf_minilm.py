@@ -58,7 +58,7 @@ def hardware() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "note": "2 CPU cores shared with 5 other engineers' jobs; timings are noisy",
+        "note": "timings depend on the machine's load (loadavg fields)",
     }
 
 
