@@ -212,7 +212,12 @@ def get_teacher(
         datasets = load_data(data, image_size=image_size)
     train_ds, test_ds = datasets
     n_classes = num_classes_of(train_ds)
-    net = build_model(model, n_classes)
+    # The initial weights come from `seed` alone, not from whatever the caller's code drew from the global RNG
+    # before (a planner calibration on first use, say), so the same command trains the same teacher; fork_rng
+    # leaves the caller's RNG as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_model(model, n_classes)
     if weights is not None:
         return load_weights(net, weights, model_name=model).to(device)
     path = cache_dir() / "teachers" / f"{model}-{_data_key(data, image_size)}-{_RECIPE}-s{seed}.pt"

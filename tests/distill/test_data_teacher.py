@@ -101,6 +101,20 @@ def test_teacher_is_trained_once_then_cached(tmp_path, monkeypatch):
         assert torch.equal(t2.state_dict()[k], v)
 
 
+def test_the_same_seed_trains_the_same_teacher_whatever_the_global_rng(tmp_path, monkeypatch):
+    # The initial weights must come from the seed, not from what other code drew from the global RNG before
+    # (a planner calibration on first use, for example).
+    train, test = load_digits(image_size=8)
+    small = (torch.utils.data.Subset(train, list(range(64))), test)
+    teachers = []
+    for k, cache in enumerate(("a", "b")):
+        monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path / cache))
+        torch.manual_seed(100 + k)  # a different global RNG state before each call
+        teachers.append(get_teacher("resnet18", data="digits", image_size=8, epochs=1, progress=False, datasets=small))
+    a, b = (t.state_dict() for t in teachers)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluate_counts_correct_predictions():
     class Fixed(torch.nn.Module):
         def forward(self, x):
