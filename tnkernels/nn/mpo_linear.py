@@ -107,8 +107,10 @@ class MPOLinear(nn.Module):
         Rank selection: `ratio` (dense/tensorized parameters), or `max_bond` and/or `rel_tol`; none of them keeps
         the full bonds (exact). Modes default to `auto_modes` with `num_cores` cores (default 2).
         With `ratio` and no modes / num_cores, tnkernels.plan.choose_mpo_structure picks cores, modes and
-        bonds: prefer="speed" (the default) the fastest predicted structure whose error is not clearly worse
-        than the 2-core default's; prefer="accuracy" the most accurate one.
+        bonds among balanced splits of 2..5 cores and the low-rank split (in, 1) x (1, out): prefer="speed"
+        (the default) the fastest predicted structure whose error is not clearly worse than the balanced
+        2-core split's (usually the low-rank split, two GEMMs of dense/ratio FLOPs); prefer="accuracy" the
+        most accurate one.
         """
         where = f"MPOLinear.from_linear({type(linear).__name__})"
         if not (isinstance(linear, nn.Linear) or is_hf_conv1d(linear)):
