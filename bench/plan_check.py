@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from bench.providers import linear_providers
+from bench.providers import forced_kind_predictions, linear_providers
 from bench.run_grid import LINEAR_SHAPES
-from tnkernels.plan import PLAN_KINDS, choose_mpo_structure, mpo_decision, options
+from tnkernels.plan import MPOStructure, choose_mpo_structure, mpo_decision, options
 
 GRIDS = {
     "cpu": dict(
@@ -41,9 +41,6 @@ GRIDS = {
 }
 
 
-SKIP_FACTOR = 50.0  # a forced kind predicted this many times slower than the best one is not timed
-
-
 def _best_call(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -53,27 +50,15 @@ def _best_call(fn, reps: int) -> float:
     return best
 
 
-def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int, low_rank: bool = True) -> dict:
+def check_point(name: str, ratio: float, s: MPOStructure, rows: int, rounds: int, reps: int) -> dict:
+    """Time every worthwhile forced plan kind of layer `name` with structure `s` at `rows` rows."""
     n_in, n_out = LINEAR_SHAPES[name]
-    s = choose_mpo_structure(n_out, n_in, ratio, rows=1024, low_rank=low_rank)
     module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False, backend="torch")[1].module
     x = torch.randn(rows, n_in)
     shapes = s.core_shapes()
     cpu = torch.device("cpu")
-    kinds, predicted = [], {}
-    for kind in PLAN_KINDS:
-        with options(force=kind):
-            try:
-                predicted[kind] = mpo_decision(shapes, rows, torch.float32, cpu, False).forward.seconds
-            except ValueError:
-                continue  # e.g. merge on a 2-core chain
-        kinds.append(kind)
-    # Kinds the model prices far above the best are not run: they cannot be the fastest, and some are absurd
-    # (sweeping a low-rank chain from the right builds a rows x in x out x rank intermediate: 346 MB at one row of
-    # the ResNet fc, hundreds of GB at 1024 rows).
-    best_predicted = min(predicted.values())
-    skipped = {k: predicted[k] for k in kinds if predicted[k] > SKIP_FACTOR * best_predicted}
-    kinds = [k for k in kinds if k not in skipped]
+    predicted, kinds = forced_kind_predictions(shapes, rows)
+    skipped = {k: v for k, v in predicted.items() if k not in kinds}
     measured = {k: float("inf") for k in kinds}
     with torch.no_grad():
         for kind in kinds:  # warm-up: first calls allocate and plan
@@ -101,6 +86,18 @@ def check_point(name: str, ratio: float, rows: int, rounds: int, reps: int, low_
     )
 
 
+def structures(name: str, ratio: float, which: str) -> list[MPOStructure]:
+    """The structures to check at this (layer, ratio): from_linear's pick ("auto", usually low rank), the best
+    balanced one ("balanced"), or both, once each when the pick is balanced already."""
+    n_in, n_out = LINEAR_SHAPES[name]
+    picks = []
+    for low_rank in {"both": (True, False), "auto": (True,), "balanced": (False,)}[which]:
+        s = choose_mpo_structure(n_out, n_in, ratio, rows=1024, low_rank=low_rank)
+        if all(s.core_shapes() != p.core_shapes() for p in picks):
+            picks.append(s)
+    return picks
+
+
 def _table(records: list[dict]) -> str:
     lines = [
         "| layer | ratio | structure | rows | picked | fastest | picked/fastest | measured ms (predicted ms) per kind |",
@@ -111,9 +108,7 @@ def _table(records: list[dict]) -> str:
             f"{k} {r['measured_s'][k] * 1e3:.3f} ({r['predicted_s'][k] * 1e3:.3f})" for k in r["measured_s"]
         )
         if r.get("skipped_predicted_s"):
-            per_kind += "; not run: " + ", ".join(
-                f"{k} ({v * 1e3:.3g})" for k, v in r["skipped_predicted_s"].items()
-            )
+            per_kind += "; not run: " + ", ".join(f"{k} ({v * 1e3:.3g})" for k, v in r["skipped_predicted_s"].items())
         lines.append(
             f"| {r['layer']} {r['shape'][0]}x{r['shape'][1]} | {r['ratio']} | {r['structure']['label']} | "
             f"{r['rows']} | {r['chosen']} | "
@@ -142,12 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in grid["linear"]:
         for ratio in grid["ratios"]:
             for rows in grid["rows"]:
-                for low_rank in {"both": (True, False), "auto": (True,), "balanced": (False,)}[args.structure]:
-                    rec = check_point(name, ratio, rows, args.rounds, args.reps, low_rank)
-                    if low_rank is False and any(r["structure"] == rec["structure"] and r["rows"] == rows
-                                                 and r["ratio"] == ratio and r["layer"] == name
-                                                 for r in records):
-                        continue  # from_linear's pick was balanced already: the same point twice
+                for s in structures(name, ratio, args.structure):
+                    rec = check_point(name, ratio, s, rows, args.rounds, args.reps)
                     records.append(rec)
                     print(
                         f"{name:16s} ratio {ratio:3g} {rec['structure']['label']:8s} rows {rows:5d}: "

@@ -61,9 +61,7 @@ def _tltorch_linear(in_modes, out_modes, bonds) -> Provider:
             warnings.simplefilter("ignore")
             import tltorch
     except ImportError as exc:
-        return Provider(
-            "tltorch", None, f"tltorch not installed ({exc}): pip install tensorly tensorly-torch"
-        )
+        return Provider("tltorch", None, f"tltorch not installed ({exc}): pip install tensorly tensorly-torch")
     layer = tltorch.FactorizedLinear(
         in_tensorized_features=tuple(in_modes),
         out_tensorized_features=tuple(out_modes),
@@ -106,9 +104,7 @@ def linear_providers(in_modes, out_modes, bonds, *, peers: bool = True, backend:
     return out
 
 
-def conv_providers(
-    c_in: int, c_out: int, k: int, ranks: tuple[int, int], padding: int, *, peers: bool = True
-):
+def conv_providers(c_in: int, c_out: int, k: int, ranks: tuple[int, int], padding: int, *, peers: bool = True):
     """dense nn.Conv2d, tnkernels TuckerConv2d, tltorch FactorizedConv (Tucker, same channel ranks)."""
     dense = nn.Conv2d(c_in, c_out, k, padding=padding, bias=False)
     tnk = TuckerConv2d(c_in, c_out, k, ranks=ranks, padding=padding, bias=False, backend="torch")
@@ -164,3 +160,26 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
+
+
+# A forced plan kind predicted this many times slower than the best kind is not timed by the plan checks.
+SKIP_FACTOR = 50.0
+
+
+def forced_kind_predictions(shapes, rows: int) -> tuple[dict[str, float], list[str]]:
+    """({kind: predicted forward seconds} for every plan kind that applies to this chain, the kinds worth timing).
+
+    Kinds the model prices over SKIP_FACTOR times the best are left out: they cannot be the fastest, and some are
+    absurd (sweeping a low-rank chain from the right builds a rows x in x out x rank intermediate: 346 MB at one
+    row of the ResNet fc, hundreds of GB at 1024 rows)."""
+    from tnkernels.plan import PLAN_KINDS, mpo_decision, options
+
+    predicted = {}
+    for kind in PLAN_KINDS:
+        with options(force=kind):
+            try:
+                predicted[kind] = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False).forward.seconds
+            except ValueError:
+                continue  # e.g. merge on a 2-core chain
+    best = min(predicted.values())
+    return predicted, [k for k, v in predicted.items() if v <= SKIP_FACTOR * best]

@@ -28,10 +28,9 @@ import tempfile
 
 import torch
 
-from bench.providers import conv_providers, linear_providers, saved_bytes, timer
+from bench.providers import conv_providers, forced_kind_predictions, linear_providers, saved_bytes, timer
 from tnkernels.plan import (
     auto_mpo_backend,
-    PLAN_KINDS,
     choose_mpo_structure,
     get_calibration,
     mpo_decision,
@@ -166,19 +165,9 @@ def _check_plans(module, x, shapes, rows: int, reps: int) -> dict:
 
     The pick is judged by its own entry in the same measurement set (timed back to back with the others), not by
     a separate timing: on a noisy machine a separate run would compare two different load conditions."""
-    from bench.plan_check import SKIP_FACTOR
-
-    predicted = {}
-    for kind in PLAN_KINDS:
-        with options(force=kind):
-            try:
-                predicted[kind] = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False).forward.seconds
-            except ValueError:
-                continue  # e.g. merge on a 2-core chain
+    _, kinds = forced_kind_predictions(shapes, rows)
     measured = {}
-    for kind, seconds in predicted.items():
-        if seconds > SKIP_FACTOR * min(predicted.values()):
-            continue  # hopeless, and possibly huge (see bench.plan_check)
+    for kind in kinds:
         with options(force=kind), torch.no_grad():
             measured[kind] = timer(lambda: module(x), reps=reps)
     chosen = mpo_decision(shapes, rows, torch.float32, torch.device("cpu"), False).forward.kind
@@ -281,7 +270,11 @@ def summarize(records: list[dict]) -> dict:
     out["max_tnk_over_dense_rows_ge_64"] = max(big) if big else None
     for kind in ("linear", "conv"):
         for ps in ("fwd", "fwd+bwd"):
-            cells = [r for r in lin if r["kind"] == kind and r["passes"] == ps and r["rows"] >= (64 if kind == "linear" else 1)]
+            cells = [
+                r
+                for r in lin
+                if r["kind"] == kind and r["passes"] == ps and r["rows"] >= (64 if kind == "linear" else 1)
+            ]
             if cells:
                 ok = sum(r["times_s"]["tnkernels"] <= 1.1 * r["times_s"]["dense"] for r in cells)
                 out[f"{kind}_{ps}_within_1.1x_dense"] = f"{ok}/{len(cells)}"

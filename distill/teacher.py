@@ -90,9 +90,7 @@ def train_classifier(
     )
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
     bar = tqdm(total=epochs * len(loader), desc="teacher", disable=not progress, unit="step")
     for _ in range(epochs):
         for x, y in loader:
@@ -213,8 +211,8 @@ def get_teacher(
     train_ds, test_ds = datasets
     n_classes = num_classes_of(train_ds)
     # The initial weights come from `seed` alone, not from whatever the caller's code drew from the global RNG
-    # before (a planner calibration on first use, say), so the same command trains the same teacher; fork_rng
-    # leaves the caller's RNG as it was.
+    # before (a planner calibration on first use, say), so the same command trains the same teacher. (Building
+    # under fork_rng keeps a cached teacher from moving the caller's RNG; training reseeds it anyway.)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_model(model, n_classes)

@@ -149,6 +149,12 @@ _TUNE_MARGIN = 0.9
 _ROUTES: dict[tuple, int] = {}
 
 
+@functools.lru_cache(maxsize=4096)
+def _core_numel(shapes: tuple) -> int:
+    """Numbers in all cores: cached per shapes, since it is asked on the hot path of every one-row call."""
+    return sum(math.prod(sh) for sh in shapes)
+
+
 def route_cache() -> dict[tuple, str]:
     """The routes chosen so far: {(core shapes, rows, x dtype, core dtype, threads, direction, groups): "kernel" |
     "aten"}."""
@@ -398,9 +404,8 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
         xin = x.reshape(rows, *in_modes).permute(0, *range(n, 0, -1)).reshape(rows, in_f)
         b_in = None
     route = _KERNEL
-    if work >= _TUNE_MIN_FLOPS or (
-        rows == 1 and sum(math.prod(sh) for sh in shapes) * cores[0].element_size() >= _TUNE_MIN_ROW1_BYTES
-    ):
+    big_matvec = rows == 1 and _core_numel(shapes) * cores[0].element_size() >= _TUNE_MIN_ROW1_BYTES
+    if work >= _TUNE_MIN_FLOPS or big_matvec:
         key = (shapes, rows, x.dtype, cores[0].dtype, torch.get_num_threads(), direction, groups)
         route = _ROUTES.get(key, 0)
     try:
