@@ -309,9 +309,10 @@ def bench_mpo(rec: Recorder, peaks: dict, deadline: float, rows_list, bonds, lay
             leaves = [g.detach().clone().requires_grad_() for g in cores]
             wd = w.detach().clone().requires_grad_()
             gy = torch.randn(rows, n_out, device=DEVICE, dtype=dtype)
+            chain3 = 3 * chain_flops(rows, cores)
             for provider, fn, fl in [
-                ("triton", lambda: mpo_linear(x, leaves, bias, backend="triton").backward(gy), 3 * chain_flops(rows, cores)),
-                ("torch", lambda: mpo_linear(x, leaves, bias, backend="torch").backward(gy), 3 * chain_flops(rows, cores)),
+                ("triton", lambda: mpo_linear(x, leaves, bias, backend="triton").backward(gy), chain3),
+                ("torch", lambda: mpo_linear(x, leaves, bias, backend="torch").backward(gy), chain3),
                 ("dense", lambda: F.linear(x, wd, bias).backward(gy), 6 * rows * n_in * n_out),
             ]:  # fmt: skip
                 try:

@@ -100,7 +100,8 @@ def structures(name: str, ratio: float, which: str) -> list[MPOStructure]:
 
 def _table(records: list[dict]) -> str:
     lines = [
-        "| layer | ratio | structure | rows | picked | fastest | picked/fastest | measured ms (predicted ms) per kind |",
+        "| layer | ratio | structure | rows | picked | fastest | picked/fastest "
+        "| measured ms (predicted ms) per kind |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:

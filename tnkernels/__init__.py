@@ -18,8 +18,6 @@ from .decompose import (
     tucker_ranks_for_ratio,
 )
 from .nn import MPOLinear, TuckerConv2d
-from .plan import explain
-from .ops.mpo.native_impl import native_available
 from .ops import (
     backend_available,
     mpo_linear,
@@ -28,6 +26,8 @@ from .ops import (
     tucker_conv2d,
     tucker_to_dense,
 )
+from .ops.mpo.native_impl import native_available
+from .plan import explain
 
 __all__ = [
     "__version__",

@@ -24,7 +24,6 @@ from tnkernels.convert.report import LayerReport, TensorizeReport
 from .presets import run_hf_slice
 from .whiten import input_moments, is_linear, whitened_lowrank
 
-
 INITS = ("whitened", "plain")
 
 

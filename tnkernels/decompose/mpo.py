@@ -32,7 +32,8 @@ def _check_modes(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Seque
         )
     if len(in_modes) != len(out_modes) or len(in_modes) == 0:
         raise ValueError(
-            f"{where}: in_modes {tuple(in_modes)} and out_modes {tuple(out_modes)} must be non-empty and of equal length"
+            f"{where}: in_modes {tuple(in_modes)} and out_modes {tuple(out_modes)} must be non-empty and of "
+            "equal length"
         )
     if any((not isinstance(m, int)) or m < 1 for m in (*in_modes, *out_modes)):
         raise ValueError(

@@ -33,7 +33,8 @@ def _check_ranks(ranks: Sequence[int], shape: Sequence[int], where: str) -> tupl
     r_out, r_in = ranks
     if not (1 <= r_out <= shape[0]) or not (1 <= r_in <= shape[1]):
         raise ValueError(
-            f"{where}: ranks {tuple(ranks)} must satisfy 1 <= R_out <= {shape[0]} (C_out) and 1 <= R_in <= {shape[1]} (C_in)"
+            f"{where}: ranks {tuple(ranks)} must satisfy 1 <= R_out <= {shape[0]} (C_out) and "
+            f"1 <= R_in <= {shape[1]} (C_in)"
         )
     return r_out, r_in
 
