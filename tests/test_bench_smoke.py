@@ -27,6 +27,11 @@ def test_grid_smoke_writes_json_and_table(tmp_path):
         assert r["roofline_speedup"] > 0 and r["plan"]
     lin = next(r for r in data["records"] if r["kind"] == "linear")
     assert "naive-einsum" in lin["times_s"]
+    # below 64 rows the framework floor is timed in the same rounds and summarized beside the pure roofline
+    assert lin["rows"] < 64 and lin["times_s"]["floor"] > 0
+    summary = data["summary"]
+    assert summary["max_measured_over_roofline_plus_floor_rows_lt_64"] > 0
+    assert summary["rows_lt_64_within_1.3x_roofline_plus_floor"].endswith("/1")
     env = data["environment"]
     assert env["versions"]["torch"] and env["threads"] >= 1 and "calibration" in env
     assert data["recompute_saved_bytes"]["recompute"] < data["recompute_saved_bytes"]["save"]
@@ -35,6 +40,27 @@ def test_grid_smoke_writes_json_and_table(tmp_path):
     assert "| layer |" in md and "minilm-mlp-down" in md
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert not leftovers, "temporary file left behind"
+
+
+def test_grid_resumes_an_interrupted_run_without_timing_finished_cells(tmp_path, monkeypatch):
+    run_grid = pytest.importorskip("bench.run_grid")
+    args = ["--preset", "smoke", "--passes", "fwd", "--out", str(tmp_path)]
+    first = run_grid.main(args)
+    # what an interrupted run leaves: the finished cells in the partial file
+    partial = tmp_path / "grid-smoke.partial.json"
+    partial.write_text(json.dumps(dict(preset="smoke", records=first["records"])))
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a finished cell was timed again")
+
+    monkeypatch.setattr(run_grid, "bench_linear", must_not_run)
+    monkeypatch.setattr(run_grid, "bench_conv", must_not_run)
+    second = run_grid.main(args)
+    assert second["records"] == json.loads(json.dumps(first["records"], default=str))  # as saved, not re-timed
+    assert not partial.exists()  # a finished run removes it
+    partial.write_text(json.dumps(dict(preset="smoke", records=first["records"])))
+    with pytest.raises(AssertionError, match="timed again"):
+        run_grid.main([*args, "--fresh"])  # --fresh starts over
 
 
 def test_plan_check_smoke_judges_the_pick(tmp_path):
