@@ -119,8 +119,18 @@ def test_mpo_bad_input():
     with pytest.raises(ValueError, match="NaN or Inf"):
         MPOLinear.from_linear(lin)
     layer = MPOLinear(12, 8, in_modes=(3, 4), out_modes=(2, 4), bonds=(2,))
-    with pytest.raises(ValueError, match="12"):
+    with pytest.raises(ValueError, match="MPOLinear: input has 10 features .* in_features=12"):
         layer(torch.randn(2, 10))
+    with pytest.raises(ValueError, match="MPOLinear: input has 0 features"):
+        layer(torch.tensor(1.0))
+    layer(torch.randn(2, 12))  # the forward checks the cores once and then trusts them, until they change:
+    layer.cores[1] = nn.Parameter(torch.randn(3, 4, 2, 1))  # bond 3 against core 0's 2
+    with pytest.raises(ValueError, match="MPOLinear: bond mismatch"):
+        layer(torch.randn(2, 12))
+    layer.cores[0] = nn.Parameter(torch.randn(1, 3, 2, 3))
+    layer.cores[1] = nn.Parameter(torch.randn(3, 5, 2, 1))  # a valid chain, but of 15 inputs
+    with pytest.raises(ValueError, match="the cores map 15 -> 4 features .* in_features=12"):
+        layer(torch.randn(2, 12))
 
 
 # ------------------------------------------------------------------------------------------------- TuckerConv2d

@@ -294,9 +294,27 @@ def test_auto_backend_hook(monkeypatch):
     assert auto_mpo_backend("cpu", 1, torch.float64, needs_grad=False) == "torch"
     native = backend_available("mpo_linear", "native")[0]
     assert auto_mpo_backend("cpu", 1, torch.float32, needs_grad=False) == ("native" if native else "torch")
+    # a low-rank chain is two BLAS GEMMs on the torch path, faster than the fused kernel (see backends.py)
+    assert auto_mpo_backend("cpu", 1, torch.float32, needs_grad=False, low_rank=True) == "torch"
     triton = backend_available("mpo_linear", "triton")[0]
     # Triton is opt-in on CUDA until it has been checked on a GPU (see tnkernels/plan/backends.py).
     monkeypatch.delenv("TNK_AUTO_TRITON", raising=False)
     assert auto_mpo_backend("cuda", 64, torch.float32, needs_grad=True) == "torch"
     monkeypatch.setenv("TNK_AUTO_TRITON", "1")
     assert auto_mpo_backend("cuda", 64, torch.float32, needs_grad=True) == ("triton" if triton else "torch")
+
+
+def test_auto_runs_a_low_rank_layer_on_the_torch_path(monkeypatch):
+    import tnkernels.ops as ops
+    from tnkernels import MPOLinear
+
+    seen = []
+    real = ops.resolve
+    monkeypatch.setattr(ops, "resolve", lambda op, backend, dev: seen.append(backend) or real(op, backend, dev))
+    layer = MPOLinear(12, 8, in_modes=(12, 1), out_modes=(1, 8), bonds=(3,))
+    x = torch.randn(1, 12)
+    with torch.no_grad():
+        y = layer(x)
+    assert seen == ["torch"]
+    ref = x.double() @ layer.to_dense().double().t() + layer.bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)

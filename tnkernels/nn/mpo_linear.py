@@ -16,7 +16,7 @@ from ..decompose import (
     mpo_decompose,
     mpo_num_params,
 )
-from ..ops import mpo_linear, mpo_to_dense
+from ..ops import check_mpo_cores, mpo_to_dense, run_mpo_linear
 from .hf_compat import is_hf_conv1d, linear_weight
 
 DEFAULT_NUM_CORES = 2
@@ -155,7 +155,30 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mpo_linear(x, list(self.cores), self.bias, backend=self.backend)
+        # ParameterList's own iterator converts every index to a string key (~3 us for two cores at one row, when
+        # the whole call takes ~10); its _parameters dict holds the same tensors in index order.
+        cores = list(self.cores._parameters.values())
+        shapes = tuple(g.shape for g in cores)
+        if shapes != getattr(self, "_checked_shapes", None):  # first call, or the cores were replaced
+            self._check_cores(cores)
+            self._checked_shapes = shapes
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[-1] if x.dim() else 0} features in its last dimension, "
+                f"expected in_features={self.in_features}"
+            )
+        return run_mpo_linear(x, cores, self.bias, self.backend)
+
+    def _check_cores(self, cores: list[torch.Tensor]) -> None:
+        where = type(self).__name__
+        check_mpo_cores(cores, where)
+        n_in, n_out = math.prod(g.shape[1] for g in cores), math.prod(g.shape[2] for g in cores)
+        if (n_in, n_out) != (self.in_features, self.out_features):
+            raise ValueError(
+                f"{where}: the cores map {n_in} -> {n_out} features but the layer has in_features="
+                f"{self.in_features}, out_features={self.out_features}; replace cores only with cores of the same "
+                "modes (or build a new layer)"
+            )
 
     # ------------------------------------------------------------------------------------------- conversions
     def to_dense(self) -> torch.Tensor:

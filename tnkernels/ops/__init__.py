@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..plan.backends import auto_mpo_backend
 from .dispatch import BACKENDS, backend_available, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
@@ -14,6 +15,7 @@ __all__ = [
     "BACKENDS",
     "backend_available",
     "mpo_linear",
+    "run_mpo_linear",
     "mpo_linear_reference",
     "mpo_to_dense",
     "tucker_conv2d",
@@ -78,13 +80,19 @@ def mpo_linear(
         )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    if backend == "auto":
-        from ..plan import auto_mpo_backend
+    return run_mpo_linear(x, cores, bias, backend)
 
+
+def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, backend: str):
+    """mpo_linear after its argument checks, for a caller that has made them: MPOLinear checks its cores when it
+    is built and the input's width on every call (at one row the checks cost a third of the call)."""
+    if backend == "auto":
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
         )
-        backend = auto_mpo_backend(x.device.type, x.numel() // max(in_features, 1), x.dtype, needs_grad)
+        low_rank = len(cores) == 2 and cores[0].shape[2] == 1 and cores[1].shape[1] == 1
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+        backend = auto_mpo_backend(x.device.type, rows, x.dtype, needs_grad, low_rank)
     fn = resolve("mpo_linear", backend, x.device.type)
     return fn(x, cores, bias)
 

@@ -8,6 +8,12 @@ importable is simply not a candidate.
                                them on real hardware they are opt-in (backend="triton", or TNK_AUTO_TRITON=1).
     CPU, forward only,      -> "native" when available, for float32 / bfloat16 and at most NATIVE_MAX_ROWS rows
     small row count            (the C++ kernel keeps a chunk's intermediates in cache and skips per-op dispatch)
+    low-rank chain          -> "torch": modes (in, 1) x (1, out) are two plain GEMMs there. Measured through
+                               mpo_linear (2026-12-01, one thread, 20 layer/ratio pairs of the grid shapes):
+                               at 8 rows torch is ahead in 16 of 20 (0.86-2.35x; 3072x768 at 2x: 250 against
+                               587 us), at one row in 10 of 20 (0.78-1.99x); where the kernel is ahead the
+                               layers are tiny and it gains at most 3 us, where torch is ahead it saves up to
+                               337 us
     otherwise               -> "torch" (the planned path; the only one with a backward on CPU)
 
 NATIVE_MAX_ROWS comes from side-by-side measurements on this project's shared 2-core CI machine (one thread).
@@ -32,10 +38,15 @@ def _available(backend: str) -> bool:
     return backend_available("mpo_linear", backend)[0]
 
 
-def auto_mpo_backend(device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool) -> str:
-    """The backend name ("torch", "triton" or "native") that backend="auto" should resolve to for this call."""
+def auto_mpo_backend(
+    device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool, low_rank: bool = False
+) -> str:
+    """The backend name ("torch", "triton" or "native") that backend="auto" should resolve to for this call.
+    `low_rank`: the chain has modes (in, 1) x (1, out) (see the module docstring)."""
     if device_type == "cuda":
         return "triton" if os.environ.get("TNK_AUTO_TRITON") == "1" and _available("triton") else "torch"
+    if low_rank:
+        return "torch"
     if device_type == "cpu" and not needs_grad and rows <= NATIVE_MAX_ROWS and dtype in _NATIVE_DTYPES:
         if _available("native"):
             return "native"

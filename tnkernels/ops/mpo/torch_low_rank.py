@@ -5,7 +5,7 @@ generic executor's bookkeeping. `torch_impl.run_grouped` computes the same thing
 transposes and layout logic cost ~25 us of Python per call, which a low-rank chain never needs; at small row
 counts that overhead was larger than the GEMMs (512x1000 at rank 21, one row, one thread: 77 us a call against
 19 us for two plain GEMMs). The backward is the reverse sweep of the same plan: dh = dy B^T, then dA = x^T dh,
-dB = h^T dy and dx = dh A^T. Each GEMM is laid out for the CPU BLAS's fast case (see _THIN).
+dB = h^T dy and dx = dh A^T; dA is laid out for the CPU BLAS's fast case (see _grad_a).
 """
 
 from __future__ import annotations
@@ -29,20 +29,16 @@ def _factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
     return g1.reshape(g1.shape[1], g1.shape[3]), g2.reshape(g2.shape[0], g2.shape[2])
 
 
-# A GEMM whose output has few columns (N < 16) and whose right operand is a row-major [K, N] matrix runs up to
-# 5x slower in the CPU BLAS than the same product with the operand stored [N, K] (measured with one thread,
-# x[1024, 1536] @ A[1536, 4]: 2.1 ms; with A stored transposed: 0.41 ms; no difference from N = 16 up). So a
-# thin A is copied once per call to its transposed layout (in * r numbers, tiny), and the gradient of a thin A
-# is computed as (dh^T x)^T, whose GEMM has the thin side as M (x^T dh: 4.6 ms; (dh^T x)^T: 0.49 ms at r = 4).
+# The gradient of a thin A (few columns) is computed as (dh^T x)^T, whose GEMM has the thin side as M: the CPU
+# BLAS runs x^T dh 3x slower for rank 2-16 (one thread, 1024 rows, 1536 inputs, rank 4: 833 us against 259 us).
+# The forward product x A needs no such care: re-measured 2026-12-01 (one and two threads, 1-1024 rows, ranks
+# 1-96), x @ A is as fast as or faster than every other layout, and the per-call transposed copy of a thin A that
+# an earlier measurement had suggested cost 8-15 us at one row for nothing.
 _THIN = 16
 
 
-def _thin(t: torch.Tensor) -> bool:
-    return t.shape[1] < _THIN and t.device.type == "cpu"  # a CPU BLAS matter; cuBLAS does not care
-
-
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return x2d @ (a.t().contiguous().t() if _thin(a) else a)
+    return x2d @ a
 
 
 def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
