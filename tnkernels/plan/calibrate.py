@@ -4,14 +4,10 @@ The cost of one contraction step is modelled as
 
     time = overhead + max(flops / rate(d), bytes / bandwidth)
 
-where `d` is the smallest of the step's GEMM dimensions (M, N, K): small inner or outer dimensions run far
-below
-peak, and this is what decides between a chain of thin GEMMs and one fat GEMM. A short micro-benchmark
-measures
-`overhead` (one tiny matmul call), `bandwidth` (a large copy) and `rate(d)` for a few values of `d`. The
-result is
-stored as JSON under $TNK_CACHE_DIR (default ~/.cache/tnkernels), keyed by device name, dtype, torch version
-and
+where `d` is the smallest of the step's GEMM dimensions (M, N, K): small inner or outer dimensions run far below
+peak, and this is what decides between a chain of thin GEMMs and one fat GEMM. A short micro-benchmark measures
+`overhead` (one tiny matmul call), `bandwidth` (a large copy) and `rate(d)` for a few values of `d`. The result is
+stored as JSON under $TNK_CACHE_DIR (default ~/.cache/tnkernels), keyed by device name, dtype, torch version and
 thread count, so that it runs once per machine; `recalibrate()` forces a new measurement.
 """
 
