@@ -232,3 +232,23 @@ def test_low_rank_chain_takes_the_two_gemm_path(monkeypatch):
     with options(force="rebuild"):
         mpo_linear_torch(x, [a, b], None)
     assert calls == {"low_rank": 1, "generic": 2}
+
+
+@pytest.mark.parametrize(
+    "rows, n_in, n_out, rank, folds",
+    [
+        (256, 16, 1024, 4, True),  # big enough output and thin rank: the bias rides in the GEMM as an extra rank
+        (2, 16, 1024, 4, False),  # small output: addmm
+        (256, 16, 1024, 70, False),  # wide rank: addmm
+    ],
+)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_low_rank_bias_layouts_match_reference(monkeypatch, rows, n_in, n_out, rank, folds, recompute):
+    from tnkernels.ops.mpo import torch_low_rank
+
+    taken = []
+    real = torch_low_rank._fold_bias
+    monkeypatch.setattr(torch_low_rank, "_fold_bias", lambda h, b: taken.append(real(h, b)) or taken[-1])
+    shapes = [(1, n_in, 1, rank), (rank, 1, n_out, 1)]
+    _check_mpo(shapes, (rows,), True, seed=rows + rank, kind="sweep-left", recompute=recompute)
+    assert taken and all(t == folds for t in taken)
