@@ -40,9 +40,7 @@ def resnet_convs(quick: bool) -> tuple[str, list[dict]]:
 
         found = sorted((cache_dir() / "teachers").glob("resnet34-digits32-*.pt"))
         if found:
-            model = load_weights(
-                torchvision.models.resnet34(num_classes=10), found[-1], model_name="resnet34"
-            )
+            model = load_weights(torchvision.models.resnet34(num_classes=10), found[-1], model_name="resnet34")
             source = f"trained on digits ({found[-1].name})"
     except Exception:  # noqa: BLE001  (any problem: fall back to random weights and say so)
         model = None

@@ -79,9 +79,7 @@ class Recorder:
 
     def error(self, case: str, exc: BaseException) -> None:
         print(f"  ERROR in {case}: {type(exc).__name__}: {exc}", flush=True)
-        self.errors.append(
-            {"case": case, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        )
+        self.errors.append({"case": case, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
         self.flush()
 
     def flush(self) -> None:
@@ -221,9 +219,7 @@ def check_correctness(rec: Recorder, mpo_cases, tucker_cases, dtypes) -> None:
             try:
                 x = torch.randn(n, c, hw, hw, device=DEVICE, dtype=dtype, requires_grad=True)
                 u_in = (torch.randn(c, r, device=DEVICE) / c**0.5).to(dtype).requires_grad_()
-                core = (
-                    (torch.randn(r, r, k, k, device=DEVICE) / (r * k * k) ** 0.5).to(dtype).requires_grad_()
-                )
+                core = (torch.randn(r, r, k, k, device=DEVICE) / (r * k * k) ** 0.5).to(dtype).requires_grad_()
                 u_out = (torch.randn(c + 3, r, device=DEVICE) / r**0.5).to(dtype).requires_grad_()
                 b = torch.randn(c + 3, device=DEVICE, dtype=dtype, requires_grad=True)
                 y = tucker_conv2d(x, u_in, core, u_out, b, stride=s, padding=p, backend="triton")
@@ -394,9 +390,7 @@ def bench_tucker(rec: Recorder, peaks: dict, deadline: float, grid) -> None:
         ]:  # fmt: skip
             try:
                 ms, timer = time_ms(fn, use_graph=False, grad_to_none=leaves)
-                rec.add(
-                    perf_row("tucker_fwd_bwd", case, provider, ms, timer, fl, by, peaks, param_ratio=ratio)
-                )
+                rec.add(perf_row("tucker_fwd_bwd", case, provider, ms, timer, fl, by, peaks, param_ratio=ratio))
                 print(f"    fwd+bwd {provider}: {ms * 1e3:.1f} us", flush=True)
             except Exception as exc:  # noqa: BLE001
                 rec.error(f"{case} fwd+bwd {provider}", exc)
@@ -437,9 +431,7 @@ def summarize(rows: list[dict]) -> dict:
         "cases_ge_1.5x_vs_torch": sum(c["vs_torch"] >= 1.5 for c in cases),
         "cases_ge_60pct_roofline": sum(c["pct_roofline"] >= 60 for c in cases),
         "decode_cases": len(decode),
-        "decode_cases_beating_dense_by_half_ratio": sum(
-            c["vs_dense"] >= c["param_ratio"] / 2 for c in decode
-        ),
+        "decode_cases_beating_dense_by_half_ratio": sum(c["vs_dense"] >= c["param_ratio"] / 2 for c in decode),
         "n_cases": len(cases),
     }
 
@@ -448,9 +440,7 @@ def main(argv=None) -> int:
     global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
-    ap.add_argument(
-        "--budget-s", type=float, default=200.0, help="stop starting new cases after this many seconds"
-    )
+    ap.add_argument("--budget-s", type=float, default=200.0, help="stop starting new cases after this many seconds")
     ap.add_argument("--rows", default="1,4,16,256,4096", help="MPO row counts, comma-separated")
     ap.add_argument("--bonds", default="64,256", help="MPO max bonds, comma-separated")
     ap.add_argument(

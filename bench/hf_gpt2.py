@@ -149,9 +149,7 @@ def build_teacher(args, tok, calib_blocks: torch.Tensor):
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,
     )
-    log = train_teacher(
-        lm, calib_blocks, steps=args.teacher_steps, lr=args.teacher_lr, batch_size=args.batch_size
-    )
+    log = train_teacher(lm, calib_blocks, steps=args.teacher_steps, lr=args.teacher_lr, batch_size=args.batch_size)
     return lm, log
 
 

@@ -76,9 +76,7 @@ def main() -> None:
         "choose, which tries several structures and took 80-124 s per matrix on the shared CPU)",
     )
     p.add_argument("--fp16-features", action="store_true")
-    p.add_argument(
-        "--work", default="/tmp/tnk_gpt2xl_scale", help="feature store folder (deleted at the end)"
-    )
+    p.add_argument("--work", default="/tmp/tnk_gpt2xl_scale", help="feature store folder (deleted at the end)")
     p.add_argument("--results", default="bench/results/hf_gpt2xl_scale.json")
     args = p.parse_args()
     rank, world = dist_env()

@@ -114,9 +114,7 @@ def main() -> None:
         "loadavg_start": _loadavg(),
         "runs": [],
     }
-    print(
-        f"calibration {results['calibration_sentences']} sentences, held-out {results['heldout_sentences']}"
-    )
+    print(f"calibration {results['calibration_sentences']} sentences, held-out {results['heldout_sentences']}")
     want = set(args.methods)
     for ratio in args.ratios:
         if "one-shot" in want:  # plain: TT-SVD of each weight (tnkernels.tensorize), no data, no training

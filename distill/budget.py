@@ -119,9 +119,7 @@ def _greedy(names: list[str], options: dict[str, list[Option]], budget: float) -
         choice[best[1]] = best[2]
 
 
-def _knapsack_dp(
-    names: list[str], options: dict[str, list[Option]], budget: float
-) -> dict[str, Option] | None:
+def _knapsack_dp(names: list[str], options: dict[str, list[Option]], budget: float) -> dict[str, Option] | None:
     """Exact multiple-choice knapsack on a budget grid with costs rounded up (so the answer is feasible)."""
     unit = budget / _DP_UNITS
     best = np.full(_DP_UNITS + 1, np.inf)  # best[c]: least loss using exactly c units so far
@@ -185,9 +183,7 @@ def allocate_ratios(
         raise ValueError("allocate_ratios: no layers to budget over")
     unknown = [n for n in names if n not in table.layers]
     if unknown:
-        raise ValueError(
-            f"allocate_ratios: layers {unknown} are not in the sensitivity table; rescan or drop them"
-        )
+        raise ValueError(f"allocate_ratios: layers {unknown} are not in the sensitivity table; rescan or drop them")
     counts = dict(table.params_dense) if param_counts is None else dict(param_counts)
     missing = [n for n in names if n not in counts]
     if missing:
@@ -242,9 +238,7 @@ def summarize_allocation(
     }
 
 
-def save_budget(
-    path: str | Path, allocation: Mapping[str, float], meta: Mapping[str, Any] | None = None
-) -> Path:
+def save_budget(path: str | Path, allocation: Mapping[str, float], meta: Mapping[str, Any] | None = None) -> Path:
     """Write an allocation (and free-form JSON-able metadata, e.g. the target and summary) atomically."""
     alloc = {}
     for n, r in allocation.items():
@@ -280,9 +274,7 @@ def load_budget(path: str | Path) -> dict[str, dict[str, float] | None]:
     rules: dict[str, dict[str, float] | None] = {}
     for n, r in d["allocation"].items():
         if not isinstance(r, int | float) or not math.isfinite(r) or r < 1.0:
-            raise ValueError(
-                f"load_budget: {str(path)!r}: ratio for layer {n!r} must be a number >= 1, got {r!r}"
-            )
+            raise ValueError(f"load_budget: {str(path)!r}: ratio for layer {n!r} must be a number >= 1, got {r!r}")
         rules[layer_rule_pattern(n)] = None if r == DENSE else {"ratio": float(r)}
     return rules
 

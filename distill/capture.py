@@ -209,9 +209,7 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         where = f"{self.num_shards} shards in {self.root}" if self._shards else "memory"
-        return (
-            f"FeatureStore({self.num_samples} samples in {self.num_chunks} chunks, {where}, fp16={self.fp16})"
-        )
+        return f"FeatureStore({self.num_samples} samples in {self.num_chunks} chunks, {where}, fp16={self.fp16})"
 
 
 def default_forward(model: nn.Module, batch, device: str | torch.device = "cpu"):
@@ -230,9 +228,7 @@ class capture_hooks:
     inputs (sequential mode only needs the hybrid model's inputs).
     """
 
-    def __init__(
-        self, model: nn.Module, specs: Sequence[SliceSpec], *, inputs: bool = True, outputs: bool = True
-    ):
+    def __init__(self, model: nn.Module, specs: Sequence[SliceSpec], *, inputs: bool = True, outputs: bool = True):
         self.model, self.specs, self.inputs, self.outputs = model, list(specs), inputs, outputs
         self.records: dict[str, list] = {}
         self._handles = []
@@ -321,9 +317,7 @@ def capture_features(
     was_training = model.training
     model.eval()
     per_slice = None if memory_budget_bytes is None else max(memory_budget_bytes // max(len(specs), 1), 1)
-    stores = {
-        s.name: FeatureStore(None if root is None else Path(root) / s.name, per_slice, fp16) for s in specs
-    }
+    stores = {s.name: FeatureStore(None if root is None else Path(root) / s.name, per_slice, fp16) for s in specs}
     try:
         with capture_hooks(model, specs, inputs=inputs, outputs=outputs) as hooks:
             for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):

@@ -23,9 +23,7 @@ _SPLIT_STATE = 0  # fixed: the held-out split must not move between runs
 
 def _check_fraction(calib_fraction: float) -> None:
     if not (0.0 < float(calib_fraction) <= 1.0):
-        raise ValueError(
-            f"calib_fraction must be in (0, 1], got {calib_fraction}; e.g. 0.1 keeps 10% of the images"
-        )
+        raise ValueError(f"calib_fraction must be in (0, 1], got {calib_fraction}; e.g. 0.1 keeps 10% of the images")
 
 
 def calibration_subset(ds: Dataset, calib_fraction: float, seed: int = 0) -> Dataset:
@@ -128,9 +126,7 @@ def load_data(
             f"(containing cifar-10-batches-py) or an ImageFolder root with train/ and test/ subfolders"
         )
     if not path.is_dir():
-        raise ValueError(
-            f"--data: {str(path)!r} is a file; it must be a folder (CIFAR-10 or ImageFolder root)"
-        )
+        raise ValueError(f"--data: {str(path)!r} is a file; it must be a folder (CIFAR-10 or ImageFolder root)")
     from torchvision import datasets, transforms
 
     tf = transforms.Compose(
@@ -156,7 +152,6 @@ def load_data(
     test = datasets.ImageFolder(str(test_dir), transform=tf)
     if train.classes != test.classes:
         raise ValueError(
-            f"--data: class folders differ between {train_dir} and {test_dir}: "
-            f"{train.classes} vs {test.classes}"
+            f"--data: class folders differ between {train_dir} and {test_dir}: {train.classes} vs {test.classes}"
         )
     return calibration_subset(train, calib_fraction, seed), test

@@ -35,25 +35,17 @@ def _check_args(student, teacher, kd_weight, temperature, time_budget_s, epochs,
     if not isinstance(student, nn.Module):
         raise TypeError(f"global_finetune: student must be an nn.Module, got {type(student).__name__}")
     if not 0.0 <= float(kd_weight) <= 1.0:
-        raise ValueError(
-            f"global_finetune: kd_weight must be in [0, 1] (0 = cross-entropy only), got {kd_weight}"
-        )
+        raise ValueError(f"global_finetune: kd_weight must be in [0, 1] (0 = cross-entropy only), got {kd_weight}")
     if kd_weight > 0 and teacher is None:
-        raise ValueError(
-            "global_finetune: kd_weight > 0 needs teacher=...; pass the dense model or set kd_weight=0"
-        )
+        raise ValueError("global_finetune: kd_weight > 0 needs teacher=...; pass the dense model or set kd_weight=0")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"global_finetune: teacher must be an nn.Module, got {type(teacher).__name__}")
     if not temperature > 0:
         raise ValueError(f"global_finetune: temperature must be > 0, got {temperature}")
     if time_budget_s is None and epochs is None:
-        raise ValueError(
-            "global_finetune: give time_budget_s=... (seconds) and/or epochs=... so training can stop"
-        )
+        raise ValueError("global_finetune: give time_budget_s=... (seconds) and/or epochs=... so training can stop")
     if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
-        raise ValueError(
-            f"global_finetune: time_budget_s must be a positive number of seconds, got {time_budget_s}"
-        )
+        raise ValueError(f"global_finetune: time_budget_s must be a positive number of seconds, got {time_budget_s}")
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"global_finetune: epochs must be a positive integer, got {epochs!r}")
     if not lr > 0:

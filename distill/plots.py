@@ -50,8 +50,7 @@ def _points(name: str, series: Any) -> list[tuple[float, float]]:
         pts = sorted((float(r), float(a)) for r, a in items)
     except (TypeError, ValueError):
         raise ValueError(
-            f"plot_accuracy_vs_ratio: results[{name!r}] must be {{ratio: accuracy}} or "
-            f"[(ratio, accuracy), ...]"
+            f"plot_accuracy_vs_ratio: results[{name!r}] must be {{ratio: accuracy}} or [(ratio, accuracy), ...]"
         ) from None
     if not pts:
         raise ValueError(f"plot_accuracy_vs_ratio: results[{name!r}] is empty")
@@ -73,9 +72,7 @@ def plot_accuracy_vs_ratio(
     A float value under the key "teacher" is treated like teacher_accuracy (a dashed horizontal line).
     """
     if not isinstance(results, Mapping) or not results:
-        raise ValueError(
-            "plot_accuracy_vs_ratio: results must be a non-empty {method: {ratio: accuracy}} mapping"
-        )
+        raise ValueError("plot_accuracy_vs_ratio: results must be a non-empty {method: {ratio: accuracy}} mapping")
     series = dict(results)
     if isinstance(series.get("teacher"), int | float):
         t = float(series.pop("teacher"))
@@ -110,9 +107,7 @@ def _curve(name: str, h: Any) -> tuple[list[float], list[float]]:
     if isinstance(h, Mapping) and "history" in h:
         h = h["history"]
     if not isinstance(h, Sequence) or isinstance(h, str) or len(h) == 0:
-        raise ValueError(
-            f"plot_slice_losses: histories[{name!r}] must be a non-empty list of losses or dicts"
-        )
+        raise ValueError(f"plot_slice_losses: histories[{name!r}] must be a non-empty list of losses or dicts")
     xs, ys = [], []
     for k, e in enumerate(h):
         if isinstance(e, Mapping):

@@ -26,8 +26,7 @@ _FORMAT = "tnkernels.sensitivity/1"
 def layer_rule_pattern(name: str) -> str:
     """The fnmatch pattern matching exactly the module called `name` (``[`` would otherwise open a set)."""
     return "".join(
-        "[[]" if c == "[" else "[]]" if c == "]" else "[*]" if c == "*" else "[?]" if c == "?" else c
-        for c in name
+        "[[]" if c == "[" else "[]]" if c == "]" else "[*]" if c == "*" else "[?]" if c == "?" else c for c in name
     )
 
 
@@ -213,9 +212,7 @@ def sensitivity_scan(
 
     names = list(layer_names)
     if not names:
-        raise ValueError(
-            "sensitivity_scan: layer_names is empty; pass the qualified names of the layers to scan"
-        )
+        raise ValueError("sensitivity_scan: layer_names is empty; pass the qualified names of the layers to scan")
     if len(set(names)) != len(names):
         raise ValueError("sensitivity_scan: layer_names has duplicates")
     modules = dict(model.named_modules())

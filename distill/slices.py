@@ -54,11 +54,7 @@ def run_slice(modules: Sequence[nn.Module], x: Tensor, kwargs: dict | None = Non
 
 
 def _stage_names(model: nn.Module) -> list[str]:
-    names = [
-        n
-        for n in ("layer1", "layer2", "layer3", "layer4")
-        if isinstance(getattr(model, n, None), nn.Sequential)
-    ]
+    names = [n for n in ("layer1", "layer2", "layer3", "layer4") if isinstance(getattr(model, n, None), nn.Sequential)]
     if not names:
         raise ValueError(
             f"ResNet presets need a torchvision-style ResNet (layer1..layer4 Sequentials); {type(model).__name__} "
@@ -97,9 +93,7 @@ def slices_from_names(model: nn.Module, names: Iterable[str]) -> list[SliceSpec]
     return specs
 
 
-def make_slices(
-    model: nn.Module, slices: str | Sequence[str] | Sequence[SliceSpec] = "per-block"
-) -> list[SliceSpec]:
+def make_slices(model: nn.Module, slices: str | Sequence[str] | Sequence[SliceSpec] = "per-block") -> list[SliceSpec]:
     """Resolve a preset name, a list of module names, or a list of SliceSpec into validated SliceSpecs."""
     if isinstance(slices, str):
         slices = [slices]
@@ -129,9 +123,7 @@ def validate_slices(model: nn.Module, specs: Sequence[SliceSpec]) -> None:
             if m not in known or m == "":
                 close = difflib.get_close_matches(m, [k for k in known if k], n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ValueError(
-                    f"slice {spec.name!r}: unknown module name {m!r} in {type(model).__name__}{hint}"
-                )
+                raise ValueError(f"slice {spec.name!r}: unknown module name {m!r} in {type(model).__name__}{hint}")
             for other, other_spec in owner.items():
                 if m == other or m.startswith(other + ".") or other.startswith(m + "."):
                     raise ValueError(

@@ -39,16 +39,12 @@ def test_inspect_resnet_subset(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "layer1.0.conv1" in out and "tucker" in out and "whole model" in out
     data = json.loads(out_json.read_text())
-    assert data["target_ratio"] == 3 and all(
-        r["ratio"] >= 3 for r in data["rows"] if r["status"] == "tensorized"
-    )
+    assert data["target_ratio"] == 3 and all(r["ratio"] >= 3 for r in data["rows"] if r["status"] == "tensorized")
 
 
 def test_inspect_gpt2_config(capsys):
     pytest.importorskip("transformers")
-    assert (
-        main(["inspect", "--model", "gpt2", "--ratio", "8", "--include", "transformer.h.0.mlp.c_proj"]) == 0
-    )
+    assert main(["inspect", "--model", "gpt2", "--ratio", "8", "--include", "transformer.h.0.mlp.c_proj"]) == 0
     assert "transformer.h.0.mlp.c_proj" in capsys.readouterr().out
 
 

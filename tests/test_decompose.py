@@ -116,9 +116,7 @@ def test_mpo_and_tucker_on_cuda():
 
 
 # --------------------------------------------------------------------------------------------------- auto_modes
-@pytest.mark.parametrize(
-    "n,cores", [(768, 2), (3072, 2), (1600, 3), (6400, 4), (1000, 3), (10, 2), (4800, 2)]
-)
+@pytest.mark.parametrize("n,cores", [(768, 2), (3072, 2), (1600, 3), (6400, 4), (1000, 3), (10, 2), (4800, 2)])
 def test_auto_modes_balanced_and_exact(n, cores):
     modes = auto_modes(n, cores)
     assert math.prod(modes) == n and len(modes) == cores

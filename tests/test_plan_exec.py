@@ -118,9 +118,7 @@ def test_cache_dense_reuses_and_invalidates():
         assert_close_rel(y, mpo_linear_reference(x, cores), tolerance(torch.float32), "cache_dense")
         cores[1].mul_(2)  # an in-place update bumps the version: the cached weight must not be reused
         y2 = mpo_linear_torch(x, cores, None)
-        assert_close_rel(
-            y2, mpo_linear_reference(x, cores), tolerance(torch.float32), "cache_dense after update"
-        )
+        assert_close_rel(y2, mpo_linear_reference(x, cores), tolerance(torch.float32), "cache_dense after update")
     clear_dense_cache()
 
 
@@ -144,9 +142,7 @@ def tucker_cases(draw):
 def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, seed):
     xs, uis, cs, uos, stride, padding, dilation = case
     g = torch.Generator().manual_seed(seed)
-    x, u_in, core, u_out = (
-        torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in (xs, uis, cs, uos)
-    )
+    x, u_in, core, u_out = (torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in (xs, uis, cs, uos))
     bias = torch.randn(uos[0], generator=g, dtype=F64, requires_grad=True) if with_bias else None
     leaves = [x, u_in, core, u_out] + ([bias] if with_bias else [])
     ref = tucker_conv2d_reference(x, u_in, core, u_out, bias, stride, padding, dilation)
@@ -227,8 +223,11 @@ def test_low_rank_chain_takes_the_two_gemm_path(monkeypatch):
     for k, (u, v) in enumerate(zip(got, want, strict=True)):
         assert_close_rel(u, v, tolerance(F64), f"low-rank grad of core {k}")
     # a balanced chain (and a forced non-sweep plan) still goes through the generic executor
-    mpo_linear_torch(torch.randn(2, 4, dtype=F64), [torch.randn(1, 2, 2, 2, dtype=F64, requires_grad=True),
-                                                    torch.randn(2, 2, 2, 1, dtype=F64)], None)
+    mpo_linear_torch(
+        torch.randn(2, 4, dtype=F64),
+        [torch.randn(1, 2, 2, 2, dtype=F64, requires_grad=True), torch.randn(2, 2, 2, 1, dtype=F64)],
+        None,
+    )
     with options(force="rebuild"):
         mpo_linear_torch(x, [a, b], None)
     assert calls == {"low_rank": 1, "generic": 2}

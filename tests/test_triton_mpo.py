@@ -33,9 +33,7 @@ def check_against_reference(x, cores, bias, dtype, what):
     leaves = [x.detach().clone().requires_grad_(), *[g.detach().clone().requires_grad_() for g in cores]]
     if bias is not None:
         leaves.append(bias.detach().clone().requires_grad_())
-    y = mpo_linear(
-        leaves[0], leaves[1 : 1 + len(cores)], leaves[-1] if bias is not None else None, backend="triton"
-    )
+    y = mpo_linear(leaves[0], leaves[1 : 1 + len(cores)], leaves[-1] if bias is not None else None, backend="triton")
     assert y.dtype == dtype
 
     ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
@@ -193,9 +191,7 @@ def test_inference_fuses_consecutive_cores(in_modes, out_modes, bonds, monkeypat
     assert triton_impl._fusion_plan(steps), "the case should exercise at least one fused pair"
     calls = []
     real_pair = triton_impl.mode_product_pair
-    monkeypatch.setattr(
-        triton_impl, "mode_product_pair", lambda *a, **k: calls.append(1) or real_pair(*a, **k)
-    )
+    monkeypatch.setattr(triton_impl, "mode_product_pair", lambda *a, **k: calls.append(1) or real_pair(*a, **k))
     x = torch.randn(3, torch.Size(in_modes).numel())
     bias = torch.randn(torch.Size(out_modes).numel())
     with torch.no_grad():

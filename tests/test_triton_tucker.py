@@ -67,9 +67,7 @@ def test_forward_and_grads_fp32(case):
     n, c_in, h, w, r_in, r_out, c_out, kh, kw, stride, padding, dilation = case
     x = torch.randn(n, c_in, h, w)
     factors = make_factors(c_in, r_in, r_out, c_out, kh, kw)
-    check_against_reference(
-        x, factors, torch.randn(c_out), (stride, padding, dilation), torch.float32, str(case)
-    )
+    check_against_reference(x, factors, torch.randn(c_out), (stride, padding, dilation), torch.float32, str(case))
 
 
 def test_unfused_epilogue_path(monkeypatch):
@@ -120,9 +118,7 @@ def test_channels_last_and_sliced_input():
 def test_nan_poisoned_outputs_are_fully_written(nan_poison):
     x = torch.randn(2, 3, 5, 6)
     factors = make_factors(3, 2, 3, 4, 3, 3)
-    check_against_reference(
-        x, factors, torch.randn(4), ((2, 1), (1, 0), (1, 1)), torch.float32, "nan-poisoned"
-    )
+    check_against_reference(x, factors, torch.randn(4), ((2, 1), (1, 0), (1, 1)), torch.float32, "nan-poisoned")
 
 
 def test_gradcheck_fp64():

@@ -41,14 +41,10 @@ def ffn_rules(model: nn.Module, ratio: float, *, attention: bool = False) -> dic
     return {n: {"ratio": ratio} for n in names}
 
 
-def one_shot(
-    model: nn.Module, ratio: float, *, attention: bool = False, num_cores: int | None = None
-) -> nn.Module:
+def one_shot(model: nn.Module, ratio: float, *, attention: bool = False, num_cores: int | None = None) -> nn.Module:
     """A deep copy of ``model`` with its FFN (and optionally attention) layers tensorized, no training."""
     student = copy.deepcopy(model).eval()
-    tnkernels.tensorize(
-        base_model(student), rules=ffn_rules(model, ratio, attention=attention), num_cores=num_cores
-    )
+    tnkernels.tensorize(base_model(student), rules=ffn_rules(model, ratio, attention=attention), num_cores=num_cores)
     return student
 
 

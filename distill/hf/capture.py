@@ -134,9 +134,7 @@ def capture_features(
                 pass
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
             save({"token_mask": mask.bool().cpu()}, tdir / f"{b}.pt")
-            save(
-                {"h": _to_store(seen["x"], None), "kwargs": _store_kwargs(seen["kwargs"])}, bdir / f"in{b}.pt"
-            )
+            save({"h": _to_store(seen["x"], None), "kwargs": _store_kwargs(seen["kwargs"])}, bdir / f"in{b}.pt")
             n_batches += 1
     finally:
         handle.remove()
@@ -160,9 +158,7 @@ def capture_features(
                         store / _s.name / f"x{current['b']}.pt",
                     )
 
-                handles.append(
-                    base.get_submodule(s.modules[0]).register_forward_pre_hook(pre, with_kwargs=True)
-                )
+                handles.append(base.get_submodule(s.modules[0]).register_forward_pre_hook(pre, with_kwargs=True))
             if last_block[s.name] == i:
 
                 def post(module, args, output, _s=s):

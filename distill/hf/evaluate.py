@@ -27,18 +27,14 @@ def perplexity(lm: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8) -> f
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i : i + batch_size].to(device)
         logits = lm(input_ids=ids).logits[:, :-1].float()
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        ).item()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     lm.train(was_training)
     return math.exp(nll / count)
 
 
 @torch.no_grad()
-def sentence_embeddings(
-    encoder: nn.Module, encoded: dict[str, torch.Tensor], *, batch_size: int = 32
-) -> torch.Tensor:
+def sentence_embeddings(encoder: nn.Module, encoded: dict[str, torch.Tensor], *, batch_size: int = 32) -> torch.Tensor:
     """``[n, hidden]`` L2-normalised mean-pooled last hidden states of an encoder (padding excluded)."""
     was_training = encoder.training
     encoder.eval()

@@ -52,9 +52,7 @@ def family_of(model_or_config) -> str:
     return _MODEL_TYPES[model_type]
 
 
-def load_hf_model(
-    model_dir: str | os.PathLike, *, causal_lm: bool | None = None, with_tokenizer: bool = True
-):
+def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None, with_tokenizer: bool = True):
     """Load ``(model, tokenizer_or_None)`` from a local folder, in eval mode, float32.
 
     ``causal_lm=None`` picks ``AutoModelForCausalLM`` for GPT-2 (perplexity needs the LM head) and
@@ -73,8 +71,7 @@ def load_hf_model(
     model = cls.from_pretrained(model_dir, local_files_only=True).eval()
     tokenizer = None
     if with_tokenizer and any(
-        (model_dir / f).is_file()
-        for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+        (model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
     ):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if tokenizer.pad_token is None:  # GPT-2 ships without one; padding positions are masked anyway
@@ -82,9 +79,7 @@ def load_hf_model(
     return model, tokenizer
 
 
-def build_from_config(
-    family: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides
-):
+def build_from_config(family: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides):
     """A randomly initialised model of ``family`` ('gpt2' or 'bert') from a config, in eval mode.
 
     ``config_overrides`` are config fields (``n_layer=2, n_embd=32`` for GPT-2; ``num_hidden_layers=2,

@@ -65,9 +65,7 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
     """The HF pipeline's flags. ``core=False`` skips the ones ``tnk compress`` already defines."""
     if core:
         p.add_argument("--model", required=True, help="local Hugging Face model folder (holds config.json)")
-        p.add_argument(
-            "--ratio", type=float, required=True, help="compression ratio of the tensorized layers"
-        )
+        p.add_argument("--ratio", type=float, required=True, help="compression ratio of the tensorized layers")
         p.add_argument("--out", required=True, help="output folder (compressed/, report.json, slices/)")
         p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps per slice")
         p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
@@ -95,14 +93,10 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         default=DEFAULTS["num_samples"],
         help="calibration sequences (GPT-2 blocks / BERT sentences)",
     )
-    p.add_argument(
-        "--group-size", type=int, default=DEFAULTS["group_size"], help="blocks per slice for --preset group"
-    )
+    p.add_argument("--group-size", type=int, default=DEFAULTS["group_size"], help="blocks per slice for --preset group")
     p.add_argument("--layers", default=None, help="comma-separated block indices to compress (default: all)")
     p.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
-    p.add_argument(
-        "--num-cores", type=int, default=None, help="MPO cores per layer with --init plain (default: auto)"
-    )
+    p.add_argument("--num-cores", type=int, default=None, help="MPO cores per layer with --init plain (default: auto)")
     p.add_argument(
         "--init",
         choices=INITS,
@@ -137,9 +131,7 @@ def calibration_data(
 ) -> tuple[list[dict], object]:
     """(calibration batches, held-out eval data): token blocks for GPT-2, padded sentences for BERT."""
     if tokenizer is None:
-        raise ValueError(
-            "the model folder has no tokenizer files; calibration text needs the model's tokenizer"
-        )
+        raise ValueError("the model folder has no tokenizer files; calibration text needs the model's tokenizer")
     texts = text.read_texts(text_path)
     if family == "gpt2":
         calib_t, held_t = text.split_holdout(texts)

@@ -77,9 +77,7 @@ def slice_specs(
             raise ValueError(f"group_size={group_size} must be >= 1")
         starts = [s for s in range(0, n, group_size) if s in set(chosen)]
         return [
-            SliceSpec(
-                name=f"blocks{s}-{min(s + group_size, n) - 1}", modules=tuple(blocks[s : s + group_size])
-            )
+            SliceSpec(name=f"blocks{s}-{min(s + group_size, n) - 1}", modules=tuple(blocks[s : s + group_size]))
             for s in starts
         ]
     specs = []
@@ -102,8 +100,7 @@ def resolve(model: nn.Module, spec: SliceSpec) -> list[nn.Module]:
         return [base.get_submodule(name) for name in spec.modules]
     except AttributeError as e:
         raise ValueError(
-            f"slice {spec.name!r}: {e}; slice module names are relative to the base model "
-            f"({type(base).__name__})"
+            f"slice {spec.name!r}: {e}; slice module names are relative to the base model ({type(base).__name__})"
         ) from None
 
 

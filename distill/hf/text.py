@@ -72,9 +72,7 @@ def split_holdout(items: Sequence, holdout_every: int = 5) -> tuple[list, list]:
     return calib, held
 
 
-def causal_lm_blocks(
-    texts: Sequence[str], tokenizer, seq_len: int, *, max_blocks: int | None = None
-) -> torch.Tensor:
+def causal_lm_blocks(texts: Sequence[str], tokenizer, seq_len: int, *, max_blocks: int | None = None) -> torch.Tensor:
     """``LongTensor[n, seq_len]``: the texts tokenized, joined by the EOS token, cut into full-length blocks.
 
     The usual language-model packing: no padding, so every position is a real prediction target. The tail that
@@ -91,8 +89,7 @@ def causal_lm_blocks(
         n = min(n, max_blocks)
     if n == 0:
         raise ValueError(
-            f"the text has {len(ids)} tokens, fewer than seq_len={seq_len}; give more text or a "
-            "shorter --seq-len"
+            f"the text has {len(ids)} tokens, fewer than seq_len={seq_len}; give more text or a shorter --seq-len"
         )
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
@@ -102,9 +99,7 @@ def encode_sentences(sentences: Sequence[str], tokenizer, seq_len: int) -> dict[
     ``seq_len`` (encoder calibration and evaluation; padding positions are masked)."""
     if not sentences:
         raise ValueError("no sentences to encode")
-    enc = tokenizer(
-        list(sentences), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"
-    )
+    enc = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

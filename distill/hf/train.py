@@ -156,9 +156,7 @@ def train_slice(
         d = train[int(torch.randint(len(train), (1,), generator=gen))]
         loss = _masked_nmse(run_hf_slice(student, d["x"], d["kwargs"]), d["y"], d["token_mask"])
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"slice {spec.name!r}: loss became {loss.item()} at step {step}; lower --lr"
-            )
+            raise FloatingPointError(f"slice {spec.name!r}: loss became {loss.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

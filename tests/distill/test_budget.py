@@ -20,14 +20,10 @@ from distill.budget import (
 from distill.sensitivity import SensitivityTable, layer_rule_pattern
 
 
-def make_table(
-    losses: dict[str, list[float | None]], dense: dict[str, int], ratios, *, accuracy=True, base=0.9
-):
+def make_table(losses: dict[str, list[float | None]], dense: dict[str, int], ratios, *, accuracy=True, base=0.9):
     """A table whose predicted loss of layer l at ratios[j] is losses[l][j]; params_after = dense / ratio."""
     layers = list(losses)
-    values = [
-        [None if v is None else (base - v if accuracy else base + v) for v in losses[n]] for n in layers
-    ]
+    values = [[None if v is None else (base - v if accuracy else base + v) for v in losses[n]] for n in layers]
     after = [
         [None if v is None else max(1, round(dense[n] / r)) for v, r in zip(losses[n], ratios, strict=True)]
         for n in layers
@@ -65,9 +61,7 @@ RATIOS = [2.0, 4.0, 8.0]
 def test_reaches_target_and_prefers_insensitive_layers():
     dense = {"a": 1000, "b": 1000, "c": 1000}
     # "a" barely cares, "c" is fragile, "b" in between.
-    table = make_table(
-        {"a": [0.001, 0.002, 0.004], "b": [0.01, 0.03, 0.08], "c": [0.2, 0.4, 0.6]}, dense, RATIOS
-    )
+    table = make_table({"a": [0.001, 0.002, 0.004], "b": [0.01, 0.03, 0.08], "c": [0.2, 0.4, 0.6]}, dense, RATIOS)
     for target in (1.5, 2.0, 3.0, 4.0):
         alloc = allocate_ratios(table, target)
         s = summarize_allocation(table, alloc)

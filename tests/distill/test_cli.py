@@ -73,15 +73,46 @@ def test_compress_bad_input_gives_clear_errors(tmp_path, r18_weights, capsys):
 def test_sensitivity_budget_then_compress_with_budget(tmp_path, r18_weights, capsys):
     base = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "8", "--no-progress"]
     layers = ["layer1.0.conv1", "layer1.0.conv2"]
-    rc = main(["sensitivity", *base, "--layers", *layers, "--ratios", "2", "4", "--calib-fraction", "0.05",
-               "--target-ratio", "2", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "sensitivity",
+            *base,
+            "--layers",
+            *layers,
+            "--ratios",
+            "2",
+            "4",
+            "--calib-fraction",
+            "0.05",
+            "--target-ratio",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "sensitivity.json").is_file() and (tmp_path / "sensitivity.png").is_file()
     budget = tmp_path / "budget.json"
     assert set(json.loads(budget.read_text())["allocation"]) == set(layers)
     out = tmp_path / "c"
-    rc = main(["compress", *base, "--budget", str(budget), "--slices", "layer1.0", "--calib-fraction", "0.05",
-               "--steps", "2", "--out", str(out), "--sensitivity", str(tmp_path / "sensitivity.json")])
+    rc = main(
+        [
+            "compress",
+            *base,
+            "--budget",
+            str(budget),
+            "--slices",
+            "layer1.0",
+            "--calib-fraction",
+            "0.05",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--sensitivity",
+            str(tmp_path / "sensitivity.json"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["ratio"] >= 2.0 - 1e-6 and report["ratio_requested"] is None

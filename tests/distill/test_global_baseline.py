@@ -160,9 +160,7 @@ def test_bad_loaders_and_models():
         global_finetune(mlp(), [torch.randn(2, 12)], epochs=1, progress=False)
     frozen = mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        global_finetune(
-            frozen, [(torch.randn(2, 12), torch.zeros(2, dtype=torch.long))], epochs=1, progress=False
-        )
+        global_finetune(frozen, [(torch.randn(2, 12), torch.zeros(2, dtype=torch.long))], epochs=1, progress=False)
     with pytest.raises(TypeError, match="student must be an nn.Module"):
         global_finetune(lambda x: x, [], epochs=1, progress=False)
 

@@ -77,9 +77,7 @@ def test_scan_compresses_one_layer_at_a_time_and_leaves_model_untouched():
     assert table.layers == ["2", "4"] and table.ratios == [2.0, 4.0]  # ratios sorted
     assert table.baseline == 0.0 and len(seen) == 1 + 2 * 2
     assert all(type(mod).__name__ == "Conv2d" for mod in model.modules() if isinstance(mod, nn.Conv2d))
-    assert all(
-        torch.equal(state[k], v) for k, v in model.state_dict().items()
-    )  # the input model is untouched
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # the input model is untouched
     # Cells run in row order: layer "2" at 2x, 4x, then layer "4" at 2x, 4x; one Tucker conv each time.
     kinds = [(s["2"], s["4"]) for s in seen[1:]]
     assert kinds == [("TuckerConv2d", "Conv2d")] * 2 + [("Conv2d", "TuckerConv2d")] * 2
@@ -111,9 +109,7 @@ def test_scan_budget_tensorize_end_to_end(tmp_path):
     rows = {r.name: r for r in report.rows}
     achieved = sum(r.params_before for r in rows.values()) / sum(r.params_after for r in rows.values())
     assert set(rows) == {"2", "4"} and rows["4"].status.startswith("skipped")
-    assert (
-        achieved >= target
-    )  # the real tensorization reaches the target, not only the allocator's model of it
+    assert achieved >= target  # the real tensorization reaches the target, not only the allocator's model of it
     assert achieved == pytest.approx(summarize_allocation(table, alloc)["achieved_ratio"])
     assert output_error(model)(student) <= summarize_allocation(table, alloc)["predicted_loss"] + 1e-3
 

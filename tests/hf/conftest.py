@@ -52,9 +52,7 @@ def make_tokenizer(family: str):
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
         )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="<eos>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="<eos>")
 
 
 @pytest.fixture(params=["gpt2", "bert"])

@@ -77,9 +77,7 @@ def test_padded_batch_slice_output_equals_full_model_intermediate(family, preset
             got = run_hf_slice(resolve(model, s), d["x"], d["kwargs"])
             unmasked = run_hf_slice(resolve(model, s), d["x"], {})
         assert_close_rel(got[mask], want[mask], 1e-5, f"{s.name} vs full model")
-        assert (unmasked[mask] - want[mask]).abs().max() > 1e-4, (
-            "the mask made no difference: test is vacuous"
-        )
+        assert (unmasked[mask] - want[mask]).abs().max() > 1e-4, "the mask made no difference: test is vacuous"
 
 
 def test_bind_call_names_positional_mask(family):
@@ -89,9 +87,7 @@ def test_bind_call_names_positional_mask(family):
     x = torch.randn(2, 4, 32)
     mask = torch.zeros(2, 1, 4, 4)
     if family == "gpt2":
-        got_x, kw = bind_call(
-            block, (x, None, mask, None), {"use_cache": False, "position_ids": torch.arange(4)}
-        )
+        got_x, kw = bind_call(block, (x, None, mask, None), {"use_cache": False, "position_ids": torch.arange(4)})
         assert set(kw) == {"attention_mask", "position_ids"}
     else:
         got_x, kw = bind_call(block, (x, mask, None), {"encoder_attention_mask": None})
@@ -106,9 +102,7 @@ def test_bert_mlp_slice_feeds_residual(tmp_path):
     a = torch.randn(2, 5, 32)
     spec = slice_specs(model, "mlp", layers=[1])[0]
     with torch.no_grad():
-        assert_close_rel(
-            run_hf_slice(resolve(model, spec), a, {}), layer.feed_forward_chunk(a), 1e-6, "bert ffn"
-        )
+        assert_close_rel(run_hf_slice(resolve(model, spec), a, {}), layer.feed_forward_chunk(a), 1e-6, "bert ffn")
 
 
 def test_bad_inputs_raise_value_error():
@@ -161,9 +155,7 @@ def test_fp16_store_halves_features_but_keeps_masks_exact(family, tmp_path):
     model = tiny_model(family)
     specs = slice_specs(model, "block", layers=[1])
     capture_features(model, specs, padded_batches(family), tmp_path / "f32", progress=False)
-    capture_features(
-        model, specs, padded_batches(family), tmp_path / "f16", store_dtype=torch.float16, progress=False
-    )
+    capture_features(model, specs, padded_batches(family), tmp_path / "f16", store_dtype=torch.float16, progress=False)
     name = specs[0].name
     raw32 = torch.load(tmp_path / "f32" / name / "x0.pt", weights_only=True)
     raw16 = torch.load(tmp_path / "f16" / name / "x0.pt", weights_only=True)

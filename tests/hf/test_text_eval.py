@@ -72,9 +72,7 @@ def test_causal_lm_blocks_pack_tokens_in_order():
 
 def test_encode_sentences_pads_and_masks():
     tok = make_tokenizer("bert")
-    enc = text.encode_sentences(
-        ["The river rose.", "A compiler turns source code into instructions."], tok, 12
-    )
+    enc = text.encode_sentences(["The river rose.", "A compiler turns source code into instructions."], tok, 12)
     assert enc["input_ids"].shape == enc["attention_mask"].shape == (2, 12)
     lengths = enc["attention_mask"].sum(1)
     assert lengths[0] < lengths[1]  # the short sentence is padded and its padding is masked
@@ -93,9 +91,7 @@ def test_perplexity_matches_model_loss():
 def test_sentence_embeddings_are_masked_mean_pools():
     enc_model = tiny_model("bert")
     tok = make_tokenizer("bert")
-    enc = text.encode_sentences(
-        ["Owls hunt mostly at night.", "Bees communicate with a dance, they say."], tok, 14
-    )
+    enc = text.encode_sentences(["Owls hunt mostly at night.", "Bees communicate with a dance, they say."], tok, 14)
     emb = evaluate.sentence_embeddings(enc_model, enc, batch_size=1)
     with torch.no_grad():
         h = enc_model(**enc).last_hidden_state

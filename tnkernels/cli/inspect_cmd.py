@@ -20,9 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the ratio are listed with the reason and left dense."
         ),
     )
-    p.add_argument(
-        "--model", default="resnet34", help=f"model to inspect: {list_models()} (default: resnet34)"
-    )
+    p.add_argument("--model", default="resnet34", help=f"model to inspect: {list_models()} (default: resnet34)")
     p.add_argument("--weights", help="local state-dict checkpoint for a torchvision architecture")
     p.add_argument(
         "--ratio", type=float, default=4.0, help="target compression per layer, dense/tensorized (default 4)"
@@ -47,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
     report = tensorize(model, ratio=args.ratio, rules=rules, num_cores=args.num_cores, progress=True)
     print(report)
     after = count_params(model)
-    print(
-        f"whole model: {total:,} -> {after:,} parameters ({total / after:.2f}x) in {time.perf_counter() - t0:.1f}s"
-    )
+    print(f"whole model: {total:,} -> {after:,} parameters ({total / after:.2f}x) in {time.perf_counter() - t0:.1f}s")
     if args.json:
         from pathlib import Path
 

@@ -12,10 +12,7 @@ HF_CONFIGS = ("gpt2", "gpt2-medium", "gpt2-xl", "bert", "minilm")
 
 
 def list_models() -> str:
-    return (
-        ", ".join((*TORCHVISION, *HF_CONFIGS))
-        + ", or a local path (Hugging Face directory or .pt/.pth state dict)"
-    )
+    return ", ".join((*TORCHVISION, *HF_CONFIGS)) + ", or a local path (Hugging Face directory or .pt/.pth state dict)"
 
 
 def _hf():
@@ -43,9 +40,7 @@ def _hf_from_config(name: str) -> nn.Module:
     )
 
 
-def build_model(
-    name: str, weights: str | None = None, num_classes: int | None = None
-) -> tuple[nn.Module, str]:
+def build_model(name: str, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, str]:
     """Return (model, description). Random weights unless `weights` or a local path is given."""
     import torchvision
 
@@ -53,13 +48,9 @@ def build_model(
     if path.exists():
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ValueError(
-                    f"{path} is a directory without config.json; expected a Hugging Face model directory"
-                )
+                raise ValueError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
             tf = _hf()
-            return tf.AutoModel.from_pretrained(
-                str(path), local_files_only=True
-            ), f"Hugging Face model from {path}"
+            return tf.AutoModel.from_pretrained(str(path), local_files_only=True), f"Hugging Face model from {path}"
         raise ValueError(f"{path}: for a state dict pass --model <architecture> --weights {path}")
     if name in TORCHVISION:
         kwargs = {"num_classes": num_classes} if num_classes else {}

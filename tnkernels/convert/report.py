@@ -84,9 +84,7 @@ class TensorizeReport:
                     detail,
                 )
             )
-        widths = [
-            max(len(h), *(len(line[c]) for line in lines)) if lines else len(h) for c, h in enumerate(header)
-        ]
+        widths = [max(len(h), *(len(line[c]) for line in lines)) if lines else len(h) for c, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]

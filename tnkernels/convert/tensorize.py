@@ -66,9 +66,7 @@ def _match_rules(names: list[str], rules: Mapping[str, Mapping | None] | None, c
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             close = difflib.get_close_matches(pattern, names, n=3)
-            hint = (
-                f"; did you mean {', '.join(close)}?" if close else "; run `tnk inspect` to list layer names"
-            )
+            hint = f"; did you mean {', '.join(close)}?" if close else "; run `tnk inspect` to list layer names"
             raise ValueError(f"tensorize: rule {pattern!r} matches no layer of the model{hint}")
         for n in hits:
             chosen.setdefault(n, (pattern, settings))
@@ -130,9 +128,7 @@ def tensorize(
         before = weight.numel()
 
         def skip(reason: str, name=name, shape=shape, before=before) -> None:
-            report.rows.append(
-                LayerReport(name, "-", shape, before, before, 1.0, None, 0.0, f"skipped: {reason}")
-            )
+            report.rows.append(LayerReport(name, "-", shape, before, before, 1.0, None, 0.0, f"skipped: {reason}"))
 
         if settings is None:
             skip(f"excluded by rule {pattern!r}")
@@ -173,15 +169,9 @@ def tensorize(
         for alias in aliases[id(module)]:
             _set_submodule(model, alias, new)
         after = new.num_weight_params
-        structure = (
-            f"modes {new.in_modes}x{new.out_modes} bonds {new.bonds}"
-            if kind == "mpo"
-            else f"ranks {new.ranks}"
-        )
+        structure = f"modes {new.in_modes}x{new.out_modes} bonds {new.bonds}" if kind == "mpo" else f"ranks {new.ranks}"
         report.rows.append(
-            LayerReport(
-                name, kind, shape, before, after, before / after, err, seconds, "tensorized", structure
-            )
+            LayerReport(name, kind, shape, before, after, before / after, err, seconds, "tensorized", structure)
         )
     if todo and unreachable and not report.tensorized and ratio is not None:
         raise ValueError(

@@ -20,25 +20,19 @@ from .modes import max_bonds
 
 def check_finite(weight: torch.Tensor, where: str) -> None:
     if not torch.isfinite(weight).all():
-        raise ValueError(
-            f"{where}: the weight contains NaN or Inf; fix or re-initialize the layer before tensorizing"
-        )
+        raise ValueError(f"{where}: the weight contains NaN or Inf; fix or re-initialize the layer before tensorizing")
 
 
 def _check_modes(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int], where: str) -> None:
     if weight.dim() != 2:
-        raise ValueError(
-            f"{where}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{where}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
     if len(in_modes) != len(out_modes) or len(in_modes) == 0:
         raise ValueError(
             f"{where}: in_modes {tuple(in_modes)} and out_modes {tuple(out_modes)} must be non-empty and of "
             "equal length"
         )
     if any((not isinstance(m, int)) or m < 1 for m in (*in_modes, *out_modes)):
-        raise ValueError(
-            f"{where}: modes must be positive ints, got {tuple(in_modes)} and {tuple(out_modes)}"
-        )
+        raise ValueError(f"{where}: modes must be positive ints, got {tuple(in_modes)} and {tuple(out_modes)}")
     out_features, in_features = weight.shape
     if math.prod(in_modes) != in_features:
         raise ValueError(
@@ -186,9 +180,7 @@ def _bond_caps(max_bond: int | Sequence[int] | None, n: int, where: str) -> list
         return None
     caps = [max_bond] * (n - 1) if isinstance(max_bond, int) else list(max_bond)
     if len(caps) != n - 1:
-        raise ValueError(
-            f"{where}: max_bond as a list needs {n - 1} entries (one per internal bond), got {len(caps)}"
-        )
+        raise ValueError(f"{where}: max_bond as a list needs {n - 1} entries (one per internal bond), got {len(caps)}")
     for c in caps:
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(

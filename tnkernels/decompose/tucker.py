@@ -21,9 +21,7 @@ def tucker_num_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
 
 def _check_kernel(weight: torch.Tensor, where: str) -> None:
     if weight.dim() != 4:
-        raise ValueError(
-            f"{where}: expected a conv kernel [C_out, C_in, kh, kw], got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{where}: expected a conv kernel [C_out, C_in, kh, kw], got shape {tuple(weight.shape)}")
     check_finite(weight, where)
 
 
@@ -45,10 +43,7 @@ def _leading_left_vectors(mat: torch.Tensor, rank: int) -> torch.Tensor:
 
 def tucker_decompose(
     weight: torch.Tensor, ranks: Sequence[int], *, n_iter: int = 0, return_error: bool = False
-) -> (
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    | tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float]
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float]:
     """Tucker-2 of W[C_out, C_in, kh, kw] into (U_out [C_out, R_out], core [R_out, R_in, kh, kw], U_in [C_in, R_in]).
 
     W ~= einsum('or,rsyx,is->oiyx', U_out, core, U_in). HOSVD initializes the factors from the leading left singular

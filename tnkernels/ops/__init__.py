@@ -32,18 +32,14 @@ def check_mpo_cores(cores: Sequence[torch.Tensor], where: str = "mpo_linear") ->
         raise ValueError(f"{where}: needs at least one core")
     for k, g in enumerate(cores):
         if g.dim() != 4:
-            raise ValueError(
-                f"{where}: core {k} must be 4-D (r_prev, i, j, r_next), got shape {tuple(g.shape)}"
-            )
+            raise ValueError(f"{where}: core {k} must be 4-D (r_prev, i, j, r_next), got shape {tuple(g.shape)}")
         if k > 0 and cores[k - 1].shape[3] != g.shape[0]:
             raise ValueError(
                 f"{where}: bond mismatch between core {k - 1} (r_next={cores[k - 1].shape[3]}) "
                 f"and core {k} (r_prev={g.shape[0]})"
             )
     if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
-        raise ValueError(
-            f"{where}: boundary bonds must be 1, got r_0={cores[0].shape[0]}, r_N={cores[-1].shape[3]}"
-        )
+        raise ValueError(f"{where}: boundary bonds must be 1, got r_0={cores[0].shape[0]}, r_N={cores[-1].shape[3]}")
 
 
 def mpo_linear(
@@ -154,9 +150,7 @@ def tucker_conv2d(
     if x.dim() != 4:
         raise ValueError(f"tucker_conv2d: x must be [N, C_in, H, W], got shape {tuple(x.shape)}")
     if core.dim() != 4 or u_in.dim() != 2 or u_out.dim() != 2:
-        raise ValueError(
-            "tucker_conv2d: expected u_in [C_in, R_in], core [R_out, R_in, kh, kw], u_out [C_out, R_out]"
-        )
+        raise ValueError("tucker_conv2d: expected u_in [C_in, R_in], core [R_out, R_in, kh, kw], u_out [C_out, R_out]")
     if u_in.shape[1] != core.shape[1] or u_out.shape[1] != core.shape[0]:
         raise ValueError(
             f"tucker_conv2d: ranks disagree: u_in {tuple(u_in.shape)}, core {tuple(core.shape)}, "

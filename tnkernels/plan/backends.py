@@ -38,9 +38,7 @@ def _available(backend: str) -> bool:
     return backend_available("mpo_linear", backend)[0]
 
 
-def auto_mpo_backend(
-    device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool, low_rank: bool = False
-) -> str:
+def auto_mpo_backend(device_type: str, rows: int, dtype: torch.dtype, needs_grad: bool, low_rank: bool = False) -> str:
     """The backend name ("torch", "triton" or "native") that backend="auto" should resolve to for this call.
     `low_rank`: the chain has modes (in, 1) x (1, out) (see the module docstring)."""
     if device_type == "cuda":

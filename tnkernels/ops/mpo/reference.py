@@ -38,11 +38,7 @@ def mpo_linear_reference(
         b, big_j, _, rest = state.shape
         rest_after = rest // i
         # [b, J, r0, i, rest'] -> [b, J, rest', r0*i] @ [r0*i, j*r1] -> [b, J, rest', j, r1]
-        s = (
-            state.reshape(b, big_j, r0, i, rest_after)
-            .permute(0, 1, 4, 2, 3)
-            .reshape(b * big_j * rest_after, r0 * i)
-        )
+        s = state.reshape(b, big_j, r0, i, rest_after).permute(0, 1, 4, 2, 3).reshape(b * big_j * rest_after, r0 * i)
         s = (s @ g.reshape(r0 * i, j * r1)).reshape(b, big_j, rest_after, j, r1)
         state = s.permute(0, 1, 3, 4, 2).reshape(b, big_j * j, r1, rest_after)
     y = state.reshape(*lead, -1)

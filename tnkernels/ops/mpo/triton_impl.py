@@ -84,9 +84,7 @@ def _bucket(m: int) -> int:
     return b
 
 
-def mode_product(
-    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, bias_mod: int = 1
-) -> torch.Tensor:
+def mode_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, bias_mod: int = 1) -> torch.Tensor:
     """out[p, n, q] = sum_k a[p, k, q] * b[k, n] (+ bias[(p % bias_mod) * N + n]), out fresh and contiguous.
 
     a: [P, K, Q] and b: [K, N], any strides (transposes and permutations cost nothing). Returns [P, N, Q] in a.dtype.
@@ -296,9 +294,7 @@ def _backward_chain(
 
 
 @torch.library.custom_op("tnkernels::mpo_linear_triton", mutates_args=())
-def _mpo_op(
-    x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, keep: bool
-) -> list[torch.Tensor]:
+def _mpo_op(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, keep: bool) -> list[torch.Tensor]:
     """Returns [y, kept states...]; the states only feed the backward (outputs may not alias inputs, so x2 is not
     among them) and are only produced when keep (see _forward_chain)."""
     y, kept = _forward_chain(x2, cores, bias, keep)
@@ -358,9 +354,7 @@ def _backward(ctx, grads):
 torch.library.register_autograd("tnkernels::mpo_linear_triton", _backward, setup_context=_setup_context)
 
 
-def mpo_linear_triton(
-    x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None
-) -> torch.Tensor:
+def mpo_linear_triton(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """Backend entry: y = x @ W.T + bias with the MPO `cores` (validated by tnkernels.ops.mpo_linear).
 
     x: [..., in_features] on CUDA (or CPU under TRITON_INTERPRET=1), float16/bfloat16/float32/float64. Cores and bias
@@ -381,8 +375,6 @@ def mpo_linear_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     # Intermediates are only kept (and consecutive cores only left unfused) when a backward can follow.
-    keep = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, *cores, *([bias] if bias is not None else []))
-    )
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *cores, *([bias] if bias is not None else [])))
     y = _mpo_op(x2, cores, bias, keep)[0]
     return y.reshape(*lead, y.shape[-1])

@@ -125,9 +125,7 @@ def mode_product_kernel(
         m_k = o_k < K
         # Masked loads fill 0 so padded lanes add nothing (the interpreter returns garbage for unmasked OOB).
         b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_b = tl.load(
-            p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_k[:, None] & m_n[None, :], other=0.0
-        )
+        b_b = tl.load(p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_k[:, None] & m_n[None, :], other=0.0)
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_acc = _dot_acc(b_a, b_b, b_acc, DOT_FP64, UPCAST, PRECISION)
 
@@ -181,9 +179,7 @@ def mode_product_pair_kernel(
             for k0 in range(0, K1, BK):
                 o_k = k0 + tl.arange(0, BK)
                 m_k = o_k < K1
-                b_a = tl.load(
-                    p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0
-                )
+                b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
                 b_b1 = tl.load(
                     p_b1 + o_k[:, None] * s_b1k + (i_j * R1 + o_r)[None, :] * s_b1n,
                     mask=m_k[:, None] & m_r[None, :],

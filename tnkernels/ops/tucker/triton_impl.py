@@ -85,9 +85,7 @@ def _forward(
     )  # fmt: skip
     if not fuse:
         # y[n, co, p] = sum_r h[n, r, p] * U_out[co, r] + bias[co]   (U_out^T: strides swapped, no copy)
-        y = mode_product(h.reshape(nb, r_out, oh * ow), u_out.t(), bias, bias_mod=1).reshape(
-            nb, c_out, oh, ow
-        )
+        y = mode_product(h.reshape(nb, r_out, oh * ow), u_out.t(), bias, bias_mod=1).reshape(nb, c_out, oh, ow)
     return y, h
 
 
@@ -119,9 +117,7 @@ def _(x, u_in, core, u_out, bias, stride, padding, dilation, write_h):
     return [x.new_empty((nb, u_out.shape[0], oh, ow)), h]
 
 
-def _grad_proj(
-    dh: torch.Tensor, core: torch.Tensor, in_hw: tuple[int, int], stride, padding, dilation
-) -> torch.Tensor:
+def _grad_proj(dh: torch.Tensor, core: torch.Tensor, in_hw: tuple[int, int], stride, padding, dilation) -> torch.Tensor:
     """dp = gradient of h = conv2d(p, core) with respect to p (the transposed convolution), [N, R_in, H, W]."""
     nb, r_out, oh, ow = dh.shape
     r_in, kh, kw = core.shape[1:]
@@ -144,9 +140,7 @@ def _grad_proj(
     return dp
 
 
-def _grad_core(
-    dh: torch.Tensor, proj: torch.Tensor, core: torch.Tensor, stride, padding, dilation
-) -> torch.Tensor:
+def _grad_core(dh: torch.Tensor, proj: torch.Tensor, core: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
     """d core = gradient of h = conv2d(p, core) with respect to core, [R_out, R_in, kh, kw] in core's dtype."""
     nb, r_out, oh, ow = dh.shape
     r_in, h_in, w_in = proj.shape[1:]
@@ -268,8 +262,6 @@ def tucker_conv2d_triton(
         params.append(t if t is None or t.dtype == x.dtype else t.to(x.dtype))
     u_in, core, u_out, bias = params
     # h is only worth writing when someone will differentiate (the U_out gradient reads it).
-    write_h = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, u_in, core, u_out, bias)
-    )
+    write_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, u_in, core, u_out, bias))
     y, _ = _tucker_op(x, u_in, core, u_out, bias, list(stride), list(padding), list(dilation), write_h)
     return y

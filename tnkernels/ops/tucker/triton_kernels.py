@@ -92,9 +92,7 @@ def tucker_fused_kernel(
                 for c0 in range(0, C_IN, BC):
                     o_c = c0 + tl.arange(0, BC)
                     m_c = o_c < C_IN
-                    b_x = tl.load(
-                        p_x_pix[:, None] + o_c[None, :] * s_xc, mask=m_pix[:, None] & m_c[None, :], other=0.0
-                    )
+                    b_x = tl.load(p_x_pix[:, None] + o_c[None, :] * s_xc, mask=m_pix[:, None] & m_c[None, :], other=0.0)
                     b_u = tl.load(
                         p_uin + o_c[:, None] * s_uc + o_ri[None, :] * s_ur,
                         mask=m_c[:, None] & m_ri[None, :],
@@ -115,9 +113,7 @@ def tucker_fused_kernel(
 
     o_pix = (o_oh * OW + o_ow).to(tl.int64)
     if WRITE_H:
-        p_hb = (
-            p_h + o_n[:, None] * (R_OUT * OH * OW) + o_ro[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
-        )
+        p_hb = p_h + o_n[:, None] * (R_OUT * OH * OW) + o_ro[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
         tl.store(p_hb, b_acc.to(in_dtype), mask=m_m[:, None] & m_ro[None, :])
     if FUSE_OUT:
         b_h = b_acc.to(in_dtype)
@@ -135,12 +131,7 @@ def tucker_fused_kernel(
             b_y = _dot_acc(b_h, b_uo, b_y, DOT_FP64, UPCAST, PRECISION)
             if HAS_BIAS:
                 b_y += tl.load(p_bias + o_co, mask=m_co, other=0.0).to(acc_dtype)[None, :]
-            p_yb = (
-                p_y
-                + o_n[:, None] * (C_OUT * OH * OW)
-                + o_co[None, :].to(tl.int64) * (OH * OW)
-                + o_pix[:, None]
-            )
+            p_yb = p_y + o_n[:, None] * (C_OUT * OH * OW) + o_co[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
             tl.store(p_yb, b_y.to(in_dtype), mask=m_m[:, None] & m_co[None, :])
 
 
@@ -182,15 +173,7 @@ def tucker_grad_proj_kernel(
             t_wc = tl.where(t_w >= 0, t_w, 0)
             o_oh = t_hc // SH
             o_ow = t_wc // SW
-            m_pix = (
-                m_m
-                & (t_h >= 0)
-                & (t_w >= 0)
-                & (t_hc % SH == 0)
-                & (t_wc % SW == 0)
-                & (o_oh < OH)
-                & (o_ow < OW)
-            )
+            m_pix = m_m & (t_h >= 0) & (t_w >= 0) & (t_hc % SH == 0) & (t_wc % SW == 0) & (o_oh < OH) & (o_ow < OW)
             p_dh_pix = p_dh + o_n * (R_OUT * OH * OW) + (o_oh * OW + o_ow).to(tl.int64)
             for ro0 in range(0, R_OUT, BRO):
                 o_ro = ro0 + tl.arange(0, BRO)
@@ -207,12 +190,7 @@ def tucker_grad_proj_kernel(
                 )
                 # [BM, BRO] @ [BRO, BRI] -> [BM, BRI]
                 b_acc = _dot_acc(b_dh, b_k, b_acc, DOT_FP64, UPCAST, PRECISION)
-    p_o = (
-        p_dp
-        + o_n[:, None] * (R_IN * H * W)
-        + o_ri[None, :].to(tl.int64) * (H * W)
-        + (o_ih * W + o_iw)[:, None]
-    )
+    p_o = p_dp + o_n[:, None] * (R_IN * H * W) + o_ri[None, :].to(tl.int64) * (H * W) + (o_ih * W + o_iw)[:, None]
     tl.store(p_o, b_acc.to(p_dp.dtype.element_ty), mask=m_m[:, None] & m_ri[None, :])
 
 
@@ -261,10 +239,7 @@ def tucker_grad_core_kernel(
             other=0.0,
         )  # fmt: skip
         b_p = tl.load(
-            p_p
-            + o_n[:, None] * (R_IN * H * W)
-            + o_ri[None, :].to(tl.int64) * (H * W)
-            + (o_ih * W + o_iw)[:, None],
+            p_p + o_n[:, None] * (R_IN * H * W) + o_ri[None, :].to(tl.int64) * (H * W) + (o_ih * W + o_iw)[:, None],
             mask=m_pix[:, None] & m_ri[None, :],
             other=0.0,
         )
