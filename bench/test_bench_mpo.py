@@ -52,12 +52,14 @@ def test_linear_forward_backward(benchmark, case, provider):
     module, n_in = _provider(layer, ratio, provider)
     x = torch.randn(rows, n_in, requires_grad=True)
     params = list(module.parameters())
+    with torch.no_grad():
+        gy = torch.randn_like(module(x))  # a dense upstream gradient, as in run_grid (not .sum().backward())
 
     def step():
         for p in params:
             p.grad = None
         x.grad = None
-        module(x).sum().backward()
+        module(x).backward(gy)
 
     benchmark(step)
 
@@ -67,10 +69,12 @@ def test_linear_recompute_time(benchmark, recompute):
     """The time side of the recompute option (its memory side is in run_grid's recompute_saved_bytes)."""
     module, n_in = _provider("minilm-mlp-down", 16, "tnkernels")
     x = torch.randn(1024, n_in, requires_grad=True)
+    with torch.no_grad():
+        gy = torch.randn_like(module(x))
 
     def step():
         with options(recompute=recompute):
-            module(x).sum().backward()
+            module(x).backward(gy)
 
     benchmark(step)
 
