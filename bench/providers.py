@@ -131,9 +131,10 @@ def timer(
 
     The minimum rather than the median: on a machine shared with other jobs, interference only adds time, and
     the minimum is the statistic least distorted by it (on a quiet machine the two agree closely). Calls are
-    repeated until they add up to `min_time_s` (as timeit's autorange does): a few calls of a 20 us layer are
-    still cold from the provider timed before it (the 2026-12-01 grid timed dense 384x1536 at one row as 111 us
-    with 3 calls a round; 300 calls give 23 us). `budget_s` caps the time spent (at least 3 calls).
+    repeated until they add up to `min_time_s` (as timeit's autorange does), so a microsecond-scale call gets
+    more than a handful of samples: 3 calls a round read one-row cells 3-15% slower than 20 ms worth of calls
+    (one thread, 2026-12-01; dense 1536->384 at one row: 66.6-68.7 against 64.3-65.1 us). `budget_s` caps the
+    time spent (at least 3 calls).
     """
     import time
 
