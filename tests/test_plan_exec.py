@@ -251,3 +251,25 @@ def test_low_rank_bias_layouts_match_reference(monkeypatch, rows, n_in, n_out, r
     shapes = [(1, n_in, 1, rank), (rank, 1, n_out, 1)]
     _check_mpo(shapes, (rows,), True, seed=rows + rank, kind="sweep-left", recompute=recompute)
     assert taken and all(t == folds for t in taken)
+
+
+@pytest.mark.parametrize("train_cores", [False, True])
+def test_low_rank_folded_bias_gradient_with_frozen_or_trained_cores(train_cores):
+    # the folded forward keeps [h, 1]; the bias gradient comes from [h, 1]^T dy when dB is computed anyway, and
+    # from dy.sum(0) when the cores are frozen
+    g = torch.Generator().manual_seed(7)
+    rows, n_in, n_out, rank = 256, 16, 1024, 4
+    g1 = torch.randn(1, n_in, 1, rank, generator=g, dtype=F64, requires_grad=train_cores)
+    g2 = torch.randn(rank, 1, n_out, 1, generator=g, dtype=F64, requires_grad=train_cores)
+    x = torch.randn(rows, n_in, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(n_out, generator=g, dtype=F64, requires_grad=True)
+    leaves = [x, bias] + ([g1, g2] if train_cores else [])
+    ref = mpo_linear_reference(x, [g1, g2], bias)
+    dy = torch.randn(ref.shape, generator=g, dtype=F64)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    with options(force="sweep-left"):
+        y = mpo_linear_torch(x, [g1, g2], bias)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert_close_rel(y, ref, tolerance(F64), "forward")
+    for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close_rel(a, e, tolerance(F64), f"grad of leaf {k}")
