@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill._atomic import atomic_write_text  # noqa: E402
 from tnkernels.ops import mpo_linear  # noqa: E402
 from tnkernels.ops.mpo import native_impl  # noqa: E402
 
@@ -363,10 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     out = args.out or Path(__file__).parent / "results" / f"native_{_dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps({"environment": environment(), "cells": cells}, indent=1))
-    os.replace(tmp, out)  # atomic: a reader never sees a half-written file
+    atomic_write_text(out, json.dumps({"environment": environment(), "cells": cells}, indent=1))
     print(f"saved {out}")
     return 0
 

@@ -24,7 +24,6 @@ max(FLOPs / peak, minimal bytes / bandwidth) with the measured peaks; minimal by
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import math
@@ -32,7 +31,6 @@ import os
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -40,102 +38,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_harness import Recorder, measure_peaks, perf_row, rel_rms, time_ms  # noqa: E402
+
 # "cuda" for the real run; "cpu" only for --smoke-cpu (TRITON_INTERPRET=1, tiny shapes: checks this script's code
 # paths on a machine without a GPU, measures nothing meaningful).
 DEVICE = "cuda"
 
 # Relative-RMS tolerances for the correctness phase (same values as tests/helpers.py with the triton slack).
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-1, torch.float16: 5e-2}
-
-
-def rel_rms(a: torch.Tensor, e: torch.Tensor) -> float:
-    a, e = a.detach().double(), e.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class Recorder:
-    """Collects rows and rewrites JSON + CSV after each one, so partial results survive a crash or a timeout."""
-
-    def __init__(self, out_dir: Path, meta: dict):
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.json_path = out_dir / f"gpu_bench_{stamp}.json"
-        self.csv_path = out_dir / f"gpu_bench_{stamp}.csv"
-        self.meta = meta
-        self.rows: list[dict] = []
-        self.errors: list[dict] = []
-        self.skipped: list[str] = []
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.flush()
-
-    def error(self, case: str, exc: BaseException) -> None:
-        print(f"  ERROR in {case}: {type(exc).__name__}: {exc}", flush=True)
-        self.errors.append({"case": case, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
-        self.flush()
-
-    def flush(self) -> None:
-        doc = {"meta": self.meta, "rows": self.rows, "errors": self.errors, "skipped": self.skipped}
-        atomic_write(self.json_path, json.dumps(doc, indent=1, default=str))
-        keys: list[str] = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
-        lines = []
-        if keys:
-            import io
-
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=["date", "gpu", *keys])
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({"date": self.meta["date"], "gpu": self.meta["gpu"], **r})
-            lines.append(buf.getvalue())
-        atomic_write(self.csv_path, "".join(lines))
-
-
-def time_ms(fn, use_graph: bool = True, grad_to_none=None) -> tuple[float, str]:
-    """Median time of fn() in ms; CUDA-graph replay when possible (no launch overhead), else plain do_bench."""
-    import triton.testing as tt
-
-    if DEVICE == "cpu":  # smoke mode: one call exercises the code path (the number means nothing)
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3, "perf_counter"
-    fn()  # warm up: compiles and autotunes outside the timed region / graph capture
-    torch.cuda.synchronize()
-    if use_graph:
-        try:
-            return float(tt.do_bench_cudagraph(fn, rep=20, return_mode="median")), "cudagraph"
-        except Exception:  # capture can fail (e.g. a host sync inside fn); fall back and say so
-            torch.cuda.synchronize()
-    ms = tt.do_bench(fn, warmup=5, rep=20, grad_to_none=grad_to_none, return_mode="median")
-    return float(ms), "do_bench"
-
-
-def measure_peaks() -> dict:
-    """Achievable bf16 matmul TFLOP/s and copy GB/s on this GPU (the roofline's ceilings)."""
-    import triton.testing as tt
-
-    if DEVICE == "cpu":
-        return {"peak_bf16_tflops": 1.0, "peak_gbs": 10.0, "peaks_assumed": True}
-    n = 8192
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    ms = tt.do_bench(lambda: a @ b, warmup=10, rep=50)
-    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    src = torch.empty(2 * 1024**3 // 2, device=DEVICE, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms_c = tt.do_bench(lambda: dst.copy_(src), warmup=5, rep=30)
-    gbs = 2 * src.numel() * 2 / (ms_c * 1e-3) / 1e9  # read + write
-    return {"peak_bf16_tflops": tflops, "peak_gbs": gbs}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -243,16 +153,6 @@ def check_correctness(rec: Recorder, mpo_cases, tucker_cases, dtypes) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 IEEE; the timed grid is bf16 anyway
 
 
-def perf_row(op, case, provider, ms, timer, flops, min_bytes, peaks, **extra) -> dict:
-    t = ms * 1e-3
-    roof = max(flops / (peaks["peak_bf16_tflops"] * 1e12), min_bytes / (peaks["peak_gbs"] * 1e9))
-    return {
-        "phase": "perf", "op": op, "case": case, "provider": provider, "ms": ms, "timer": timer,
-        "tflops": flops / t / 1e12, "gbs": min_bytes / t / 1e9, "roofline_ms": roof * 1e3,
-        "pct_roofline": 100 * roof / t, **extra,
-    }  # fmt: skip
-
-
 def bench_mpo(rec: Recorder, peaks: dict, deadline: float, rows_list, bonds, layers) -> None:
     from tnkernels.ops import mpo_linear, mpo_to_dense
 
@@ -284,7 +184,7 @@ def bench_mpo(rec: Recorder, peaks: dict, deadline: float, rows_list, bonds, lay
                     ("dense", lambda: F.linear(x, w, bias), dense_flops, dense_bytes),
                 ]:
                     try:
-                        ms, timer = time_ms(fn)
+                        ms, timer = time_ms(fn, DEVICE)
                         times[provider] = ms
                         rec.add(perf_row("mpo_fwd", case, provider, ms, timer, fl, by, peaks, rows=rows, bond=bond,
                                          layer=name, param_ratio=ratio))  # fmt: skip
@@ -313,7 +213,7 @@ def bench_mpo(rec: Recorder, peaks: dict, deadline: float, rows_list, bonds, lay
             ]:  # fmt: skip
                 try:
                     # autograd + graph capture do not mix reliably; gradients are reset (untimed) between reps
-                    ms, timer = time_ms(fn, use_graph=False, grad_to_none=[x, wd, *leaves])
+                    ms, timer = time_ms(fn, DEVICE, use_graph=False, grad_to_none=[x, wd, *leaves])
                     rec.add(perf_row("mpo_fwd_bwd", case, provider, ms, timer, fl, 3 * min_bytes, peaks, rows=rows,
                                      bond=bond, layer=name, param_ratio=ratio))  # fmt: skip
                 except Exception as exc:  # noqa: BLE001
@@ -364,7 +264,7 @@ def bench_tucker(rec: Recorder, peaks: dict, deadline: float, grid) -> None:
             ("dense", lambda: F.conv2d(x, wd, bias, s, p), flops_d, bytes_d),
         ]:  # fmt: skip
             try:
-                ms, timer = time_ms(fn)
+                ms, timer = time_ms(fn, DEVICE)
                 rec.add(perf_row("tucker_fwd", case, provider, ms, timer, fl, by, peaks, param_ratio=ratio))
                 print(
                     f"    {provider}: {ms * 1e3:.1f} us, {rec.rows[-1]['pct_roofline']:.0f}% roofline",
@@ -389,7 +289,7 @@ def bench_tucker(rec: Recorder, peaks: dict, deadline: float, grid) -> None:
             ("dense", lambda: F.conv2d(xg, wg, bg, s, p).backward(gy), 3 * flops_d, 3 * bytes_d, [xg, wg, bg]),
         ]:  # fmt: skip
             try:
-                ms, timer = time_ms(fn, use_graph=False, grad_to_none=leaves)
+                ms, timer = time_ms(fn, DEVICE, use_graph=False, grad_to_none=leaves)
                 rec.add(perf_row("tucker_fwd_bwd", case, provider, ms, timer, fl, by, peaks, param_ratio=ratio))
                 print(f"    fwd+bwd {provider}: {ms * 1e3:.1f} us", flush=True)
             except Exception as exc:  # noqa: BLE001
@@ -483,7 +383,7 @@ def main(argv=None) -> int:
     rec = Recorder(out_dir, meta)
     print(f"gpu_bench on {meta['gpu']}; writing {rec.json_path} and {rec.csv_path}", flush=True)
     try:
-        meta.update(measure_peaks())
+        meta.update(measure_peaks(DEVICE))
         if DEVICE == "cuda":
             torch.cuda.empty_cache()  # return the 4 GiB of peak-measurement buffers
     except Exception as exc:  # noqa: BLE001 - fall back to H200 datasheet-like numbers, flagged as such

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from distill._atomic import atomic_write_text  # noqa: E402
 from distill.hf import baselines, evaluate, text  # noqa: E402
 from distill.hf.models import build_from_config  # noqa: E402
 from distill.hf.pipeline import compress_model  # noqa: E402
@@ -253,10 +254,7 @@ def main() -> None:
         }
         res["runs"].append(row)
         print(json.dumps(row), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(res, indent=2))
 
     t0 = time.perf_counter()
     shot = baselines.one_shot(teacher, args.ratio, attention=args.attention, num_cores=args.num_cores)

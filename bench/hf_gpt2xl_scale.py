@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from distill._atomic import atomic_write_text  # noqa: E402
 from distill.hf.capture import capture_features, load_slice_features  # noqa: E402
 from distill.hf.models import build_from_config  # noqa: E402
 from distill.hf.pipeline import dist_env, my_share  # noqa: E402
@@ -151,9 +152,7 @@ def main() -> None:
     part = out.with_name(f"{out.stem}.rank{rank}.json")
 
     def dump() -> None:  # after every stage, so a run stopped early still leaves its measurements
-        tmp = part.with_name(part.name + ".tmp")
-        tmp.write_text(json.dumps(log, indent=2))
-        os.replace(tmp, part)
+        atomic_write_text(part, json.dumps(log, indent=2))
 
     dump()
     log["slices"] = []
@@ -238,9 +237,7 @@ def main() -> None:
             "loadavg_end": loadavg(),
             "ranks": [json.loads(q.read_text()) for q in parts],
         }
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(merged, indent=2))
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(merged, indent=2))
         for q in parts:
             q.unlink()
 

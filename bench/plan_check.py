@@ -28,6 +28,7 @@ import torch
 
 from bench.providers import forced_kind_predictions, linear_providers
 from bench.run_grid import LINEAR_SHAPES
+from distill._atomic import atomic_write_text
 from tnkernels.plan import MPOStructure, choose_mpo_structure, mpo_decision, options
 
 GRIDS = {
@@ -164,18 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"plan_check_{out['date'][:10]}")
-        with open(stem + ".json.tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(stem + ".json.tmp", stem + ".json")
+        atomic_write_text(stem + ".json", json.dumps(out, indent=1))
         md = (
             f"# Planner pick vs fastest forced kind ({out['date']}, {out['threads']} thread(s), "
             f"load {', '.join(f'{v:.1f}' for v in out['load_avg'])})\n\n"
             f"Pick within 10% of the fastest: **{frac:.0%}** of {len(records)} points. "
             f"Command: `{out['command']}`\n\n" + _table(records) + "\n"
         )
-        with open(stem + ".md.tmp", "w") as f:
-            f.write(md)
-        os.replace(stem + ".md.tmp", stem + ".md")
+        atomic_write_text(stem + ".md", md)
     return out
 
 

@@ -24,12 +24,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 
 import torch
 from torch import nn
 
 from bench.providers import conv_providers, forced_kind_predictions, linear_providers, saved_bytes, timer
+from distill._atomic import atomic_write_text
 from tnkernels.plan import (
     auto_mpo_backend,
     choose_mpo_structure,
@@ -370,15 +370,6 @@ def _resume(partial: str, preset: str, fresh: bool) -> list[dict]:
     return saved["records"]
 
 
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -412,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save_partial() -> None:  # a long run that is interrupted still leaves its points on disk
         state = dict(preset=preset, records=records, summary=summarize(records))
-        _atomic_write(partial, json.dumps(state, default=str))
+        atomic_write_text(partial, json.dumps(state, default=str))
 
     for name in cfg["linear"]:
         cap = cfg.get("big_rows_cap", {}).get(name, math.inf)
@@ -453,8 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
     md = f"# tnkernels grid ({name_tag}), {result['environment']['date']}\n\n{table(records)}\n\n```\n"
     md += json.dumps({k: result[k] for k in ("summary", "recompute_saved_bytes", "plan_lookup_us")}, indent=1)
     md += "\n```\n"
-    _atomic_write(os.path.join(args.out, f"grid-{name_tag}.json"), json.dumps(result, indent=1, default=str))
-    _atomic_write(os.path.join(args.out, f"grid-{name_tag}.md"), md)
+    atomic_write_text(os.path.join(args.out, f"grid-{name_tag}.json"), json.dumps(result, indent=1, default=str))
+    atomic_write_text(os.path.join(args.out, f"grid-{name_tag}.md"), md)
     os.remove(partial)
     print(json.dumps(result["summary"], indent=1))
     print(f"recompute saved bytes: {result['recompute_saved_bytes']}; plan lookup {result['plan_lookup_us']:.2f} us")

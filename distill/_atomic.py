@@ -1,4 +1,5 @@
-"""Atomic file writes for the budget / sensitivity / plot outputs (tmp file in the same folder, then rename).
+"""Atomic file writes for the budget / sensitivity / plot outputs and the bench/ scripts (tmp file in the same
+folder, then rename).
 
 A crash or a kill in the middle of a write must never leave a half-written JSON or PNG that a later run
 would read as valid, so every writer goes through here: the data lands in a temporary file next to the
@@ -23,6 +24,7 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes the file private (0600); results are meant to be read
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -35,6 +37,12 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], None
             pass
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) atomically: the benchmark scripts' tables and JSON go through here too."""
+    data = text.encode()
+    return atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

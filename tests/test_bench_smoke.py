@@ -38,7 +38,7 @@ def test_grid_smoke_writes_json_and_table(tmp_path):
     assert data["plan_lookup_us"] > 0
     md = (tmp_path / "grid-smoke.md").read_text()
     assert "| layer |" in md and "minilm-mlp-down" in md
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert not leftovers, "temporary file left behind"
 
 
