@@ -16,7 +16,7 @@ from ..decompose import (
     mpo_decompose,
     mpo_num_params,
 )
-from ..ops import check_mpo_cores, mpo_to_dense, run_mpo_linear
+from ..ops import check_input_width, check_mpo_cores, mpo_to_dense, run_mpo_linear
 from .hf_compat import is_hf_conv1d, linear_weight
 
 DEFAULT_NUM_CORES = 2
@@ -162,11 +162,9 @@ class MPOLinear(nn.Module):
         if shapes != getattr(self, "_checked_shapes", None):  # first call, or the cores were replaced
             self._check_cores(cores)
             self._checked_shapes = shapes
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__}: input has {x.shape[-1] if x.dim() else 0} features in its last dimension, "
-                f"expected in_features={self.in_features}"
-            )
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # the check's own call only when it will raise
+            where = type(self).__name__
+            check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
         return run_mpo_linear(x, cores, self.bias, self.backend)
 
     def _check_cores(self, cores: list[torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ import torch
 from ..plan.backends import auto_mpo_backend
 from .dispatch import BACKENDS, backend_available, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
+from .mpo.torch_low_rank import is_low_rank_chain
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "tucker_conv2d_reference",
     "tucker_to_dense",
     "check_mpo_cores",
+    "check_input_width",
     "conv_padding",
 ]
 
@@ -40,6 +42,15 @@ def check_mpo_cores(cores: Sequence[torch.Tensor], where: str = "mpo_linear") ->
             )
     if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
         raise ValueError(f"{where}: boundary bonds must be 1, got r_0={cores[0].shape[0]}, r_N={cores[-1].shape[3]}")
+
+
+def check_input_width(x: torch.Tensor, in_features: int, where: str, detail: str = "") -> None:
+    """Raise ValueError unless x is [..., in_features]."""
+    width = x.shape[-1] if x.dim() else 0
+    if width != in_features:
+        raise ValueError(
+            f"{where}: input has {width} features in its last dimension but the cores expect {in_features}{detail}"
+        )
 
 
 def mpo_linear(
@@ -69,11 +80,7 @@ def mpo_linear(
     for g in cores:
         in_features *= g.shape[1]
         out_features *= g.shape[2]
-    if x.shape[-1] != in_features:
-        raise ValueError(
-            f"mpo_linear: input has {x.shape[-1]} features in its last dimension but the cores expect "
-            f"{in_features} (input modes {[g.shape[1] for g in cores]})"
-        )
+    check_input_width(x, in_features, "mpo_linear", f" (input modes {[g.shape[1] for g in cores]})")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
     return run_mpo_linear(x, cores, bias, backend)
@@ -86,7 +93,7 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
         )
-        low_rank = len(cores) == 2 and cores[0].shape[2] == 1 and cores[1].shape[1] == 1
+        low_rank = len(cores) == 2 and is_low_rank_chain((cores[0].shape, cores[1].shape))
         rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
         backend = auto_mpo_backend(x.device.type, rows, x.dtype, needs_grad, low_rank)
     fn = resolve("mpo_linear", backend, x.device.type)

@@ -15,9 +15,14 @@ import torch
 from ...plan.mpo import MPODecision
 
 
+def is_low_rank_chain(shapes) -> bool:
+    """Core shapes (1, in, 1, r), (r, 1, out, 1): modes (in, 1) x (1, out)."""
+    return len(shapes) == 2 and shapes[0][2] == 1 and shapes[1][1] == 1
+
+
 def applies(shapes: tuple[tuple[int, int, int, int], ...], decision: MPODecision) -> bool:
     """True for a low-rank chain whose planned forward and backward are both the left sweep."""
-    if len(shapes) != 2 or shapes[0][2] != 1 or shapes[1][1] != 1:
+    if not is_low_rank_chain(shapes):
         return False
     backward = decision.backward
     return decision.forward.kind == "sweep-left" and (backward is None or backward.kind == "sweep-left")
@@ -34,7 +39,7 @@ def _factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
 # The forward product x A needs no such care: re-measured 2026-12-01 (one and two threads, 1-1024 rows, ranks
 # 1-96), x @ A is as fast as or faster than every other layout, and the per-call transposed copy of a thin A that
 # an earlier measurement had suggested cost 8-15 us at one row for nothing.
-_THIN = 16
+_NARROW_RANK = 32  # below this rank, dA is always computed as (dh^T x)^T
 
 
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -48,7 +53,7 @@ def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     # to rank ~128 (rank 105, 512 -> 1000, 1024 rows: 15.7 vs 19.0 ms); elsewhere the copy costs more than the
     # layout saves (rank 96, 3072 -> 768, one row: 1.9 vs 0.65 ms), so x^T dh, contiguous as it comes.
     rows, rank = dh.shape
-    if dh.device.type == "cpu" and (rank < 2 * _THIN or (rows >= 512 and rank <= 128)):
+    if dh.device.type == "cpu" and (rank < _NARROW_RANK or (rows >= 512 and rank <= 128)):
         return (dh.t() @ x2d).t()
     return x2d.t() @ dh
 
@@ -78,19 +83,21 @@ def _with_ones(h: torch.Tensor) -> torch.Tensor:
     return h1
 
 
-def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = h B + bias, and the left operand the GEMM used: [h, 1] when the bias rode in it, else h."""
     if bias is None:
-        return h @ b
+        return h @ b, h
     if _fold_bias(h, b):
-        return _with_ones(h) @ torch.cat([b, bias[None]], 0)
+        h1 = _with_ones(h)
+        return h1 @ torch.cat([b, bias[None]], 0), h1
     # addmm fuses the bias into the GEMM call, as F.linear does
-    return torch.addmm(bias, h, b)
+    return torch.addmm(bias, h, b), h
 
 
 def low_rank_forward(x2d: torch.Tensor, cores, bias: torch.Tensor | None) -> torch.Tensor:
     """Inference: y = (x A) B + bias."""
     a, b = _factors(cores)
-    return _second_gemm(_first_gemm(x2d, a), b, bias)
+    return _second_gemm(_first_gemm(x2d, a), b, bias)[0]
 
 
 class LowRankFunction(torch.autograd.Function):
@@ -105,13 +112,8 @@ class LowRankFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, bias, save_h: bool, g1, g2):
         a, b = _factors((g1, g2))
-        h = _first_gemm(x2d, a)
-        ctx.folded = bias is not None and _fold_bias(h, b)
-        if ctx.folded:
-            h = _with_ones(h)
-            y = h @ torch.cat([b, bias[None]], 0)
-        else:
-            y = _second_gemm(h, b, bias)
+        y, h = _second_gemm(_first_gemm(x2d, a), b, bias)
+        ctx.folded = h.shape[1] > b.shape[0]  # h came back as [h, 1]
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, g1, g2, h if save_h else None)
         return y
