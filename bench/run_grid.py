@@ -71,10 +71,6 @@ PRESETS = {
 }  # fmt: skip
 
 
-def _roofline(cal, flops: float, nbytes: float) -> float:
-    return roofline_seconds(cal, flops, nbytes)
-
-
 def _tnk_flops_bytes(dec, shapes, rows: int, cal, passes: str) -> tuple[float, float]:
     f, b = dec.forward.flops, dec.forward.bytes
     if passes == "fwd+bwd" and dec.backward is not None:
@@ -171,8 +167,8 @@ def bench_linear(
         backend=auto_mpo_backend("cpu", rows, torch.float32, passes == "fwd+bwd", s.is_low_rank),
         plan=dec.forward.label, backward_plan=dec.backward.label if dec.backward else None,
         predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times, skipped=skipped,
-        roofline_speedup=_roofline(cal, dense_flops, dense_bytes) / _roofline(cal, flops, nbytes),
-        roofline_tnk_s=_roofline(cal, flops, nbytes),
+        roofline_speedup=roofline_seconds(cal, dense_flops, dense_bytes) / roofline_seconds(cal, flops, nbytes),
+        roofline_tnk_s=roofline_seconds(cal, flops, nbytes),
     )  # fmt: skip
     if check_plans and passes == "fwd":  # the torch backend: the one whose plans can be forced
         torch_module = linear_providers(s.in_modes, s.out_modes, s.bonds, peers=False, backend="torch")[1].module
@@ -218,12 +214,12 @@ def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peer
     mult = 3 if passes == "fwd+bwd" else 1
     dense_flops = mult * 2 * batch * hw * hw * c * c * 9
     dense_bytes = mult * 4 * (2 * batch * c * hw * hw + c * c * 9)
-    tnk_rl = _roofline(cal, mult * dec.flops, mult * dec.bytes)
+    tnk_rl = roofline_seconds(cal, mult * dec.flops, mult * dec.bytes)
     return dict(
         kind="conv", layer=name, shape=[c, c, 3, 3], ratio=ratio, ranks=[r, r], rows=batch, passes=passes,
         spatial=hw, plan=dec.kind, predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times,
         skipped=skipped,
-        roofline_speedup=_roofline(cal, dense_flops, dense_bytes) / tnk_rl, roofline_tnk_s=tnk_rl,
+        roofline_speedup=roofline_seconds(cal, dense_flops, dense_bytes) / tnk_rl, roofline_tnk_s=tnk_rl,
     )  # fmt: skip
 
 
