@@ -15,7 +15,7 @@
 // Portable GCC/Clang vector extensions (8 x float) rather than intrinsics: one code path that compiles to AVX2/FMA
 // with -march=native and to SSE/NEON elsewhere.
 
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 
@@ -440,11 +440,4 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
     }
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tnkernels native CPU kernels (csrc/): fused MPO chain for small-batch inference";
-  m.def("mpo_chain_forward", &mpo_chain_forward, "MPO chain forward: y = x @ W.T + bias (fp32 accumulate)",
-        pybind11::arg("x"), pybind11::arg("cores"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("gemm") = 0);
 }

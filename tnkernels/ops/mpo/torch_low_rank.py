@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...plan.mpo import MPODecision
+from . import thin_native
 
 
 def is_low_rank_chain(shapes) -> bool:
@@ -43,7 +44,7 @@ _NARROW_RANK = 32  # below this rank, dA is always computed as (dh^T x)^T
 
 
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return x2d @ a
+    return thin_native.project(x2d, a)  # x2d @ a, on the native kernel at ranks <= 8
 
 
 def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,9 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     """y = h B + bias, and the left operand the GEMM used: [h, 1] when the bias rode in it, else h."""
     if bias is None:
         return h @ b, h
+    y = thin_native.expand_with_bias(h, b, bias)  # ranks <= 8: one native pass, bias included
+    if y is not None:
+        return y, h
     if _fold_bias(h, b):
         h1 = _with_ones(h)
         return h1 @ torch.cat([b, bias[None]], 0), h1
@@ -107,13 +111,16 @@ class LowRankFunction(torch.autograd.Function):
     Where the bias rides in the second GEMM (_fold_bias), h is kept with its column of ones, and the backward's
     [h, 1]^T dy gives dB and the bias gradient in one GEMM, instead of dB plus a separate pass over dy for the
     bias. GPT-2 768->3072 at ratio 64, 1024 rows, forward+backward: 2.84 ms against 3.97 ms without any folding
-    (1.40x), where folding the forward alone had given 1.11x (one thread, 2026-12-01)."""
+    (1.40x), where folding the forward alone had given 1.11x (one thread, 2026-12-01). Where the native kernel
+    wrote the bias instead (ranks <= 8, thin_native), the backward appends the ones itself (a copy of h, rows x
+    (r + 1) numbers) for the same single GEMM."""
 
     @staticmethod
     def forward(ctx, x2d, bias, save_h: bool, g1, g2):
         a, b = _factors((g1, g2))
-        y, h = _second_gemm(_first_gemm(x2d, a), b, bias)
-        ctx.folded = h.shape[1] > b.shape[0]  # h came back as [h, 1]
+        h = _first_gemm(x2d, a)
+        ctx.ones_in_backward = bias is not None and _fold_bias(h, b)  # dB and the bias gradient from [h, 1]^T dy
+        y, h = _second_gemm(h, b, bias)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, g1, g2, h if save_h else None)
         return y
@@ -127,16 +134,17 @@ class LowRankFunction(torch.autograd.Function):
         a, b = _factors((g1, g2))
         need_x, need_bias, _, need_g1, need_g2 = ctx.needs_input_grad
         rank = b.shape[0]
-        dh = dy @ b.t() if (need_x or need_g1) else None
+        dh = thin_native.project(dy, b.t()) if (need_x or need_g1) else None  # dy B^T
         d_g1 = _grad_a(x2d, dh).view(g1.shape) if need_g1 else None
         d_g2 = d_bias = None
         if need_g2:
             if h is None:
                 h = _first_gemm(x2d, a)
-                h = _with_ones(h) if ctx.folded else h
+            if ctx.ones_in_backward and h.shape[1] == rank:
+                h = _with_ones(h)
             d_b = h.t() @ dy  # [rank (+ 1), out]: with the ones column, its last row is the bias gradient
             d_g2 = d_b[:rank].view(g2.shape)
-            if ctx.folded and need_bias:
+            if ctx.ones_in_backward and need_bias:
                 d_bias = d_b[rank]
         dx = dh @ a.t() if need_x else None
         if ctx.has_bias and need_bias and d_bias is None:

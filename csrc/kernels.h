@@ -1,0 +1,14 @@
+// Entry points of the tnkernels._native extension (bound to Python in module.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+// mpo_chain.cpp: fused MPO chain forward for small-batch inference.
+at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>& cores,
+                             const c10::optional<at::Tensor>& bias, int64_t gemm);
+
+// thin_gemm.cpp: the two GEMMs of a low-rank layer at small ranks (fp32).
+at::Tensor thin_project(const at::Tensor& x, const at::Tensor& a);
+at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b, const c10::optional<at::Tensor>& bias);

@@ -1,0 +1,13 @@
+// Python bindings of the tnkernels._native extension; the kernels live in mpo_chain.cpp and thin_gemm.cpp.
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tnkernels native CPU kernels (csrc/): fused MPO chain for small-batch inference, thin low-rank GEMMs";
+  m.def("mpo_chain_forward", &mpo_chain_forward, "MPO chain forward: y = x @ W.T + bias (fp32 accumulate)",
+        pybind11::arg("x"), pybind11::arg("cores"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("gemm") = 0);
+  m.def("thin_project", &thin_project, "C[M, r] = x[M, K] @ a[K, r] for a small r (fp32; x contiguous)",
+        pybind11::arg("x"), pybind11::arg("a"));
+  m.def("thin_expand", &thin_expand, "Y[M, N] = h[M, r] @ b[r, N] + bias for a small r (fp32, contiguous)",
+        pybind11::arg("h"), pybind11::arg("b"), pybind11::arg("bias") = pybind11::none());
+}

@@ -1,0 +1,198 @@
+// Native CPU kernels for the two GEMMs of a low-rank layer, y = (x A) B + bias, when the rank r is small
+// (ratio-64 layers: r = 4-10). The CPU BLAS runs them as ordinary GEMMs at about half the memory bandwidth (one
+// thread, 1024 rows, 1536 -> 384 at rank 4: x A takes ~400 us, reading x once ~210 us) and its addmm writes the
+// broadcast bias into the output before a beta = 1 GEMM re-reads it. Both products are memory-bound at these ranks,
+// so what matters is reading the big operand once, in order, and writing the output once.
+//
+//   thin_project:  C[M, r] = X[M, K] A[K, r]         (x A; in the backward dy B^T, with A = B.t())
+//   thin_expand:   Y[M, N] = H[M, r] B[r, N] + bias  (h B + bias; in the backward dh A^T, with B = A^T, no bias)
+//
+// fp32 only; X, H and B row-major contiguous (the Python side checks and falls back to torch otherwise).
+// Portable GCC/Clang vector extensions, as in mpo_chain.cpp: 16 floats per vector where AVX-512 is available, 8
+// elsewhere. Measured against torch (MKL) in docs/native.md; where these lose (larger ranks: the dot tile below
+// re-streams its operands from L2 and reaches half the FMA rate) the caller keeps torch.
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+constexpr int kProjectJB = 4;  // 4 rows x 4 ranks = 16 accumulators (+4 rows of x, +1 of A^T) of 32 registers
+#else
+constexpr int VW = 8;
+constexpr int kProjectJB = 2;  // 4 x 2 = 8 accumulators (+4 +1) of 16 registers
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned, aliasing-safe
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline vf splat(float s) { return vf{} + s; }
+inline float hsum(vf v) {
+  for (int half = VW / 2; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) v[i] += v[i + half];
+  return v[0];
+}
+
+// Calls f.template operator()<N>() with N = n known at compile time (1 <= n <= Max): the remainder of a blocking
+// (r = 7 in groups of 4 leaves 3) keeps its accumulators in registers.
+template <int Max, typename F>
+inline void with_block(int64_t n, F&& f) {
+  if constexpr (Max >= 1) {
+    if (n == Max)
+      f.template operator()<Max>();
+    else
+      with_block<Max - 1>(n, f);
+  }
+}
+
+// Below this many multiply-adds a call stays on the calling thread: a fork/join costs microseconds (mpo_chain.cpp).
+constexpr int64_t kMinParallelFma = 1 << 20;
+
+inline int64_t grain_for(int64_t units, int64_t fma_per_unit) {
+  if (units * fma_per_unit < kMinParallelFma) return units;  // one chunk: no parallel region
+  return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, fma_per_unit));
+}
+
+// ---- project: C[i, j] = <X[i, :], Wt[j, :]> with Wt = A^T ---------------------------------------------------------
+// RB rows of X against JB rows of Wt: each X vector loaded serves JB ranks, each Wt vector RB rows; the RB x K
+// block of X (4 x 1536 floats = 24 KB) stays in L1 while the rank groups pass over it, so X leaves memory once.
+constexpr int kProjectRB = 4;
+
+template <int RB, int JB>
+inline void project_tile(const float* X, int64_t K, const float* Wt, float* C, int64_t r) {
+  vf acc[RB][JB];
+  for (int a = 0; a < RB; ++a)
+    for (int b = 0; b < JB; ++b) acc[a][b] = vf{};
+  int64_t k = 0;
+  for (; k + VW <= K; k += VW) {
+    vf xv[RB];
+    for (int a = 0; a < RB; ++a) xv[a] = load(X + a * K + k);
+    for (int b = 0; b < JB; ++b) {
+      const vf w = load(Wt + b * K + k);
+      for (int a = 0; a < RB; ++a) acc[a][b] += xv[a] * w;
+    }
+  }
+  for (int a = 0; a < RB; ++a)
+    for (int b = 0; b < JB; ++b) {
+      float s = hsum(acc[a][b]);
+      for (int64_t t = k; t < K; ++t) s += X[a * K + t] * Wt[b * K + t];
+      C[a * r + b] = s;
+    }
+}
+
+template <int RB>
+void project_rows(const float* X, int64_t K, const float* Wt, float* C, int64_t r) {
+  for (int64_t j = 0; j < r; j += kProjectJB)
+    with_block<kProjectJB>(std::min<int64_t>(kProjectJB, r - j),
+                           [&]<int JB>() { project_tile<RB, JB>(X, K, Wt + j * K, C + j, r); });
+}
+
+// ---- expand: Y[i, :] = bias + sum_j H[i, j] B[j, :] ---------------------------------------------------------------
+// Each output vector is written once with the bias already in it. Columns go in blocks whose B slice (r x cols)
+// fits in L1 while every row passes over it; at small ranks that is the whole row, which measured faster than
+// 256-column blocks (1024 x 1536 outputs, rank 4: 249 against 355 us): the output is then written as whole rows.
+constexpr int kExpandRB = 4;                  // 4 rows x 2 vectors = 8 accumulators
+constexpr int64_t kExpandL1Bytes = 32 * 1024;  // budget for the B slice
+
+template <int RB>
+inline void expand_tile(const float* H, int64_t r, const float* B, int64_t N, const float* bias, float* Y,
+                        int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 2 * VW <= c1; c += 2 * VW) {
+    const vf b0 = bias ? load(bias + c) : vf{}, b1 = bias ? load(bias + c + VW) : vf{};
+    vf acc[RB][2];
+    for (int a = 0; a < RB; ++a) acc[a][0] = b0, acc[a][1] = b1;
+    for (int64_t j = 0; j < r; ++j) {
+      const vf p0 = load(B + j * N + c), p1 = load(B + j * N + c + VW);
+      for (int a = 0; a < RB; ++a) {
+        const vf h = splat(H[a * r + j]);
+        acc[a][0] += h * p0;
+        acc[a][1] += h * p1;
+      }
+    }
+    for (int a = 0; a < RB; ++a) store(Y + a * N + c, acc[a][0]), store(Y + a * N + c + VW, acc[a][1]);
+  }
+  for (; c < c1; ++c)
+    for (int a = 0; a < RB; ++a) {
+      float s = bias ? bias[c] : 0.f;
+      for (int64_t j = 0; j < r; ++j) s += H[a * r + j] * B[j * N + c];
+      Y[a * N + c] = s;
+    }
+}
+
+void expand_rows(const float* H, int64_t r, const float* B, int64_t N, const float* bias, float* Y, int64_t m0,
+                 int64_t m1) {
+  const int64_t fit = kExpandL1Bytes / (4 * std::max<int64_t>(1, r)) / (2 * VW) * (2 * VW);
+  const int64_t cols = std::max<int64_t>(2 * VW, fit);
+  for (int64_t c0 = 0; c0 < N; c0 += cols) {
+    const int64_t c1 = std::min(N, c0 + cols);
+    int64_t i = m0;
+    for (; i + kExpandRB <= m1; i += kExpandRB) expand_tile<kExpandRB>(H + i * r, r, B, N, bias, Y + i * N, c0, c1);
+    for (; i < m1; ++i) expand_tile<1>(H + i * r, r, B, N, bias, Y + i * N, c0, c1);
+  }
+}
+
+void check_fp32_matrix(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), fn, ": ",
+              name, " must be a contiguous 2-D float32 CPU tensor");
+}
+
+}  // namespace
+
+// a: [K, r] with any strides; the kernel reads A^T, so a transposed view of a contiguous [r, K] tensor (B.t() in the
+// backward) costs no copy, and A itself one copy of K * r numbers.
+at::Tensor thin_project(const at::Tensor& x, const at::Tensor& a) {
+  check_fp32_matrix(x, "thin_project", "x");
+  TORCH_CHECK(a.dim() == 2 && a.device().is_cpu() && a.scalar_type() == at::kFloat,
+              "thin_project: a must be a 2-D float32 CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), r = a.size(1);
+  TORCH_CHECK(a.size(0) == K, "thin_project: x has ", K, " columns, a has ", a.size(0), " rows");
+  at::Tensor c = at::empty({M, r}, x.options());
+  if (M == 0 || r == 0) return c;
+  const at::Tensor wt = a.t().contiguous();
+  const float* X = x.data_ptr<float>();
+  const float* W = wt.data_ptr<float>();
+  float* C = c.data_ptr<float>();
+  const int64_t blocks = (M + kProjectRB - 1) / kProjectRB;
+  at::parallel_for(0, blocks, grain_for(blocks, kProjectRB * K * r), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b * kProjectRB;
+      if (i + kProjectRB <= M)
+        project_rows<kProjectRB>(X + i * K, K, W, C + i * r, r);
+      else
+        for (int64_t t = i; t < M; ++t) project_rows<1>(X + t * K, K, W, C + t * r, r);
+    }
+  });
+  return c;
+}
+
+at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b, const c10::optional<at::Tensor>& bias_in) {
+  check_fp32_matrix(h, "thin_expand", "h");
+  check_fp32_matrix(b, "thin_expand", "b");
+  const int64_t M = h.size(0), r = h.size(1), N = b.size(1);
+  TORCH_CHECK(b.size(0) == r, "thin_expand: h has ", r, " columns, b has ", b.size(0), " rows");
+  const float* bias = nullptr;
+  if (bias_in.has_value() && bias_in->defined()) {
+    const auto& bt = *bias_in;
+    TORCH_CHECK(bt.dim() == 1 && bt.size(0) == N && bt.scalar_type() == at::kFloat && bt.is_contiguous() &&
+                    bt.device().is_cpu(),
+                "thin_expand: bias must be a contiguous float32 CPU tensor of ", N, " elements");
+    bias = bt.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, h.options());
+  const float* Hp = h.data_ptr<float>();
+  const float* Bp = b.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t blocks = (M + kExpandRB - 1) / kExpandRB;
+  at::parallel_for(0, blocks, grain_for(blocks, kExpandRB * N * std::max<int64_t>(1, r)), [&](int64_t b0, int64_t b1) {
+    expand_rows(Hp, r, Bp, N, bias, Y, b0 * kExpandRB, std::min(M, b1 * kExpandRB));
+  });
+  return y;
+}

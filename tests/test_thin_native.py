@@ -1,0 +1,138 @@
+"""The csrc/ thin-GEMM kernels (x A and h B + bias at small ranks) against float64, alone and inside the low-rank
+layer's autograd.Function, whose every gradient is checked against autograd of the float64 reference.
+
+The kernels are fp32-only, so these tests run in float32 and compare with the float64 result of the same values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_rel, tolerance
+from tnkernels.ops.mpo import native_impl, thin_native
+from tnkernels.ops.mpo.reference import mpo_linear_reference
+from tnkernels.ops.mpo.torch_impl import mpo_linear_torch
+from tnkernels.plan import options
+
+_OK, _WHY = native_impl.is_available()
+needs_native = pytest.mark.skipif(not _OK, reason=f"native extension not built: {_WHY}")
+F32 = torch.float32
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 7, 130])
+@pytest.mark.parametrize("k", [1, 15, 16, 33, 100])
+@pytest.mark.parametrize("rank", [1, 3, 4, 5, 8, 13])
+def test_thin_project_matches_float64(rows, k, rank):
+    # rows and k off the 4-row and vector-width blockings, ranks off the rank groups: every tail is covered
+    g = torch.Generator().manual_seed(rows * 1000 + k * 10 + rank)
+    x = torch.randn(rows, k, generator=g)
+    a = torch.randn(k, rank, generator=g)
+    bt = torch.randn(rank, k, generator=g)
+    for op in (a, bt.t()):  # A as stored, and a transposed view (dy B^T in the backward)
+        got = thin_native._ext.thin_project(x, op)
+        assert got.shape == (rows, rank) and got.dtype == F32
+        if rows:
+            assert_close_rel(got, x.double() @ op.double(), tolerance(F32), f"thin_project {rows}x{k} r{rank}")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [0, 1, 5, 64])
+@pytest.mark.parametrize("n", [1, 17, 32, 100, 2100])
+@pytest.mark.parametrize("rank", [1, 4, 8, 11])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_thin_expand_matches_float64(rows, n, rank, with_bias):
+    # n = 2100 at rank 11 takes the column-blocked route (the B slice would not fit the L1 budget)
+    g = torch.Generator().manual_seed(rows * 1000 + n + rank)
+    h = torch.randn(rows, rank, generator=g)
+    b = torch.randn(rank, n, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    got = thin_native._ext.thin_expand(h, b, bias)
+    want = h.double() @ b.double() + (0 if bias is None else bias.double())
+    assert got.shape == (rows, n)
+    if rows:
+        assert_close_rel(got, want, tolerance(F32), f"thin_expand {rows}x{n} r{rank}")
+
+
+@needs_native
+def test_thin_kernels_reject_bad_operands_with_a_clear_error():
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="thin_project: x has 6 columns, a has 5 rows"):
+        thin_native._ext.thin_project(x, torch.randn(5, 2))
+    with pytest.raises(RuntimeError, match="thin_project: x must be a contiguous 2-D float32"):
+        thin_native._ext.thin_project(x.double(), torch.randn(6, 2))
+    with pytest.raises(RuntimeError, match="thin_expand: bias must be a contiguous float32 CPU tensor of 3"):
+        thin_native._ext.thin_expand(torch.randn(4, 2), torch.randn(2, 3), torch.randn(4))
+
+
+def _count_native_calls(monkeypatch):
+    calls = {"thin_project": 0, "thin_expand": 0}
+    real = thin_native._ext
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+
+            def wrapped(*args):
+                calls[name] += 1
+                return fn(*args)
+
+            return wrapped
+
+    monkeypatch.setattr(thin_native, "_ext", Counting())
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("rank, n_out", [(3, 1024), (8, 40), (8, 2048)])  # 2048 x 160 rows: [h, 1] in the backward
+def test_low_rank_layer_on_native_kernels_matches_float64(monkeypatch, with_bias, recompute, rank, n_out):
+    calls = _count_native_calls(monkeypatch)
+    g = torch.Generator().manual_seed(rank + n_out)
+    rows, n_in = 160, 37
+    cores = [
+        (torch.randn(1, n_in, 1, rank, generator=g) / n_in**0.5).requires_grad_(),
+        (torch.randn(rank, 1, n_out, 1, generator=g) / rank**0.5).requires_grad_(),
+    ]
+    x = torch.randn(rows, n_in, generator=g, requires_grad=True)
+    bias = torch.randn(n_out, generator=g, requires_grad=True) if with_bias else None
+    leaves = [x, *cores] + ([bias] if with_bias else [])
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = mpo_linear_reference(leaves64[0], leaves64[1:3], leaves64[3] if with_bias else None)
+    dy = torch.randn(ref.shape, generator=g)
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+    with options(force="sweep-left", recompute=recompute):
+        y = mpo_linear_torch(x, cores, bias)
+        grads = torch.autograd.grad(y, leaves, dy)
+        with torch.no_grad():
+            y_inference = mpo_linear_torch(x, cores, bias)
+    tol = tolerance(F32)
+    assert_close_rel(y, ref, tol, "forward")
+    assert_close_rel(y_inference, ref, tol, "inference forward")
+    for k, (got, want) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close_rel(got, want, tol, f"grad of leaf {k}")
+    # x A (training, inference, and again when recomputing) and dy B^T ran natively; h B + bias only with a bias
+    assert calls["thin_project"] == 3 + recompute
+    assert calls["thin_expand"] == (2 if with_bias else 0)
+
+
+@needs_native
+def test_low_rank_layer_keeps_torch_where_the_kernels_lose(monkeypatch):
+    calls = _count_native_calls(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(50, generator=g)
+    few_rows = torch.randn(16, 30, generator=g)
+    narrow = [torch.randn(1, 30, 1, 8, generator=g), torch.randn(8, 1, 50, 1, generator=g)]
+    wide = [torch.randn(1, 30, 1, 9, generator=g), torch.randn(9, 1, 50, 1, generator=g)]
+    with torch.no_grad(), options(force="sweep-left"):
+        mpo_linear_torch(few_rows, narrow, bias)  # 16 rows: x A stays on torch, h B + bias goes native
+        assert calls == {"thin_project": 0, "thin_expand": 1}
+        mpo_linear_torch(torch.randn(200, 30, generator=g), wide, bias)  # rank 9: torch for both
+        mpo_linear_torch(torch.randn(200, 30, dtype=torch.float64), [c.double() for c in narrow], bias.double())
+    assert calls == {"thin_project": 0, "thin_expand": 1}
+    monkeypatch.setattr(thin_native, "enabled", False)
+    with torch.no_grad(), options(force="sweep-left"):
+        y = mpo_linear_torch(torch.randn(200, 30, generator=g), narrow, bias)
+    assert calls == {"thin_project": 0, "thin_expand": 1} and torch.isfinite(y).all()
