@@ -4,9 +4,10 @@ At small ranks the two products of y = (x A) B + bias are memory-bound, and the 
 bandwidth unused (csrc/thin_gemm.cpp). Measured per product, one thread, 2026-12-01 (`docs/native.md` has the
 table and the command), the native kernels win at ranks up to 8:
 
-* x A with A [in, r] as stored: 1.1-1.8x at 128 rows and more. Below that the per-call transposed copy of A that
+* x A with A [in, r] as stored: 1.1-1.9x at 128 rows and more. Below that the per-call transposed copy of A that
   the kernel reads (in * r numbers) costs more than it saves (64 rows, rank 8: 24 against 21 us).
-* dy B^T (the backward's dh): B^T is a free view of what the kernel reads; 1.0-4x from one row up.
+* dy B^T (the backward's dh): B^T is a free view of what the kernel reads; within a microsecond either way at
+  1-8 rows, 1.0-3.7x from 64 rows up.
 * h B + bias: 1.1-2.3x against addmm at every row count, the bias written with the output instead of addmm's
   copy-then-GEMM. Against the bias fold (torch_low_rank) it wins at rank 4 but not at rank 9 (768 -> 3072, 1024
   rows, through MPOLinear: 920 us with the fold, 971 with the kernel), so the bound is the same 8.
