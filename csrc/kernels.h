@@ -3,7 +3,13 @@
 
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <vector>
+
+// Work with fewer multiply-adds than this runs on the calling thread, in every kernel of the extension: measured on
+// a 2-core VM shared with other jobs, a parallel region whose partner thread is descheduled costs milliseconds, and
+// even on an idle core a fork/join costs a few microseconds, which a ~50 us step cannot earn back.
+inline constexpr int64_t kMinParallelFma = 1 << 20;
 
 // mpo_chain.cpp: fused MPO chain forward for small-batch inference.
 at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>& cores,

@@ -36,10 +36,6 @@ typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
 constexpr int MR = 6;   // rows per micro-tile: 6 rows x 2 vectors = 12 accumulators (+2 panel +1 broadcast = 15 ymm)
 constexpr int NR = 16;  // columns per micro-tile (2 vectors of 8)
 constexpr int64_t kL2Budget = 512 * 1024;  // bytes of intermediates per chunk (half a typical L2)
-// Steps with less work than this run on the calling thread: measured on a 2-core VM shared with other jobs, a
-// parallel region whose partner thread is descheduled costs milliseconds, and even on an idle core a fork/join
-// costs a few microseconds, which a ~50 us step cannot earn back.
-constexpr int64_t kMinParallelFma = 1 << 20;
 // K block of a step: a panel slice (kKc x NR floats, 16 KB) stays in L1 while every row tile of a group passes over
 // it. Without it a step with a long K (a merged core, K = r * I in the thousands) streamed the whole core from L3
 // once per row tile.

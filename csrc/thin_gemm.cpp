@@ -52,9 +52,6 @@ inline void with_block(int64_t n, F&& f) {
   }
 }
 
-// Below this many multiply-adds a call stays on the calling thread: a fork/join costs microseconds (mpo_chain.cpp).
-constexpr int64_t kMinParallelFma = 1 << 20;
-
 inline int64_t grain_for(int64_t units, int64_t fma_per_unit) {
   if (units * fma_per_unit < kMinParallelFma) return units;  // one chunk: no parallel region
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, fma_per_unit));
