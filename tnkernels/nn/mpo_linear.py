@@ -18,6 +18,7 @@ from ..decompose import (
 )
 from ..ops import check_input_width, check_mpo_cores, mpo_to_dense, run_mpo_linear
 from .hf_compat import is_hf_conv1d, linear_weight
+from .inference_memo import InferenceMemo
 
 DEFAULT_NUM_CORES = 2
 
@@ -157,7 +158,14 @@ class MPOLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ParameterList's own iterator converts every index to a string key (~3 us for two cores at one row, when
         # the whole call takes ~10); its _parameters dict holds the same tensors in index order.
-        cores = list(self.cores._parameters.values())
+        params = self.cores._parameters
+        # no_grad / inference_mode outside torch.compile: the memo may already know this call's route
+        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if inference:
+            y, known = self._inference_memo.run(x, params, self.bias)
+            if y is not None:
+                return y
+        cores = list(params.values())
         shapes = tuple(g.shape for g in cores)
         if shapes != getattr(self, "_checked_shapes", None):  # first call, or the cores were replaced
             self._check_cores(cores)
@@ -165,7 +173,29 @@ class MPOLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:  # the check's own call only when it will raise
             where = type(self).__name__
             check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
+        if inference and not known:
+            self._inference_memo.learn(x, cores, self.backend)
         return run_mpo_linear(x, cores, self.bias, self.backend)
+
+    @property
+    def _inference_memo(self) -> InferenceMemo:
+        # Built on first use rather than in __init__, so layers unpickled from older versions have one too; not
+        # part of the state (see __getstate__).
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            memo = self.__dict__["_memo"] = InferenceMemo()
+        return memo
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() re-point or replace the cores: drop the memo's views (they would also keep the
+        # old storage alive)
+        self._inference_memo.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_memo", None)  # views of the cores: rebuilt on the next call, never pickled
+        return state
 
     def _check_cores(self, cores: list[torch.Tensor]) -> None:
         where = type(self).__name__

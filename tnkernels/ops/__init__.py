@@ -9,7 +9,7 @@ import torch
 from ..plan.backends import auto_mpo_backend
 from .dispatch import BACKENDS, backend_available, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
-from .mpo.torch_low_rank import is_low_rank_chain
+from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "backend_available",
     "mpo_linear",
     "run_mpo_linear",
+    "low_rank_inference_factors",
+    "low_rank_apply",
     "mpo_linear_reference",
     "mpo_to_dense",
     "tucker_conv2d",
@@ -98,6 +100,24 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
         backend = auto_mpo_backend(x.device.type, rows, x.dtype, needs_grad, low_rank)
     fn = resolve("mpo_linear", backend, x.device.type)
     return fn(x, cores, bias)
+
+
+def low_rank_inference_factors(x: torch.Tensor, cores: list[torch.Tensor], backend: str):
+    """For a caller that repeats no-grad calls on inputs of one shape (MPOLinear's inference memo): the views
+    (A, B) of the cores when run_mpo_linear would run this call as the low-rank route's two GEMMs, else None.
+    Then `low_rank_apply(x2d, A, B, bias)` computes the same result without re-deriving the route."""
+    if len(cores) != 2 or x.dim() == 0 or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    if not is_low_rank_chain((cores[0].shape, cores[1].shape)):
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    if backend == "auto":
+        backend = auto_mpo_backend(x.device.type, x2d.shape[0], x.dtype, False, True)
+    if backend != "torch":
+        return None
+    from .mpo.torch_impl import low_rank_route_factors
+
+    return low_rank_route_factors(x2d, cores)
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

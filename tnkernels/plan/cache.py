@@ -21,6 +21,13 @@ from .tucker import TuckerDecision, decide_tucker
 _MPO_PLANS: dict[tuple, MPODecision] = {}
 _TUCKER_PLANS: dict[tuple, TuckerDecision] = {}
 _STATS = {"searches": 0, "lookups": 0}
+# Bumped whenever a cached decision may stop holding (plans cleared, options changed): callers that memoize what
+# a decision implied (MPOLinear's inference routes) compare it instead of re-deriving the decision per call.
+_GENERATION = [0]
+
+
+def plan_generation() -> int:
+    return _GENERATION[0]
 
 
 class _Options:
@@ -38,6 +45,7 @@ OPTIONS = _Options()
 
 def clear_plans() -> None:
     """Forget every cached plan (after recalibration or a change of options)."""
+    _GENERATION[0] += 1
     _MPO_PLANS.clear()
     _TUCKER_PLANS.clear()
 
@@ -121,6 +129,7 @@ def options(
         yield
     finally:
         OPTIONS.recompute, OPTIONS.force, OPTIONS.tucker_force, OPTIONS.cache_dense, OPTIONS.fold = saved
+        _GENERATION[0] += 1
 
 
 def set_options(
@@ -141,6 +150,7 @@ def set_options(
         raise ValueError(
             f"plan options: tucker_force must be one of {', '.join(TUCKER_KINDS)} or None, got {tucker_force!r}"
         )
+    _GENERATION[0] += 1
     if recompute is not None:
         OPTIONS.recompute = bool(recompute)
     if force is not ...:

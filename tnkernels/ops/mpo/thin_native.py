@@ -34,28 +34,38 @@ PROJECT_MIN_ROWS = 128  # x A with A as stored: below this the transposed copy o
 enabled = _HAS_THIN  # a switch for A/B timing and for tests of the torch fallbacks
 
 
-def _usable(big: torch.Tensor, rank: int) -> bool:
+def _usable(big: torch.Tensor) -> bool:
     return (
-        enabled
-        and rank <= MAX_RANK
-        and big.dtype == torch.float32
+        big.dtype == torch.float32
         and big.device.type == "cpu"
         and big.is_contiguous()
         and not torch.compiler.is_compiling()
     )
 
 
+# The cheap tests come first: at one row the whole call takes a few microseconds, and these checks are on its path.
 def project(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x2d @ a for a [in, r] (a contiguous A, or B.t() whose transpose is contiguous)."""
-    rank = a.shape[1]
-    free_layout = a.stride(0) == 1 and a.stride(1) == a.shape[0]  # a is the transpose of a contiguous tensor
-    if _usable(x2d, rank) and a.dtype == torch.float32 and (free_layout or x2d.shape[0] >= PROJECT_MIN_ROWS):
+    if (
+        enabled
+        and a.shape[1] <= MAX_RANK
+        and (x2d.shape[0] >= PROJECT_MIN_ROWS or (a.stride(0) == 1 and a.stride(1) == a.shape[0]))
+        and a.dtype == torch.float32
+        and _usable(x2d)
+    ):
         return _ext.thin_project(x2d, a)
     return x2d @ a
 
 
 def expand_with_bias(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
     """h @ b + bias in one pass over the output, or None where the native kernel does not apply."""
-    if _usable(h, b.shape[0]) and b.dtype == bias.dtype == torch.float32 and b.is_contiguous() and bias.is_contiguous():
+    if (
+        enabled
+        and b.shape[0] <= MAX_RANK
+        and b.dtype == bias.dtype == torch.float32
+        and _usable(h)
+        and b.is_contiguous()
+        and bias.is_contiguous()
+    ):
         return _ext.thin_expand(h, b, bias)
     return None

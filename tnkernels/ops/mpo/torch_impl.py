@@ -281,6 +281,26 @@ def clear_dense_cache() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- entry
+def _no_grad_route(dec, low_rank: bool) -> str:
+    """How a no-grad call runs: "dense" (cache_dense and the chain costs more), "low-rank" or "chain"."""
+    if OPTIONS.cache_dense and dec.forward.seconds > dec.dense_seconds and not torch.compiler.is_compiling():
+        return "dense"
+    return "low-rank" if low_rank else "chain"
+
+
+def low_rank_route_factors(x2d: torch.Tensor, cores: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The views (A, B) of the cores when a no-grad mpo_linear_torch call on x2d runs the low-rank route, else
+    None: what a caller needs to repeat such calls without re-deriving the route (MPOLinear's inference memo)."""
+    rows = x2d.shape[0]
+    if rows == 0 or torch.is_grad_enabled() or not all(g.is_contiguous() for g in cores):
+        return None  # a non-contiguous core would make the "views" copies, stale once the core changes
+    shapes = tuple(tuple(g.shape) for g in cores)
+    dec = mpo_decision(shapes, rows, x2d.dtype, x2d.device, False)
+    if _no_grad_route(dec, torch_low_rank.applies(shapes, dec)) != "low-rank":
+        return None
+    return torch_low_rank.factors(cores)
+
+
 def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     flat = x.dim() == 2  # the common case needs neither reshape (each costs ~0.7 us, a tenth of a one-row call)
     x2d = x if flat else x.reshape(-1, x.shape[-1])
@@ -299,11 +319,12 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
     low_rank = torch_low_rank.applies(shapes, dec)  # the same plan, run as two GEMMs without the bookkeeping
     if not needs_grad:
-        if OPTIONS.cache_dense and dec.forward.seconds > dec.dense_seconds and not torch.compiler.is_compiling():
+        route = _no_grad_route(dec, low_rank)
+        if route == "dense":
             wt = _cached_dense(cores)
             # addmm fuses the bias into the GEMM, as F.linear does: no second pass over the output
             y = x2d @ wt if bias is None else torch.addmm(bias, x2d, wt)
-        elif low_rank:
+        elif route == "low-rank":
             y = torch_low_rank.low_rank_forward(x2d, cores, bias)
         else:
             y, _ = run_forward(*_plain_operands(x2d, cores), dec.forward, keep=False)

@@ -29,7 +29,7 @@ def applies(shapes: tuple[tuple[int, int, int, int], ...], decision: MPODecision
     return decision.forward.kind == "sweep-left" and (backward is None or backward.kind == "sweep-left")
 
 
-def _factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
+def factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
     """A[in, r] and B[r, out]: views of G_1 (1, in, 1, r) and G_2 (r, 1, out, 1) when they are contiguous."""
     g1, g2 = cores
     return g1.reshape(g1.shape[1], g1.shape[3]), g2.reshape(g2.shape[0], g2.shape[2])
@@ -100,7 +100,12 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
 
 def low_rank_forward(x2d: torch.Tensor, cores, bias: torch.Tensor | None) -> torch.Tensor:
     """Inference: y = (x A) B + bias."""
-    a, b = _factors(cores)
+    a, b = factors(cores)
+    return low_rank_apply(x2d, a, b, bias)
+
+
+def low_rank_apply(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Inference on the factors themselves (see factors): y = (x A) B + bias."""
     return _second_gemm(_first_gemm(x2d, a), b, bias)[0]
 
 
@@ -117,7 +122,7 @@ class LowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, bias, save_h: bool, g1, g2):
-        a, b = _factors((g1, g2))
+        a, b = factors((g1, g2))
         h = _first_gemm(x2d, a)
         ctx.ones_in_backward = bias is not None and _fold_bias(h, b)  # dB and the bias gradient from [h, 1]^T dy
         y, h = _second_gemm(h, b, bias)
@@ -131,7 +136,7 @@ class LowRankFunction(torch.autograd.Function):
         # dy often arrives expanded (stride 0, from a sum or mean); the BLAS takes a slow path on such operands
         # (h^T dy: 120 us instead of 12 at one row, rank 76, 384 outputs), so materialize it once
         dy = dy.contiguous()
-        a, b = _factors((g1, g2))
+        a, b = factors((g1, g2))
         need_x, need_bias, _, need_g1, need_g2 = ctx.needs_input_grad
         rank = b.shape[0]
         dh = thin_native.project(dy, b.t()) if (need_x or need_g1) else None  # dy B^T
