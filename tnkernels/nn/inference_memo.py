@@ -6,8 +6,8 @@ answer depends only on the input's shape, dtype and device, the cores themselves
 layer that has answered once for an input shape keeps the answer and checks those facts on each call instead:
 that the cores are the same tensors on the same storage (not replaced, not re-pointed by `.data =` or `.to()`)
 and that no plan or option changed since (`plan_generation`). Any mismatch falls back to the full path, which
-also re-validates the call. Training calls never use the memo (autograd needs the planned Function), nor does torch.compile (the caller
-checks): dynamo would break the graph on data_ptr.
+also re-validates the call. Training calls never use the memo (autograd needs the planned Function), nor does
+torch.compile (the caller checks): dynamo would break the graph on data_ptr.
 """
 
 from __future__ import annotations
