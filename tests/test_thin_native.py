@@ -87,7 +87,8 @@ def _count_native_calls(monkeypatch):
 @needs_native
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
-@pytest.mark.parametrize("rank, n_out", [(3, 1024), (8, 40), (8, 2048)])  # 2048 x 160 rows: [h, 1] in the backward
+# 2048 x 160 rows: [h, 1] in the backward; rank 10: only the backward's dy B^T is native
+@pytest.mark.parametrize("rank, n_out", [(3, 1024), (8, 40), (8, 2048), (10, 40)])
 def test_low_rank_layer_on_native_kernels_matches_float64(monkeypatch, with_bias, recompute, rank, n_out):
     calls = _count_native_calls(monkeypatch)
     g = torch.Generator().manual_seed(rank + n_out)
@@ -114,8 +115,9 @@ def test_low_rank_layer_on_native_kernels_matches_float64(monkeypatch, with_bias
     for k, (got, want) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_close_rel(got, want, tol, f"grad of leaf {k}")
     # x A (training, inference, and again when recomputing) and dy B^T ran natively; h B + bias only with a bias
-    assert calls["thin_project"] == 3 + recompute
-    assert calls["thin_expand"] == (2 if with_bias else 0)
+    narrow = rank <= thin_native.MAX_RANK
+    assert calls["thin_project"] == (3 + recompute if narrow else 1)
+    assert calls["thin_expand"] == (2 if with_bias and narrow else 0)
 
 
 @needs_native
@@ -126,12 +128,20 @@ def test_low_rank_layer_keeps_torch_where_the_kernels_lose(monkeypatch):
     few_rows = torch.randn(16, 30, generator=g)
     narrow = [torch.randn(1, 30, 1, 8, generator=g), torch.randn(8, 1, 50, 1, generator=g)]
     wide = [torch.randn(1, 30, 1, 9, generator=g), torch.randn(9, 1, 50, 1, generator=g)]
+    wider = [torch.randn(1, 30, 1, 11, generator=g), torch.randn(11, 1, 50, 1, generator=g)]
     with torch.no_grad(), options(force="sweep-left"):
         mpo_linear_torch(few_rows, narrow, bias)  # 16 rows: x A stays on torch, h B + bias goes native
         assert calls == {"thin_project": 0, "thin_expand": 1}
-        mpo_linear_torch(torch.randn(200, 30, generator=g), wide, bias)  # rank 9: torch for both
+        mpo_linear_torch(torch.randn(200, 30, generator=g), wide, bias)  # rank 9: torch for both products
         mpo_linear_torch(torch.randn(200, 30, dtype=torch.float64), [c.double() for c in narrow], bias.double())
     assert calls == {"thin_project": 0, "thin_expand": 1}
+    x = torch.randn(200, 30, generator=g, requires_grad=True)
+    for cores, dh_native in ((wide, 1), (wider, 0)):  # the backward's dy B^T: native up to rank 10
+        leaves = [c.clone().requires_grad_() for c in cores]
+        with options(force="sweep-left"):
+            mpo_linear_torch(x, leaves, bias).backward(torch.randn(200, 50, generator=g))
+        assert calls == {"thin_project": dh_native, "thin_expand": 1}
+        calls["thin_project"] = 0
     monkeypatch.setattr(thin_native, "enabled", False)
     with torch.no_grad(), options(force="sweep-left"):
         y = mpo_linear_torch(torch.randn(200, 30, generator=g), narrow, bias)

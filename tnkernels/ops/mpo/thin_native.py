@@ -7,7 +7,9 @@ table and the command), the native kernels win at ranks up to 8:
 * x A with A [in, r] as stored: 1.1-1.9x at 128 rows and more. Below that the per-call transposed copy of A that
   the kernel reads (in * r numbers) costs more than it saves (64 rows, rank 8: 24 against 21 us).
 * dy B^T (the backward's dh): B^T is a free view of what the kernel reads; within a microsecond either way at
-  1-8 rows, 1.0-3.7x from 64 rows up.
+  1-8 rows, 1.0-3.7x from 64 rows up. Here the bound is rank 10, because the CPU BLAS is slower on this
+  transposed product than on x A: at rank 9 the kernel measured 1.07-1.66x, at rank 10 0.99-1.55x, at rank 12
+  0.86-1.42x (64-1024 rows, 512-3072 inputs, 2026-12-01); the same kernel on x A at ranks 9-10 measured 0.70-1.08x.
 * h B + bias: 1.1-2.3x against addmm at every row count, the bias written with the output instead of addmm's
   copy-then-GEMM. Against the bias fold (torch_low_rank) it wins at rank 4 but not at rank 9 (768 -> 3072, 1024
   rows, through MPOLinear: 920 us with the fold, 971 with the kernel), so the bound is the same 8.
@@ -29,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on how the package was install
     _HAS_THIN = False
 
 MAX_RANK = 8
+TRANSPOSED_MAX_RANK = 10  # dy B^T (B^T a free view of a contiguous B): the BLAS is slower there, see above
 PROJECT_MIN_ROWS = 128  # x A with A as stored: below this the transposed copy of A costs more than the kernel saves
 
 enabled = _HAS_THIN  # a switch for A/B timing and for tests of the torch fallbacks
@@ -46,14 +49,12 @@ def _usable(big: torch.Tensor) -> bool:
 # The cheap tests come first: at one row the whole call takes a few microseconds, and these checks are on its path.
 def project(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x2d @ a for a [in, r] (a contiguous A, or B.t() whose transpose is contiguous)."""
-    if (
-        enabled
-        and a.shape[1] <= MAX_RANK
-        and (x2d.shape[0] >= PROJECT_MIN_ROWS or (a.stride(0) == 1 and a.stride(1) == a.shape[0]))
-        and a.dtype == torch.float32
-        and _usable(x2d)
-    ):
-        return _ext.thin_project(x2d, a)
+    rank = a.shape[1]
+    if enabled and rank <= TRANSPOSED_MAX_RANK and a.dtype == torch.float32 and _usable(x2d):
+        if a.stride(0) == 1 and a.stride(1) == a.shape[0]:  # a = B.t(), B contiguous: no copy for the kernel
+            return _ext.thin_project(x2d, a)
+        if rank <= MAX_RANK and x2d.shape[0] >= PROJECT_MIN_ROWS:
+            return _ext.thin_project(x2d, a)
     return x2d @ a
 
 

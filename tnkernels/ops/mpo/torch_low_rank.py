@@ -94,7 +94,11 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     if _fold_bias(h, b):
         h1 = _with_ones(h)
         return h1 @ torch.cat([b, bias[None]], 0), h1
-    # addmm fuses the bias into the GEMM call, as F.linear does
+    # The CPU addmm copies the broadcast bias into the output before its GEMM (beta = 1), a pass that costs more
+    # than adding the bias to the fresh product in place: 1.03-1.27x from 8 rows up (64 x 1000 at rank 21: 24 ->
+    # 20 us; 1024 rows: 493 -> 386 us), level at high ranks. At one row addmm's single call is ~0.2 us cheaper.
+    if h.shape[0] >= 8 and h.device.type == "cpu":
+        return torch.mm(h, b).add_(bias), h
     return torch.addmm(bias, h, b), h
 
 
