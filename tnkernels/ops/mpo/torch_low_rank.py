@@ -35,12 +35,19 @@ def factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
     return g1.reshape(g1.shape[1], g1.shape[3]), g2.reshape(g2.shape[0], g2.shape[2])
 
 
-# The gradient of a thin A (few columns) is computed as (dh^T x)^T, whose GEMM has the thin side as M: the CPU
-# BLAS runs x^T dh 3x slower for rank 2-16 (one thread, 1024 rows, 1536 inputs, rank 4: 833 us against 259 us).
-# The forward product x A needs no such care: re-measured 2026-12-01 (one and two threads, 1-1024 rows, ranks
-# 1-96), x @ A is as fast as or faster than every other layout, and the per-call transposed copy of a thin A that
-# an earlier measurement had suggested cost 8-15 us at one row for nothing.
-_NARROW_RANK = 32  # below this rank, dA is always computed as (dh^T x)^T
+# The gradient of A can be computed as x^T dh (contiguous, in the parameter's layout) or as (dh^T x)^T, whose GEMM
+# has the thin side as M, which the CPU BLAS runs much faster at enough rows, but whose transposed result autograd
+# then copies into the parameter's layout (in * r numbers). Which wins depends on rows and rank; re-measured on the
+# Xeon VM (one thread, 2026-12-01, `(dh^T x)^T` + copy against `x^T dh`, inputs 512-1536):
+#   16 rows: 0.30-0.52x at every rank 4-105;  64 rows: 1.53x at rank 4, 0.60-0.85x from rank 8;
+#   128 rows: 1.07-2.40x up to rank 19, 0.76-0.95x from rank 21;  256 rows: 1.07-2.65x up to rank 38, 0.89x at 76;
+#   512 rows: 1.02-2.84x up to rank 105;  1024 rows: 1.03-2.97x up to rank 153.
+# (The earlier rule, "always below rank 32, and up to rank 128 from 512 rows", rested on per-step timings from an
+# earlier session's machine; per product on this CPU it made dA 2-3x slower at a few rows.) The forward product
+# x A needs no such care: x @ A is as fast as or faster than every other layout at 1-1024 rows, ranks 1-96
+# (re-measured 2026-12-01).
+def _transposed_grad_a_wins(rows: int, rank: int) -> bool:
+    return (rows >= 64 and rank <= 4) or (rows >= 128 and rank <= min(128, rows // 6))
 
 
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -48,13 +55,8 @@ def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    # (dh^T x)^T puts the narrow side in M; autograd then copies the transposed result into the parameter's layout
-    # (a strided copy of in * r numbers). Measured per training step (forward + backward, one thread): it wins for
-    # narrow ranks (rank 19, 1536 -> 384: 0.67 vs 0.73 ms at 64 rows, 7.8 vs 9.4 ms at 1024) and for many rows up
-    # to rank ~128 (rank 105, 512 -> 1000, 1024 rows: 15.7 vs 19.0 ms); elsewhere the copy costs more than the
-    # layout saves (rank 96, 3072 -> 768, one row: 1.9 vs 0.65 ms), so x^T dh, contiguous as it comes.
     rows, rank = dh.shape
-    if dh.device.type == "cpu" and (rank < _NARROW_RANK or (rows >= 512 and rank <= 128)):
+    if dh.device.type == "cpu" and _transposed_grad_a_wins(rows, rank):
         return (dh.t() @ x2d).t()
     return x2d.t() @ dh
 
