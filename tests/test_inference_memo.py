@@ -1,5 +1,6 @@
-"""MPOLinear's inference memo (tnkernels/nn/inference_memo.py): repeated no-grad calls skip the routing, and give
-the float64 reference's result whatever happens to the layer between calls."""
+"""The layers' inference memo (tnkernels/nn/inference_memo.py): repeated no-grad calls of MPOLinear and
+TuckerConv2d skip the routing, and give the float64 reference's result whatever happens to the layer between
+calls."""
 
 import copy
 import io
@@ -7,11 +8,13 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tnkernels.nn.mpo_linear as mpo_linear_module
+import tnkernels.nn.tucker_conv as tucker_conv_module
 from tests.helpers import assert_close_rel
-from tnkernels import MPOLinear, mpo_to_dense
+from tnkernels import MPOLinear, TuckerConv2d, mpo_to_dense
 from tnkernels.nn.inference_memo import MAX_ENTRIES
 from tnkernels.plan import options
 
@@ -146,3 +149,67 @@ def test_memo_is_not_part_of_the_saved_layer():
     loaded = torch.load(buf, weights_only=False)
     with torch.no_grad():
         assert_close_rel(loaded(x), _reference(layer, x), 1e-5, "torch.save / torch.load")
+
+
+# ------------------------------------------------------------------------------------------------- TuckerConv2d
+def _tucker(c_in=6, c_out=5, ranks=(3, 4), bias=True, **conv):
+    layer = TuckerConv2d(c_in, c_out, 3, ranks=ranks, bias=bias, **conv)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    return layer
+
+
+def _tucker_reference(layer: TuckerConv2d, x: torch.Tensor) -> torch.Tensor:
+    w = torch.einsum("or,rsyx,is->oiyx", *(t.detach().double() for t in (layer.u_out, layer.core, layer.u_in)))
+    b = layer.bias.detach().double() if layer.bias is not None else None
+    return F.conv2d(x.double(), w, b, layer.stride, layer.padding, layer.dilation)
+
+
+@pytest.fixture
+def tucker_full_path_calls(monkeypatch):
+    calls = []
+    real = tucker_conv_module.tucker_conv2d
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tucker_conv_module, "tucker_conv2d", counting)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2, padding="valid"), dict(padding="same", dilation=2)])
+@pytest.mark.parametrize("kind", [None, "three-convs", "fold-in", "fold-out", "dense"])
+def test_tucker_memo_hits_and_matches_the_reference(tucker_full_path_calls, bias, conv, kind):
+    layer = _tucker(bias=bias, **conv)
+    x = torch.randn(2, 6, 9, 8)
+    with torch.no_grad(), options(tucker_force=kind):
+        first = layer(x)
+        second = layer(x)
+        layer.core.mul_(-2.0)  # in place: a folded weight must be rebuilt from the new values, views follow
+        third = layer(x)
+    assert len(tucker_full_path_calls) == 1
+    assert_close_rel(first, second, 1e-6, "memo call")
+    assert_close_rel(third, _tucker_reference(layer, x), 1e-5, f"memo call after an in-place update ({kind})")
+
+
+def test_tucker_memo_follows_replaced_parameters_and_options(tucker_full_path_calls):
+    layer = _tucker(padding=1)
+    x = torch.randn(1, 6, 7, 7)
+    with torch.no_grad():
+        layer(x)
+        layer.u_in = nn.Parameter(torch.randn_like(layer.u_in))
+        assert_close_rel(layer(x), _tucker_reference(layer, x), 1e-5, "after replacing u_in")
+        layer.u_out.data = torch.randn_like(layer.u_out)
+        assert_close_rel(layer(x), _tucker_reference(layer, x), 1e-5, "after .data =")
+        with options(tucker_force="dense"):
+            assert_close_rel(layer(x), _tucker_reference(layer, x), 1e-5, "forced dense")
+        layer.bias = nn.Parameter(torch.randn(5))
+        assert_close_rel(layer(x), _tucker_reference(layer, x), 1e-5, "after replacing the bias")
+        assert len(tucker_full_path_calls) == 5  # replaced, re-pointed, options on, options off; the bias is not kept
+        with pytest.raises(ValueError, match="input has 4 channels"):
+            layer(torch.randn(1, 4, 7, 7))
+    clone = pickle.loads(pickle.dumps(layer))
+    assert len(layer._inference_memo) > 0 and len(clone._inference_memo) == 0

@@ -1,20 +1,23 @@
-"""MPOLinear's inference memo: which route a no-grad call on an input of a given shape takes, remembered per layer.
+"""A layer's inference memo: what the full path decided for a no-grad call on an input of a given shape.
 
-At one row, a low-rank layer's two GEMMs take ~5 us on one CPU thread, and finding out that they are what to run
-took ~12 us more: the backend, the plan-cache key and lookup, the route, the views of the cores. Under no_grad the
-answer depends only on the input's shape, dtype and device, the cores themselves and the planner's state, so a
-layer that has answered once for an input shape keeps the answer and checks those facts on each call instead:
-that the cores are the same tensors on the same storage (not replaced, not re-pointed by `.data =` or `.to()`)
-and that no plan or option changed since (`plan_generation`). Any mismatch falls back to the full path, which
-also re-validates the call. Training calls never use the memo (autograd needs the planned Function), nor does
-torch.compile (the caller checks): dynamo would break the graph on data_ptr.
+At one row, a low-rank MPOLinear's two GEMMs take ~5 us on one CPU thread, and finding out that they are what to
+run took ~12 us more: the backend, the plan-cache key and lookup, the route, the views of the cores. TuckerConv2d
+at batch 1 spent 40-50 us of a 90-140 us call the same way (argument checks, conv parameters, plan key, weight
+views). Under no_grad the answer depends only on the input's shape, dtype and device, the layer's parameters and
+the planner's state, so a layer that has answered once for an input shape keeps the answer and checks those facts
+on each call instead: that the parameters are the same tensors on the same storage (not replaced, not re-pointed
+by `.data =` or `.to()`) and that no plan or option changed since (`plan_generation`). Any mismatch falls back to
+the full path, which also re-validates the call. What is kept must stay right under in-place updates of the
+parameters (an optimizer step, `copy_`): views of them, or plan facts, never values computed from them.
+
+Training calls never use the memo (autograd needs the planned Function), nor does torch.compile (the layers check
+before asking): dynamo would break the graph on data_ptr.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops import low_rank_apply, low_rank_inference_factors
 from ..plan.cache import plan_generation
 
 # Distinct input shapes remembered per layer; past this the memo starts over (a layer fed ever-new shapes, e.g.
@@ -32,35 +35,50 @@ class InferenceMemo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def run(self, x: torch.Tensor, params: dict, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
-        """(y, True) when the memo knows this call's route and it is the low-rank one; (None, True) when it knows
-        the call takes another route; (None, False) when it does not know (call `learn` on the full path)."""
+    def get(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[bool, object]:
+        """(True, what was remembered) while it still holds for this input and these parameters, else (False, None)."""
         entry = self._entries.get((x.shape, x.dtype, x.device))
         if entry is None:
-            return None, False
-        g1, g2, ptr1, ptr2, generation, a, b = entry
-        if (
-            params["0"] is not g1
-            or params["1"] is not g2
-            or g1.data_ptr() != ptr1
-            or g2.data_ptr() != ptr2
-            or generation != plan_generation()
-        ):
-            return None, False
-        if a is None:
-            return None, True
-        if x.dim() == 2:
-            return low_rank_apply(x, a, b, bias), True
-        y = low_rank_apply(x.reshape(-1, x.shape[-1]), a, b, bias)
-        return y.view(*x.shape[:-1], b.shape[1]), True
+            return False, None
+        tensors, ptrs, generation, payload = entry
+        if generation != plan_generation() or len(params) != len(tensors):
+            return False, None
+        for now, then, ptr in zip(params, tensors, ptrs):
+            if now is not then or now.data_ptr() != ptr:
+                return False, None
+        return True, payload
 
-    def learn(self, x: torch.Tensor, cores: list[torch.Tensor], backend: str) -> None:
-        """Remember the route of a validated no-grad call (before or after running it on the full path)."""
-        if len(cores) != 2:
-            return
+    def put(self, x: torch.Tensor, params: tuple[torch.Tensor, ...], payload: object) -> None:
+        """Remember `payload` for inputs like x, valid while `params` stay the same tensors on the same storage."""
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
-        factors = low_rank_inference_factors(x, cores, backend)
-        a, b = factors if factors is not None else (None, None)
-        g1, g2 = cores
-        self._entries[(x.shape, x.dtype, x.device)] = (g1, g2, g1.data_ptr(), g2.data_ptr(), plan_generation(), a, b)
+        ptrs = tuple(p.data_ptr() for p in params)
+        self._entries[(x.shape, x.dtype, x.device)] = (tuple(params), ptrs, plan_generation(), payload)
+
+
+def memo_of(module: torch.nn.Module) -> InferenceMemo:
+    """The module's memo, built on first use rather than in __init__ (so layers unpickled from older versions have
+    one too). It lives outside the module's state: the layers drop it in __getstate__ and _apply."""
+    memo = module.__dict__.get("_memo")
+    if memo is None:
+        memo = module.__dict__["_memo"] = InferenceMemo()
+    return memo
+
+
+class MemoizedInference:
+    """Mixin for the layers: `self._inference_memo`, kept out of the layer's state and dropped whenever .to(),
+    .half(), .cuda() and the like re-point or replace the parameters (the memo's views would otherwise keep the old
+    storage alive)."""
+
+    @property
+    def _inference_memo(self) -> InferenceMemo:
+        return memo_of(self)
+
+    def _apply(self, fn, recurse=True):
+        memo_of(self).clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_memo", None)  # rebuilt on the next call, never pickled
+        return state

@@ -16,14 +16,21 @@ from ..decompose import (
     mpo_decompose,
     mpo_num_params,
 )
-from ..ops import check_input_width, check_mpo_cores, mpo_to_dense, run_mpo_linear
+from ..ops import (
+    check_input_width,
+    check_mpo_cores,
+    low_rank_apply,
+    low_rank_inference_factors,
+    mpo_to_dense,
+    run_mpo_linear,
+)
 from .hf_compat import is_hf_conv1d, linear_weight
-from .inference_memo import InferenceMemo
+from .inference_memo import MemoizedInference
 
 DEFAULT_NUM_CORES = 2
 
 
-class MPOLinear(nn.Module):
+class MPOLinear(MemoizedInference, nn.Module):
     """y = x @ W.T + b with W[out, in] stored as MPO cores G_k of shape (r_{k-1}, i_k, j_k, r_k).
 
     Build one from a trained layer with `MPOLinear.from_linear`, or directly (random init scaled like nn.Linear's).
@@ -158,14 +165,13 @@ class MPOLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ParameterList's own iterator converts every index to a string key (~3 us for two cores at one row, when
         # the whole call takes ~10); its _parameters dict holds the same tensors in index order.
-        params = self.cores._parameters
+        cores = tuple(self.cores._parameters.values())
         # no_grad / inference_mode outside torch.compile: the memo may already know this call's route
         inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if inference:
-            y, known = self._inference_memo.run(x, params, self.bias)
-            if y is not None:
-                return y
-        cores = list(params.values())
+            known, factors = self._inference_memo.get(x, cores)
+            if factors is not None:  # the low-rank route: two GEMMs on views of the cores
+                return _low_rank_inference(x, factors, self.bias)
         shapes = tuple(g.shape for g in cores)
         if shapes != getattr(self, "_checked_shapes", None):  # first call, or the cores were replaced
             self._check_cores(cores)
@@ -174,28 +180,8 @@ class MPOLinear(nn.Module):
             where = type(self).__name__
             check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
         if inference and not known:
-            self._inference_memo.learn(x, cores, self.backend)
-        return run_mpo_linear(x, cores, self.bias, self.backend)
-
-    @property
-    def _inference_memo(self) -> InferenceMemo:
-        # Built on first use rather than in __init__, so layers unpickled from older versions have one too; not
-        # part of the state (see __getstate__).
-        memo = self.__dict__.get("_memo")
-        if memo is None:
-            memo = self.__dict__["_memo"] = InferenceMemo()
-        return memo
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda() re-point or replace the cores: drop the memo's views (they would also keep the
-        # old storage alive)
-        self._inference_memo.clear()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_memo", None)  # views of the cores: rebuilt on the next call, never pickled
-        return state
+            self._inference_memo.put(x, cores, low_rank_inference_factors(x, list(cores), self.backend))
+        return run_mpo_linear(x, list(cores), self.bias, self.backend)
 
     def _check_cores(self, cores: list[torch.Tensor]) -> None:
         where = type(self).__name__
@@ -236,6 +222,13 @@ class MPOLinear(nn.Module):
             f"out_modes={self.out_modes}, bonds={self.bonds}, ratio={self.compression_ratio:.2f}, "
             f"bias={self.bias is not None}, backend={self.backend!r}"
         )
+
+
+def _low_rank_inference(x: torch.Tensor, factors, bias: torch.Tensor | None) -> torch.Tensor:
+    a, b = factors
+    if x.dim() == 2:
+        return low_rank_apply(x, a, b, bias)
+    return low_rank_apply(x.reshape(-1, x.shape[-1]), a, b, bias).view(*x.shape[:-1], b.shape[1])
 
 
 def _planned_structure(weight: torch.Tensor, ratio: float, prefer: str, where: str):

@@ -11,6 +11,7 @@ from .dispatch import BACKENDS, backend_available, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
+from .tucker.torch_impl import run_route as run_tucker_route
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +24,8 @@ __all__ = [
     "mpo_to_dense",
     "tucker_conv2d",
     "tucker_conv2d_reference",
+    "tucker_inference_route",
+    "run_tucker_route",
     "tucker_to_dense",
     "check_mpo_cores",
     "check_input_width",
@@ -118,6 +121,29 @@ def low_rank_inference_factors(x: torch.Tensor, cores: list[torch.Tensor], backe
     from .mpo.torch_impl import low_rank_route_factors
 
     return low_rank_route_factors(x2d, cores)
+
+
+def tucker_inference_route(
+    x: torch.Tensor,
+    u_in: torch.Tensor,
+    core: torch.Tensor,
+    u_out: torch.Tensor,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    backend: str = "auto",
+):
+    """For a caller that repeats no-grad calls on inputs of one shape (TuckerConv2d's inference memo): the route a
+    tucker_conv2d call with these (already validated) arguments takes on the torch backend, for
+    `run_tucker_route(x, route, u_in, core, u_out, bias)`; None for other backends and under autograd."""
+    if backend not in ("auto", "torch") or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    from .tucker.torch_impl import inference_route
+
+    stride_t, dilation_t = _pair(stride, "stride"), _pair(dilation, "dilation")
+    padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)
+    return inference_route(x, u_in, core, u_out, (stride_t, padding_t, dilation_t))
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

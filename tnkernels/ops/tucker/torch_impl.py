@@ -119,6 +119,23 @@ class TuckerConvFunction(torch.autograd.Function):
         return dx, du_in, dcore, du_out, d_bias, None, None, None
 
 
+def inference_route(x, u_in, core, u_out, conv: tuple) -> tuple:
+    """What a no-grad tucker_conv2d_torch call on x runs: (plan kind, conv, the weights when they are views of the
+    factors, else None). Folded weights are values computed from the factors, so a caller that keeps the route
+    across calls (TuckerConv2d's inference memo) must rebuild them per call: see run_route."""
+    shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    kind = tucker_decision(shapes, conv, x.dtype, x.device, False).kind
+    views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" else None
+    return kind, conv, views
+
+
+def run_route(x, route: tuple, u_in, core, u_out, bias) -> torch.Tensor:
+    """The no-grad forward of a route from inference_route, on the factors' current values."""
+    kind, conv, views = route
+    weights = views if views is not None else _weights(kind, u_in, core, u_out)[0]
+    return _run(x, weights, 1 if kind in ("three-convs", "fold-out") else 0, bias, *conv, keep=False)[0]
+
+
 def tucker_conv2d_torch(
     x: torch.Tensor,
     u_in: torch.Tensor,
