@@ -19,18 +19,18 @@ from ..decompose import (
 from ..ops import (
     check_input_width,
     check_mpo_cores,
-    low_rank_apply,
-    low_rank_inference_factors,
+    low_rank_route,
     mpo_to_dense,
+    run_low_rank_route,
     run_mpo_linear,
 )
+from .call_memo import MemoizedCalls
 from .hf_compat import is_hf_conv1d, linear_weight
-from .inference_memo import MemoizedInference
 
 DEFAULT_NUM_CORES = 2
 
 
-class MPOLinear(MemoizedInference, nn.Module):
+class MPOLinear(MemoizedCalls, nn.Module):
     """y = x @ W.T + b with W[out, in] stored as MPO cores G_k of shape (r_{k-1}, i_k, j_k, r_k).
 
     Build one from a trained layer with `MPOLinear.from_linear`, or directly (random init scaled like nn.Linear's).
@@ -166,12 +166,15 @@ class MPOLinear(MemoizedInference, nn.Module):
         # ParameterList's own iterator converts every index to a string key (~3 us for two cores at one row, when
         # the whole call takes ~10); its _parameters dict holds the same tensors in index order.
         cores = tuple(self.cores._parameters.values())
-        # no_grad / inference_mode outside torch.compile: the memo may already know this call's route
-        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if inference:
-            known, factors = self._inference_memo.get(x, cores)
-            if factors is not None:  # the low-rank route: two GEMMs on views of the cores
-                return _low_rank_inference(x, factors, self.bias)
+        bias = self.bias
+        memo = None if torch.compiler.is_compiling() else self._memo_for_calls
+        if memo is not None:  # the memo may already know how this call runs (call_memo.py)
+            needs_grad = torch.is_grad_enabled() and (
+                x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
+            )
+            known, route = memo.get(x, cores, needs_grad)
+            if route is not None:
+                return run_low_rank_route(x, route, cores, bias)
         shapes = tuple(g.shape for g in cores)
         if shapes != getattr(self, "_checked_shapes", None):  # first call, or the cores were replaced
             self._check_cores(cores)
@@ -179,9 +182,9 @@ class MPOLinear(MemoizedInference, nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:  # the check's own call only when it will raise
             where = type(self).__name__
             check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
-        if inference and not known:
-            self._inference_memo.put(x, cores, low_rank_inference_factors(x, list(cores), self.backend))
-        return run_mpo_linear(x, list(cores), self.bias, self.backend)
+        if memo is not None and not known:
+            memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))
+        return run_mpo_linear(x, list(cores), bias, self.backend)
 
     def _check_cores(self, cores: list[torch.Tensor]) -> None:
         where = type(self).__name__
@@ -222,13 +225,6 @@ class MPOLinear(MemoizedInference, nn.Module):
             f"out_modes={self.out_modes}, bonds={self.bonds}, ratio={self.compression_ratio:.2f}, "
             f"bias={self.bias is not None}, backend={self.backend!r}"
         )
-
-
-def _low_rank_inference(x: torch.Tensor, factors, bias: torch.Tensor | None) -> torch.Tensor:
-    a, b = factors
-    if x.dim() == 2:
-        return low_rank_apply(x, a, b, bias)
-    return low_rank_apply(x.reshape(-1, x.shape[-1]), a, b, bias).view(*x.shape[:-1], b.shape[1])
 
 
 def _planned_structure(weight: torch.Tensor, ratio: float, prefer: str, where: str):

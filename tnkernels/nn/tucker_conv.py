@@ -17,14 +17,14 @@ from ..decompose import (
     tucker_ranks_for_ratio,
 )
 from ..ops import run_tucker_route, tucker_conv2d, tucker_inference_route, tucker_to_dense
-from .inference_memo import MemoizedInference
+from .call_memo import MemoizedCalls
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class TuckerConv2d(MemoizedInference, nn.Module):
+class TuckerConv2d(MemoizedCalls, nn.Module):
     """Conv2d with W = einsum('or,rsyx,is->oiyx', u_out, core, u_in).
 
     Runs as: project C_in -> R_in channels (u_in), convolve R_in -> R_out with the kh x kw core (stride, padding,
@@ -143,13 +143,13 @@ class TuckerConv2d(MemoizedInference, nn.Module):
         # no_grad / inference_mode outside torch.compile: the memo may already know this call's route
         inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if inference:
-            known, route = self._inference_memo.get(x, factors)
+            known, route = self._memo_for_calls.get(x, factors, False)
             if route is not None:
                 return run_tucker_route(x, route, *factors, p.get("bias"))
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, backend=self.backend)
         y = tucker_conv2d(x, *factors, p.get("bias"), **conv)  # validates the call
         if inference and not known:
-            self._inference_memo.put(x, factors, tucker_inference_route(x, *factors, **conv))
+            self._memo_for_calls.put(x, factors, False, tucker_inference_route(x, *factors, **conv))
         return y
 
     def to_dense(self) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from ..plan.backends import auto_mpo_backend
 from .dispatch import BACKENDS, backend_available, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
-from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply
+from .mpo.torch_low_rank import LowRankFunction, is_low_rank_chain, low_rank_apply
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
 from .tucker.torch_impl import run_route as run_tucker_route
 
@@ -18,8 +18,8 @@ __all__ = [
     "backend_available",
     "mpo_linear",
     "run_mpo_linear",
-    "low_rank_inference_factors",
-    "low_rank_apply",
+    "low_rank_route",
+    "run_low_rank_route",
     "mpo_linear_reference",
     "mpo_to_dense",
     "tucker_conv2d",
@@ -105,22 +105,32 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
     return fn(x, cores, bias)
 
 
-def low_rank_inference_factors(x: torch.Tensor, cores: list[torch.Tensor], backend: str):
-    """For a caller that repeats no-grad calls on inputs of one shape (MPOLinear's inference memo): the views
-    (A, B) of the cores when run_mpo_linear would run this call as the low-rank route's two GEMMs, else None.
-    Then `low_rank_apply(x2d, A, B, bias)` computes the same result without re-deriving the route."""
-    if len(cores) != 2 or x.dim() == 0 or torch.compiler.is_compiling() or torch.is_grad_enabled():
+def low_rank_route(x: torch.Tensor, cores: list[torch.Tensor], backend: str, needs_grad: bool):
+    """For a caller that repeats calls on inputs of one shape (MPOLinear's memo): how run_mpo_linear runs this
+    (already validated) call when it takes the low-rank route, for `run_low_rank_route`; None for any other route.
+    `needs_grad`: as run_mpo_linear computes it (grad mode on and x, a core or the bias requiring grad)."""
+    if len(cores) != 2 or x.dim() == 0 or torch.compiler.is_compiling():
         return None
     if not is_low_rank_chain((cores[0].shape, cores[1].shape)):
         return None
     x2d = x.reshape(-1, x.shape[-1])
     if backend == "auto":
-        backend = auto_mpo_backend(x.device.type, x2d.shape[0], x.dtype, False, True)
+        backend = auto_mpo_backend(x.device.type, x2d.shape[0], x.dtype, needs_grad, True)
     if backend != "torch":
         return None
-    from .mpo.torch_impl import low_rank_route_factors
+    from .mpo.torch_impl import low_rank_route as torch_low_rank_route
 
-    return low_rank_route_factors(x2d, cores)
+    return torch_low_rank_route(x2d, cores, needs_grad)
+
+
+def run_low_rank_route(x: torch.Tensor, route: tuple, cores, bias: torch.Tensor | None) -> torch.Tensor:
+    """The call `route` (from low_rank_route) stands for, on x of the shape it was made for."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if route[0] == "views":
+        y = low_rank_apply(x2d, route[1], route[2], bias)
+    else:
+        y = LowRankFunction.apply(x2d, bias, route[1], *cores)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 
 def tucker_inference_route(

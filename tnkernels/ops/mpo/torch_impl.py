@@ -288,17 +288,23 @@ def _no_grad_route(dec, low_rank: bool) -> str:
     return "low-rank" if low_rank else "chain"
 
 
-def low_rank_route_factors(x2d: torch.Tensor, cores: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The views (A, B) of the cores when a no-grad mpo_linear_torch call on x2d runs the low-rank route, else
-    None: what a caller needs to repeat such calls without re-deriving the route (MPOLinear's inference memo)."""
+def low_rank_route(x2d: torch.Tensor, cores: list[torch.Tensor], needs_grad: bool) -> tuple | None:
+    """What an mpo_linear_torch call on x2d runs when it takes the low-rank route, for a caller that repeats such
+    calls without re-deriving the route (MPOLinear's memo): ("views", A, B), the cores' views for
+    torch_low_rank.low_rank_apply, without autograd; ("function", save_h), the arguments of LowRankFunction, with
+    it. None when the call takes another route."""
     rows = x2d.shape[0]
-    if rows == 0 or torch.is_grad_enabled() or not all(g.is_contiguous() for g in cores):
+    if rows == 0 or not all(g.is_contiguous() for g in cores):
         return None  # a non-contiguous core would make the "views" copies, stale once the core changes
     shapes = tuple(tuple(g.shape) for g in cores)
-    dec = mpo_decision(shapes, rows, x2d.dtype, x2d.device, False)
-    if _no_grad_route(dec, torch_low_rank.applies(shapes, dec)) != "low-rank":
+    dec = mpo_decision(shapes, rows, x2d.dtype, x2d.device, needs_grad)
+    if not torch_low_rank.applies(shapes, dec):
         return None
-    return torch_low_rank.factors(cores)
+    if needs_grad:
+        return "function", dec.save_states
+    if _no_grad_route(dec, True) != "low-rank":
+        return None
+    return ("views", *torch_low_rank.factors(cores))
 
 
 def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:

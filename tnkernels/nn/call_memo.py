@@ -1,17 +1,19 @@
-"""A layer's inference memo: what the full path decided for a no-grad call on an input of a given shape.
+"""A layer's call memo: what the full path decided for a call on an input of a given shape.
 
 At one row, a low-rank MPOLinear's two GEMMs take ~5 us on one CPU thread, and finding out that they are what to
 run took ~12 us more: the backend, the plan-cache key and lookup, the route, the views of the cores. TuckerConv2d
 at batch 1 spent 40-50 us of a 90-140 us call the same way (argument checks, conv parameters, plan key, weight
-views). Under no_grad the answer depends only on the input's shape, dtype and device, the layer's parameters and
-the planner's state, so a layer that has answered once for an input shape keeps the answer and checks those facts
-on each call instead: that the parameters are the same tensors on the same storage (not replaced, not re-pointed
-by `.data =` or `.to()`) and that no plan or option changed since (`plan_generation`). Any mismatch falls back to
-the full path, which also re-validates the call. What is kept must stay right under in-place updates of the
-parameters (an optimizer step, `copy_`): views of them, or plan facts, never values computed from them.
+views). The answer depends only on the input's shape, dtype and device, whether the call needs autograd, the
+layer's parameters and the planner's state, so a layer that has answered once for an input shape keeps the answer
+and checks those facts on each call instead: that the parameters are the same tensors on the same storage (not
+replaced, not re-pointed by `.data =` or `.to()`) and that no plan or option changed since (`plan_generation`).
+Any mismatch falls back to the full path, which also re-validates the call. What is kept must stay right under
+in-place updates of the parameters (an optimizer step, `copy_`): views of them, or plan facts, never values
+computed from them.
 
-Training calls never use the memo (autograd needs the planned Function), nor does torch.compile (the layers check
-before asking): dynamo would break the graph on data_ptr.
+A training call of MPOLinear keeps the same planned autograd.Function; the memo only skips deciding that it is
+the one to run. TuckerConv2d uses the memo for no-grad calls only. Neither uses it under torch.compile (the layers
+check first): dynamo would break the graph on data_ptr.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..plan.cache import plan_generation
 MAX_ENTRIES = 32
 
 
-class InferenceMemo:
+class CallMemo:
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple] = {}
 
@@ -35,9 +37,10 @@ class InferenceMemo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[bool, object]:
-        """(True, what was remembered) while it still holds for this input and these parameters, else (False, None)."""
-        entry = self._entries.get((x.shape, x.dtype, x.device))
+    def get(self, x: torch.Tensor, params: tuple[torch.Tensor, ...], mode: object) -> tuple[bool, object]:
+        """(True, what was remembered) while it still holds for this input, these parameters and this mode (e.g.
+        whether the call needs autograd), else (False, None)."""
+        entry = self._entries.get((x.shape, x.dtype, x.device, mode))
         if entry is None:
             return False, None
         tensors, ptrs, generation, payload = entry
@@ -48,30 +51,30 @@ class InferenceMemo:
                 return False, None
         return True, payload
 
-    def put(self, x: torch.Tensor, params: tuple[torch.Tensor, ...], payload: object) -> None:
+    def put(self, x: torch.Tensor, params: tuple[torch.Tensor, ...], mode: object, payload: object) -> None:
         """Remember `payload` for inputs like x, valid while `params` stay the same tensors on the same storage."""
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
         ptrs = tuple(p.data_ptr() for p in params)
-        self._entries[(x.shape, x.dtype, x.device)] = (tuple(params), ptrs, plan_generation(), payload)
+        self._entries[(x.shape, x.dtype, x.device, mode)] = (tuple(params), ptrs, plan_generation(), payload)
 
 
-def memo_of(module: torch.nn.Module) -> InferenceMemo:
+def memo_of(module: torch.nn.Module) -> CallMemo:
     """The module's memo, built on first use rather than in __init__ (so layers unpickled from older versions have
     one too). It lives outside the module's state: the layers drop it in __getstate__ and _apply."""
     memo = module.__dict__.get("_memo")
     if memo is None:
-        memo = module.__dict__["_memo"] = InferenceMemo()
+        memo = module.__dict__["_memo"] = CallMemo()
     return memo
 
 
-class MemoizedInference:
-    """Mixin for the layers: `self._inference_memo`, kept out of the layer's state and dropped whenever .to(),
+class MemoizedCalls:
+    """Mixin for the layers: `self._call_memo`, kept out of the layer's state and dropped whenever .to(),
     .half(), .cuda() and the like re-point or replace the parameters (the memo's views would otherwise keep the old
     storage alive)."""
 
     @property
-    def _inference_memo(self) -> InferenceMemo:
+    def _memo_for_calls(self) -> CallMemo:
         return memo_of(self)
 
     def _apply(self, fn, recurse=True):

@@ -1,4 +1,4 @@
-"""The layers' inference memo (tnkernels/nn/inference_memo.py): repeated no-grad calls of MPOLinear and
+"""The layers' inference memo (tnkernels/nn/call_memo.py): repeated no-grad calls of MPOLinear and
 TuckerConv2d skip the routing, and give the float64 reference's result whatever happens to the layer between
 calls."""
 
@@ -15,7 +15,7 @@ import tnkernels.nn.mpo_linear as mpo_linear_module
 import tnkernels.nn.tucker_conv as tucker_conv_module
 from tests.helpers import assert_close_rel
 from tnkernels import MPOLinear, TuckerConv2d, mpo_to_dense
-from tnkernels.nn.inference_memo import MAX_ENTRIES
+from tnkernels.nn.call_memo import MAX_ENTRIES
 from tnkernels.plan import options
 
 
@@ -90,7 +90,7 @@ def test_memo_follows_dtype_changes_and_planner_options(full_path_calls):
         layer(x)
         with options(force="einsum"):  # another route: the memo must not keep answering "low-rank"
             assert_close_rel(layer(x), _reference(layer, x), 1e-5, "forced einsum")
-            assert len(layer._inference_memo) == 1
+            assert len(layer._memo_for_calls) == 1
         assert_close_rel(layer(x), _reference(layer, x), 1e-5, "after the options")
         layer.double()
         y = layer(x.double())
@@ -99,22 +99,51 @@ def test_memo_follows_dtype_changes_and_planner_options(full_path_calls):
     assert len(full_path_calls) == 4
 
 
-def test_memo_knows_other_routes_and_training_ignores_it(full_path_calls):
+def test_memo_knows_other_routes(full_path_calls):
     balanced = MPOLinear(24, 30, in_modes=(4, 6), out_modes=(5, 6), bonds=(5,))  # not a low-rank chain
     x = torch.randn(3, 24)
     with torch.no_grad():
         for _ in range(3):
             assert_close_rel(balanced(x), _reference_chain(balanced, x), 1e-5, "balanced chain")
     assert len(full_path_calls) == 3  # known "not low-rank": every call takes the full path, without re-learning
-    assert len(balanced._inference_memo) == 1
+    assert len(balanced._memo_for_calls) == 1
 
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_training_calls_through_the_memo_match_autograd_of_the_reference(full_path_calls, recompute, lead):
+    layer = _low_rank(rank=5)
+    leaves64 = [g.detach().double().requires_grad_() for g in (*layer.cores, layer.bias)]
+    with options(recompute=recompute):
+        for step in range(3):
+            x = torch.randn(*lead, layer.in_features, requires_grad=True)
+            dy = torch.randn(*lead, layer.out_features)
+            for p in layer.parameters():
+                p.grad = None
+            layer(x).backward(dy)
+            x64 = x.detach().double().requires_grad_()
+            w = torch.einsum("aipr,rjqb->jqip", leaves64[0], leaves64[1]).reshape(layer.out_features, -1)
+            want = torch.autograd.grad(x64 @ w.t() + leaves64[2], [x64, *leaves64], dy.double())
+            got = [x.grad, *(p.grad for p in (*layer.cores, layer.bias))]
+            for k, (g, e) in enumerate(zip(got, want, strict=True)):
+                assert_close_rel(g, e, 1e-5, f"step {step}: gradient of leaf {k}")
+    assert len(full_path_calls) == 1  # the later steps skipped the routing
+
+
+def test_memo_keys_on_what_needs_grad(full_path_calls):
     layer = _low_rank()
-    x = torch.randn(4, layer.in_features, requires_grad=True)
-    with torch.no_grad():
-        layer(x)
-    layer(x).sum().backward()  # grad mode: the planned autograd.Function, not the memo
-    assert x.grad is not None and layer.cores[0].grad is not None
-    assert len(full_path_calls) == 5
+    x = torch.randn(4, layer.in_features)
+    y_train = layer(x)  # grad mode, cores require grad: the autograd route
+    assert y_train.grad_fn is not None
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    y_frozen = layer(x)  # grad mode, nothing requires grad: the no-grad route
+    assert y_frozen.grad_fn is None
+    assert_close_rel(y_frozen, _reference(layer, x), 1e-5, "frozen layer in grad mode")
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    assert layer(x).grad_fn is not None
+    assert len(full_path_calls) == 2 and len(layer._memo_for_calls) == 2
 
 
 def _reference_chain(layer, x):
@@ -130,7 +159,7 @@ def test_memo_keeps_clear_errors_and_stays_bounded():
             layer(torch.randn(2, layer.in_features + 1))
         for rows in range(1, 80):
             layer(torch.randn(rows, layer.in_features))
-    assert 0 < len(layer._inference_memo) <= MAX_ENTRIES
+    assert 0 < len(layer._memo_for_calls) <= MAX_ENTRIES
 
 
 def test_memo_is_not_part_of_the_saved_layer():
@@ -138,9 +167,9 @@ def test_memo_is_not_part_of_the_saved_layer():
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
         layer(x)
-    assert len(layer._inference_memo) == 1
+    assert len(layer._memo_for_calls) == 1
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert len(clone._inference_memo) == 0
+        assert len(clone._memo_for_calls) == 0
         with torch.no_grad():
             assert_close_rel(clone(x), _reference(layer, x), 1e-5, "copied layer")
     buf = io.BytesIO()
@@ -212,4 +241,4 @@ def test_tucker_memo_follows_replaced_parameters_and_options(tucker_full_path_ca
         with pytest.raises(ValueError, match="input has 4 channels"):
             layer(torch.randn(1, 4, 7, 7))
     clone = pickle.loads(pickle.dumps(layer))
-    assert len(layer._inference_memo) > 0 and len(clone._inference_memo) == 0
+    assert len(layer._memo_for_calls) > 0 and len(clone._memo_for_calls) == 0
