@@ -142,14 +142,15 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         factors = (p["u_in"], p["core"], p["u_out"])
         # no_grad / inference_mode outside torch.compile: the memo may already know this call's route
         inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if inference:
-            known, route = self._memo_for_calls.get(x, factors, False)
+        memo = self._memo_for_calls if inference else None
+        if memo is not None:
+            known, route = memo.get(x, factors, False)
             if route is not None:
                 return run_tucker_route(x, route, *factors, p.get("bias"))
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, backend=self.backend)
         y = tucker_conv2d(x, *factors, p.get("bias"), **conv)  # validates the call
-        if inference and not known:
-            self._memo_for_calls.put(x, factors, False, tucker_inference_route(x, *factors, **conv))
+        if memo is not None and not known:
+            memo.put(x, factors, False, tucker_inference_route(x, *factors, **conv))
         return y
 
     def to_dense(self) -> torch.Tensor:
