@@ -242,3 +242,12 @@ def test_tucker_memo_follows_replaced_parameters_and_options(tucker_full_path_ca
             layer(torch.randn(1, 4, 7, 7))
     clone = pickle.loads(pickle.dumps(layer))
     assert len(layer._memo_for_calls) > 0 and len(clone._memo_for_calls) == 0
+
+
+def test_a_call_that_raises_is_not_remembered():
+    layer = _low_rank()
+    x = torch.randn(3, layer.in_features, dtype=torch.float64)  # float32 cores: the GEMM refuses
+    for _ in range(2):
+        with torch.no_grad(), pytest.raises(RuntimeError):
+            layer(x)
+    assert len(layer._memo_for_calls) == 0

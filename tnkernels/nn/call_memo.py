@@ -69,7 +69,7 @@ def memo_of(module: torch.nn.Module) -> CallMemo:
 
 
 class MemoizedCalls:
-    """Mixin for the layers: `self._call_memo`, kept out of the layer's state and dropped whenever .to(),
+    """Mixin for the layers: `self._memo_for_calls`, kept out of the layer's state and dropped whenever .to(),
     .half(), .cuda() and the like re-point or replace the parameters (the memo's views would otherwise keep the old
     storage alive)."""
 

@@ -182,9 +182,10 @@ class MPOLinear(MemoizedCalls, nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:  # the check's own call only when it will raise
             where = type(self).__name__
             check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
-        if memo is not None and not known:
+        y = run_mpo_linear(x, list(cores), bias, self.backend)
+        if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))
-        return run_mpo_linear(x, list(cores), bias, self.backend)
+        return y
 
     def _check_cores(self, cores: list[torch.Tensor]) -> None:
         where = type(self).__name__

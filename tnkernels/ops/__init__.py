@@ -144,7 +144,7 @@ def tucker_inference_route(
     dilation: int | Sequence[int] = 1,
     backend: str = "auto",
 ):
-    """For a caller that repeats no-grad calls on inputs of one shape (TuckerConv2d's inference memo): the route a
+    """For a caller that repeats no-grad calls on inputs of one shape (TuckerConv2d's call memo): the route a
     tucker_conv2d call with these (already validated) arguments takes on the torch backend, for
     `run_tucker_route(x, route, u_in, core, u_out, bias)`; None for other backends and under autograd."""
     if backend not in ("auto", "torch") or torch.is_grad_enabled() or torch.compiler.is_compiling():

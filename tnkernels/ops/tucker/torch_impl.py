@@ -122,7 +122,7 @@ class TuckerConvFunction(torch.autograd.Function):
 def inference_route(x, u_in, core, u_out, conv: tuple) -> tuple:
     """What a no-grad tucker_conv2d_torch call on x runs: (plan kind, conv, the weights when they are views of the
     factors, else None). Folded weights are values computed from the factors, so a caller that keeps the route
-    across calls (TuckerConv2d's inference memo) must rebuild them per call: see run_route."""
+    across calls (TuckerConv2d's call memo) must rebuild them per call: see run_route."""
     shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = tucker_decision(shapes, conv, x.dtype, x.device, False).kind
     views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" else None
