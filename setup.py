@@ -45,7 +45,7 @@ def _native_extension():
         cxx.append(f"-march={march}" if platform.machine().lower() in ("x86_64", "amd64") else f"-mcpu={march}")
     ext = CppExtension(
         name="tnkernels._native",
-        sources=["csrc/module.cpp", "csrc/mpo_chain.cpp", "csrc/thin_gemm.cpp"],
+        sources=["csrc/module.cpp", "csrc/mpo_chain.cpp", "csrc/thin_gemm.cpp", "csrc/low_rank.cpp"],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
     )

@@ -1,4 +1,5 @@
-// Python bindings of the tnkernels._native extension; the kernels live in mpo_chain.cpp and thin_gemm.cpp.
+// Python bindings of the tnkernels._native extension; the kernels live in mpo_chain.cpp, thin_gemm.cpp and
+// low_rank.cpp.
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -10,4 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("a"));
   m.def("thin_expand", &thin_expand, "Y[M, N] = h[M, r] @ b[r, N] + bias for a small r (fp32, contiguous)",
         pybind11::arg("h"), pybind11::arg("b"), pybind11::arg("bias") = pybind11::none());
+  m.def("low_rank_linear", &low_rank_linear,
+        "y = (x A) B + bias for low-rank cores (1, in, 1, r), (r, 1, out, 1), with its backward in C++; flags: "
+        "tnkernels.ops.mpo.torch_low_rank.plan_flags",
+        pybind11::arg("x2d"), pybind11::arg("g1"), pybind11::arg("g2"), pybind11::arg("bias"), pybind11::arg("save_h"),
+        pybind11::arg("flags"));
 }

@@ -188,17 +188,25 @@ def low_rank_chains(draw):
 
 
 @settings(max_examples=20, deadline=None)
-@given(chain=low_rank_chains(), recompute=st.booleans())
-def test_low_rank_fast_path_matches_reference(chain, recompute):
-    # the planner's own pick (no force) for a low-rank chain is the left sweep, which runs as two GEMMs
-    _check_mpo(*chain, kind=None, recompute=recompute)
+@given(chain=low_rank_chains(), recompute=st.booleans(), cpp=st.booleans())
+def test_low_rank_fast_path_matches_reference(chain, recompute, cpp):
+    # the planner's own pick (no force) for a low-rank chain is the left sweep, which runs as two GEMMs; training
+    # on the C++ Function (where built) or on the Python LowRankFunction
+    from tnkernels.ops.mpo import torch_low_rank
+
+    saved = torch_low_rank.cpp_enabled
+    torch_low_rank.cpp_enabled = cpp and torch_low_rank._HAS_CPP
+    try:
+        _check_mpo(*chain, kind=None, recompute=recompute)
+    finally:
+        torch_low_rank.cpp_enabled = saved
 
 
 def test_low_rank_chain_takes_the_two_gemm_path(monkeypatch):
     from tnkernels.ops.mpo import torch_impl, torch_low_rank
 
     calls = {"low_rank": 0, "generic": 0}
-    real_low, real_generic = torch_low_rank.LowRankFunction.apply, torch_impl.MPOChainFunction.apply
+    real_low, real_generic = torch_low_rank.low_rank_train, torch_impl.MPOChainFunction.apply
 
     def count(name, fn):
         def wrapped(*args):
@@ -207,7 +215,7 @@ def test_low_rank_chain_takes_the_two_gemm_path(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(torch_low_rank.LowRankFunction, "apply", count("low_rank", real_low))
+    monkeypatch.setattr(torch_low_rank, "low_rank_train", count("low_rank", real_low))
     monkeypatch.setattr(torch_impl.MPOChainFunction, "apply", count("generic", real_generic))
     g = torch.Generator().manual_seed(0)
     a = torch.randn(1, 12, 1, 3, generator=g, dtype=F64, requires_grad=True)
@@ -242,19 +250,27 @@ def test_low_rank_chain_takes_the_two_gemm_path(monkeypatch):
     ],
 )
 @pytest.mark.parametrize("recompute", [False, True])
-def test_low_rank_bias_layouts_match_reference(monkeypatch, rows, n_in, n_out, rank, folds, recompute):
+@pytest.mark.parametrize("cpp", [True, False])  # training on the C++ Function (where built) or on LowRankFunction
+def test_low_rank_bias_layouts_match_reference(monkeypatch, rows, n_in, n_out, rank, folds, recompute, cpp):
     from tnkernels.ops.mpo import torch_low_rank
+
+    monkeypatch.setattr(torch_low_rank, "cpp_enabled", cpp and torch_low_rank._HAS_CPP)
 
     taken = []
     real = torch_low_rank._fold_bias
     monkeypatch.setattr(torch_low_rank, "_fold_bias", lambda h, b: taken.append(real(h, b)) or taken[-1])
     shapes = [(1, n_in, 1, rank), (rank, 1, n_out, 1)]
     _check_mpo(shapes, (rows,), True, seed=rows + rank, kind="sweep-left", recompute=recompute)
-    assert taken and all(t == folds for t in taken)
+    assert taken and all(t == folds for t in taken)  # the Python side: inference (and training without C++)
+    assert bool(torch_low_rank.plan_flags(rows, rank, n_out) & torch_low_rank.FOLD_BIAS) == folds  # the C++ side
 
 
 @pytest.mark.parametrize("train_cores", [False, True])
-def test_low_rank_folded_bias_gradient_with_frozen_or_trained_cores(train_cores):
+@pytest.mark.parametrize("cpp", [True, False])
+def test_low_rank_folded_bias_gradient_with_frozen_or_trained_cores(monkeypatch, train_cores, cpp):
+    from tnkernels.ops.mpo import torch_low_rank
+
+    monkeypatch.setattr(torch_low_rank, "cpp_enabled", cpp and torch_low_rank._HAS_CPP)
     # the folded forward keeps [h, 1]; the bias gradient comes from [h, 1]^T dy when dB is computed anyway, and
     # from dy.sum(0) when the cores are frozen
     g = torch.Generator().manual_seed(7)

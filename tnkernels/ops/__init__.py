@@ -9,7 +9,7 @@ import torch
 from ..plan.backends import auto_mpo_backend
 from .dispatch import BACKENDS, backend_available, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
-from .mpo.torch_low_rank import LowRankFunction, is_low_rank_chain, low_rank_apply
+from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
 from .tucker.torch_impl import run_route as run_tucker_route
 
@@ -129,7 +129,7 @@ def run_low_rank_route(x: torch.Tensor, route: tuple, cores, bias: torch.Tensor 
     if route[0] == "views":
         y = low_rank_apply(x2d, route[1], route[2], bias)
     else:
-        y = LowRankFunction.apply(x2d, bias, route[1], *cores)
+        y = low_rank_train(x2d, cores, bias, route[1], route[2])
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 

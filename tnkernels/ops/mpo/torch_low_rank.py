@@ -104,6 +104,58 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.addmm(bias, h, b), h
 
 
+# ------------------------------------------------------------------------------------------- the C++ Function
+# csrc/low_rank.cpp runs LowRankFunction's forward and backward from C++: the same products, without the Python
+# autograd node and the dozen tensor calls its backward makes from Python (~2 us each at one row). Training step,
+# one thread, against LowRankFunction (bench/low_rank_fn_ab.py has the command and the table). The choices the
+# Python Function makes per call (native kernels, bias fold, dA layout) are made here once per input shape, by
+# the same predicates, and passed to C++ as bit flags (the values below are csrc/low_rank.cpp's).
+PROJECT_NATIVE, EXPAND_NATIVE, FOLD_BIAS, ADD_IN_PLACE, DH_NATIVE, GRAD_A_TRANSPOSED = 1, 2, 4, 8, 16, 32
+
+_HAS_CPP = thin_native._HAS_THIN and hasattr(thin_native._ext, "low_rank_linear")
+cpp_enabled = _HAS_CPP  # a switch for A/B timing and for tests of the Python Function
+
+
+def plan_flags(rows: int, rank: int, out_features: int) -> int:
+    """The flags for csrc/low_rank.cpp that reproduce LowRankFunction's per-call choices on a CPU input of `rows`
+    rows. Each flag is a permission: the C++ side still checks dtype and layout before it runs a native kernel,
+    and ignores the bias flags on a layer without bias (so the flags need not know whether it has one)."""
+    native = thin_native.enabled
+    flags = ADD_IN_PLACE if rows >= 8 else 0
+    if native and rank <= thin_native.MAX_RANK:
+        flags |= EXPAND_NATIVE
+        if rows >= thin_native.PROJECT_MIN_ROWS:
+            flags |= PROJECT_NATIVE
+    if native and rank <= thin_native.TRANSPOSED_MAX_RANK:
+        flags |= DH_NATIVE
+    if _transposed_grad_a_wins(rows, rank):
+        flags |= GRAD_A_TRANSPOSED
+    if rank <= _FOLD_MAX_RANK and rows * out_features >= _FOLD_MIN_OUTPUT:
+        flags |= FOLD_BIAS
+    return flags
+
+
+def train_flags(x2d: torch.Tensor, cores) -> int | None:
+    """plan_flags for a training call on x2d, or None where it runs on LowRankFunction: the extension is not
+    built, the input is not on the CPU (the only device the C++ Function was measured on), torch.compile is
+    tracing (a C++ autograd Function is opaque to it: a graph break), or a core is not contiguous."""
+    if not (_HAS_CPP and x2d.device.type == "cpu" and not torch.compiler.is_compiling()):
+        return None
+    g1, g2 = cores
+    if not (g1.is_contiguous() and g2.is_contiguous()):
+        return None
+    return plan_flags(x2d.shape[0], g2.shape[0], g2.shape[2])
+
+
+def low_rank_train(x2d: torch.Tensor, cores, bias: torch.Tensor | None, save_h: bool, flags: int | None):
+    """y = (x A) B + bias under autograd: on the C++ Function when `flags` (from train_flags) is not None, else
+    on LowRankFunction. Both run the same products. The switch cpp_enabled is read here, not in train_flags, so
+    that it also takes effect on routes remembered before it was flipped."""
+    if flags is None or not cpp_enabled:
+        return LowRankFunction.apply(x2d, bias, save_h, *cores)
+    return thin_native._ext.low_rank_linear(x2d, cores[0], cores[1], bias, save_h, flags)
+
+
 def low_rank_forward(x2d: torch.Tensor, cores, bias: torch.Tensor | None) -> torch.Tensor:
     """Inference: y = (x A) B + bias."""
     a, b = factors(cores)

@@ -1,0 +1,106 @@
+"""A/B of the low-rank layer's autograd Function: C++ (csrc/low_rank.cpp) against Python (LowRankFunction).
+
+    python bench/low_rank_fn_ab.py [--threads 1] [--rows 1 64 1024] [--out bench/results/low_rank_fn_ab.md]
+
+A training step of MPOLinear (low-rank structure from `from_linear(ratio=R)`: forward, then backward with a dense
+upstream gradient, every parameter and the input needing gradients) with the C++ Function switched off and on,
+interleaved (torch_low_rank.cpp_enabled), on the grid's linear shapes. Both run the same products on the same
+kernels (torch_low_rank.plan_flags), so the difference is the cost of the autograd node and of issuing the
+backward's tensor calls from Python. Times are the fastest of several batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.call_memo_ab import _best_us, _cpu_name  # noqa: E402
+from tnkernels import MPOLinear  # noqa: E402
+from tnkernels.ops.mpo import torch_low_rank  # noqa: E402
+
+LINEAR = [
+    ("resnet34-fc 512->1000", 512, 1000),
+    ("minilm 384->1536", 384, 1536),
+    ("minilm 1536->384", 1536, 384),
+    ("gpt2 768->3072", 768, 3072),
+    ("gpt2-xl 1600->6400", 1600, 6400),
+]
+
+
+def _ab(fn, rounds: int = 3) -> tuple[float, float]:
+    python = cpp = float("inf")
+    try:
+        for _ in range(rounds):
+            torch_low_rank.cpp_enabled = False
+            python = min(python, _best_us(fn))
+            torch_low_rank.cpp_enabled = True
+            cpp = min(cpp, _best_us(fn))
+    finally:
+        torch_low_rank.cpp_enabled = torch_low_rank._HAS_CPP
+    return python, cpp
+
+
+def _steps(ratios, row_counts):
+    for name, n_in, n_out in LINEAR:
+        for ratio in ratios:
+            layer = MPOLinear.from_linear(nn.Linear(n_in, n_out), ratio=ratio)
+            if len(layer.cores) != 2 or layer.cores[0].shape[2] != 1:
+                continue  # not a low-rank structure: the C++ Function does not apply
+            for rows in row_counts:
+                if rows * max(n_in, n_out) > 1 << 22:
+                    continue  # the largest layers at 1024 rows: milliseconds a step, the Function's cost is noise
+                x = torch.randn(rows, n_in, requires_grad=True)
+                gy = torch.randn(rows, n_out)
+
+                def step(layer=layer, x=x, gy=gy):
+                    for p in layer.parameters():
+                        p.grad = None
+                    x.grad = None
+                    layer(x).backward(gy)
+
+                yield f"{name}, ratio {ratio} (rank {layer.bonds[0]})", rows, step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the least noisy)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 16, 64], help="compression ratios")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 1024], help="rows (batch x tokens) per call")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    args = ap.parse_args()
+    if not torch_low_rank._HAS_CPP:
+        sys.exit("low_rank_fn_ab: the native extension is not built (pip install -e . builds it; docs/native.md)")
+    torch.set_num_threads(args.threads)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
+    lines = [
+        f"# Low-rank autograd Function, Python against C++, {now}",
+        "",
+        f"{_cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f}. Microseconds per training step (forward + backward), fastest "
+        "batch, Python and C++ interleaved.",
+        "",
+        "| layer | rows | Python µs | C++ µs | Python / C++ |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    ratios = [int(r) if r == int(r) else r for r in args.ratios]
+    for label, rows, fn in _steps(ratios, args.rows):
+        python, cpp = _ab(fn)
+        line = f"| {label} | {rows} | {python:.1f} | {cpp:.1f} | {python / cpp:.2f}x |"
+        lines.append(line)
+        print(line, flush=True)
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

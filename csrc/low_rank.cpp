@@ -1,0 +1,118 @@
+// The autograd Function of a low-rank layer, y = (x A) B + bias, in C++: the same forward and backward as
+// tnkernels/ops/mpo/torch_low_rank.py's LowRankFunction, without Python in the backward.
+//
+// Why: at small row counts a training step of a low-rank layer is mostly per-op overhead. The Python Function's
+// backward issues a dozen tensor operations from Python (~2 us each at one row, plus the Python node's own cost);
+// here they are ATen calls from C++. Measured before writing it (one thread, a prototype with the same GEMMs):
+// 512 -> 1000 at rank 5, one row, 74 -> 41 us a step; rank 84, 109 -> 73 us; 64 rows 1.1-1.24x.
+//
+// What to run is decided in Python, once per input shape, by the same predicates the Python Function uses
+// (torch_low_rank.plan_flags), and passed here as bit flags: the choices live in one place, and this file only
+// executes them. Every flag is a permission, never a requirement: a native kernel is used only if its operands
+// also qualify here (fp32, CPU, contiguous), else ATen runs the product.
+
+#include "kernels.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Bits of `flags`; the same values as torch_low_rank.py's constants.
+constexpr int64_t kProjectNative = 1;   // x A on thin_project
+constexpr int64_t kExpandNative = 2;    // h B + bias on thin_expand
+constexpr int64_t kFoldBias = 4;        // bias as one more row of B ([h, 1] in the backward gives dB and dbias)
+constexpr int64_t kAddInPlace = 8;      // h B, then add_(bias), instead of addmm
+constexpr int64_t kDhNative = 16;       // the backward's dy B^T on thin_project
+constexpr int64_t kGradATransposed = 32;  // dA as (dh^T x)^T
+
+bool thin_ok(const Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(); }
+
+Tensor with_ones(const Tensor& h) {
+  const int64_t rank = h.size(1);
+  Tensor h1 = at::empty({h.size(0), rank + 1}, h.options());
+  h1.narrow(1, 0, rank).copy_(h);
+  h1.select(1, rank).fill_(1);
+  return h1;
+}
+
+Tensor first_gemm(const Tensor& x2d, const Tensor& a, int64_t flags) {
+  if ((flags & kProjectNative) && thin_ok(x2d) && a.scalar_type() == at::kFloat) return thin_project(x2d, a);
+  return at::mm(x2d, a);
+}
+
+struct LowRankFn : public torch::autograd::Function<LowRankFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x2d, const Tensor& g1, const Tensor& g2,
+                        const Tensor& bias, bool has_bias, bool save_h, int64_t flags) {
+    const Tensor a = g1.view({g1.size(1), g1.size(3)});
+    const Tensor b = g2.view({g2.size(0), g2.size(2)});
+    Tensor h = first_gemm(x2d, a, flags);
+    const bool ones_in_backward = has_bias && (flags & kFoldBias);
+    Tensor y;
+    if (!has_bias) {
+      y = at::mm(h, b);
+    } else if ((flags & kExpandNative) && thin_ok(h) && thin_ok(b) && thin_ok(bias)) {
+      y = thin_expand(h, b, bias);
+    } else if (flags & kFoldBias) {
+      h = with_ones(h);
+      y = at::mm(h, at::cat({b, bias.unsqueeze(0)}, 0));
+    } else if (flags & kAddInPlace) {
+      y = at::mm(h, b).add_(bias);
+    } else {
+      y = at::addmm(bias, h, b);
+    }
+    ctx->saved_data["flags"] = flags;
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["ones"] = ones_in_backward;
+    ctx->save_for_backward({x2d, g1, g2, save_h ? h : Tensor()});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x2d = saved[0], &g1 = saved[1], &g2 = saved[2];
+    Tensor h = saved[3];
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool ones = ctx->saved_data["ones"].toBool();
+    // dy often arrives expanded (stride 0, from a sum or mean), a slow case for the BLAS: materialize it once
+    const Tensor dy = grads[0].contiguous();
+    const Tensor a = g1.view({g1.size(1), g1.size(3)});
+    const Tensor b = g2.view({g2.size(0), g2.size(2)});
+    const int64_t rank = b.size(0);
+    const bool need_x = ctx->needs_input_grad(0), need_g1 = ctx->needs_input_grad(1);
+    const bool need_g2 = ctx->needs_input_grad(2), need_bias = has_bias && ctx->needs_input_grad(3);
+
+    Tensor dh, d_g1, d_g2, d_bias, dx;
+    if (need_x || need_g1) {
+      const Tensor bt = b.t();
+      dh = ((flags & kDhNative) && thin_ok(dy) && b.scalar_type() == at::kFloat) ? thin_project(dy, bt) : at::mm(dy, bt);
+    }
+    if (need_g1) d_g1 = ((flags & kGradATransposed) ? at::mm(dh.t(), x2d).t() : at::mm(x2d.t(), dh)).view(g1.sizes());
+    if (need_g2) {
+      if (!h.defined()) h = first_gemm(x2d, a, flags);  // the recompute option
+      if (ones && h.size(1) == rank) h = with_ones(h);
+      const Tensor d_b = at::mm(h.t(), dy);  // [rank (+ 1), out]: with the ones column, its last row is dbias
+      d_g2 = (d_b.size(0) > rank ? d_b.narrow(0, 0, rank) : d_b).view(g2.sizes());
+      if (ones && need_bias) d_bias = d_b.select(0, rank);
+    }
+    if (need_x) dx = at::mm(dh, a.t());
+    if (need_bias && !d_bias.defined()) d_bias = dy.sum(0);
+    return {dx, d_g1, d_g2, d_bias, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor low_rank_linear(const at::Tensor& x2d, const at::Tensor& g1, const at::Tensor& g2,
+                           const c10::optional<at::Tensor>& bias, bool save_h, int64_t flags) {
+  TORCH_CHECK(x2d.dim() == 2 && g1.dim() == 4 && g2.dim() == 4 && g1.size(2) == 1 && g2.size(1) == 1 &&
+                  g1.size(3) == g2.size(0) && x2d.size(1) == g1.size(1) && g1.is_contiguous() && g2.is_contiguous(),
+              "low_rank_linear: expects x [rows, in], contiguous cores (1, in, 1, r) and (r, 1, out, 1)");
+  // autograd's bookkeeping reads the device of every tensor argument, so a missing bias travels as an empty one
+  const bool has_bias = bias.has_value() && bias->defined();
+  return LowRankFn::apply(x2d, g1, g2, has_bias ? *bias : at::empty({0}, x2d.options()), has_bias, save_h, flags);
+}
