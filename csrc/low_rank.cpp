@@ -28,6 +28,7 @@ constexpr int64_t kFoldBias = 4;        // bias as one more row of B ([h, 1] in 
 constexpr int64_t kAddInPlace = 8;      // h B, then add_(bias), instead of addmm
 constexpr int64_t kDhNative = 16;       // the backward's dy B^T on thin_project
 constexpr int64_t kGradATransposed = 32;  // dA as (dh^T x)^T
+constexpr int64_t kDxNative = 64;         // the backward's dh A^T on thin_expand
 
 bool thin_ok(const Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(); }
 
@@ -99,7 +100,9 @@ struct LowRankFn : public torch::autograd::Function<LowRankFn> {
       d_g2 = (d_b.size(0) > rank ? d_b.narrow(0, 0, rank) : d_b).view(g2.sizes());
       if (ones && need_bias) d_bias = d_b.select(0, rank);
     }
-    if (need_x) dx = at::mm(dh, a.t());
+    if (need_x)
+      dx = ((flags & kDxNative) && thin_ok(dh) && a.scalar_type() == at::kFloat) ? thin_expand(dh, a.t(), c10::nullopt)
+                                                                                : at::mm(dh, a.t());
     if (need_bias && !d_bias.defined()) d_bias = dy.sum(0);
     return {dx, d_g1, d_g2, d_bias, Tensor(), Tensor(), Tensor()};
   }

@@ -7,7 +7,8 @@
 //   thin_project:  C[M, r] = X[M, K] A[K, r]         (x A; in the backward dy B^T, with A = B.t())
 //   thin_expand:   Y[M, N] = H[M, r] B[r, N] + bias  (h B + bias; in the backward dh A^T, with B = A^T, no bias)
 //
-// fp32 only; X, H and B row-major contiguous (the Python side checks and falls back to torch otherwise).
+// fp32 only; X and H row-major contiguous (the Python side checks and falls back to torch otherwise); A and B of any
+// strides, copied once into the layout the kernels read where they are not in it.
 // Portable GCC/Clang vector extensions, as in mpo_chain.cpp: 16 floats per vector where AVX-512 is available, 8
 // elsewhere. Measured against torch (MKL) in docs/native.md; where these lose (larger ranks: the dot tile below
 // re-streams its operands from L2 and reaches half the FMA rate) the caller keeps torch.
@@ -136,6 +137,20 @@ void expand_rows(const float* H, int64_t r, const float* B, int64_t N, const flo
   }
 }
 
+// a^T as a contiguous [cols, rows] matrix for a 2-D fp32 a of any strides. ATen's copy of a transposed view goes
+// element by element through its generic iterator: 10 us for a 1536 x 4 matrix on the EPYC VM (2026-12-02), more
+// than the kernel that reads it at a few rows. Rows of a are read in order and its few columns written as
+// streams, which takes a fraction of that.
+at::Tensor transposed_copy(const at::Tensor& a) {
+  const int64_t R = a.size(0), C = a.size(1), sr = a.stride(0), sc = a.stride(1);
+  at::Tensor t = at::empty({C, R}, a.options());
+  const float* A = a.data_ptr<float>();
+  float* T = t.data_ptr<float>();
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) T[j * R + i] = A[i * sr + j * sc];
+  return t;
+}
+
 void check_fp32_matrix(const at::Tensor& t, const char* fn, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), fn, ": ",
               name, " must be a contiguous 2-D float32 CPU tensor");
@@ -153,7 +168,7 @@ at::Tensor thin_project(const at::Tensor& x, const at::Tensor& a) {
   TORCH_CHECK(a.size(0) == K, "thin_project: x has ", K, " columns, a has ", a.size(0), " rows");
   at::Tensor c = at::empty({M, r}, x.options());
   if (M == 0 || r == 0) return c;
-  const at::Tensor wt = a.t().contiguous();
+  const at::Tensor wt = a.t().is_contiguous() ? a.t() : transposed_copy(a);
   const float* X = x.data_ptr<float>();
   const float* W = wt.data_ptr<float>();
   float* C = c.data_ptr<float>();
@@ -170,9 +185,12 @@ at::Tensor thin_project(const at::Tensor& x, const at::Tensor& a) {
   return c;
 }
 
-at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b, const c10::optional<at::Tensor>& bias_in) {
+// b: [r, N], contiguous or any other strides (A.t() for the backward's dh A^T), which cost one copy of r * N numbers.
+at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b_in, const c10::optional<at::Tensor>& bias_in) {
   check_fp32_matrix(h, "thin_expand", "h");
-  check_fp32_matrix(b, "thin_expand", "b");
+  TORCH_CHECK(b_in.dim() == 2 && b_in.device().is_cpu() && b_in.scalar_type() == at::kFloat,
+              "thin_expand: b must be a 2-D float32 CPU tensor");
+  const at::Tensor b = b_in.is_contiguous() ? b_in : transposed_copy(b_in.t());
   const int64_t M = h.size(0), r = h.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == r, "thin_expand: h has ", r, " columns, b has ", b.size(0), " rows");
   const float* bias = nullptr;

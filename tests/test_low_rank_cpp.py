@@ -27,6 +27,7 @@ ALL_FLAGS = (
     torch_low_rank.ADD_IN_PLACE,
     torch_low_rank.DH_NATIVE,
     torch_low_rank.GRAD_A_TRANSPOSED,
+    torch_low_rank.DX_NATIVE,
 )
 EVERY_COMBINATION = [sum(c) for n in range(len(ALL_FLAGS) + 1) for c in itertools.combinations(ALL_FLAGS, n)]
 
@@ -128,6 +129,7 @@ def test_same_numbers_as_the_python_function(rows, rank, n_out, with_bias):
 
 
 def test_plan_flags_follow_the_python_functions_predicates():
+    # on the fixed table of thin kernel bounds (tests/conftest.py; test_thin_bounds.py swaps in others)
     f = torch_low_rank
     assert f.plan_flags(1, 4, 100) == f.EXPAND_NATIVE | f.DH_NATIVE  # one row: addmm, x A on the BLAS
     assert f.plan_flags(128, 4, 100) & f.PROJECT_NATIVE  # x A native from 128 rows at rank <= 8

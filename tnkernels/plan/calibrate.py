@@ -13,9 +13,11 @@ thread count, so that it runs once per machine; `recalibrate()` forces a new mea
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import platform
 import tempfile
 import threading
 import time
@@ -120,10 +122,24 @@ def cache_dir() -> str:
     return os.environ.get("TNK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tnkernels")
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), part of every CPU cache key: a home folder carried to another
+    machine must not bring that machine a calibration it did not measure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{torch.get_num_threads()}threads"
+    return f"{device.type}:{cpu_model()}:{torch.get_num_threads()}threads"
 
 
 def _key(device: torch.device, dtype: torch.dtype) -> str:
@@ -257,27 +273,36 @@ def _path() -> str:
 
 
 def _read_all() -> dict[str, dict]:
+    return read_json(_path())
+
+
+def read_json(path: str) -> dict:
+    """A cache file's dict, or {} when it is missing or unreadable (it is then measured again)."""
     try:
-        with open(_path()) as f:
+        with open(path) as f:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _write_all(data: dict[str, dict]) -> None:
+def write_json_atomic(path: str, data: dict) -> None:
     """Atomic write: a temporary file in the same folder, then rename (readers never see half a file)."""
-    folder = cache_dir()
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".calibration.", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, _path())
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_all(data: dict[str, dict]) -> None:
+    write_json_atomic(_path(), data)
 
 
 def _from_json(d: dict) -> Calibration:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...plan.mpo import MPODecision
-from . import thin_native
+from . import thin_bounds, thin_native
 
 
 def is_low_rank_chain(shapes) -> bool:
@@ -37,17 +37,14 @@ def factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
 
 # The gradient of A can be computed as x^T dh (contiguous, in the parameter's layout) or as (dh^T x)^T, whose GEMM
 # has the thin side as M, which the CPU BLAS runs much faster at enough rows, but whose transposed result autograd
-# then copies into the parameter's layout (in * r numbers). Which wins depends on rows and rank; re-measured on the
-# Xeon VM (one thread, 2026-12-01, `(dh^T x)^T` + copy against `x^T dh`, inputs 512-1536):
-#   16 rows: 0.30-0.52x at every rank 4-105;  64 rows: 1.53x at rank 4, 0.60-0.85x from rank 8;
-#   128 rows: 1.07-2.40x up to rank 19, 0.76-0.95x from rank 21;  256 rows: 1.07-2.65x up to rank 38, 0.89x at 76;
-#   512 rows: 1.02-2.84x up to rank 105;  1024 rows: 1.03-2.97x up to rank 153.
-# (The earlier rule, "always below rank 32, and up to rank 128 from 512 rows", rested on per-step timings from an
-# earlier session's machine; per product on this CPU it made dA 2-3x slower at a few rows.) The forward product
-# x A needs no such care: x @ A is as fast as or faster than every other layout at 1-1024 rows, ranks 1-96
-# (re-measured 2026-12-01).
+# then copies into the parameter's layout (in * r numbers). Which wins depends on rows, rank and the CPU: the
+# Xeon VM (one thread, 2026-12-01) measured 0.30-0.52x at 16 rows at every rank 4-105, 1.53x at 64 rows at rank
+# 4 but 0.60-0.85x from rank 8, and 1.02-2.97x from 512 rows up to rank 105-153; the EPYC VM (2026-12-02) 1.9x
+# already at 64 rows at rank 19. thin_bounds measures it with the native kernels' bounds ("grad_a_t"). The
+# forward product x A needs no such care on torch: x @ A is as fast as or faster than every other layout at
+# 1-1024 rows, ranks 1-96 (Xeon, 2026-12-01).
 def _transposed_grad_a_wins(rows: int, rank: int) -> bool:
-    return (rows >= 64 and rank <= 4) or (rows >= 128 and rank <= min(128, rows // 6))
+    return thin_bounds.bounds().wins("grad_a_t", rows, rank)
 
 
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -110,7 +107,15 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
 # one thread, against LowRankFunction (bench/low_rank_fn_ab.py has the command and the table). The choices the
 # Python Function makes per call (native kernels, bias fold, dA layout) are made here once per input shape, by
 # the same predicates, and passed to C++ as bit flags (the values below are csrc/low_rank.cpp's).
-PROJECT_NATIVE, EXPAND_NATIVE, FOLD_BIAS, ADD_IN_PLACE, DH_NATIVE, GRAD_A_TRANSPOSED = 1, 2, 4, 8, 16, 32
+PROJECT_NATIVE, EXPAND_NATIVE, FOLD_BIAS, ADD_IN_PLACE, DH_NATIVE, GRAD_A_TRANSPOSED, DX_NATIVE = 1, 2, 4, 8, 16, 32, 64
+
+# each native kernel's flag and its row in thin_bounds' table
+_NATIVE_FLAGS = (
+    (PROJECT_NATIVE, "project"),
+    (EXPAND_NATIVE, "expand"),
+    (DH_NATIVE, "project_t"),
+    (DX_NATIVE, "expand_t"),
+)
 
 _HAS_CPP = thin_native._HAS_THIN and hasattr(thin_native._ext, "low_rank_linear")
 cpp_enabled = _HAS_CPP  # a switch for A/B timing and for tests of the Python Function
@@ -120,15 +125,13 @@ def plan_flags(rows: int, rank: int, out_features: int) -> int:
     """The flags for csrc/low_rank.cpp that reproduce LowRankFunction's per-call choices on a CPU input of `rows`
     rows. Each flag is a permission: the C++ side still checks dtype and layout before it runs a native kernel,
     and ignores the bias flags on a layer without bias (so the flags need not know whether it has one)."""
-    native = thin_native.enabled
+    table = thin_bounds.bounds()
     flags = ADD_IN_PLACE if rows >= 8 else 0
-    if native and rank <= thin_native.MAX_RANK:
-        flags |= EXPAND_NATIVE
-        if rows >= thin_native.PROJECT_MIN_ROWS:
-            flags |= PROJECT_NATIVE
-    if native and rank <= thin_native.TRANSPOSED_MAX_RANK:
-        flags |= DH_NATIVE
-    if _transposed_grad_a_wins(rows, rank):
+    if thin_native.enabled:
+        for flag, kind in _NATIVE_FLAGS:
+            if table.wins(kind, rows, rank):
+                flags |= flag
+    if table.wins("grad_a_t", rows, rank):
         flags |= GRAD_A_TRANSPOSED
     if rank <= _FOLD_MAX_RANK and rows * out_features >= _FOLD_MIN_OUTPUT:
         flags |= FOLD_BIAS
@@ -209,7 +212,7 @@ class LowRankFunction(torch.autograd.Function):
             d_g2 = (d_b[:rank] if d_b.shape[0] > rank else d_b).view(g2.shape)  # a slice costs ~1.5 us at 1 row
             if ctx.ones_in_backward and need_bias:
                 d_bias = d_b[rank]
-        dx = dh @ a.t() if need_x else None
+        dx = thin_native.expand_transposed(dh, a) if need_x else None  # dh A^T
         if ctx.has_bias and need_bias and d_bias is None:
             d_bias = dy.sum(0)
         return dx, d_bias, None, d_g1, d_g2
