@@ -6,6 +6,7 @@
 //
 //   thin_project:  C[M, r] = X[M, K] A[K, r]         (x A; in the backward dy B^T, with A = B.t())
 //   thin_expand:   Y[M, N] = H[M, r] B[r, N] + bias  (h B + bias; in the backward dh A^T, with B = A^T, no bias)
+//   thin_reduce:   O[r, N] = H[M, r]^T D[M, N]        (the backward's dB = h^T dy; with H = [h, 1], also dbias)
 //
 // fp32 only; X and H row-major contiguous (the Python side checks and falls back to torch otherwise); A and B of any
 // strides, copied once into the layout the kernels read where they are not in it.
@@ -137,6 +138,42 @@ void expand_rows(const float* H, int64_t r, const float* B, int64_t N, const flo
   }
 }
 
+// ---- reduce: Out[j, c] = sum_i H[i, j] D[i, c] (dB = h^T dy) ------------------------------------------------------
+// A reduction over the rows, so the output is split by columns: each strip of 2 vectors of columns keeps JB ranks'
+// sums in registers while it walks down all rows of D (a constant stride the prefetchers follow), and every strip
+// is its own work item (no two threads write the same output). Ranks beyond JB take another pass over the strip,
+// which then comes from L2. With H = [h, 1] the last output row is the column sums of D: the bias gradient.
+#if defined(__AVX512F__)
+constexpr int kReduceJB = 12;  // 12 ranks x 2 vectors = 24 accumulators (+2 of D, +1 splat) of 32 registers
+#else
+constexpr int kReduceJB = 6;  // 6 x 2 = 12 (+3) of 16
+#endif
+
+template <int JB>
+inline void reduce_strip(const float* H, int64_t M, int64_t r, const float* D, int64_t N, int64_t c, float* Out) {
+  vf acc[JB][2];
+  for (int b = 0; b < JB; ++b) acc[b][0] = acc[b][1] = vf{};
+  for (int64_t i = 0; i < M; ++i) {
+    const vf d0 = load(D + i * N + c), d1 = load(D + i * N + c + VW);
+    for (int b = 0; b < JB; ++b) {
+      const vf hs = splat(H[i * r + b]);
+      acc[b][0] += hs * d0;
+      acc[b][1] += hs * d1;
+    }
+  }
+  for (int b = 0; b < JB; ++b) store(Out + b * N + c, acc[b][0]), store(Out + b * N + c + VW, acc[b][1]);
+}
+
+// the last N % (2 VW) columns, one at a time
+void reduce_tail(const float* H, int64_t M, int64_t r, const float* D, int64_t N, int64_t c0, float* Out) {
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t c = c0; c < N; ++c) {
+      float s = 0.f;
+      for (int64_t i = 0; i < M; ++i) s += H[i * r + j] * D[i * N + c];
+      Out[j * N + c] = s;
+    }
+}
+
 // a^T as a contiguous [cols, rows] matrix for a 2-D fp32 a of any strides. ATen's copy of a transposed view goes
 // element by element through its generic iterator: 10 us for a 1536 x 4 matrix on the EPYC VM (2026-12-02), more
 // than the kernel that reads it at a few rows. Rows of a are read in order and its few columns written as
@@ -210,4 +247,27 @@ at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b_in, const c10::o
     expand_rows(Hp, r, Bp, N, bias, Y, b0 * kExpandRB, std::min(M, b1 * kExpandRB));
   });
   return y;
+}
+
+at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d) {
+  check_fp32_matrix(h, "thin_reduce", "h");
+  check_fp32_matrix(d, "thin_reduce", "d");
+  const int64_t M = h.size(0), r = h.size(1), N = d.size(1);
+  TORCH_CHECK(d.size(0) == M, "thin_reduce: h has ", M, " rows, d has ", d.size(0));
+  at::Tensor out = at::empty({r, N}, h.options());
+  if (M == 0) return out.zero_();
+  if (r == 0 || N == 0) return out;
+  const float* Hp = h.data_ptr<float>();
+  const float* Dp = d.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t strips = N / (2 * VW);
+  at::parallel_for(0, strips, grain_for(strips, M * 2 * VW * r), [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t j = 0; j < r; j += kReduceJB)
+        with_block<kReduceJB>(std::min<int64_t>(kReduceJB, r - j), [&]<int JB>() {
+          reduce_strip<JB>(Hp + j, M, r, Dp, N, s * 2 * VW, O + j * N);
+        });
+  });
+  if (strips * 2 * VW < N) reduce_tail(Hp, M, r, Dp, N, strips * 2 * VW, O);
+  return out;
 }

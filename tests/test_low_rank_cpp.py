@@ -28,6 +28,7 @@ ALL_FLAGS = (
     torch_low_rank.DH_NATIVE,
     torch_low_rank.GRAD_A_TRANSPOSED,
     torch_low_rank.DX_NATIVE,
+    torch_low_rank.DB_NATIVE,
 )
 EVERY_COMBINATION = [sum(c) for n in range(len(ALL_FLAGS) + 1) for c in itertools.combinations(ALL_FLAGS, n)]
 

@@ -100,7 +100,7 @@ def test_swapping_the_table_forgets_remembered_routes():
 def test_layer_matches_float64_with_every_kernel_on_or_off(table, monkeypatch, everywhere, cpp, rows, rank, with_bias):
     table(_table(lambda r: 1 if everywhere else thin_bounds.NEVER))
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", cpp and torch_low_rank._HAS_CPP)
-    calls = {"thin_project": 0, "thin_expand": 0, "low_rank_linear": 0}
+    calls = {"thin_project": 0, "thin_expand": 0, "thin_reduce": 0, "low_rank_linear": 0}
     real = thin_native._ext
 
     class Counting:
@@ -137,10 +137,10 @@ def test_layer_matches_float64_with_every_kernel_on_or_off(table, monkeypatch, e
     assert_close_rel(y_inference, ref, tol, "inference forward")
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
         assert_close_rel(a, b, tol, f"gradient of input {k}")
-    python_kernel_calls = calls["thin_project"] + calls["thin_expand"]
+    python_kernel_calls = calls["thin_project"] + calls["thin_expand"] + calls["thin_reduce"]
     if not everywhere:
         assert python_kernel_calls == 0
     elif cpp and torch_low_rank._HAS_CPP:  # training in C++; here the inference forward's x A and h B + bias
         assert calls["low_rank_linear"] == 1 and python_kernel_calls == 1 + with_bias
-    else:  # x A twice, dy B^T, dh A^T, and h B + bias twice (without a bias, h B is one GEMM on torch)
-        assert calls["low_rank_linear"] == 0 and python_kernel_calls == 4 + 2 * with_bias
+    else:  # x A twice, dy B^T, dh A^T, h^T dy, and h B + bias twice (without a bias, h B is one GEMM on torch)
+        assert calls["low_rank_linear"] == 0 and python_kernel_calls == 5 + 2 * with_bias

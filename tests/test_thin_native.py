@@ -56,6 +56,29 @@ def test_thin_expand_matches_float64(rows, n, rank, with_bias):
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [0, 1, 5, 130])
+@pytest.mark.parametrize("n", [1, 31, 32, 100, 2100])
+@pytest.mark.parametrize("rank", [1, 5, 12, 13, 25])
+def test_thin_reduce_matches_float64(rows, n, rank):
+    # n off the 2-vector column strips (the scalar tail), ranks across the rank groups of 6 or 12
+    g = torch.Generator().manual_seed(rows * 1000 + n + rank)
+    h = torch.randn(rows, rank, generator=g)
+    d = torch.randn(rows, n, generator=g)
+    got = thin_native._ext.thin_reduce(h, d)
+    assert got.shape == (rank, n)
+    assert_close_rel(got, h.double().t() @ d.double(), tolerance(F32), f"thin_reduce {rows}x{n} r{rank}")
+    if rows == 0:
+        assert not got.any()
+
+
+@needs_native
+def test_thin_expand_reads_a_transposed_b():
+    g = torch.Generator().manual_seed(1)
+    h, a = torch.randn(9, 5, generator=g), torch.randn(70, 5, generator=g)  # dh A^T with A [in, r] as stored
+    assert_close_rel(thin_native._ext.thin_expand(h, a.t()), h.double() @ a.double().t(), tolerance(F32), "dh A^T")
+
+
+@needs_native
 def test_thin_kernels_reject_bad_operands_with_a_clear_error():
     x = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match="thin_project: x has 6 columns, a has 5 rows"):
@@ -64,6 +87,8 @@ def test_thin_kernels_reject_bad_operands_with_a_clear_error():
         thin_native._ext.thin_project(x.double(), torch.randn(6, 2))
     with pytest.raises(RuntimeError, match="thin_expand: bias must be a contiguous float32 CPU tensor of 3"):
         thin_native._ext.thin_expand(torch.randn(4, 2), torch.randn(2, 3), torch.randn(4))
+    with pytest.raises(RuntimeError, match="thin_reduce: h has 4 rows, d has 5"):
+        thin_native._ext.thin_reduce(torch.randn(4, 2), torch.randn(5, 3))
 
 
 def _count_native_calls(monkeypatch):

@@ -4,9 +4,11 @@ A low-rank layer's products are thin: one side has r columns, r = 4-40 at ratios
 such products differs by an order of magnitude between CPUs, so the bounds of thin_native cannot be constants:
 
 * Intel Xeon VM (2026-12-01, one thread): MKL runs x A near half the memory bandwidth; the native kernels won at
-  ranks <= 8 (x A from 128 rows; dy B^T up to rank 10) and lost from rank 12 up.
+  ranks <= 8 (x A from 128 rows; dy B^T up to rank 10) and lost from rank 12 up. (dh A^T and h^T dy on the
+  kernels came later and were not measured there: the fixed table keeps them on torch.)
 * AMD EPYC VM (2026-12-02, one thread): MKL takes a slow path on this CPU. x A, 1024 x 1536 at rank 4: 1341 us
-  against 176 native (7.6x); at rank 19 still 1.9x; h B at rank 19, 3072 outputs: 2187 against 1242 us.
+  against 176 native (7.6x); at rank 19 still 1.9x; h B at rank 19, 3072 outputs: 2187 against 1242 us; h^T dy
+  1.4-3.6x at 16-1024 rows, ranks 4-38.
 
 So the first thin decision on a CPU times each product both ways on a small ladder of ranks and row counts
 (one to three seconds) and keeps, per product and rank, the fewest rows from which the native kernel wins at that row
@@ -30,8 +32,9 @@ from ...plan.calibrate import _timeit, cache_dir, cpu_model, read_json, write_js
 #   project_t  dy B^T, B^T a free view of the contiguous B            against dy @ B.t()
 #   expand     h B + bias                                             against mm(h, B).add_(bias) (addmm at < 8 rows)
 #   expand_t   dh A^T, the backward's dx (the kernel copies A^T)      against dh @ A.t()
+#   reduce     h^T dy, the backward's dB (and with [h, 1] also dbias)  against h.t() @ dy
 #   grad_a_t   dA as (dh^T x)^T                                       against x^T dh (both torch)
-KINDS = ("project", "project_t", "expand", "expand_t", "grad_a_t")
+KINDS = ("project", "project_t", "expand", "expand_t", "reduce", "grad_a_t")
 MAX_RANK = 128  # no thin decision above this rank: every product there is a plain GEMM for the BLAS
 _RANKS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 _ROWS = (1, 16, 128, 512)
@@ -64,6 +67,7 @@ def fixed_bounds() -> ThinBounds:
             "project_t": table(lambda r: 1 if r <= 10 else NEVER),
             "expand": table(lambda r: 1 if r <= 8 else NEVER),
             "expand_t": table(lambda r: NEVER),
+            "reduce": table(lambda r: NEVER),
             "grad_a_t": table(lambda r: 64 if r <= 4 else max(128, 6 * r)),
         },
         "fixed",
@@ -91,6 +95,8 @@ def _operands(kind: str, rows: int, rank: int):
         return (lambda: ext.thin_expand(thin, b, bias)), (lambda: torch.addmm(bias, thin, b))
     if kind == "expand_t":
         return (lambda: ext.thin_expand(thin, a.t())), (lambda: thin @ a.t())
+    if kind == "reduce":
+        return (lambda: ext.thin_reduce(thin, wide)), (lambda: thin.t() @ wide)
     return (lambda: (thin.t() @ wide).t()), (lambda: wide.t() @ thin)
 
 

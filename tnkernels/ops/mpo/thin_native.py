@@ -10,10 +10,12 @@ measured once per CPU and thread count: the product, its row count and rank deci
 * dy B^T, the backward's dh (`project_t`): B^T is a free view of what the kernel reads.
 * h B + bias (`expand`): the bias written with the output instead of addmm's copy-then-GEMM.
 * dh A^T, the backward's dx (`expand_t`): one copy of A^T per call.
+* h^T dy, the backward's dB (`reduce`): a reduction over rows, split by output columns; with [h, 1] it gives
+  the bias gradient in the same pass over dy.
 
-dA and dB stay on torch (the kernels have no reduction over rows). The kernels are plain C++ calls, invisible to
-autograd and to torch.compile: the callers use them inside their own autograd.Function or under no_grad, and
-never while compiling (a graph break otherwise).
+dA stays on torch: its two layouts are chosen by the same table (`grad_a_t`, torch_low_rank). The kernels are
+plain C++ calls, invisible to autograd and to torch.compile: the callers use them inside their own
+autograd.Function or under no_grad, and never while compiling (a graph break otherwise).
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ def expand_with_bias(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> to
     ):
         return _ext.thin_expand(h, b, bias)
     return None
+
+
+def reduce(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """h.t() @ dy (the backward's dB; with h = [h, 1], dB and the bias gradient in one pass over dy)."""
+    if enabled and _usable(dy) and _usable(h) and thin_bounds.bounds().wins("reduce", *h.shape):
+        return _ext.thin_reduce(h, dy)
+    return h.t() @ dy
 
 
 def expand_transposed(dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

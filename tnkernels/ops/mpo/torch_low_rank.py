@@ -107,7 +107,14 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
 # one thread, against LowRankFunction (bench/low_rank_fn_ab.py has the command and the table). The choices the
 # Python Function makes per call (native kernels, bias fold, dA layout) are made here once per input shape, by
 # the same predicates, and passed to C++ as bit flags (the values below are csrc/low_rank.cpp's).
-PROJECT_NATIVE, EXPAND_NATIVE, FOLD_BIAS, ADD_IN_PLACE, DH_NATIVE, GRAD_A_TRANSPOSED, DX_NATIVE = 1, 2, 4, 8, 16, 32, 64
+PROJECT_NATIVE = 1  # x A on thin_project
+EXPAND_NATIVE = 2  # h B + bias on thin_expand
+FOLD_BIAS = 4  # the bias as one more row of B (see _fold_bias)
+ADD_IN_PLACE = 8  # mm(h, B).add_(bias) instead of addmm
+DH_NATIVE = 16  # dy B^T on thin_project
+GRAD_A_TRANSPOSED = 32  # dA as (dh^T x)^T
+DX_NATIVE = 64  # dh A^T on thin_expand
+DB_NATIVE = 128  # h^T dy on thin_reduce
 
 # each native kernel's flag and its row in thin_bounds' table
 _NATIVE_FLAGS = (
@@ -115,6 +122,7 @@ _NATIVE_FLAGS = (
     (EXPAND_NATIVE, "expand"),
     (DH_NATIVE, "project_t"),
     (DX_NATIVE, "expand_t"),
+    (DB_NATIVE, "reduce"),
 )
 
 _HAS_CPP = thin_native._HAS_THIN and hasattr(thin_native._ext, "low_rank_linear")
@@ -208,7 +216,7 @@ class LowRankFunction(torch.autograd.Function):
                 h = _first_gemm(x2d, a)
             if ctx.ones_in_backward and h.shape[1] == rank:
                 h = _with_ones(h)
-            d_b = h.t() @ dy  # [rank (+ 1), out]: with the ones column, its last row is the bias gradient
+            d_b = thin_native.reduce(h, dy)  # h^T dy, [rank (+ 1), out]: with the ones column, + the bias gradient
             d_g2 = (d_b[:rank] if d_b.shape[0] > rank else d_b).view(g2.shape)  # a slice costs ~1.5 us at 1 row
             if ctx.ones_in_backward and need_bias:
                 d_bias = d_b[rank]
