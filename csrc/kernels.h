@@ -18,7 +18,7 @@ at::Tensor mpo_chain_forward(const at::Tensor& x, const std::vector<at::Tensor>&
 // thin_gemm.cpp: the two GEMMs of a low-rank layer at small ranks (fp32).
 at::Tensor thin_project(const at::Tensor& x, const at::Tensor& a);
 at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b, const c10::optional<at::Tensor>& bias);
-at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d);
+at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d, bool transposed);
 
 // low_rank.cpp: the autograd Function of a low-rank layer (forward and backward in C++), choices passed as flags.
 at::Tensor low_rank_linear(const at::Tensor& x2d, const at::Tensor& g1, const at::Tensor& g2,

@@ -30,6 +30,7 @@ constexpr int64_t kDhNative = 16;       // the backward's dy B^T on thin_project
 constexpr int64_t kGradATransposed = 32;  // dA as (dh^T x)^T
 constexpr int64_t kDxNative = 64;         // the backward's dh A^T on thin_expand
 constexpr int64_t kDbNative = 128;        // the backward's h^T dy (with [h, 1]: and dbias) on thin_reduce
+constexpr int64_t kDaNative = 256;        // the backward's x^T dh on thin_reduce (before kGradATransposed)
 
 bool thin_ok(const Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(); }
 
@@ -93,11 +94,18 @@ struct LowRankFn : public torch::autograd::Function<LowRankFn> {
       const Tensor bt = b.t();
       dh = ((flags & kDhNative) && thin_ok(dy) && b.scalar_type() == at::kFloat) ? thin_project(dy, bt) : at::mm(dy, bt);
     }
-    if (need_g1) d_g1 = ((flags & kGradATransposed) ? at::mm(dh.t(), x2d).t() : at::mm(x2d.t(), dh)).view(g1.sizes());
+    if (need_g1) {
+      Tensor d_a;
+      if ((flags & kDaNative) && thin_ok(x2d) && thin_ok(dh))
+        d_a = thin_reduce(dh, x2d, /*transposed=*/true);
+      else
+        d_a = (flags & kGradATransposed) ? at::mm(dh.t(), x2d).t() : at::mm(x2d.t(), dh);
+      d_g1 = d_a.view(g1.sizes());
+    }
     if (need_g2) {
       if (!h.defined()) h = first_gemm(x2d, a, flags);  // the recompute option
       if (ones && h.size(1) == rank) h = with_ones(h);
-      const Tensor d_b = ((flags & kDbNative) && thin_ok(h) && thin_ok(dy)) ? thin_reduce(h, dy) : at::mm(h.t(), dy);  // [rank (+ 1), out]: with the ones column, its last row is dbias
+      const Tensor d_b = ((flags & kDbNative) && thin_ok(h) && thin_ok(dy)) ? thin_reduce(h, dy, false) : at::mm(h.t(), dy);  // [rank (+ 1), out]: with the ones column, its last row is dbias
       d_g2 = (d_b.size(0) > rank ? d_b.narrow(0, 0, rank) : d_b).view(g2.sizes());
       if (ones && need_bias) d_bias = d_b.select(0, rank);
     }

@@ -11,8 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("a"));
   m.def("thin_expand", &thin_expand, "Y[M, N] = h[M, r] @ b[r, N] + bias for a small r (fp32, contiguous)",
         pybind11::arg("h"), pybind11::arg("b"), pybind11::arg("bias") = pybind11::none());
-  m.def("thin_reduce", &thin_reduce, "Out[r, N] = h[M, r]^T @ d[M, N] for a small r (fp32, contiguous)",
-        pybind11::arg("h"), pybind11::arg("d"));
+  m.def("thin_reduce", &thin_reduce,
+        "Out[r, N] = h[M, r]^T @ d[M, N] for a small r (fp32, contiguous); transposed: Out^T, [N, r], contiguous",
+        pybind11::arg("h"), pybind11::arg("d"), pybind11::arg("transposed") = false);
   m.def("low_rank_linear", &low_rank_linear,
         "y = (x A) B + bias for low-rank cores (1, in, 1, r), (r, 1, out, 1), with its backward in C++; flags: "
         "tnkernels.ops.mpo.torch_low_rank.plan_flags",

@@ -6,7 +6,8 @@
 //
 //   thin_project:  C[M, r] = X[M, K] A[K, r]         (x A; in the backward dy B^T, with A = B.t())
 //   thin_expand:   Y[M, N] = H[M, r] B[r, N] + bias  (h B + bias; in the backward dh A^T, with B = A^T, no bias)
-//   thin_reduce:   O[r, N] = H[M, r]^T D[M, N]        (the backward's dB = h^T dy; with H = [h, 1], also dbias)
+//   thin_reduce:   O[r, N] = H[M, r]^T D[M, N]        (the backward's dB = h^T dy; with H = [h, 1], also dbias;
+//                  or O^T, [N, r]: dA = x^T dh with H = dh, D = x)
 //
 // fp32 only; X and H row-major contiguous (the Python side checks and falls back to torch otherwise); A and B of any
 // strides, copied once into the layout the kernels read where they are not in it.
@@ -149,8 +150,11 @@ constexpr int kReduceJB = 12;  // 12 ranks x 2 vectors = 24 accumulators (+2 of 
 constexpr int kReduceJB = 6;  // 6 x 2 = 12 (+3) of 16
 #endif
 
+// Out is [r, N] (ld = N), or [N, r] when `transposed` (the backward's dA = x^T dh in the parameter's layout): the
+// transposed stores happen once per strip, not per row.
 template <int JB>
-inline void reduce_strip(const float* H, int64_t M, int64_t r, const float* D, int64_t N, int64_t c, float* Out) {
+inline void reduce_strip(const float* H, int64_t M, int64_t r, const float* D, int64_t N, int64_t c, float* Out,
+                         bool transposed) {
   vf acc[JB][2];
   for (int b = 0; b < JB; ++b) acc[b][0] = acc[b][1] = vf{};
   for (int64_t i = 0; i < M; ++i) {
@@ -161,16 +165,25 @@ inline void reduce_strip(const float* H, int64_t M, int64_t r, const float* D, i
       acc[b][1] += hs * d1;
     }
   }
-  for (int b = 0; b < JB; ++b) store(Out + b * N + c, acc[b][0]), store(Out + b * N + c + VW, acc[b][1]);
+  if (!transposed) {
+    for (int b = 0; b < JB; ++b) store(Out + b * N + c, acc[b][0]), store(Out + b * N + c + VW, acc[b][1]);
+    return;
+  }
+  for (int b = 0; b < JB; ++b)
+    for (int lane = 0; lane < VW; ++lane) {
+      Out[(c + lane) * r + b] = acc[b][0][lane];
+      Out[(c + VW + lane) * r + b] = acc[b][1][lane];
+    }
 }
 
 // the last N % (2 VW) columns, one at a time
-void reduce_tail(const float* H, int64_t M, int64_t r, const float* D, int64_t N, int64_t c0, float* Out) {
+void reduce_tail(const float* H, int64_t M, int64_t r, const float* D, int64_t N, int64_t c0, float* Out,
+                 bool transposed) {
   for (int64_t j = 0; j < r; ++j)
     for (int64_t c = c0; c < N; ++c) {
       float s = 0.f;
       for (int64_t i = 0; i < M; ++i) s += H[i * r + j] * D[i * N + c];
-      Out[j * N + c] = s;
+      Out[transposed ? c * r + j : j * N + c] = s;
     }
 }
 
@@ -249,12 +262,12 @@ at::Tensor thin_expand(const at::Tensor& h, const at::Tensor& b_in, const c10::o
   return y;
 }
 
-at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d) {
+at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d, bool transposed) {
   check_fp32_matrix(h, "thin_reduce", "h");
   check_fp32_matrix(d, "thin_reduce", "d");
   const int64_t M = h.size(0), r = h.size(1), N = d.size(1);
   TORCH_CHECK(d.size(0) == M, "thin_reduce: h has ", M, " rows, d has ", d.size(0));
-  at::Tensor out = at::empty({r, N}, h.options());
+  at::Tensor out = transposed ? at::empty({N, r}, h.options()) : at::empty({r, N}, h.options());
   if (M == 0) return out.zero_();
   if (r == 0 || N == 0) return out;
   const float* Hp = h.data_ptr<float>();
@@ -265,9 +278,10 @@ at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d) {
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t j = 0; j < r; j += kReduceJB)
         with_block<kReduceJB>(std::min<int64_t>(kReduceJB, r - j), [&]<int JB>() {
-          reduce_strip<JB>(Hp + j, M, r, Dp, N, s * 2 * VW, O + j * N);
+          // a rank group's output starts at row j, or at column j of the transposed output (row stride r)
+          reduce_strip<JB>(Hp + j, M, r, Dp, N, s * 2 * VW, O + (transposed ? j : j * N), transposed);
         });
   });
-  if (strips * 2 * VW < N) reduce_tail(Hp, M, r, Dp, N, strips * 2 * VW, O);
+  if (strips * 2 * VW < N) reduce_tail(Hp, M, r, Dp, N, strips * 2 * VW, O, transposed);
   return out;
 }

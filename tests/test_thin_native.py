@@ -64,11 +64,14 @@ def test_thin_reduce_matches_float64(rows, n, rank):
     g = torch.Generator().manual_seed(rows * 1000 + n + rank)
     h = torch.randn(rows, rank, generator=g)
     d = torch.randn(rows, n, generator=g)
+    want = h.double().t() @ d.double()
     got = thin_native._ext.thin_reduce(h, d)
-    assert got.shape == (rank, n)
-    assert_close_rel(got, h.double().t() @ d.double(), tolerance(F32), f"thin_reduce {rows}x{n} r{rank}")
+    got_t = thin_native._ext.thin_reduce(h, d, True)  # [n, rank]: dA = x^T dh in the parameter's layout
+    assert got.shape == (rank, n) and got_t.shape == (n, rank) and got_t.is_contiguous()
+    assert_close_rel(got, want, tolerance(F32), f"thin_reduce {rows}x{n} r{rank}")
+    assert_close_rel(got_t, want.t(), tolerance(F32), f"thin_reduce transposed {rows}x{n} r{rank}")
     if rows == 0:
-        assert not got.any()
+        assert not got.any() and not got_t.any()
 
 
 @needs_native

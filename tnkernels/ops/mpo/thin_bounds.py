@@ -8,7 +8,7 @@ such products differs by an order of magnitude between CPUs, so the bounds of th
   kernels came later and were not measured there: the fixed table keeps them on torch.)
 * AMD EPYC VM (2026-12-02, one thread): MKL takes a slow path on this CPU. x A, 1024 x 1536 at rank 4: 1341 us
   against 176 native (7.6x); at rank 19 still 1.9x; h B at rank 19, 3072 outputs: 2187 against 1242 us; h^T dy
-  1.4-3.6x at 16-1024 rows, ranks 4-38.
+  1.4-3.6x at 16-1024 rows, ranks 4-38; x^T dh 1.7-3.9x over torch's faster layout from 64 rows, ranks 4-76.
 
 So the first thin decision on a CPU times each product both ways on a small ladder of ranks and row counts
 (one to three seconds) and keeps, per product and rank, the fewest rows from which the native kernel wins at that row
@@ -33,8 +33,9 @@ from ...plan.calibrate import _timeit, cache_dir, cpu_model, read_json, write_js
 #   expand     h B + bias                                             against mm(h, B).add_(bias) (addmm at < 8 rows)
 #   expand_t   dh A^T, the backward's dx (the kernel copies A^T)      against dh @ A.t()
 #   reduce     h^T dy, the backward's dB (and with [h, 1] also dbias)  against h.t() @ dy
+#   grad_a     dA = x^T dh on thin_reduce, in the parameter's layout  against the faster torch layout below
 #   grad_a_t   dA as (dh^T x)^T                                       against x^T dh (both torch)
-KINDS = ("project", "project_t", "expand", "expand_t", "reduce", "grad_a_t")
+KINDS = ("project", "project_t", "expand", "expand_t", "reduce", "grad_a", "grad_a_t")
 MAX_RANK = 128  # no thin decision above this rank: every product there is a plain GEMM for the BLAS
 _RANKS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 _ROWS = (1, 16, 128, 512)
@@ -68,6 +69,7 @@ def fixed_bounds() -> ThinBounds:
             "expand": table(lambda r: 1 if r <= 8 else NEVER),
             "expand_t": table(lambda r: NEVER),
             "reduce": table(lambda r: NEVER),
+            "grad_a": table(lambda r: NEVER),
             "grad_a_t": table(lambda r: 64 if r <= 4 else max(128, 6 * r)),
         },
         "fixed",
@@ -75,7 +77,7 @@ def fixed_bounds() -> ThinBounds:
 
 
 def _operands(kind: str, rows: int, rank: int):
-    """(native call, torch call) for one product at one shape."""
+    """(native call, torch call) for one product at one shape; for grad_a, torch's two layouts."""
     from . import thin_native
 
     ext = thin_native._ext
@@ -97,16 +99,20 @@ def _operands(kind: str, rows: int, rank: int):
         return (lambda: ext.thin_expand(thin, a.t())), (lambda: thin @ a.t())
     if kind == "reduce":
         return (lambda: ext.thin_reduce(thin, wide)), (lambda: thin.t() @ wide)
+    if kind == "grad_a":  # the torch layouts as they reach the parameter: the transposed one is copied
+        native = lambda: ext.thin_reduce(thin, wide, True)  # noqa: E731
+        return native, (lambda: wide.t() @ thin), (lambda: (thin.t() @ wide).t().contiguous())
     return (lambda: (thin.t() @ wide).t()), (lambda: wide.t() @ thin)
 
 
 def _native_wins(kind: str, rows: int, rank: int, rounds: int = 2) -> bool:
-    native, reference = _operands(kind, rows, rank)
+    native, *references = _operands(kind, rows, rank)
     t_native = t_reference = float("inf")
     cpu = torch.device("cpu")
     for _ in range(rounds):  # interleaved: a burst of load spoils one round of both, not one side
         t_native = min(t_native, _timeit(native, cpu, budget_s=0.002, min_calls=3, max_calls=30))
-        t_reference = min(t_reference, _timeit(reference, cpu, budget_s=0.002, min_calls=3, max_calls=30))
+        for reference in references:
+            t_reference = min(t_reference, _timeit(reference, cpu, budget_s=0.002, min_calls=3, max_calls=30))
     return t_native < _MARGIN * t_reference
 
 

@@ -13,8 +13,10 @@ measured once per CPU and thread count: the product, its row count and rank deci
 * h^T dy, the backward's dB (`reduce`): a reduction over rows, split by output columns; with [h, 1] it gives
   the bias gradient in the same pass over dy.
 
-dA stays on torch: its two layouts are chosen by the same table (`grad_a_t`, torch_low_rank). The kernels are
-plain C++ calls, invisible to autograd and to torch.compile: the callers use them inside their own
+* x^T dh, the backward's dA (`grad_a`): the same reduction with H = dh and D = x, written in the parameter's
+  layout; where torch runs it instead, the table also picks its layout (`grad_a_t`, torch_low_rank).
+
+The kernels are plain C++ calls, invisible to autograd and to torch.compile: the callers use them inside their own
 autograd.Function or under no_grad, and never while compiling (a graph break otherwise).
 """
 
@@ -72,6 +74,14 @@ def reduce(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     if enabled and _usable(dy) and _usable(h) and thin_bounds.bounds().wins("reduce", *h.shape):
         return _ext.thin_reduce(h, dy)
     return h.t() @ dy
+
+
+def grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor | None:
+    """x2d.t() @ dh, [in, r] contiguous (the backward's dA in the parameter's layout), or None where torch should
+    run it (torch_low_rank then picks its layout)."""
+    if enabled and _usable(x2d) and _usable(dh) and thin_bounds.bounds().wins("grad_a", *dh.shape):
+        return _ext.thin_reduce(dh, x2d, True)
+    return None
 
 
 def expand_transposed(dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

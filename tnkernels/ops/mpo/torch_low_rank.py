@@ -53,6 +53,9 @@ def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     rows, rank = dh.shape
+    native = thin_native.grad_a(x2d, dh)  # x^T dh on thin_reduce, where it beats both layouts below
+    if native is not None:
+        return native
     if dh.device.type == "cpu" and _transposed_grad_a_wins(rows, rank):
         return (dh.t() @ x2d).t()
     return x2d.t() @ dh
@@ -115,6 +118,7 @@ DH_NATIVE = 16  # dy B^T on thin_project
 GRAD_A_TRANSPOSED = 32  # dA as (dh^T x)^T
 DX_NATIVE = 64  # dh A^T on thin_expand
 DB_NATIVE = 128  # h^T dy on thin_reduce
+DA_NATIVE = 256  # x^T dh on thin_reduce (before GRAD_A_TRANSPOSED)
 
 # each native kernel's flag and its row in thin_bounds' table
 _NATIVE_FLAGS = (
@@ -123,6 +127,7 @@ _NATIVE_FLAGS = (
     (DH_NATIVE, "project_t"),
     (DX_NATIVE, "expand_t"),
     (DB_NATIVE, "reduce"),
+    (DA_NATIVE, "grad_a"),
 )
 
 _HAS_CPP = thin_native._HAS_THIN and hasattr(thin_native._ext, "low_rank_linear")
