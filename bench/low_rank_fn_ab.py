@@ -1,12 +1,13 @@
-"""A/B of the low-rank layer's autograd Function: C++ (csrc/low_rank.cpp) against Python (LowRankFunction).
+"""A/B of the low-rank layer's C++ side (csrc/low_rank.cpp) against its Python side (torch_low_rank.py).
 
     python bench/low_rank_fn_ab.py [--threads 1] [--rows 1 64 1024] [--out bench/results/low_rank_fn_ab.md]
 
-A training step of MPOLinear (low-rank structure from `from_linear(ratio=R)`: forward, then backward with a dense
-upstream gradient, every parameter and the input needing gradients) with the C++ Function switched off and on,
-interleaved (torch_low_rank.cpp_enabled), on the grid's linear shapes. Both run the same products on the same
-kernels (torch_low_rank.plan_flags), so the difference is the cost of the autograd node and of issuing the
-backward's tensor calls from Python. Times are the fastest of several batches.
+MPOLinear (low-rank structure from `from_linear(ratio=R)`) on the grid's linear shapes, with
+torch_low_rank.cpp_enabled off and on, interleaved: a training step (forward, then backward with a dense upstream
+gradient, every parameter and the input needing gradients: the C++ autograd Function against LowRankFunction) and
+an inference forward under no_grad (one C++ call against the Python products). Both sides run the same products
+on the same kernels (torch_low_rank.plan_flags), so the difference is the cost of the autograd node and of
+issuing the tensor calls from Python. Times are the fastest of several batches.
 """
 
 from __future__ import annotations
@@ -65,7 +66,13 @@ def _steps(ratios, row_counts):
                     x.grad = None
                     layer(x).backward(gy)
 
-                yield f"{name}, ratio {ratio} (rank {layer.bonds[0]})", rows, step
+                def forward(layer=layer, x=x):
+                    with torch.no_grad():
+                        layer(x)
+
+                label = f"{name}, ratio {ratio} (rank {layer.bonds[0]})"
+                yield label, rows, "forward+backward", step
+                yield label, rows, "forward (no_grad)", forward
 
 
 def main() -> None:
@@ -80,20 +87,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
     lines = [
-        f"# Low-rank autograd Function, Python against C++, {now}",
+        f"# Low-rank layer, Python against C++, {now}",
         "",
         f"{_cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f}. Microseconds per training step (forward + backward), fastest "
-        "batch, Python and C++ interleaved.",
+        f"load average {os.getloadavg()[0]:.2f}. Microseconds per call, fastest batch, Python and C++ "
+        "interleaved.",
         "",
-        "| layer | rows | Python µs | C++ µs | Python / C++ |",
-        "|---|---|---|---|---|",
+        "| layer | rows | pass | Python µs | C++ µs | Python / C++ |",
+        "|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     ratios = [int(r) if r == int(r) else r for r in args.ratios]
-    for label, rows, fn in _steps(ratios, args.rows):
+    for label, rows, what, fn in _steps(ratios, args.rows):
         python, cpp = _ab(fn)
-        line = f"| {label} | {rows} | {python:.1f} | {cpp:.1f} | {python / cpp:.2f}x |"
+        line = f"| {label} | {rows} | {what} | {python:.1f} | {cpp:.1f} | {python / cpp:.2f}x |"
         lines.append(line)
         print(line, flush=True)
     if args.out:

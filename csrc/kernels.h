@@ -23,3 +23,6 @@ at::Tensor thin_reduce(const at::Tensor& h, const at::Tensor& d, bool transposed
 // low_rank.cpp: the autograd Function of a low-rank layer (forward and backward in C++), choices passed as flags.
 at::Tensor low_rank_linear(const at::Tensor& x2d, const at::Tensor& g1, const at::Tensor& g2,
                            const c10::optional<at::Tensor>& bias, bool save_h, int64_t flags);
+// The same forward without autograd (inference), on the factors A [in, r] and B [r, out] themselves.
+at::Tensor low_rank_forward(const at::Tensor& x2d, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& bias, int64_t flags);

@@ -47,26 +47,27 @@ Tensor first_gemm(const Tensor& x2d, const Tensor& a, int64_t flags) {
   return at::mm(x2d, a);
 }
 
+// y = (x A) B + bias, and the left operand of the second GEMM: h, or [h, 1] where the bias rode in that GEMM.
+std::pair<Tensor, Tensor> forward_products(const Tensor& x2d, const Tensor& a, const Tensor& b, const Tensor& bias,
+                                           bool has_bias, int64_t flags) {
+  Tensor h = first_gemm(x2d, a, flags);
+  if (!has_bias) return {at::mm(h, b), h};
+  if ((flags & kExpandNative) && thin_ok(h) && thin_ok(b) && thin_ok(bias)) return {thin_expand(h, b, bias), h};
+  if (flags & kFoldBias) {
+    h = with_ones(h);
+    return {at::mm(h, at::cat({b, bias.unsqueeze(0)}, 0)), h};
+  }
+  if (flags & kAddInPlace) return {at::mm(h, b).add_(bias), h};
+  return {at::addmm(bias, h, b), h};
+}
+
 struct LowRankFn : public torch::autograd::Function<LowRankFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x2d, const Tensor& g1, const Tensor& g2,
                         const Tensor& bias, bool has_bias, bool save_h, int64_t flags) {
     const Tensor a = g1.view({g1.size(1), g1.size(3)});
     const Tensor b = g2.view({g2.size(0), g2.size(2)});
-    Tensor h = first_gemm(x2d, a, flags);
     const bool ones_in_backward = has_bias && (flags & kFoldBias);
-    Tensor y;
-    if (!has_bias) {
-      y = at::mm(h, b);
-    } else if ((flags & kExpandNative) && thin_ok(h) && thin_ok(b) && thin_ok(bias)) {
-      y = thin_expand(h, b, bias);
-    } else if (flags & kFoldBias) {
-      h = with_ones(h);
-      y = at::mm(h, at::cat({b, bias.unsqueeze(0)}, 0));
-    } else if (flags & kAddInPlace) {
-      y = at::mm(h, b).add_(bias);
-    } else {
-      y = at::addmm(bias, h, b);
-    }
+    auto [y, h] = forward_products(x2d, a, b, bias, has_bias, flags);
     ctx->saved_data["flags"] = flags;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["ones"] = ones_in_backward;
@@ -127,4 +128,12 @@ at::Tensor low_rank_linear(const at::Tensor& x2d, const at::Tensor& g1, const at
   // autograd's bookkeeping reads the device of every tensor argument, so a missing bias travels as an empty one
   const bool has_bias = bias.has_value() && bias->defined();
   return LowRankFn::apply(x2d, g1, g2, has_bias ? *bias : at::empty({0}, x2d.options()), has_bias, save_h, flags);
+}
+
+at::Tensor low_rank_forward(const at::Tensor& x2d, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& bias, int64_t flags) {
+  TORCH_CHECK(x2d.dim() == 2 && a.dim() == 2 && b.dim() == 2 && x2d.size(1) == a.size(0) && a.size(1) == b.size(0),
+              "low_rank_forward: expects x [rows, in], A [in, r] and B [r, out]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  return forward_products(x2d, a, b, has_bias ? *bias : at::Tensor(), has_bias, flags).first;
 }

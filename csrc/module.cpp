@@ -19,4 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tnkernels.ops.mpo.torch_low_rank.plan_flags",
         pybind11::arg("x2d"), pybind11::arg("g1"), pybind11::arg("g2"), pybind11::arg("bias"), pybind11::arg("save_h"),
         pybind11::arg("flags"));
+  m.def("low_rank_forward", &low_rank_forward,
+        "y = (x A) B + bias without autograd (inference); the same flags as low_rank_linear", pybind11::arg("x2d"),
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("bias"), pybind11::arg("flags"));
 }

@@ -181,8 +181,8 @@ def test_training_calls_route_to_the_cpp_function_where_it_applies(monkeypatch):
     assert len(calls) == 1
     torch.testing.assert_close(y, y2)
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", True)
-    assert torch_low_rank.train_flags(x, [leaves[0], leaves[1]]) is not None
-    assert torch_low_rank.train_flags(x, [leaves[0].transpose(1, 3).contiguous().transpose(1, 3), leaves[1]]) is None
+    assert torch_low_rank.cpp_flags(x, [leaves[0], leaves[1]]) is not None
+    assert torch_low_rank.cpp_flags(x, [leaves[0].transpose(1, 3).contiguous().transpose(1, 3), leaves[1]]) is None
 
 
 def test_the_switch_takes_effect_on_remembered_routes(monkeypatch):
@@ -206,3 +206,57 @@ def test_the_switch_takes_effect_on_remembered_routes(monkeypatch):
     layer(x)
     assert len(calls) == 1
     torch.testing.assert_close(y_python, y_cpp)
+
+
+@pytest.mark.parametrize("flags", EVERY_COMBINATION[::7] + [sum(ALL_FLAGS)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_forward_matches_float64(flags, with_bias, dtype):
+    # low_rank_forward: the C++ Function's forward without autograd, on the factors themselves
+    x, cores, bias, _ = _leaves(13, 37, 4, 40, with_bias, dtype, seed=flags)
+    a, b = torch_low_rank.factors(cores)
+    y = torch_low_rank.thin_native._ext.low_rank_forward(x, a, b, bias, flags)
+    assert_close_rel(y, mpo_linear_reference(x.double(), [c.double() for c in cores], bias), tolerance(dtype), "y")
+
+
+def test_inference_forward_rejects_mismatched_factors():
+    with pytest.raises(RuntimeError, match="low_rank_forward: expects x"):
+        ext = torch_low_rank.thin_native._ext
+        ext.low_rank_forward(torch.randn(2, 5), torch.randn(4, 3), torch.randn(3, 6), None, 0)
+
+
+def test_layer_inference_runs_one_cpp_call_per_remembered_call(monkeypatch):
+    from torch import nn
+
+    from tnkernels import MPOLinear
+
+    calls = []
+    real = torch_low_rank.thin_native._ext
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name != "low_rank_forward":
+                return fn
+
+            def wrapped(*args):
+                calls.append(args[-1])
+                return fn(*args)
+
+            return wrapped
+
+    monkeypatch.setattr(torch_low_rank.thin_native, "_ext", Counting())
+    lin = nn.Linear(30, 40)
+    layer = MPOLinear.from_linear(lin, ratio=8)
+    x = torch.randn(3, 30)
+    with torch.no_grad():
+        first = layer(x)  # the full path (Python products), which the memo then remembers
+        assert calls == []
+        again = layer(x)  # the remembered route: one C++ call
+        assert len(calls) == 1
+        monkeypatch.setattr(torch_low_rank, "cpp_enabled", False)
+        off = layer(x)
+        assert len(calls) == 1
+    ref = mpo_linear_reference(x.double(), [c.double() for c in layer.cores], layer.bias.double())
+    for y in (first, again, off):
+        assert_close_rel(y, ref, tolerance(torch.float32), "inference")

@@ -127,7 +127,7 @@ def run_low_rank_route(x: torch.Tensor, route: tuple, cores, bias: torch.Tensor 
     """The call `route` (from low_rank_route) stands for, on x of the shape it was made for."""
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if route[0] == "views":
-        y = low_rank_apply(x2d, route[1], route[2], bias)
+        y = low_rank_apply(x2d, route[1], route[2], bias, route[3])
     else:
         y = low_rank_train(x2d, cores, bias, route[1], route[2])
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])

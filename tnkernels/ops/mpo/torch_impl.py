@@ -290,7 +290,7 @@ def _no_grad_route(dec, low_rank: bool) -> str:
 
 def low_rank_route(x2d: torch.Tensor, cores: list[torch.Tensor], needs_grad: bool) -> tuple | None:
     """What an mpo_linear_torch call on x2d runs when it takes the low-rank route, for a caller that repeats such
-    calls without re-deriving the route (MPOLinear's memo): ("views", A, B), the cores' views for
+    calls without re-deriving the route (MPOLinear's memo): ("views", A, B, flags), the cores' views for
     torch_low_rank.low_rank_apply, without autograd; ("function", save_h, flags), the arguments of
     torch_low_rank.low_rank_train, with it. None when the call takes another route."""
     rows = x2d.shape[0]
@@ -301,10 +301,10 @@ def low_rank_route(x2d: torch.Tensor, cores: list[torch.Tensor], needs_grad: boo
     if not torch_low_rank.applies(shapes, dec):
         return None
     if needs_grad:
-        return "function", dec.save_states, torch_low_rank.train_flags(x2d, cores)
+        return "function", dec.save_states, torch_low_rank.cpp_flags(x2d, cores)
     if _no_grad_route(dec, True) != "low-rank":
         return None
-    return ("views", *torch_low_rank.factors(cores))
+    return ("views", *torch_low_rank.factors(cores), torch_low_rank.cpp_flags(x2d, cores))
 
 
 def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
@@ -337,7 +337,7 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
             if bias is not None:
                 y = y.add_(bias)  # y is this call's fresh result: adding in place saves an output-sized tensor
     elif low_rank:
-        flags = torch_low_rank.train_flags(x2d, cores)
+        flags = torch_low_rank.cpp_flags(x2d, cores)
         y = torch_low_rank.low_rank_train(x2d, cores, bias, dec.save_states, flags)
     else:
         y = MPOChainFunction.apply(x2d, bias, dec, *cores)

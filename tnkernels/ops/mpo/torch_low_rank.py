@@ -151,10 +151,10 @@ def plan_flags(rows: int, rank: int, out_features: int) -> int:
     return flags
 
 
-def train_flags(x2d: torch.Tensor, cores) -> int | None:
-    """plan_flags for a training call on x2d, or None where it runs on LowRankFunction: the extension is not
-    built, the input is not on the CPU (the only device the C++ Function was measured on), torch.compile is
-    tracing (a C++ autograd Function is opaque to it: a graph break), or a core is not contiguous."""
+def cpp_flags(x2d: torch.Tensor, cores) -> int | None:
+    """plan_flags for a call on x2d, or None where it runs on the Python side (LowRankFunction, low_rank_apply):
+    the extension is not built, the input is not on the CPU (the only device the C++ side was measured on),
+    torch.compile is tracing (C++ calls are opaque to it: a graph break), or a core is not contiguous."""
     if not (_HAS_CPP and x2d.device.type == "cpu" and not torch.compiler.is_compiling()):
         return None
     g1, g2 = cores
@@ -164,8 +164,8 @@ def train_flags(x2d: torch.Tensor, cores) -> int | None:
 
 
 def low_rank_train(x2d: torch.Tensor, cores, bias: torch.Tensor | None, save_h: bool, flags: int | None):
-    """y = (x A) B + bias under autograd: on the C++ Function when `flags` (from train_flags) is not None, else
-    on LowRankFunction. Both run the same products. The switch cpp_enabled is read here, not in train_flags, so
+    """y = (x A) B + bias under autograd: on the C++ Function when `flags` (from cpp_flags) is not None, else
+    on LowRankFunction. Both run the same products. The switch cpp_enabled is read here, not in cpp_flags, so
     that it also takes effect on routes remembered before it was flipped."""
     if flags is None or not cpp_enabled:
         return LowRankFunction.apply(x2d, bias, save_h, *cores)
@@ -178,8 +178,14 @@ def low_rank_forward(x2d: torch.Tensor, cores, bias: torch.Tensor | None) -> tor
     return low_rank_apply(x2d, a, b, bias)
 
 
-def low_rank_apply(x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Inference on the factors themselves (see factors): y = (x A) B + bias."""
+def low_rank_apply(
+    x2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, flags: int | None = None
+) -> torch.Tensor:
+    """Inference on the factors themselves (see factors): y = (x A) B + bias; in one C++ call when `flags` (from
+    cpp_flags) is not None. At one row that saves the Python between the products: 512 -> 1000 at rank 5, one
+    thread, EPYC VM: 6.3 -> 4.0 us."""
+    if flags is not None and cpp_enabled:
+        return thin_native._ext.low_rank_forward(x2d, a, b, bias, flags)
     return _second_gemm(_first_gemm(x2d, a), b, bias)[0]
 
 
