@@ -163,10 +163,12 @@ class MPOLinear(MemoizedCalls, nn.Module):
 
     # ------------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ParameterList's own iterator converts every index to a string key (~3 us for two cores at one row, when
-        # the whole call takes ~10); its _parameters dict holds the same tensors in index order.
-        cores = tuple(self.cores._parameters.values())
-        bias = self.bias
+        # At one row the whole call takes ~10 us, so the attribute lookups count: ParameterList's own iterator
+        # converts every index to a string key (~3 us for two cores), and nn.Module.__getattr__ (self.cores,
+        # self.bias) costs ~0.4 us a name. The dicts behind them hold the same objects (a bias assigned later as
+        # a Parameter lands in _parameters too; bias=False leaves no entry).
+        cores = tuple(self._modules["cores"]._parameters.values())
+        bias = self._parameters.get("bias")
         memo = None if torch.compiler.is_compiling() else self._memo_for_calls
         if memo is not None:  # the memo may already know how this call runs (call_memo.py)
             needs_grad = torch.is_grad_enabled() and (
