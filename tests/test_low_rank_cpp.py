@@ -120,7 +120,7 @@ def test_same_numbers_as_the_python_function(rows, rank, n_out, with_bias):
     # plan_flags reproduces LowRankFunction's choices, so both run the same products: equal up to the BLAS's
     # threading (and the native kernels' own order of summation, the same in both)
     x, cores, bias, dy = _leaves(rows, 24, rank, n_out, with_bias, torch.float32, seed=rows + rank)
-    flags = torch_low_rank.plan_flags(rows, rank, n_out)
+    flags = torch_low_rank.plan_flags(rows, 24, rank, n_out)
     runs = []
     for use_cpp in (True, False):
         leaves = [t.clone().requires_grad_() for t in (x, *cores) + ((bias,) if with_bias else ())]
@@ -134,16 +134,16 @@ def test_same_numbers_as_the_python_function(rows, rank, n_out, with_bias):
 def test_plan_flags_follow_the_python_functions_predicates():
     # on the fixed table of thin kernel bounds (tests/conftest.py; test_thin_bounds.py swaps in others)
     f = torch_low_rank
-    assert f.plan_flags(1, 4, 100) == f.EXPAND_NATIVE | f.DH_NATIVE  # one row: addmm, x A on the BLAS
-    assert f.plan_flags(128, 4, 100) & f.PROJECT_NATIVE  # x A native from 128 rows at rank <= 8
-    assert not f.plan_flags(128, 9, 100) & (f.PROJECT_NATIVE | f.EXPAND_NATIVE)
-    assert f.plan_flags(128, 10, 100) & f.DH_NATIVE and not f.plan_flags(128, 11, 100) & f.DH_NATIVE
-    assert f.plan_flags(1024, 19, 3072) & f.FOLD_BIAS and not f.plan_flags(1024, 65, 3072) & f.FOLD_BIAS
-    assert not f.plan_flags(8, 4, 1000) & f.FOLD_BIAS  # 8000 outputs: below the fold's bound
-    assert f.plan_flags(8, 20, 100) & f.ADD_IN_PLACE and not f.plan_flags(7, 20, 100) & f.ADD_IN_PLACE
+    assert f.plan_flags(1, 50, 4, 100) == f.EXPAND_NATIVE | f.DH_NATIVE  # one row: addmm, x A on the BLAS
+    assert f.plan_flags(128, 50, 4, 100) & f.PROJECT_NATIVE  # x A native from 128 rows at rank <= 8
+    assert not f.plan_flags(128, 50, 9, 100) & (f.PROJECT_NATIVE | f.EXPAND_NATIVE)
+    assert f.plan_flags(128, 50, 10, 100) & f.DH_NATIVE and not f.plan_flags(128, 50, 11, 100) & f.DH_NATIVE
+    assert f.plan_flags(1024, 50, 19, 3072) & f.FOLD_BIAS and not f.plan_flags(1024, 50, 65, 3072) & f.FOLD_BIAS
+    assert not f.plan_flags(8, 50, 4, 1000) & f.FOLD_BIAS  # 8000 outputs: below the fold's bound
+    assert f.plan_flags(8, 50, 20, 100) & f.ADD_IN_PLACE and not f.plan_flags(7, 50, 20, 100) & f.ADD_IN_PLACE
     for rows, rank in ((16, 4), (64, 4), (64, 8), (128, 19), (128, 21), (1024, 153)):
-        transposed = bool(f.plan_flags(rows, rank, 100) & f.GRAD_A_TRANSPOSED)
-        assert transposed == f._transposed_grad_a_wins(rows, rank), (rows, rank)
+        transposed = bool(f.plan_flags(rows, 50, rank, 100) & f.GRAD_A_TRANSPOSED)
+        assert transposed == f._transposed_grad_a_wins(rows, rank, 50), (rows, rank)
 
 
 def _count_cpp_calls(monkeypatch):
@@ -173,7 +173,7 @@ def test_training_calls_route_to_the_cpp_function_where_it_applies(monkeypatch):
     with options(force="sweep-left"):
         y = mpo_linear_torch(x, leaves, bias)
         y.backward(dy)
-        assert calls == [torch_low_rank.plan_flags(64, 5, 40)]
+        assert calls == [torch_low_rank.plan_flags(64, 30, 5, 40)]
         with torch.no_grad():  # inference keeps its own two-GEMM path
             mpo_linear_torch(x, leaves, bias)
         monkeypatch.setattr(torch_low_rank, "cpp_enabled", False)  # the switch: back to LowRankFunction

@@ -262,7 +262,7 @@ def test_low_rank_bias_layouts_match_reference(monkeypatch, rows, n_in, n_out, r
     shapes = [(1, n_in, 1, rank), (rank, 1, n_out, 1)]
     _check_mpo(shapes, (rows,), True, seed=rows + rank, kind="sweep-left", recompute=recompute)
     assert taken and all(t == folds for t in taken)  # the Python side: inference (and training without C++)
-    assert bool(torch_low_rank.plan_flags(rows, rank, n_out) & torch_low_rank.FOLD_BIAS) == folds  # the C++ side
+    assert bool(torch_low_rank.plan_flags(rows, n_in, rank, n_out) & torch_low_rank.FOLD_BIAS) == folds  # the C++ side
 
 
 @pytest.mark.parametrize("train_cores", [False, True])

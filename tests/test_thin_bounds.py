@@ -20,76 +20,87 @@ _OK, _WHY = native_impl.is_available()
 needs_native = pytest.mark.skipif(not _OK, reason=f"native extension not built: {_WHY}")
 
 
-def _table(rule, source="test") -> thin_bounds.ThinBounds:
-    rows = tuple(rule(r) for r in range(thin_bounds.MAX_RANK + 1))
-    return thin_bounds.ThinBounds({k: rows for k in thin_bounds.KINDS}, source)
+class _Table:
+    """A table that sends every product to the kernels from `min_rows` rows (NEVER: to torch)."""
+
+    source = "test"
+
+    def __init__(self, min_rows: int) -> None:
+        self._min_rows = min_rows
+
+    def wins(self, kind, rows, rank, width):
+        return rows >= self._min_rows
 
 
 @pytest.fixture
 def table():
     """Swap the table for one test, then return to the fixed one (tests/conftest.py)."""
     yield thin_bounds.use
-    thin_bounds.use(thin_bounds.fixed_bounds())
+    thin_bounds.use(thin_bounds.FixedBounds())
 
 
-def test_lookup_reads_the_row_bound_per_rank():
-    t = thin_bounds.fixed_bounds()
-    assert t.wins("project", 128, 8) and not t.wins("project", 127, 8) and not t.wins("project", 10**6, 9)
-    assert t.wins("project_t", 1, 10) and not t.wins("project_t", 10**6, 11)
-    assert t.wins("grad_a_t", 64, 4) and not t.wins("grad_a_t", 64, 5) and t.wins("grad_a_t", 6 * 30, 30)
-    assert not t.wins("expand_t", 10**6, 1)
-    assert not t.wins("expand", 1, thin_bounds.MAX_RANK + 1)  # past the table: always the BLAS
+def test_fixed_rules_per_rank():
+    t = thin_bounds.FixedBounds()
+    assert t.wins("project", 128, 8, 1) and not t.wins("project", 127, 8, 1) and not t.wins("project", 10**6, 9, 1)
+    assert t.wins("project_t", 1, 10, 1) and not t.wins("project_t", 10**6, 11, 1)
+    assert t.wins("grad_a_t", 64, 4, 1) and not t.wins("grad_a_t", 64, 5, 1) and t.wins("grad_a_t", 6 * 30, 30, 1)
+    assert not t.wins("expand_t", 10**6, 1, 1) and not t.wins("reduce", 10**6, 1, 1)
+    assert not t.wins("expand", 1, thin_bounds.MAX_RANK + 1, 1)  # past the table: always the BLAS
 
 
 @needs_native
-def test_measured_once_then_read_from_disk(tmp_path, monkeypatch, table):
+def test_entries_measured_on_first_use_then_read_from_disk(tmp_path, monkeypatch, table):
     monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TNK_THIN_BOUNDS")
     measured = []
-    real = thin_bounds.measure_bounds
 
-    def fake_measure():  # the real one takes seconds; its ladder logic is tested below
-        measured.append(1)
-        return _table(lambda r: 16 if r <= 8 else thin_bounds.NEVER, "measured")
+    def fake_entry(kind, rank, width):  # the real one times kernels; its ladder logic is tested below
+        measured.append((kind, rank, width))
+        return 16 if rank <= 8 else thin_bounds.NEVER
 
-    monkeypatch.setattr(thin_bounds, "measure_bounds", fake_measure)
+    monkeypatch.setattr(thin_bounds, "measure_entry", fake_entry)
     table(None)
     first = thin_bounds.bounds()
-    assert first.source == "measured" and measured == [1]
+    assert first.source == "measured" and measured == []  # nothing is measured before a layer asks
+    assert first.wins("project", 16, 4, 384) and not first.wins("project", 15, 4, 384)
+    assert not first.wins("project", 10**6, 9, 384)
+    assert measured == [("project", 4, 384), ("project", 9, 384)]  # one entry per rank and width, once each
+    assert not first.wins("project", 8, 4, 384) and measured[-1] == ("project", 9, 384)
     stored = json.loads((tmp_path / "thin_bounds.json").read_text())
-    assert list(stored) == [thin_bounds._key()] and len(stored[thin_bounds._key()]["project"]) == 129
+    assert stored == {thin_bounds._key(): {"project|4|384": 16, "project|9|384": thin_bounds.NEVER}}
     assert not list(tmp_path.glob(".tmp.*")), "the atomic write left its temporary file"
-    table(None)  # a new process: the table comes from disk, nothing is measured
-    second = thin_bounds.bounds()
-    assert second.source == "disk" and measured == [1] and second.min_rows == first.min_rows
+    table(None)  # a new process: the entries come from disk, nothing is measured again
+    assert thin_bounds.bounds().wins("project", 16, 4, 384) and len(measured) == 2
     (tmp_path / "thin_bounds.json").write_text("{not json")  # a damaged cache is measured again, not an error
     table(None)
-    assert thin_bounds.bounds().source == "measured" and measured == [1, 1]
-    monkeypatch.setattr(thin_bounds, "measure_bounds", real)
+    assert thin_bounds.bounds().wins("project", 16, 4, 384) and len(measured) == 3
+    thin_bounds.forget()  # drops this machine's entries: measured again on the next use
+    assert thin_bounds.bounds().wins("project", 16, 4, 384) and len(measured) == 4
+
+
+def test_an_entry_is_the_fewest_rows_from_which_every_larger_count_wins(monkeypatch):
+    # the kernel "wins" from 128 rows, and by chance at one row: the entry is 128, not 1 (16 rows lost)
+    monkeypatch.setattr(thin_bounds, "_native_wins", lambda kind, rows, rank, width: rows >= 128 or rows == 1)
+    assert thin_bounds.measure_entry("project", 4, 100) == 128
+    monkeypatch.setattr(thin_bounds, "_native_wins", lambda kind, rows, rank, width: rows < 512)
+    assert thin_bounds.measure_entry("project", 4, 100) == thin_bounds.NEVER  # loses at the largest count
+    monkeypatch.setattr(thin_bounds, "_native_wins", lambda kind, rows, rank, width: True)
+    assert thin_bounds.measure_entry("reduce", 4, 100) == 1
+    assert thin_bounds.measure_entry("reduce", thin_bounds.MAX_RANK + 1, 100) == thin_bounds.NEVER
 
 
 @needs_native
-def test_measurement_gives_a_monotone_table(monkeypatch):
-    # the kernel "wins" where rows * rank is large enough and at rank 2 never: the table keeps, per rank, the fewest
-    # rows from which it wins at every larger count, and ranks between the measured ones take the next one's bound
-    monkeypatch.setattr(
-        thin_bounds, "_native_wins", lambda kind, rows, rank: rank != 2 and (rows >= 128 or (rows == 1 and rank == 4))
-    )
-    t = thin_bounds.measure_bounds()
-    assert t.source == "measured"
-    for kind in thin_bounds.KINDS:
-        assert t.min_rows[kind][1] == 128  # wins at 128 and 512
-        assert t.min_rows[kind][2] == thin_bounds.NEVER
-        assert t.min_rows[kind][4] == 128  # the win at one row alone does not count: 16 rows lose
-        assert t.min_rows[kind][9] == t.min_rows[kind][12] == 128
-        assert t.min_rows[kind][thin_bounds.MAX_RANK] == 128
+@pytest.mark.parametrize("kind", thin_bounds.KINDS)
+def test_every_product_can_be_timed(kind):
+    # the real timing on a tiny shape: each kind's native and torch calls run and give a verdict
+    assert isinstance(thin_bounds._native_wins(kind, 16, 3, 40, rounds=1), bool)
 
 
 def test_swapping_the_table_forgets_remembered_routes():
     from tnkernels.plan.cache import plan_generation
 
     before = plan_generation()
-    thin_bounds.use(thin_bounds.fixed_bounds())
+    thin_bounds.use(thin_bounds.FixedBounds())
     assert plan_generation() > before
 
 
@@ -98,7 +109,7 @@ def test_swapping_the_table_forgets_remembered_routes():
 @pytest.mark.parametrize("cpp", [True, False])
 @pytest.mark.parametrize("rows, rank, with_bias", [(1, 3, True), (6, 12, False), (37, 20, True), (130, 65, True)])
 def test_layer_matches_float64_with_every_kernel_on_or_off(table, monkeypatch, everywhere, cpp, rows, rank, with_bias):
-    table(_table(lambda r: 1 if everywhere else thin_bounds.NEVER))
+    table(_Table(1 if everywhere else thin_bounds.NEVER))
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", cpp and torch_low_rank._HAS_CPP)
     calls = {"thin_project": 0, "thin_expand": 0, "thin_reduce": 0, "low_rank_linear": 0}
     real = thin_native._ext

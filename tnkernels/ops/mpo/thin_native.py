@@ -3,8 +3,8 @@
 At small ranks the products of y = (x A) B + bias and of its backward are memory-bound, and the CPU BLAS can
 leave most of the bandwidth unused (csrc/thin_gemm.cpp). Where the kernels win depends on the CPU: on the Xeon VM
 (2026-12-01) MKL was fast enough that they won only at ranks <= 8-10, on the EPYC VM (2026-12-02) MKL's slow path
-on AMD made them win up to rank 19 and beyond, by up to 7x. So each choice here reads thin_bounds' table,
-measured once per CPU and thread count: the product, its row count and rank decide.
+on AMD made them win up to rank 19 and beyond, by up to 7x, but not at every width. So each choice here reads
+thin_bounds' table, measured on this machine: the product, its rank, width and row count decide.
 
 * x A with A [in, r] as stored (`project`): the kernel reads A^T, one copy of in * r numbers per call.
 * dy B^T, the backward's dh (`project_t`): B^T is a free view of what the kernel reads.
@@ -50,7 +50,7 @@ def project(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x2d @ a for a [in, r]: a contiguous A, or B.t() whose transpose is contiguous."""
     if enabled and a.dtype == torch.float32 and _usable(x2d):
         kind = "project_t" if a.t().is_contiguous() else "project"
-        if thin_bounds.bounds().wins(kind, x2d.shape[0], a.shape[1]):
+        if thin_bounds.bounds().wins(kind, x2d.shape[0], a.shape[1], x2d.shape[1]):
             return _ext.thin_project(x2d, a)
     return x2d @ a
 
@@ -63,7 +63,7 @@ def expand_with_bias(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> to
         and _usable(h)
         and b.is_contiguous()
         and bias.is_contiguous()
-        and thin_bounds.bounds().wins("expand", h.shape[0], b.shape[0])
+        and thin_bounds.bounds().wins("expand", h.shape[0], b.shape[0], b.shape[1])
     ):
         return _ext.thin_expand(h, b, bias)
     return None
@@ -71,7 +71,7 @@ def expand_with_bias(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> to
 
 def reduce(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """h.t() @ dy (the backward's dB; with h = [h, 1], dB and the bias gradient in one pass over dy)."""
-    if enabled and _usable(dy) and _usable(h) and thin_bounds.bounds().wins("reduce", *h.shape):
+    if enabled and _usable(dy) and _usable(h) and thin_bounds.bounds().wins("reduce", *h.shape, dy.shape[1]):
         return _ext.thin_reduce(h, dy)
     return h.t() @ dy
 
@@ -79,13 +79,18 @@ def reduce(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 def grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor | None:
     """x2d.t() @ dh, [in, r] contiguous (the backward's dA in the parameter's layout), or None where torch should
     run it (torch_low_rank then picks its layout)."""
-    if enabled and _usable(x2d) and _usable(dh) and thin_bounds.bounds().wins("grad_a", *dh.shape):
+    if enabled and _usable(x2d) and _usable(dh) and thin_bounds.bounds().wins("grad_a", *dh.shape, x2d.shape[1]):
         return _ext.thin_reduce(dh, x2d, True)
     return None
 
 
 def expand_transposed(dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """dh @ a.t() for a [in, r] (the backward's dx = dh A^T)."""
-    if enabled and a.dtype == torch.float32 and _usable(dh) and thin_bounds.bounds().wins("expand_t", *dh.shape):
+    if (
+        enabled
+        and a.dtype == torch.float32
+        and _usable(dh)
+        and thin_bounds.bounds().wins("expand_t", *dh.shape, a.shape[0])
+    ):
         return _ext.thin_expand(dh, a.t())
     return dh @ a.t()

@@ -43,8 +43,10 @@ def factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
 # already at 64 rows at rank 19. thin_bounds measures it with the native kernels' bounds ("grad_a_t"). The
 # forward product x A needs no such care on torch: x @ A is as fast as or faster than every other layout at
 # 1-1024 rows, ranks 1-96 (Xeon, 2026-12-01).
-def _transposed_grad_a_wins(rows: int, rank: int) -> bool:
-    return thin_bounds.bounds().wins("grad_a_t", rows, rank)
+def _transposed_grad_a_wins(rows: int, rank: int, n_in: int) -> bool:
+    if torch.compiler.is_compiling():  # no measuring while dynamo traces: the fixed rule
+        return thin_bounds.FixedBounds().wins("grad_a_t", rows, rank, n_in)
+    return thin_bounds.bounds().wins("grad_a_t", rows, rank, n_in)
 
 
 def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     native = thin_native.grad_a(x2d, dh)  # x^T dh on thin_reduce, where it beats both layouts below
     if native is not None:
         return native
-    if dh.device.type == "cpu" and _transposed_grad_a_wins(rows, rank):
+    if dh.device.type == "cpu" and _transposed_grad_a_wins(rows, rank, x2d.shape[1]):
         return (dh.t() @ x2d).t()
     return x2d.t() @ dh
 
@@ -129,12 +131,13 @@ _NATIVE_FLAGS = (
     (DB_NATIVE, "reduce"),
     (DA_NATIVE, "grad_a"),
 )
+_IN_WIDTH = ("project", "expand_t", "grad_a")  # products whose long side is the input width, the rest the output
 
 _HAS_CPP = thin_native._HAS_THIN and hasattr(thin_native._ext, "low_rank_linear")
 cpp_enabled = _HAS_CPP  # a switch for A/B timing and for tests of the Python Function
 
 
-def plan_flags(rows: int, rank: int, out_features: int) -> int:
+def plan_flags(rows: int, in_features: int, rank: int, out_features: int) -> int:
     """The flags for csrc/low_rank.cpp that reproduce LowRankFunction's per-call choices on a CPU input of `rows`
     rows. Each flag is a permission: the C++ side still checks dtype and layout before it runs a native kernel,
     and ignores the bias flags on a layer without bias (so the flags need not know whether it has one)."""
@@ -142,9 +145,9 @@ def plan_flags(rows: int, rank: int, out_features: int) -> int:
     flags = ADD_IN_PLACE if rows >= 8 else 0
     if thin_native.enabled:
         for flag, kind in _NATIVE_FLAGS:
-            if table.wins(kind, rows, rank):
+            if table.wins(kind, rows, rank, in_features if kind in _IN_WIDTH else out_features):
                 flags |= flag
-    if table.wins("grad_a_t", rows, rank):
+    if table.wins("grad_a_t", rows, rank, in_features):
         flags |= GRAD_A_TRANSPOSED
     if rank <= _FOLD_MAX_RANK and rows * out_features >= _FOLD_MIN_OUTPUT:
         flags |= FOLD_BIAS
@@ -160,7 +163,7 @@ def cpp_flags(x2d: torch.Tensor, cores) -> int | None:
     g1, g2 = cores
     if not (g1.is_contiguous() and g2.is_contiguous()):
         return None
-    return plan_flags(x2d.shape[0], g2.shape[0], g2.shape[2])
+    return plan_flags(x2d.shape[0], g1.shape[1], g2.shape[0], g2.shape[2])
 
 
 def low_rank_train(x2d: torch.Tensor, cores, bias: torch.Tensor | None, save_h: bool, flags: int | None):
