@@ -11,17 +11,14 @@ short. Times are the fastest of several batches, memo off and on alternating in 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ab_common import Table, best_us  # noqa: E402
 from tnkernels import MPOLinear, TuckerConv2d  # noqa: E402
 from tnkernels.nn.call_memo import MemoizedCalls  # noqa: E402
 
@@ -32,32 +29,13 @@ LINEAR = [("resnet34-fc 512->1000", 512, 1000), ("minilm 1536->384", 1536, 384),
 CONV = [("resnet34 conv 64ch 56x56", 64, 56), ("resnet34 conv 256ch 14x14", 256, 14)]
 
 
-def _best_us(fn, min_time: float = 0.02, batches: int = 3) -> float:
-    fn()
-    n = 1
-    while True:  # calls per batch so that a batch lasts min_time
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if time.perf_counter() - start >= min_time:
-            break
-        n *= 2
-    best = float("inf")
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best * 1e6
-
-
 def _ab(fn, rounds: int = 3) -> tuple[float, float]:
     off = on = float("inf")
     for _ in range(rounds):
         MemoizedCalls._memo_for_calls = _MEMO_OFF
-        off = min(off, _best_us(fn))
+        off = min(off, best_us(fn))
         MemoizedCalls._memo_for_calls = _MEMO_ON
-        on = min(on, _best_us(fn))
+        on = min(on, best_us(fn))
     return off, on
 
 
@@ -100,16 +78,6 @@ def _conv_cases(ratios):
                 yield f"{name}, ratio {ratio} (ranks {layer.ranks})", batch, "forward", forward
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the least noisy)")
@@ -117,27 +85,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lines = [
-        f"# Call memo A/B, {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
-        "",
-        f"{_cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f}. Microseconds per call, fastest batch, memo off / on interleaved.",
-        "",
-        "| layer | rows / batch | pass | memo off µs | memo on µs | off / on |",
-        "|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    table = Table(
+        "Call memo A/B",
+        args.threads,
+        "Microseconds per call, fastest batch, memo off / on interleaved.",
+        ["layer", "rows / batch", "pass", "memo off µs", "memo on µs", "off / on"],
+    )
     ratios = [int(r) if r == int(r) else r for r in args.ratios]
     for label, rows, what, fn in [*_linear_cases(ratios), *_conv_cases(ratios)]:
         off, on = _ab(fn)
-        line = f"| {label} | {rows} | {what} | {off:.1f} | {on:.1f} | {off / on:.2f}x |"
-        lines.append(line)
-        print(line, flush=True)
+        table.row(label, rows, what, f"{off:.1f}", f"{on:.1f}", f"{off / on:.2f}x")
     MemoizedCalls._memo_for_calls = _MEMO_ON
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(args.out)
+    table.write(args.out)
 
 
 if __name__ == "__main__":

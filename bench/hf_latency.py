@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.call_memo_ab import _cpu_name  # noqa: E402
+from bench.ab_common import Table  # noqa: E402
 from bench.hf_minilm import minilm_dir  # noqa: E402
 from distill.hf.models import load_hf_model  # noqa: E402
 from tnkernels import tensorize  # noqa: E402
@@ -61,17 +59,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_hf_model(minilm_dir())
     memo_on, memo_off = MemoizedCalls._memo_for_calls, property(lambda self: None)
-    lines = [
-        f"# all-MiniLM-L6-v2 inference latency, dense vs tensorized, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}",
-        "",
-        f"{_cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, load average "
-        f"{os.getloadavg()[0]:.2f}. Milliseconds per forward (no grad), fastest batch of calls; all 36 linear layers "
-        "of the 6 blocks tensorized (low rank). Command: `python bench/hf_latency.py`.",
-        "",
-        "| ratio | batch x tokens | dense ms | tnkernels ms, memo off | memo on | speed-up over dense (memo on) |",
-        "|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    table = Table(
+        "all-MiniLM-L6-v2 inference latency, dense vs tensorized",
+        args.threads,
+        "Milliseconds per forward (no grad), fastest batch of calls; all 36 linear layers of the 6 blocks "
+        "tensorized (low rank). Command: `python bench/hf_latency.py`.",
+        ["ratio", "batch x tokens", "dense ms", "tnkernels ms, memo off", "memo on", "speed-up over dense (memo on)"],
+    )
     for ratio in args.ratios:
         compressed = copy.deepcopy(model)
         report = tensorize(compressed, ratio=ratio, rules=RULES)
@@ -90,16 +84,15 @@ def main() -> None:
                         run = lambda m=compressed, ids=ids: m(input_ids=ids)  # noqa: E731
                         best[name] = min(best[name], _best_ms(run, calls))
             MemoizedCalls._memo_for_calls = memo_on
-            line = (
-                f"| {ratio:g} | {batch} x {tokens} | {best['dense']:.2f} | {best['off']:.2f} | {best['on']:.2f} | "
-                f"{best['dense'] / best['on']:.2f}x |"
+            table.row(
+                f"{ratio:g}",
+                f"{batch} x {tokens}",
+                f"{best['dense']:.2f}",
+                f"{best['off']:.2f}",
+                f"{best['on']:.2f}",
+                f"{best['dense'] / best['on']:.2f}x",
             )
-            lines.append(line)
-            print(line, flush=True)
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(args.out)
+    table.write(args.out)
 
 
 if __name__ == "__main__":

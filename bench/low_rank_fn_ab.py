@@ -13,8 +13,6 @@ issuing the tensor calls from Python. Times are the fastest of several batches.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.call_memo_ab import _best_us, _cpu_name  # noqa: E402
+from bench.ab_common import Table, best_us  # noqa: E402
 from tnkernels import MPOLinear  # noqa: E402
 from tnkernels.ops.mpo import torch_low_rank  # noqa: E402
 
@@ -40,9 +38,9 @@ def _ab(fn, rounds: int = 3) -> tuple[float, float]:
     try:
         for _ in range(rounds):
             torch_low_rank.cpp_enabled = False
-            python = min(python, _best_us(fn))
+            python = min(python, best_us(fn))
             torch_low_rank.cpp_enabled = True
-            cpp = min(cpp, _best_us(fn))
+            cpp = min(cpp, best_us(fn))
     finally:
         torch_low_rank.cpp_enabled = torch_low_rank._HAS_CPP
     return python, cpp
@@ -85,28 +83,17 @@ def main() -> None:
     if not torch_low_rank._HAS_CPP:
         sys.exit("low_rank_fn_ab: the native extension is not built (pip install -e . builds it; docs/native.md)")
     torch.set_num_threads(args.threads)
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
-    lines = [
-        f"# Low-rank layer, Python against C++, {now}",
-        "",
-        f"{_cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f}. Microseconds per call, fastest batch, Python and C++ "
-        "interleaved.",
-        "",
-        "| layer | rows | pass | Python µs | C++ µs | Python / C++ |",
-        "|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    table = Table(
+        "Low-rank layer, Python against C++",
+        args.threads,
+        "Microseconds per call, fastest batch, Python and C++ interleaved.",
+        ["layer", "rows", "pass", "Python µs", "C++ µs", "Python / C++"],
+    )
     ratios = [int(r) if r == int(r) else r for r in args.ratios]
     for label, rows, what, fn in _steps(ratios, args.rows):
         python, cpp = _ab(fn)
-        line = f"| {label} | {rows} | {what} | {python:.1f} | {cpp:.1f} | {python / cpp:.2f}x |"
-        lines.append(line)
-        print(line, flush=True)
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(args.out)
+        table.row(label, rows, what, f"{python:.1f}", f"{cpp:.1f}", f"{python / cpp:.2f}x")
+    table.write(args.out)
 
 
 if __name__ == "__main__":

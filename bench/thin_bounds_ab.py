@@ -12,7 +12,6 @@ are the fastest of several batches.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.call_memo_ab import _best_us, _cpu_name  # noqa: E402
+from bench.ab_common import Table, best_us  # noqa: E402
 from tnkernels import MPOLinear  # noqa: E402
 from tnkernels.ops.mpo import thin_bounds  # noqa: E402
 
@@ -42,9 +41,9 @@ def _ab(fn, measured, fixed, rounds: int = 3) -> tuple[float, float]:
     t_fixed = t_measured = float("inf")
     for _ in range(rounds):
         thin_bounds.use(fixed)
-        t_fixed = min(t_fixed, _best_us(fn))
+        t_fixed = min(t_fixed, best_us(fn))
         thin_bounds.use(measured)
-        t_measured = min(t_measured, _best_us(fn))
+        t_measured = min(t_measured, best_us(fn))
     return t_fixed, t_measured
 
 
@@ -59,17 +58,12 @@ def main() -> None:
     measured, fixed = thin_bounds.bounds(), thin_bounds.FixedBounds()
     if measured.source != "measured":
         sys.exit("thin_bounds_ab: no measured table (is the native extension built? see docs/native.md)")
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")
-    lines = [
-        f"# Thin kernels' bounds, measured against fixed, {now}",
-        "",
-        f"{_cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f}. Microseconds per call, fastest batch, both tables interleaved.",
-        "",
-        "| layer | rows | pass | fixed µs | measured µs | fixed / measured |",
-        "|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    table = Table(
+        "Thin kernels' bounds, measured against fixed",
+        args.threads,
+        "Microseconds per call, fastest batch, both tables interleaved.",
+        ["layer", "rows", "pass", "fixed µs", "measured µs", "fixed / measured"],
+    )
     for n_in, n_out, ratio, rows in CASES:
         layer = MPOLinear.from_linear(nn.Linear(n_in, n_out), ratio=ratio)
         x = torch.randn(rows, n_in, requires_grad=True)
@@ -90,14 +84,9 @@ def main() -> None:
         for what, fn in (("forward (no_grad)", forward), ("forward+backward", step)):
             a, b = _ab(fn, measured, fixed)
             label = f"{n_in}->{n_out}, ratio {ratio} (rank {layer.bonds[0]})"
-            line = f"| {label} | {rows} | {what} | {a:.1f} | {b:.1f} | {a / b:.2f}x |"
-            lines.append(line)
-            print(line, flush=True)
+            table.row(label, rows, what, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x")
     thin_bounds.use(None)
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(args.out)
+    table.write(args.out)
 
 
 if __name__ == "__main__":

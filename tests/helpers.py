@@ -39,3 +39,34 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
         bad = ((a - e).abs() > tol * e.abs().max().clamp_min(1e-30)) | ~torch.isfinite(a)
         idx = bad.nonzero()[:5].tolist()
         raise AssertionError(f"{what}: relative RMS error {err:.3e} > {tol:.1e}; first bad indices {idx}")
+
+
+class ExtCalls:
+    """Records the calls `module` makes through its `_ext` (the native extension): arguments by function name.
+    Calls made from inside C++ (the low-rank Function's kernels) are not seen, only those from Python."""
+
+    def __init__(self, monkeypatch, module) -> None:
+        real = module._ext
+        self.args: dict[str, list[tuple]] = {}
+        record = self.args
+
+        class Recording:
+            def __getattr__(self, name):
+                fn = getattr(real, name)
+
+                def wrapped(*args):
+                    record.setdefault(name, []).append(args)
+                    return fn(*args)
+
+                return wrapped
+
+        monkeypatch.setattr(module, "_ext", Recording())
+
+    def count(self, *names: str):
+        """How many calls of `names` (one name: an int; several: a tuple)."""
+        counts = tuple(len(self.args.get(n, ())) for n in names)
+        return counts[0] if len(names) == 1 else counts
+
+    def flags(self, name: str) -> list[int]:
+        """The last argument (the flags) of every call of `name`."""
+        return [args[-1] for args in self.args.get(name, ())]

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from tests.helpers import assert_close_rel, tolerance
+from tests.helpers import ExtCalls, assert_close_rel, tolerance
 from tnkernels.ops.mpo import native_impl, torch_low_rank
 from tnkernels.ops.mpo.reference import mpo_linear_reference
 from tnkernels.ops.mpo.torch_impl import mpo_linear_torch
@@ -146,39 +146,19 @@ def test_plan_flags_follow_the_python_functions_predicates():
         assert transposed == f._transposed_grad_a_wins(rows, rank, 50), (rows, rank)
 
 
-def _count_cpp_calls(monkeypatch):
-    calls = []
-    real = torch_low_rank.thin_native._ext
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(real, name)
-            if name != "low_rank_linear":
-                return fn
-
-            def wrapped(*args):
-                calls.append(args[-1])
-                return fn(*args)
-
-            return wrapped
-
-    monkeypatch.setattr(torch_low_rank.thin_native, "_ext", Counting())
-    return calls
-
-
 def test_training_calls_route_to_the_cpp_function_where_it_applies(monkeypatch):
-    calls = _count_cpp_calls(monkeypatch)
+    calls = ExtCalls(monkeypatch, torch_low_rank.thin_native)
     x, cores, bias, dy = _leaves(64, 30, 5, 40, True, torch.float32, seed=2)
     leaves = [c.clone().requires_grad_() for c in cores]
     with options(force="sweep-left"):
         y = mpo_linear_torch(x, leaves, bias)
         y.backward(dy)
-        assert calls == [torch_low_rank.plan_flags(64, 30, 5, 40)]
+        assert calls.flags("low_rank_linear") == [torch_low_rank.plan_flags(64, 30, 5, 40)]
         with torch.no_grad():  # inference keeps its own two-GEMM path
             mpo_linear_torch(x, leaves, bias)
         monkeypatch.setattr(torch_low_rank, "cpp_enabled", False)  # the switch: back to LowRankFunction
         y2 = mpo_linear_torch(x, leaves, bias)
-    assert len(calls) == 1
+    assert calls.count("low_rank_linear") == 1
     torch.testing.assert_close(y, y2)
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", True)
     assert torch_low_rank.cpp_flags(x, [leaves[0], leaves[1]]) is not None
@@ -191,20 +171,20 @@ def test_the_switch_takes_effect_on_remembered_routes(monkeypatch):
 
     from tnkernels import MPOLinear
 
-    calls = _count_cpp_calls(monkeypatch)
+    calls = ExtCalls(monkeypatch, torch_low_rank.thin_native)
     layer = MPOLinear.from_linear(nn.Linear(30, 40), ratio=8)
     assert len(layer.cores) == 2 and layer.cores[0].shape[2] == 1, "expects a low-rank structure"
     x = torch.randn(3, 30, requires_grad=True)
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", False)
     y_python = layer(x)
     y_python.sum().backward()
-    assert calls == []
+    assert calls.count("low_rank_linear") == 0
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", True)
     y_cpp = layer(x)
-    assert len(calls) == 1
+    assert calls.count("low_rank_linear") == 1
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", False)
     layer(x)
-    assert len(calls) == 1
+    assert calls.count("low_rank_linear") == 1
     torch.testing.assert_close(y_python, y_cpp)
 
 
@@ -230,33 +210,18 @@ def test_layer_inference_runs_one_cpp_call_per_remembered_call(monkeypatch):
 
     from tnkernels import MPOLinear
 
-    calls = []
-    real = torch_low_rank.thin_native._ext
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(real, name)
-            if name != "low_rank_forward":
-                return fn
-
-            def wrapped(*args):
-                calls.append(args[-1])
-                return fn(*args)
-
-            return wrapped
-
-    monkeypatch.setattr(torch_low_rank.thin_native, "_ext", Counting())
+    calls = ExtCalls(monkeypatch, torch_low_rank.thin_native)
     lin = nn.Linear(30, 40)
     layer = MPOLinear.from_linear(lin, ratio=8)
     x = torch.randn(3, 30)
     with torch.no_grad():
         first = layer(x)  # the full path (Python products), which the memo then remembers
-        assert calls == []
+        assert calls.count("low_rank_forward") == 0
         again = layer(x)  # the remembered route: one C++ call
-        assert len(calls) == 1
+        assert calls.count("low_rank_forward") == 1
         monkeypatch.setattr(torch_low_rank, "cpp_enabled", False)
         off = layer(x)
-        assert len(calls) == 1
+        assert calls.count("low_rank_forward") == 1
     ref = mpo_linear_reference(x.double(), [c.double() for c in layer.cores], layer.bias.double())
     for y in (first, again, off):
         assert_close_rel(y, ref, tolerance(torch.float32), "inference")

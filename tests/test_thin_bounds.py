@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import assert_close_rel, tolerance
+from tests.helpers import ExtCalls, assert_close_rel, tolerance
 from tnkernels.ops.mpo import native_impl, thin_bounds, thin_native, torch_low_rank
 from tnkernels.ops.mpo.reference import mpo_linear_reference
 from tnkernels.ops.mpo.torch_impl import mpo_linear_torch
@@ -111,20 +111,7 @@ def test_swapping_the_table_forgets_remembered_routes():
 def test_layer_matches_float64_with_every_kernel_on_or_off(table, monkeypatch, everywhere, cpp, rows, rank, with_bias):
     table(_Table(1 if everywhere else thin_bounds.NEVER))
     monkeypatch.setattr(torch_low_rank, "cpp_enabled", cpp and torch_low_rank._HAS_CPP)
-    calls = {"thin_project": 0, "thin_expand": 0, "thin_reduce": 0, "low_rank_linear": 0}
-    real = thin_native._ext
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(real, name)
-
-            def wrapped(*args):
-                calls[name] += 1
-                return fn(*args)
-
-            return wrapped
-
-    monkeypatch.setattr(thin_native, "_ext", Counting())
+    calls = ExtCalls(monkeypatch, thin_native)
     g = torch.Generator().manual_seed(rows + rank)
     n_in, n_out = 29, 45
     leaves = [
@@ -148,10 +135,10 @@ def test_layer_matches_float64_with_every_kernel_on_or_off(table, monkeypatch, e
     assert_close_rel(y_inference, ref, tol, "inference forward")
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
         assert_close_rel(a, b, tol, f"gradient of input {k}")
-    python_kernel_calls = calls["thin_project"] + calls["thin_expand"] + calls["thin_reduce"]
+    python_kernel_calls = sum(calls.count("thin_project", "thin_expand", "thin_reduce"))
     if not everywhere:
         assert python_kernel_calls == 0
     elif cpp and torch_low_rank._HAS_CPP:  # training in C++; here the inference forward's x A and h B + bias
-        assert calls["low_rank_linear"] == 1 and python_kernel_calls == 1 + with_bias
+        assert calls.count("low_rank_linear") == 1 and python_kernel_calls == 1 + with_bias
     else:  # x A twice, dy B^T, dh A^T, h^T dy, x^T dh, and h B + bias twice (without a bias, h B is on torch)
-        assert calls["low_rank_linear"] == 0 and python_kernel_calls == 6 + 2 * with_bias
+        assert calls.count("low_rank_linear") == 0 and python_kernel_calls == 6 + 2 * with_bias
