@@ -181,6 +181,25 @@ def test_calibration_from_an_older_version_is_measured_again(monkeypatch, tmp_pa
     assert stored["dram_bandwidth"] == 5e9
 
 
+def test_convolutions_are_priced_at_their_measured_scale_of_the_gemm_rate():
+    from tnkernels.plan.tucker import _conv
+
+    rates = {1: 1e9, 256: 1e11}
+    plain = Calibration("cpu", "f", 0.0, 1e30, rates)  # infinite bandwidth: every step compute-bound
+    scaled = Calibration("cpu", "f", 0.0, 1e30, rates, conv_scale={"kxk": 2.0, "1x1": 0.5})
+    args3 = ("core", 1, 64, 28, 28, 64, 3, 3, 28, 28, 4, False)
+    args1 = ("u_in", 1, 128, 28, 28, 64, 1, 1, 28, 28, 4, False)
+    assert _conv(scaled, *args3).seconds == pytest.approx(_conv(plain, *args3).seconds / 2)
+    assert _conv(scaled, *args1).seconds == pytest.approx(_conv(plain, *args1).seconds * 2)
+    assert plain.conv_rate_scale(9) == plain.conv_rate_scale(1) == 1.0  # not measured: the GEMM's rate
+
+
+def test_conv_scale_is_measured_for_both_kernel_classes():
+    cal = Calibration("cpu", "torch.float32", 1e-6, 1e10, {1: 1e9, 256: 1e11})
+    scale = calibrate._measure_conv_scale(cal, torch.device("cpu"), torch.float32, rounds=1)
+    assert set(scale) == {"1x1", "kxk"} and all(0.25 <= v <= 4.0 for v in scale.values())
+
+
 def test_explain_lists_steps_alternatives_and_memory():
     text = explain([(1, 8, 8, 4), (4, 8, 8, 4), (4, 8, 8, 1)], rows=32, needs_grad=True, top=100)
     assert "forward plan:" in text and "backward plan:" in text

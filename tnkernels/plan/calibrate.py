@@ -65,6 +65,11 @@ class Calibration:
     # narrow ([big, big] @ [big, d], N small) or short (M small) runs at other rates, measured the same way.
     n_rates: dict[int, float] = field(default_factory=dict)
     m_rates: dict[int, float] = field(default_factory=dict)
+    # A convolution does not run at its im2col GEMM's rate: the convolution library (oneDNN, cuDNN) and the BLAS
+    # differ, by 2x on the EPYC VM (a 3x3 convolution at ~210 GFLOP/s on one thread, MKL's GEMM at ~105). The
+    # measured rate of a convolution over the rate the GEMM tables give its shape, per kernel class ("1x1",
+    # "kxk"; missing: 1).
+    conv_scale: dict[str, float] = field(default_factory=dict)
 
     def memory_seconds(self, nbytes: float) -> float:
         """Time to move `nbytes` in one step: from cache when the step's traffic fits, else from DRAM."""
@@ -93,6 +98,10 @@ class Calibration:
         if m == d and m < k and self.m_rates:
             return _interpolate(self.m_rates, d)
         return _interpolate(self.rates, d)
+
+    def conv_rate_scale(self, kernel_area: int) -> float:
+        """How much faster than its im2col GEMM a convolution of `kernel_area` (kh * kw) runs."""
+        return self.conv_scale.get("1x1" if kernel_area == 1 else "kxk", 1.0)
 
     def batched_rate(self, d: int) -> float:
         """FLOP/s of a broadcast batched matmul whose per-product smallest dimension is `d`."""
@@ -232,7 +241,7 @@ def measure(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> Calibr
         for d in _RATE_DIMS:
             running = max(running, table[d])
             table[d] = running
-    return Calibration(
+    cal = Calibration(
         str(device),
         str(dtype),
         overhead,
@@ -245,6 +254,28 @@ def measure(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> Calibr
         n_rates=n_rates,
         m_rates=m_rates,
     )
+    cal.conv_scale = _measure_conv_scale(cal, device, dtype, rounds)
+    return cal
+
+
+# Compute-bound convolutions of ResNet-like sizes, one per kernel class: (channels in, out, kernel, spatial side).
+_CONV_PROBES = {"1x1": (128, 128, 1, 28), "kxk": (64, 64, 3, 28)}
+
+
+def _measure_conv_scale(cal: Calibration, device: torch.device, dtype: torch.dtype, rounds: int) -> dict:
+    """Per kernel class, the measured FLOP/s of a convolution over what gemm_rate gives its im2col shape,
+    clamped to [0.25, 4] (beyond that it is load or a broken library, not a rate)."""
+    scale = {}
+    for name, (ci, co, k, side) in _CONV_PROBES.items():
+        x = torch.randn(1, ci, side, side, device=device, dtype=dtype)
+        w = torch.randn(co, ci, k, k, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(rounds):
+            best = min(best, _timeit(lambda x=x, w=w, p=k // 2: torch.nn.functional.conv2d(x, w, padding=p), device))
+        m, kk = side * side, ci * k * k
+        measured = 2 * m * kk * co / max(best - cal.overhead_s, 1e-9)
+        scale[name] = min(4.0, max(0.25, measured / cal.gemm_rate(m, kk, co)))
+    return scale
 
 
 def _measure_big_buffers(device: torch.device, dtype: torch.dtype, rounds: int) -> tuple[float, float]:
@@ -320,6 +351,7 @@ def _from_json(d: dict) -> Calibration:
         bmm_rates={int(k): float(v) for k, v in d["bmm_rates"].items()},
         n_rates={int(k): float(v) for k, v in d["n_rates"].items()},
         m_rates={int(k): float(v) for k, v in d["m_rates"].items()},
+        conv_scale={str(k): float(v) for k, v in d["conv_scale"].items()},  # older caches: measured again
     )
 
 

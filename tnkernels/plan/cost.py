@@ -35,12 +35,14 @@ def price(
     fresh: tuple[float, ...] = (),
     permuted: float = 0.0,
     batched: bool = False,
+    rate_scale: float = 1.0,
 ) -> Step:
     """A Step with its predicted time: overhead per call, the roofline max of compute time and memory time, the
     first-touch cost of the fresh tensors it allocates (`fresh`: their sizes in bytes), and the strided copies
     it makes (`permuted`: bytes read plus written by copies that permute dimensions; not part of `nbytes`).
     `gemm`: the step's GEMM as (M, K, N), or just its smallest dimension (priced as a small K).
-    `batched`: the step is a broadcast batched matmul of many small products, priced at the batched rate."""
+    `batched`: the step is a broadcast batched matmul of many small products, priced at the batched rate.
+    `rate_scale`: a factor on that rate (a convolution's, Calibration.conv_rate_scale)."""
     mindim = max(1, min(gemm)) if isinstance(gemm, tuple) else max(1, int(gemm))
     if batched:
         rate = cal.batched_rate(mindim)
@@ -48,7 +50,7 @@ def price(
         rate = cal.gemm_rate(*gemm)
     else:
         rate = cal.rate(mindim)
-    compute = flops / rate if flops else 0.0
+    compute = flops / (rate * rate_scale) if flops else 0.0
     memory = cal.memory_seconds(nbytes)
     seconds = ops * cal.overhead_s + max(compute, memory) + cal.permute_seconds(permuted) + cal.fresh_seconds(fresh)
     return Step(what, float(flops), float(nbytes), int(mindim), ops, seconds)

@@ -68,6 +68,7 @@ def _conv(
         (m, k, co),
         ops=mult,
         fresh=(isz * m * co,),  # the output
+        rate_scale=cal.conv_rate_scale(kh * kw),
     )
 
 
