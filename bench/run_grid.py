@@ -1,7 +1,7 @@
 """Run the benchmark grid: tnkernels vs dense, naive einsum, tltorch and torch-mpo (same modes and bonds).
 
     python -m bench.run_grid --quick              # CI smoke-sized grid (well under a minute on 2 CPU cores)
-    python -m bench.run_grid                      # the CPU subset (see PRESETS["cpu"])
+    python -m bench.run_grid                      # the CPU subset (see PRESETS["cpu"]; "cpu-all": every shape)
     python -m bench.run_grid --preset full        # the whole grid of issue 7 (a quiet machine or a GPU)
     python -m bench.run_grid --out bench/results  # where grid-<preset>.json and grid-<preset>.md go
 
@@ -59,8 +59,12 @@ CONV_SHAPES = {  # name: (channels, spatial size at that stage of ResNet-34)
 PRESETS = {
     "full": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024, 4096], ratios=[2, 4, 16, 64],
                  conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
-    # What 2 shared CPU cores can run in ~30 minutes: 4 of the 7 linear shapes (no GPT-2 XL: one of its ratio-2
-    # calls takes ~0.6 s here with a balanced chain), 2 of the 4 conv stages, rows up to 1024.
+    # Every shape of the issue at up to 1024 rows (4096 rows of GPT-2 XL take seconds a call on one CPU core):
+    # about 30-40 minutes on one thread of the 2-core VMs.
+    "cpu-all": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024], ratios=[2, 4, 16, 64],
+                    conv=list(CONV_SHAPES), batches=[1, 8], reps=5),
+    # The subset the sessions re-run after each change: 4 of the 7 linear shapes (no GPT-2 XL), 2 of the 4 conv
+    # stages, rows up to 1024. About 1.5 minutes on one thread of the 2-core EPYC VM (2026-12-02).
     "cpu": dict(linear=["resnet34-fc", "minilm-mlp-down", "minilm-mlp-up", "gpt2-mlp-up"],
                 rows=[1, 64, 1024], ratios=[2, 4, 16, 64], conv=["resnet34-conv64", "resnet34-conv256"],
                 batches=[1, 8], reps=7),

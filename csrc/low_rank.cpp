@@ -93,7 +93,8 @@ struct LowRankFn : public torch::autograd::Function<LowRankFn> {
     Tensor dh, d_g1, d_g2, d_bias, dx;
     if (need_x || need_g1) {
       const Tensor bt = b.t();
-      dh = ((flags & kDhNative) && thin_ok(dy) && b.scalar_type() == at::kFloat) ? thin_project(dy, bt) : at::mm(dy, bt);
+      const bool native = (flags & kDhNative) && thin_ok(dy) && b.scalar_type() == at::kFloat;
+      dh = native ? thin_project(dy, bt) : at::mm(dy, bt);
     }
     if (need_g1) {
       Tensor d_a;
@@ -106,13 +107,16 @@ struct LowRankFn : public torch::autograd::Function<LowRankFn> {
     if (need_g2) {
       if (!h.defined()) h = first_gemm(x2d, a, flags);  // the recompute option
       if (ones && h.size(1) == rank) h = with_ones(h);
-      const Tensor d_b = ((flags & kDbNative) && thin_ok(h) && thin_ok(dy)) ? thin_reduce(h, dy, false) : at::mm(h.t(), dy);  // [rank (+ 1), out]: with the ones column, its last row is dbias
+      // [rank (+ 1), out]: with the ones column, its last row is the bias gradient
+      const Tensor d_b =
+          ((flags & kDbNative) && thin_ok(h) && thin_ok(dy)) ? thin_reduce(h, dy, false) : at::mm(h.t(), dy);
       d_g2 = (d_b.size(0) > rank ? d_b.narrow(0, 0, rank) : d_b).view(g2.sizes());
       if (ones && need_bias) d_bias = d_b.select(0, rank);
     }
-    if (need_x)
-      dx = ((flags & kDxNative) && thin_ok(dh) && a.scalar_type() == at::kFloat) ? thin_expand(dh, a.t(), c10::nullopt)
-                                                                                : at::mm(dh, a.t());
+    if (need_x) {
+      const bool native = (flags & kDxNative) && thin_ok(dh) && a.scalar_type() == at::kFloat;
+      dx = native ? thin_expand(dh, a.t(), c10::nullopt) : at::mm(dh, a.t());
+    }
     if (need_bias && !d_bias.defined()) d_bias = dy.sum(0);
     return {dx, d_g1, d_g2, d_bias, Tensor(), Tensor(), Tensor()};
   }
