@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.providers import conv_providers, forced_kind_predictions, linear_providers, saved_bytes, timer
 from distill._atomic import atomic_write_text
+from tnkernels.ops.tucker.tuned import kind_for as tucker_kind_for
 from tnkernels.plan import (
     auto_mpo_backend,
     choose_mpo_structure,
@@ -212,8 +213,9 @@ def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peer
     x = torch.randn(batch, c, hw, hw)
     times, skipped = _interleaved(providers, x, passes, reps)
     conv = ((1, 1), (1, 1), (1, 1))
-    dec = tucker_decision(((batch, c, hw, hw), (c, r), (r, r, 3, 3), (c, r)), conv, torch.float32,
-                          torch.device("cpu"), passes == "fwd+bwd")  # fmt: skip
+    shapes = ((batch, c, hw, hw), (c, r), (r, r, 3, 3), (c, r))
+    dec = tucker_decision(shapes, conv, torch.float32, torch.device("cpu"), passes == "fwd+bwd")
+    ran = tucker_kind_for(shapes, conv, torch.float32, torch.device("cpu"), passes == "fwd+bwd")  # measured on CPU
     cal = get_calibration("cpu", torch.float32)
     mult = 3 if passes == "fwd+bwd" else 1
     dense_flops = mult * 2 * batch * hw * hw * c * c * 9
@@ -221,7 +223,7 @@ def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peer
     tnk_rl = roofline_seconds(cal, mult * dec.flops, mult * dec.bytes)
     return dict(
         kind="conv", layer=name, shape=[c, c, 3, 3], ratio=ratio, ranks=[r, r], rows=batch, passes=passes,
-        spatial=hw, plan=dec.kind, predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times,
+        spatial=hw, plan=ran, model_plan=dec.kind, predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times,
         skipped=skipped,
         roofline_speedup=roofline_seconds(cal, dense_flops, dense_bytes) / tnk_rl, roofline_tnk_s=tnk_rl,
     )  # fmt: skip

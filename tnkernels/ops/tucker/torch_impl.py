@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...plan.cache import OPTIONS, tucker_decision
+from ...plan.cache import OPTIONS
+from .tuned import kind_for
 
 
 def is_available() -> tuple[bool, str]:
@@ -124,7 +125,7 @@ def inference_route(x, u_in, core, u_out, conv: tuple) -> tuple:
     factors, else None). Folded weights are values computed from the factors, so a caller that keeps the route
     across calls (TuckerConv2d's call memo) must rebuild them per call: see run_route."""
     shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
-    kind = tucker_decision(shapes, conv, x.dtype, x.device, False).kind
+    kind = kind_for(shapes, conv, x.dtype, x.device, False)
     views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" else None
     return kind, conv, views
 
@@ -150,8 +151,8 @@ def tucker_conv2d_torch(
     tensors = (x, u_in, core, u_out) + ((bias,) if bias is not None else ())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
-    dec = tucker_decision(shapes, conv, x.dtype, x.device, needs_grad)
+    kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
     if not needs_grad:
-        weights, spatial, _ = _weights(dec.kind, u_in, core, u_out)
+        weights, spatial, _ = _weights(kind, u_in, core, u_out)
         return _run(x, weights, spatial, bias, *conv, keep=False)[0]
-    return TuckerConvFunction.apply(x, u_in, core, u_out, bias, dec.kind, conv, OPTIONS.recompute)
+    return TuckerConvFunction.apply(x, u_in, core, u_out, bias, kind, conv, OPTIONS.recompute)

@@ -1,0 +1,122 @@
+"""Which Tucker plan kind runs on a CPU: the cost model's candidates timed on this machine, once per shape.
+
+The cost model prices a convolution from GEMM rates and one measured scale per kernel class, and that is not
+enough to order the kinds where they are close. On the EPYC VM (2026-12-02) oneDNN ran a 3x3 convolution on 38
+channels at half the rate of one on 48, and two threads sped up the dense convolution far more than three small
+ones: ResNet-34's 64-channel conv at Tucker ranks 38, batch 8, training, two threads: three convolutions 43.8
+ms, the factors folded into the core (`fold-in`) 24.6, the rebuilt dense weight 21.4, nn.Conv2d 29.4; at batch 1
+the three convolutions were 1.3x slower than nn.Conv2d. The model picked the three convolutions everywhere.
+
+So on a CPU the first call of a shape times the kinds the model predicts within 3x of its pick, on random
+tensors of the layer's shapes (the batch capped at 8: the order of the kinds does not change past it, and a
+large batch would make the timing slow), forward alone or forward and backward as the call needs, interleaved
+over two rounds; the fastest wins if it is 5% faster than the model's pick. The choice is kept in memory and
+under $TNK_CACHE_DIR per CPU model, thread count and torch version: 0.1-1 s once per layer shape and machine.
+`TNK_TUCKER_TUNE=0` keeps the model's pick (the tests set it, so that what they check does not depend on the
+machine); `tnkernels.plan.options(tucker_force=...)` overrides both.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from ...plan.cache import OPTIONS, tucker_decision
+from ...plan.calibrate import _timeit, cache_dir, cpu_model, read_json, write_json_atomic
+
+MAX_BATCH = 8  # shapes are timed at this batch at most
+_WITHIN = 3.0  # kinds predicted more than this many times slower than the model's pick are not timed
+_MARGIN = 0.95  # another kind must be this much faster than the model's pick to replace it
+_LOCK = threading.Lock()
+_MEMO: dict[str, str] = {}
+
+
+def _tuning(device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and OPTIONS.tucker_force is None
+        and os.environ.get("TNK_TUCKER_TUNE") != "0"
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _machine() -> str:
+    return f"cpu:{cpu_model()}:{torch.get_num_threads()}threads|torch{torch.__version__}"
+
+
+def _path() -> str:
+    return os.path.join(cache_dir(), "tucker_kinds.json")
+
+
+def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str:
+    """The plan kind to run: the cost model's pick, or on a CPU the fastest measured candidate."""
+    dec = tucker_decision(shapes, conv, dtype, device, needs_grad)
+    if not _tuning(device):
+        return dec.kind
+    (n, *rest), *factor_shapes = shapes
+    timed_shapes = ((min(n, MAX_BATCH), *rest), *factor_shapes)
+    key = f"{timed_shapes}|{conv}|{dtype}|{'grad' if needs_grad else 'fwd'}"
+    machine = _machine()
+    found = _MEMO.get(machine + key)
+    if found is not None:
+        return found
+    with _LOCK:
+        found = _MEMO.get(machine + key) or read_json(_path()).get(machine, {}).get(key)
+        if found is None:
+            predicted = dict(dec.alternatives)  # forward seconds per kind
+            candidates = [k for k, seconds in predicted.items() if seconds <= _WITHIN * predicted[dec.kind]]
+            found = measure(timed_shapes, conv, dtype, needs_grad, candidates, dec.kind)
+            _store(key, found)
+        _MEMO[machine + key] = found
+        return found
+
+
+def measure(shapes: tuple, conv: tuple, dtype: torch.dtype, needs_grad: bool, kinds: list[str], pick: str) -> str:
+    """Time `kinds` on random tensors of `shapes`; the fastest if it beats `pick` by the margin, else `pick`."""
+    from .torch_impl import TuckerConvFunction, _run, _weights
+
+    x_shape, u_in_shape, core_shape, u_out_shape = shapes
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=g, dtype=dtype) for s in (x_shape, u_in_shape, core_shape, u_out_shape)]
+    if needs_grad:
+        tensors = [t.requires_grad_() for t in tensors]
+
+    def call(kind: str):
+        x, u_in, core, u_out = tensors
+        if not needs_grad:
+            with torch.no_grad():
+                weights, spatial, _ = _weights(kind, u_in, core, u_out)
+                return _run(x, weights, spatial, None, *conv, keep=False)[0]
+        for t in tensors:
+            t.grad = None
+        with torch.enable_grad():
+            TuckerConvFunction.apply(x, u_in, core, u_out, None, kind, conv, False).sum().backward()
+
+    best = {k: float("inf") for k in kinds}
+    cpu = torch.device("cpu")
+    for _ in range(2):  # interleaved rounds: a burst of load spoils one round of every kind, not one kind
+        for kind in kinds:
+            seconds = _timeit(lambda k=kind: call(k), cpu, budget_s=0.02, min_calls=2, max_calls=10)
+            best[kind] = min(best[kind], seconds)
+    fastest = min(best, key=best.get)
+    return fastest if pick not in best or best[fastest] < _MARGIN * best[pick] else pick
+
+
+def _store(key: str, kind: str) -> None:
+    data = read_json(_path())
+    data.setdefault(_machine(), {})[key] = kind
+    try:
+        write_json_atomic(_path(), data)
+    except OSError:
+        pass  # a read-only home must not break the forward pass: the choice stays in memory
+
+
+def forget() -> None:
+    """Drop this machine's measured choices (memory and disk): they are measured again as layers need them."""
+    with _LOCK:
+        _MEMO.clear()
+        data = read_json(_path())
+        if data.pop(_machine(), None) is not None:
+            write_json_atomic(_path(), data)
