@@ -83,6 +83,8 @@ def measure(shapes: tuple, conv: tuple, dtype: torch.dtype, needs_grad: bool, ki
     if needs_grad:
         tensors = [t.requires_grad_() for t in tensors]
 
+    upstream = {}  # a dense gradient, as a layer inside a network gets (y.sum() would hand it a stride-0 one)
+
     def call(kind: str):
         x, u_in, core, u_out = tensors
         if not needs_grad:
@@ -92,7 +94,10 @@ def measure(shapes: tuple, conv: tuple, dtype: torch.dtype, needs_grad: bool, ki
         for t in tensors:
             t.grad = None
         with torch.enable_grad():
-            TuckerConvFunction.apply(x, u_in, core, u_out, None, kind, conv, False).sum().backward()
+            y = TuckerConvFunction.apply(x, u_in, core, u_out, None, kind, conv, False)
+            if "dy" not in upstream:
+                upstream["dy"] = torch.randn(y.shape, generator=g, dtype=dtype)
+            y.backward(upstream["dy"])
 
     best = {k: float("inf") for k in kinds}
     cpu = torch.device("cpu")
