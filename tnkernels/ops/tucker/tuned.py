@@ -5,13 +5,14 @@ enough to order the kinds where they are close. On the EPYC VM (2026-12-02) oneD
 channels at half the rate of one on 48, and two threads sped up the dense convolution far more than three small
 ones: ResNet-34's 64-channel conv at Tucker ranks 38, batch 8, training, two threads: three convolutions 43.8
 ms, the factors folded into the core (`fold-in`) 24.6, the rebuilt dense weight 21.4, nn.Conv2d 29.4; at batch 1
-the three convolutions were 1.3x slower than nn.Conv2d. The model picked the three convolutions everywhere.
+the three convolutions were 1.3x slower than nn.Conv2d. The model picked the three convolutions at every point of the grid.
 
 So on a CPU the first call of a shape times the kinds the model predicts within 3x of its pick, on random
-tensors of the layer's shapes (the batch capped at 8: the order of the kinds does not change past it, and a
-large batch would make the timing slow), forward alone or forward and backward as the call needs, interleaved
-over two rounds; the fastest wins if it is 5% faster than the model's pick. The choice is kept in memory and
-under $TNK_CACHE_DIR per CPU model, thread count and torch version: 0.1-1 s once per layer shape and machine.
+tensors of the layer's shapes (the batch capped at 8, assuming every kind's time grows about linearly with the
+batch past it: a large batch would make the timing slow), forward alone or forward and backward as the call needs, interleaved
+over three rounds; the fastest wins if it is 5% faster than the model's pick. The choice is kept in memory and
+under $TNK_CACHE_DIR per CPU model, thread count and torch version: 0.1-1.5 s once per layer shape and
+machine. On a noisy machine a choice can still be wrong (`forget()` measures again).
 `TNK_TUCKER_TUNE=0` keeps the model's pick (the tests set it, so that what they check does not depend on the
 machine); `tnkernels.plan.options(tucker_force=...)` overrides both.
 """
@@ -101,9 +102,9 @@ def measure(shapes: tuple, conv: tuple, dtype: torch.dtype, needs_grad: bool, ki
 
     best = {k: float("inf") for k in kinds}
     cpu = torch.device("cpu")
-    for _ in range(2):  # interleaved rounds: a burst of load spoils one round of every kind, not one kind
+    for _ in range(3):  # interleaved rounds: a burst of load spoils one round of every kind, not one kind
         for kind in kinds:
-            seconds = _timeit(lambda k=kind: call(k), cpu, budget_s=0.02, min_calls=2, max_calls=10)
+            seconds = _timeit(lambda k=kind: call(k), cpu, budget_s=0.02, min_calls=3, max_calls=10)
             best[kind] = min(best[kind], seconds)
     fastest = min(best, key=best.get)
     return fastest if pick not in best or best[fastest] < _MARGIN * best[pick] else pick
