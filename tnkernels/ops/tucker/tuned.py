@@ -5,14 +5,15 @@ enough to order the kinds where they are close. On the EPYC VM (2026-12-02) oneD
 channels at half the rate of one on 48, and two threads sped up the dense convolution far more than three small
 ones: ResNet-34's 64-channel conv at Tucker ranks 38, batch 8, training, two threads: three convolutions 43.8
 ms, the factors folded into the core (`fold-in`) 24.6, the rebuilt dense weight 21.4, nn.Conv2d 29.4; at batch 1
-the three convolutions were 1.3x slower than nn.Conv2d. The model picked the three convolutions at every point of the grid.
+the three convolutions were 1.3x slower than nn.Conv2d. The model picked the three convolutions at every point
+of the grid.
 
 So on a CPU the first call of a shape times the kinds the model predicts within 3x of its pick, on random
 tensors of the layer's shapes (the batch capped at 8, assuming every kind's time grows about linearly with the
-batch past it: a large batch would make the timing slow), forward alone or forward and backward as the call needs, interleaved
-over three rounds; the fastest wins if it is 5% faster than the model's pick. The choice is kept in memory and
-under $TNK_CACHE_DIR per CPU model, thread count and torch version: 0.1-1.5 s once per layer shape and
-machine. On a noisy machine a choice can still be wrong (`forget()` measures again).
+batch past it: a large batch would make the timing slow), forward alone or forward and backward as the call
+needs, interleaved over three rounds; the fastest wins if it is 5% faster than the model's pick. The choice is
+kept in memory and under $TNK_CACHE_DIR per CPU model, thread count and torch version: 0.1-1.5 s once per layer
+shape and machine. On a noisy machine a choice can still be wrong (`forget()` measures again).
 `TNK_TUCKER_TUNE=0` keeps the model's pick (the tests set it, so that what they check does not depend on the
 machine); `tnkernels.plan.options(tucker_force=...)` overrides both.
 """
