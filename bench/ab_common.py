@@ -1,14 +1,15 @@
-"""What the A/B scripts share: timing a call, naming the CPU, and the markdown table they print and write."""
+"""What the A/B scripts share: timing a call and the markdown table they print and write."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from tnkernels.plan.calibrate import cpu_model
 
 
 def best_us(fn, min_time: float = 0.02, batches: int = 3) -> float:
@@ -32,16 +33,6 @@ def best_us(fn, min_time: float = 0.02, batches: int = 3) -> float:
     return best * 1e6
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class Table:
     """A markdown report: a title with the date, a line naming the machine, a header; rows printed as they come."""
 
@@ -50,7 +41,7 @@ class Table:
         self.lines = [
             f"# {title}, {now}",
             "",
-            f"{cpu_name()}, {threads} thread(s), torch {torch.__version__}, load average "
+            f"{cpu_model()}, {threads} thread(s), torch {torch.__version__}, load average "
             f"{os.getloadavg()[0]:.2f}. {what}",
             "",
             "| " + " | ".join(columns) + " |",

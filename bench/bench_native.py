@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill._atomic import atomic_write_text  # noqa: E402
 from tnkernels.ops import mpo_linear  # noqa: E402
 from tnkernels.ops.mpo import native_impl  # noqa: E402
+from tnkernels.plan.calibrate import cpu_model  # noqa: E402
 
 SHAPES = {  # name: (in_features, out_features)
     "gpt2xl_fc": (1600, 6400),
@@ -206,14 +207,7 @@ def bench_cell(
 
 
 def environment() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),

@@ -39,6 +39,7 @@ from tnkernels.plan import (
     options,
     tucker_decision,
 )
+from tnkernels.plan.calibrate import cpu_model
 from tnkernels.plan.cost import roofline_seconds
 from tnkernels.plan.mpo import sweep_backward_steps
 
@@ -259,12 +260,7 @@ def plan_lookup_us(n: int = 20000) -> float:
 
 
 def environment() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("tltorch", "tensorly", "torch_mpo", "opt_einsum", "triton"):
         try:

@@ -194,10 +194,18 @@ def test_convolutions_are_priced_at_their_measured_scale_of_the_gemm_rate():
     assert plain.conv_rate_scale(9) == plain.conv_rate_scale(1) == 1.0  # not measured: the GEMM's rate
 
 
-def test_conv_scale_is_measured_for_both_kernel_classes():
-    cal = Calibration("cpu", "torch.float32", 1e-6, 1e10, {1: 1e9, 256: 1e11})
+def test_conv_scale_is_the_measured_rate_over_the_gemm_rate_clamped(monkeypatch):
+    # a flat GEMM rate of 1e11 FLOP/s; each probe convolution "takes" the time its FLOPs need at 2e11 (the 3x3) or
+    # at 1e10 (the 1x1, below the clamp): scales 2.0 and 0.25
+    cal = Calibration("cpu", "torch.float32", 0.0, 1e10, {1: 1e11, 256: 1e11})
+    rate = {"1x1": 1e10, "kxk": 2e11}
+    flops = {name: 2 * side * side * ci * k * k * co for name, (ci, co, k, side) in calibrate._CONV_PROBES.items()}
+    seconds = {3: flops["kxk"] / rate["kxk"], 1: flops["1x1"] / rate["1x1"]}
+    monkeypatch.setattr(calibrate, "_timeit", lambda fn, device, **kw: seconds[fn.__defaults__[2] * 2 + 1])
     scale = calibrate._measure_conv_scale(cal, torch.device("cpu"), torch.float32, rounds=1)
-    assert set(scale) == {"1x1", "kxk"} and all(0.25 <= v <= 4.0 for v in scale.values())
+    assert scale == {"1x1": pytest.approx(0.25), "kxk": pytest.approx(2.0)}
+    monkeypatch.undo()  # the real probes run and give a scale for both classes
+    assert set(calibrate._measure_conv_scale(cal, torch.device("cpu"), torch.float32, rounds=1)) == {"1x1", "kxk"}
 
 
 def test_explain_lists_steps_alternatives_and_memory():

@@ -15,6 +15,7 @@ from tnkernels.ops.mpo import native_impl, thin_bounds, thin_native, torch_low_r
 from tnkernels.ops.mpo.reference import mpo_linear_reference
 from tnkernels.ops.mpo.torch_impl import mpo_linear_torch
 from tnkernels.plan import options
+from tnkernels.plan.calibrate import machine_key
 
 _OK, _WHY = native_impl.is_available()
 needs_native = pytest.mark.skipif(not _OK, reason=f"native extension not built: {_WHY}")
@@ -67,7 +68,7 @@ def test_entries_measured_on_first_use_then_read_from_disk(tmp_path, monkeypatch
     assert measured == [("project", 4, 384), ("project", 9, 384)]  # one entry per rank and width, once each
     assert not first.wins("project", 8, 4, 384) and measured[-1] == ("project", 9, 384)
     stored = json.loads((tmp_path / "thin_bounds.json").read_text())
-    assert stored == {thin_bounds._key(): {"project|4|384": 16, "project|9|384": thin_bounds.NEVER}}
+    assert stored == {machine_key(): {"project|4|384": 16, "project|9|384": thin_bounds.NEVER}}
     assert not list(tmp_path.glob(".tmp.*")), "the atomic write left its temporary file"
     table(None)  # a new process: the entries come from disk, nothing is measured again
     assert thin_bounds.bounds().wins("project", 16, 4, 384) and len(measured) == 2
@@ -94,6 +95,13 @@ def test_an_entry_is_the_fewest_rows_from_which_every_larger_count_wins(monkeypa
 def test_every_product_can_be_timed(kind):
     # the real timing on a tiny shape: each kind's native and torch calls run and give a verdict
     assert isinstance(thin_bounds._native_wins(kind, 16, 3, 40, rounds=1), bool)
+
+
+def test_nothing_is_measured_while_compiling(table, monkeypatch):
+    table(_Table(1))
+    assert thin_bounds.bounds().source == "test"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert thin_bounds.bounds().source == "fixed"
 
 
 def test_swapping_the_table_forgets_remembered_routes():

@@ -13,6 +13,7 @@ from tests.helpers import assert_close_rel, tolerance
 from tnkernels.ops.tucker import tuned
 from tnkernels.ops.tucker.reference import tucker_conv2d_reference
 from tnkernels.plan import options
+from tnkernels.plan.calibrate import machine_key
 
 SHAPES = ((2, 6, 9, 9), (6, 3), (4, 3, 3, 3), (5, 4))  # x, U_in, core, U_out
 CONV = ((1, 1), (1, 1), (1, 1))
@@ -40,7 +41,7 @@ def test_measured_once_then_remembered_and_stored(tuning, monkeypatch):
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out"
     assert len(calls) == 1 and calls[0][1] is True and calls[0][3] in calls[0][2]  # the model's pick is a candidate
     stored = json.loads((tuning / "tucker_kinds.json").read_text())
-    assert list(stored) == [tuned._machine()] and list(stored[tuned._machine()].values()) == ["fold-out"]
+    assert list(stored) == [machine_key()] and list(stored[machine_key()].values()) == ["fold-out"]
     monkeypatch.setattr(tuned, "_MEMO", {})  # a new process: read from disk, not measured again
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out" and len(calls) == 1
     big = ((64, *SHAPES[0][1:]), *SHAPES[1:])  # a batch past MAX_BATCH is timed (and remembered) at MAX_BATCH

@@ -145,6 +145,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def machine_key() -> str:
+    """This CPU, thread count and torch version: the key of what is measured per machine (calibrate.py keeps its
+    own per device and dtype)."""
+    return f"cpu:{cpu_model()}:{torch.get_num_threads()}threads|torch{torch.__version__}"
+
+
+class MachineStore:
+    """Choices measured on this machine, kept in $TNK_CACHE_DIR/<name> under machine_key(): a JSON dict of string
+    keys. Written atomically; a missing or damaged file reads as empty (its entries are measured again), and a
+    read-only cache folder keeps the entries in memory only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _path(self) -> str:
+        return os.path.join(cache_dir(), self.name)
+
+    def load(self) -> dict:
+        stored = read_json(self._path()).get(machine_key(), {})
+        return stored if isinstance(stored, dict) else {}
+
+    def put(self, key: str, value) -> None:
+        data = read_json(self._path())
+        data.setdefault(machine_key(), {})[key] = value
+        try:
+            write_json_atomic(self._path(), data)
+        except OSError:
+            pass  # a read-only home must not break the forward pass: the caller keeps the value in memory
+
+    def drop(self) -> None:
+        """Forget this machine's entries."""
+        data = read_json(self._path())
+        if data.pop(machine_key(), None) is not None:
+            write_json_atomic(self._path(), data)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"

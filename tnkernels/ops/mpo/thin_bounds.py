@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from ...plan.calibrate import _timeit, cache_dir, cpu_model, read_json, write_json_atomic
+from ...plan.calibrate import MachineStore, _timeit
 
 # The products, each native kernel against what torch runs in its place; "width" is the long side:
 #   project    x A, A [in, r] as stored (the kernel copies A^T)    width in     against x @ A
@@ -60,9 +60,6 @@ class FixedBounds:
         "grad_a_t": lambda r: 64 if r <= 4 else max(128, 6 * r),
     }
 
-    def min_rows(self, kind: str, rank: int, width: int) -> int:
-        return self._RULES[kind](rank)
-
     def wins(self, kind: str, rows: int, rank: int, width: int) -> bool:
         return rank <= MAX_RANK and rows >= self._RULES[kind](rank)
 
@@ -72,9 +69,8 @@ class MeasuredBounds:
 
     source = "measured"
 
-    def __init__(self, entries: dict[tuple[str, int, int], int] | None = None, store: bool = True) -> None:
-        self._entries = dict(entries or {})
-        self._store = store  # False: in memory only (tests, A/B runs)
+    def __init__(self, entries: dict[tuple[str, int, int], int]) -> None:
+        self._entries = dict(entries)
         self._lock = threading.Lock()
 
     def min_rows(self, kind: str, rank: int, width: int) -> int:
@@ -85,8 +81,7 @@ class MeasuredBounds:
                 found = self._entries.get(key)
                 if found is None:
                     found = self._entries[key] = measure_entry(kind, rank, width)
-                    if self._store:
-                        _store_entry(key, found)
+                    _STORE.put("|".join(map(str, key)), found)
         return found
 
     def wins(self, kind: str, rows: int, rank: int, width: int) -> bool:
@@ -152,27 +147,13 @@ _LOCK = threading.Lock()
 _BY_THREADS: dict[int, FixedBounds | MeasuredBounds] = {}  # the kernels and the BLAS both scale with threads
 
 
-def _key() -> str:
-    return f"cpu:{cpu_model()}:{torch.get_num_threads()}threads|torch{torch.__version__}"
-
-
-def _path() -> str:
-    return os.path.join(cache_dir(), "thin_bounds.json")
-
-
-def _store_entry(key: tuple[str, int, int], min_rows: int) -> None:
-    data = read_json(_path())
-    data.setdefault(_key(), {})["|".join(map(str, key))] = min_rows
-    try:
-        write_json_atomic(_path(), data)
-    except OSError:
-        pass  # a read-only home must not break the forward pass: the entry stays in memory
+_STORE = MachineStore("thin_bounds.json")
+_FIXED = FixedBounds()
 
 
 def _load_entries() -> dict[tuple[str, int, int], int]:
     entries = {}
-    stored = read_json(_path()).get(_key(), {})
-    for text, min_rows in stored.items() if isinstance(stored, dict) else ():
+    for text, min_rows in _STORE.load().items():
         try:
             kind, rank, width = text.split("|")
             if kind in KINDS:
@@ -189,7 +170,10 @@ def _threads() -> int:
 
 def bounds() -> FixedBounds | MeasuredBounds:
     """This machine's table at the current thread count: measured entries (from disk where stored), or the fixed
-    rules when TNK_THIN_BOUNDS=fixed or the native extension is not built (the kernels are then never called)."""
+    rules when TNK_THIN_BOUNDS=fixed, while torch.compile traces, or when the native extension is not built (the
+    kernels are then never called)."""
+    if torch.compiler.is_compiling():  # nothing is measured while dynamo traces
+        return _FIXED
     threads = _threads()
     found = _BY_THREADS.get(threads)
     if found is not None:
@@ -199,7 +183,7 @@ def bounds() -> FixedBounds | MeasuredBounds:
             from . import thin_native
 
             if os.environ.get("TNK_THIN_BOUNDS") == "fixed" or not thin_native._HAS_THIN:
-                _BY_THREADS[threads] = FixedBounds()
+                _BY_THREADS[threads] = _FIXED
             else:
                 _BY_THREADS[threads] = MeasuredBounds(_load_entries())
         return _BY_THREADS[threads]
@@ -208,9 +192,7 @@ def bounds() -> FixedBounds | MeasuredBounds:
 def forget() -> None:
     """Drop this machine's stored entries (e.g. measured while the machine was busy): they are measured again as
     layers need them."""
-    data = read_json(_path())
-    if data.pop(_key(), None) is not None:
-        write_json_atomic(_path(), data)
+    _STORE.drop()
     use(None)
 
 

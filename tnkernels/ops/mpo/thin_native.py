@@ -12,7 +12,6 @@ thin_bounds' table, measured on this machine: the product, its rank, width and r
 * dh A^T, the backward's dx (`expand_t`): one copy of A^T per call.
 * h^T dy, the backward's dB (`reduce`): a reduction over rows, split by output columns; with [h, 1] it gives
   the bias gradient in the same pass over dy.
-
 * x^T dh, the backward's dA (`grad_a`): the same reduction with H = dh and D = x, written in the parameter's
   layout; where torch runs it instead, the table also picks its layout (`grad_a_t`, torch_low_rank).
 
@@ -49,7 +48,8 @@ def _usable(big: torch.Tensor) -> bool:
 def project(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x2d @ a for a [in, r]: a contiguous A, or B.t() whose transpose is contiguous."""
     if enabled and a.dtype == torch.float32 and _usable(x2d):
-        kind = "project_t" if a.t().is_contiguous() else "project"
+        # a = B.t() of a contiguous B (no copy for the kernel): read from the strides, a.t() would build a view
+        kind = "project_t" if a.stride(0) == 1 and a.stride(1) == a.shape[0] else "project"
         if thin_bounds.bounds().wins(kind, x2d.shape[0], a.shape[1], x2d.shape[1]):
             return _ext.thin_project(x2d, a)
     return x2d @ a

@@ -44,8 +44,6 @@ def factors(cores) -> tuple[torch.Tensor, torch.Tensor]:
 # forward product x A needs no such care on torch: x @ A is as fast as or faster than every other layout at
 # 1-1024 rows, ranks 1-96 (Xeon, 2026-12-01).
 def _transposed_grad_a_wins(rows: int, rank: int, n_in: int) -> bool:
-    if torch.compiler.is_compiling():  # no measuring while dynamo traces: the fixed rule
-        return thin_bounds.FixedBounds().wins("grad_a_t", rows, rank, n_in)
     return thin_bounds.bounds().wins("grad_a_t", rows, rank, n_in)
 
 
@@ -73,10 +71,15 @@ def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
 # with it; 0.85-1.06x from rank 153 up), hence the bounds below.
 _FOLD_MAX_RANK = 64
 _FOLD_MIN_OUTPUT = 1 << 18
+_ADD_IN_PLACE_MIN_ROWS = 8  # mm then add_(bias) instead of addmm from this many rows (see _second_gemm)
+
+
+def _folds(rows: int, rank: int, out_features: int) -> bool:
+    return rank <= _FOLD_MAX_RANK and rows * out_features >= _FOLD_MIN_OUTPUT
 
 
 def _fold_bias(h: torch.Tensor, b: torch.Tensor) -> bool:
-    return h.device.type == "cpu" and h.shape[1] <= _FOLD_MAX_RANK and h.shape[0] * b.shape[1] >= _FOLD_MIN_OUTPUT
+    return h.device.type == "cpu" and _folds(h.shape[0], h.shape[1], b.shape[1])
 
 
 def _with_ones(h: torch.Tensor) -> torch.Tensor:
@@ -101,7 +104,7 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     # The CPU addmm copies the broadcast bias into the output before its GEMM (beta = 1), a pass that costs more
     # than adding the bias to the fresh product in place: 1.03-1.27x from 8 rows up (64 x 1000 at rank 21: 24 ->
     # 20 us; 1024 rows: 493 -> 386 us), level at high ranks. At one row addmm's single call is ~0.2 us cheaper.
-    if h.shape[0] >= 8 and h.device.type == "cpu":
+    if h.shape[0] >= _ADD_IN_PLACE_MIN_ROWS and h.device.type == "cpu":
         return torch.mm(h, b).add_(bias), h
     return torch.addmm(bias, h, b), h
 
@@ -142,14 +145,14 @@ def plan_flags(rows: int, in_features: int, rank: int, out_features: int) -> int
     rows. Each flag is a permission: the C++ side still checks dtype and layout before it runs a native kernel,
     and ignores the bias flags on a layer without bias (so the flags need not know whether it has one)."""
     table = thin_bounds.bounds()
-    flags = ADD_IN_PLACE if rows >= 8 else 0
+    flags = ADD_IN_PLACE if rows >= _ADD_IN_PLACE_MIN_ROWS else 0
     if thin_native.enabled:
         for flag, kind in _NATIVE_FLAGS:
             if table.wins(kind, rows, rank, in_features if kind in _IN_WIDTH else out_features):
                 flags |= flag
     if table.wins("grad_a_t", rows, rank, in_features):
         flags |= GRAD_A_TRANSPOSED
-    if rank <= _FOLD_MAX_RANK and rows * out_features >= _FOLD_MIN_OUTPUT:
+    if _folds(rows, rank, out_features):
         flags |= FOLD_BIAS
     return flags
 

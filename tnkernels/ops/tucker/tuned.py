@@ -26,7 +26,7 @@ import threading
 import torch
 
 from ...plan.cache import OPTIONS, tucker_decision
-from ...plan.calibrate import _timeit, cache_dir, cpu_model, read_json, write_json_atomic
+from ...plan.calibrate import MachineStore, _timeit
 
 MAX_BATCH = 8  # shapes are timed at this batch at most
 _WITHIN = 3.0  # kinds predicted more than this many times slower than the model's pick are not timed
@@ -44,19 +44,13 @@ def _tuning(device: torch.device) -> bool:
     )
 
 
-def _machine() -> str:
-    return f"cpu:{cpu_model()}:{torch.get_num_threads()}threads|torch{torch.__version__}"
-
-
-def _path() -> str:
-    return os.path.join(cache_dir(), "tucker_kinds.json")
+_STORE = MachineStore("tucker_kinds.json")
 
 
 def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str:
     """The plan kind to run: the cost model's pick, or on a CPU the fastest measured candidate."""
-    dec = tucker_decision(shapes, conv, dtype, device, needs_grad)
     if not _tuning(device):
-        return dec.kind
+        return tucker_decision(shapes, conv, dtype, device, needs_grad).kind
     (n, *rest), *factor_shapes = shapes
     timed_shapes = ((min(n, MAX_BATCH), *rest), *factor_shapes)
     # the per-call lookup hashes a tuple: formatting the disk key costs ~4 us, a tenth of a small conv's call
@@ -66,12 +60,13 @@ def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.devic
         return found
     key = f"{timed_shapes}|{conv}|{dtype}|{'grad' if needs_grad else 'fwd'}"
     with _LOCK:
-        found = _MEMO.get(memo_key) or read_json(_path()).get(_machine(), {}).get(key)
+        found = _MEMO.get(memo_key) or _STORE.load().get(key)
         if found is None:
+            dec = tucker_decision(shapes, conv, dtype, device, needs_grad)
             predicted = dict(dec.alternatives)  # forward seconds per kind
             candidates = [k for k, seconds in predicted.items() if seconds <= _WITHIN * predicted[dec.kind]]
             found = measure(timed_shapes, conv, dtype, needs_grad, candidates, dec.kind)
-            _store(key, found)
+            _STORE.put(key, found)
         _MEMO[memo_key] = found
         return found
 
@@ -112,19 +107,8 @@ def measure(shapes: tuple, conv: tuple, dtype: torch.dtype, needs_grad: bool, ki
     return fastest if pick not in best or best[fastest] < _MARGIN * best[pick] else pick
 
 
-def _store(key: str, kind: str) -> None:
-    data = read_json(_path())
-    data.setdefault(_machine(), {})[key] = kind
-    try:
-        write_json_atomic(_path(), data)
-    except OSError:
-        pass  # a read-only home must not break the forward pass: the choice stays in memory
-
-
 def forget() -> None:
     """Drop this machine's measured choices (memory and disk): they are measured again as layers need them."""
     with _LOCK:
         _MEMO.clear()
-        data = read_json(_path())
-        if data.pop(_machine(), None) is not None:
-            write_json_atomic(_path(), data)
+        _STORE.drop()
