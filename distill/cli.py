@@ -40,9 +40,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs when the teacher is trained here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data split, the teacher's training and the students")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for flags, not for None, not twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compress",
         help="slice-wise distillation into a tensorized student",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _common(p)
     g = p.add_mutually_exclusive_group()
@@ -102,13 +112,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--max-seconds-per-slice", type=float, default=None)
     p.set_defaults(func=cmd_compress)
 
-    e = subparsers.add_parser("eval", help="test accuracy of a teacher or of a compressed student")
+    e = subparsers.add_parser(
+        "eval", help="test accuracy of a teacher or of a compressed student", formatter_class=_HelpFormatter
+    )
     _common(e)
     e.add_argument("--compressed", default=None, help="a save_compressed folder, e.g. distill_out/compressed")
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_eval)
 
-    s = subparsers.add_parser("sensitivity", help="per-layer sensitivity scan and rank budget")
+    s = subparsers.add_parser(
+        "sensitivity", help="per-layer sensitivity scan and rank budget", formatter_class=_HelpFormatter
+    )
     _common(s)
     s.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     s.add_argument("--layers", nargs="+", default=None, help="layer names (default: every conv in the stages)")
@@ -184,6 +198,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def cmd_compress(args) -> int:
+    from .arg_checks import check_compress_args
+
+    check_compress_args(args)
     if _is_hf_dir(args.model):
         from .hf.pipeline import compress_hf
 
@@ -204,6 +221,11 @@ def cmd_compress(args) -> int:
     from .train_slice import SliceTrainConfig
 
     device = _setup(args)
+    # Slice names are checked on the untrained architecture: a typo must not wait for the teacher's training.
+    from .slices import make_slices
+    from .teacher import build_model
+
+    make_slices(build_model(args.model or "resnet34"), args.slices)
     out = Path(args.out)
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -238,7 +260,7 @@ def cmd_compress(args) -> int:
     times["eval_teacher_s"] = time.perf_counter() - t
 
     config = SliceTrainConfig(
-        max_steps=args.steps or DEFAULT_STEPS,
+        max_steps=DEFAULT_STEPS if args.steps is None else args.steps,
         batch_size=args.batch_size or DEFAULT_BATCH,
         lr=args.lr or DEFAULT_LR,
         seed=args.seed,

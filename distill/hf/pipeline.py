@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import tnkernels
+from distill.arg_checks import check_compress_args
 from distill.slices import set_submodule
 
 from . import evaluate, text
@@ -86,7 +87,12 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
     )
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
-    p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULTS["seq_len"],
+        help=f"tokens per calibration sequence (default: {DEFAULTS['seq_len']}; BERT sentences are padded to it)",
+    )
     p.add_argument(
         "--num-samples",
         type=int,
@@ -104,7 +110,12 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         help="whitened: low-rank factors fitted to the captured activations (default, the measured best); "
         "plain: TT-SVD of each weight",
     )
-    p.add_argument("--max-seconds-per-slice", type=float, default=None)
+    p.add_argument(
+        "--max-seconds-per-slice",
+        type=float,
+        default=None,
+        help="stop a slice's training after this many seconds (default: no limit, only --steps)",
+    )
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip teacher-vs-student metrics")
 
 
@@ -336,6 +347,7 @@ def _sequential(args, world: int) -> bool:
 
 def compress_hf(args: argparse.Namespace) -> dict | None:
     """``tnk compress --model DIR`` for a Hugging Face folder (flags: :func:`add_arguments`)."""
+    check_compress_args(args)
     rank, world = dist_env()
     model, tokenizer = load_hf_model(args.model)
     family = family_of(model)

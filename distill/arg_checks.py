@@ -1,0 +1,34 @@
+"""Checks of `tnk compress`'s numeric flags, run before anything slow (loading a model, training a teacher).
+
+Both entry points use it: `tnk compress` and `python -m distill.hf.pipeline`. A flag left out (None) keeps its
+default and is not checked here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (test, what the value must be)
+_RULES = {
+    "ratio": (lambda v: v > 1.0, "> 1 (dense parameters / tensorized parameters, e.g. 2 or 4)"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0.0, "> 0"),
+    "workers": (lambda v: v >= 1, ">= 1"),
+    "calib_fraction": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "memory_budget_mb": (lambda v: v > 0.0, "> 0"),
+    "max_seconds_per_slice": (lambda v: v > 0.0, "> 0"),
+    "seq_len": (lambda v: v >= 2, ">= 2"),
+    "num_samples": (lambda v: v >= 1, ">= 1"),
+    "group_size": (lambda v: v >= 1, ">= 1"),
+    "num_cores": (lambda v: v >= 2, ">= 2"),
+    "teacher_epochs": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_compress_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first flag whose value is out of range."""
+    for name, (ok, must) in _RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value}")
