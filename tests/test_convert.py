@@ -173,3 +173,25 @@ def test_load_refuses_model_without_tensorized_layers(tmp_path):
     with pytest.raises(ValueError, match="no tensorized layers"):
         save_compressed(nn.Sequential(nn.Linear(4, 4)), tmp_path / "x")
     assert not Path(tmp_path / "x").exists()
+
+
+def test_load_into_a_model_that_holds_the_saved_one(tmp_path):
+    """A checkpoint of a submodule (a Hugging Face base model) loads into the model around it (the model with its
+    head); the head keeps the skeleton's weights. Two candidate submodules are ambiguous: the usual error."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv2d(3, 8, 3))
+    tensorize(body, ratio=2, rules={"0": {}, "2": {}})
+    save_compressed(body, tmp_path / "body")
+    skeleton = nn.ModuleDict(
+        {"backbone": nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv2d(3, 8, 3)), "head": nn.Linear(32, 4)}
+    )
+    head_weight = skeleton["head"].weight.detach().clone()
+    loaded = load_compressed(skeleton, tmp_path / "body")
+    assert loaded is skeleton and isinstance(skeleton["backbone"][0], MPOLinear)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton["backbone"][0](x), body[0](x), rtol=0, atol=0)
+    assert torch.equal(skeleton["head"].weight, head_weight)
+    twins = nn.ModuleDict({k: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv2d(3, 8, 3)) for k in "ab"})
+    with pytest.raises(ValueError, match="skeleton model lacks"):
+        load_compressed(twins, tmp_path / "body")

@@ -59,7 +59,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None
     ``AutoModel`` for BERT. The tokenizer is ``None`` when the folder has no tokenizer files.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     family = _read_model_type(model_dir)
@@ -69,14 +69,32 @@ def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None
         raise ValueError(f"causal_lm=True needs a GPT-2 family model, {model_dir} holds a {family} model")
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = cls.from_pretrained(model_dir, local_files_only=True).eval()
-    tokenizer = None
-    if with_tokenizer and any(
-        (model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
-    ):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        if tokenizer.pad_token is None:  # GPT-2 ships without one; padding positions are masked anyway
-            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_dir) if with_tokenizer and has_tokenizer(model_dir) else None
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a local folder (``save_pretrained``), with a pad token (GPT-2 ships without one;
+    padded positions are masked anyway)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(folder):
+        raise ValueError(
+            f"--tokenizer: {str(folder)!r} holds none of {', '.join(_TOKENIZER_FILES)}; give a folder where a "
+            "tokenizer was saved with save_pretrained"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def build_from_config(family: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides):

@@ -35,7 +35,7 @@ from distill.slices import set_submodule
 
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
-from .models import base_model, family_of, load_hf_model
+from .models import base_model, family_of, load_hf_model, load_tokenizer
 from .presets import ATTENTION_PATTERNS, PRESETS, default_preset, resolve, slice_specs
 from .train import INITS, tensorize_slice, train_slice
 
@@ -43,6 +43,7 @@ DEFAULTS = {
     "preset": None,  # per family: presets.DEFAULT_PRESET (block for BERT, mlp for GPT-2)
     "attention": False,
     "text": None,
+    "tokenizer": None,
     "seq_len": 128,
     "num_samples": 256,
     "batch_size": 8,
@@ -87,6 +88,11 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
     )
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="folder of a saved tokenizer, for a model folder saved without one (default: the model folder's)",
+    )
     p.add_argument(
         "--seq-len",
         type=int,
@@ -142,7 +148,11 @@ def calibration_data(
 ) -> tuple[list[dict], object]:
     """(calibration batches, held-out eval data): token blocks for GPT-2, padded sentences for BERT."""
     if tokenizer is None:
-        raise ValueError("the model folder has no tokenizer files; calibration text needs the model's tokenizer")
+        raise ValueError(
+            "the model folder has no tokenizer files and calibration text needs the model's tokenizer: pass "
+            "--tokenizer DIR (a folder where the family's tokenizer was saved with save_pretrained) or copy its "
+            "files into the model folder"
+        )
     texts = text.read_texts(text_path)
     if family == "gpt2":
         calib_t, held_t = text.split_holdout(texts)
@@ -349,7 +359,15 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
     """``tnk compress --model DIR`` for a Hugging Face folder (flags: :func:`add_arguments`)."""
     check_compress_args(args)
     rank, world = dist_env()
-    model, tokenizer = load_hf_model(args.model)
+    tokenizer_dir = _opt(args, "tokenizer")
+    model, tokenizer = load_hf_model(args.model, with_tokenizer=tokenizer_dir is None)
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"--tokenizer {tokenizer_dir}: {len(tokenizer)} tokens, but the model embeds only "
+                f"{model.get_input_embeddings().num_embeddings}; give the tokenizer the model was trained with"
+            )
     family = family_of(model)
     calib, held = calibration_data(
         family,

@@ -100,6 +100,18 @@ def test_pipeline_save_load_automodel_skeleton_and_resume(tiny_dir, tmp_path):
             1e-5,
             "load_compressed vs pipeline",
         )
+    if family_of(in_memory) == "gpt2":  # the base model's checkpoint also loads under the LM head, for generate()
+        from transformers import AutoModelForCausalLM
+
+        lm = tnkernels.load_compressed(AutoModelForCausalLM.from_pretrained(tiny_dir), out / "compressed").eval()
+        assert type(lm.transformer.h[0].mlp.c_fc).__name__ == "MPOLinear"
+        with torch.no_grad():
+            assert_close_rel(
+                lm.transformer(input_ids=ids).last_hidden_state,
+                loaded(input_ids=ids).last_hidden_state,
+                1e-6,
+                "LM skeleton vs AutoModel skeleton",
+            )
     # resume: a rerun trains nothing again (slice checkpoints untouched)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()}
     compress_hf(_args(tiny_dir, out, "--preset", "block", "--no-eval"))
@@ -129,3 +141,23 @@ def test_bad_model_dirs(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     with pytest.raises(ValueError, match="not supported"):
         load_hf_model(tmp_path)
+
+
+def test_tokenizer_from_another_folder(tmp_path):
+    """A model folder saved without its tokenizer: a clear error, and --tokenizer DIR supplies one."""
+    from distill.hf.models import build_from_config
+    from tests.hf.conftest import TINY, make_tokenizer
+
+    model_dir, tok_dir = tmp_path / "model", tmp_path / "tok"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="--tokenizer DIR"):
+        compress_hf(_args(model_dir, tmp_path / "out", "--no-eval"))
+    with pytest.raises(ValueError, match="--tokenizer: .* holds none of"):
+        compress_hf(_args(model_dir, tmp_path / "out", "--no-eval", "--tokenizer", str(tmp_path)))
+    make_tokenizer("gpt2").save_pretrained(tok_dir)
+    report = compress_hf(_args(model_dir, tmp_path / "out", "--no-eval", "--tokenizer", str(tok_dir)))
+    assert report["params_after"] < report["params_before"]
+    small_vocab = tmp_path / "small-vocab"
+    build_from_config("gpt2", **{**TINY["gpt2"], "vocab_size": 64}).save_pretrained(small_vocab)
+    with pytest.raises(ValueError, match="256 tokens, but the model embeds only 64"):
+        compress_hf(_args(small_vocab, tmp_path / "out2", "--no-eval", "--tokenizer", str(tok_dir)))

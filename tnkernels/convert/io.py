@@ -198,13 +198,29 @@ def _build_layer(name: str, entry: dict, old: nn.Module) -> nn.Module:
     raise ValueError(f"load_compressed: layer {name!r} has unknown kind {kind!r}")
 
 
+def _checkpoint_root(model: nn.Module, names: list[str]) -> nn.Module:
+    """The module the checkpoint's layer names are relative to: `model`, or else its one submodule under which
+    every name exists. A checkpoint of a Hugging Face base model ("h.0.mlp.c_fc") then loads into the model with
+    its head ("transformer.h.0.mlp.c_fc"), whose head weights stay the skeleton's."""
+    modules = dict(model.named_modules())
+    if not names or all(n in modules for n in names):
+        return model
+    prefixes = {m[: -len(names[0])] for m in modules if m.endswith("." + names[0])}
+    fits = [p for p in prefixes if all(p + n in modules for n in names)]
+    return model.get_submodule(fits[0][:-1]) if len(fits) == 1 else model  # else: the error names the layer
+
+
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the tensorized layers of `path` inside the uncompressed skeleton `model` (in place, no
-    decomposition), load every weight, and return the model. Mismatches and corrupted files raise ValueError."""
+    decomposition), load every weight, and return the model. Mismatches and corrupted files raise ValueError.
+
+    The checkpoint may hold a submodule of `model`: one saved from a Hugging Face base model (what `tnk compress`
+    writes) loads into `AutoModel` and into `AutoModelForCausalLM` alike."""
     spec = read_spec(path)
+    target = _checkpoint_root(model, list(spec["layers"]))
     for name, entry in spec["layers"].items():
         try:
-            old = model.get_submodule(name)
+            old = target.get_submodule(name)
         except AttributeError:
             raise ValueError(
                 f"load_compressed: the checkpoint has a tensorized layer {name!r} that the skeleton model lacks; "
@@ -212,9 +228,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             ) from None
         new = _build_layer(name, entry, old)
         for alias in [name, *entry.get("aliases", [])]:
-            _set_submodule(model, alias, new)
+            _set_submodule(target, alias, new)
     try:
-        load_model(model, str(Path(path) / WEIGHTS_FILE), strict=True)
+        load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
     except (RuntimeError, KeyError) as exc:
         raise ValueError(
             f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
