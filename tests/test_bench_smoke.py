@@ -96,3 +96,15 @@ def test_structure_tradeoff_lists_every_structure_with_error_and_time():
         assert 0.0 < r["rel_error"] < 1.0 and all(t > 0 for t in r["predicted_fwd_s"].values())
     picked = {p for r in rows for p in r["picked_by"]}
     assert picked == {"speed", "accuracy"}
+
+
+def test_generate_bench_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    hf_generate = pytest.importorskip("bench.hf_generate")
+    out = tmp_path / "gen.md"
+    hf_generate.main(["--size", "tiny", "--ratios", "2", "4", "--new-tokens", "3", "--rounds", "1", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["2", "4"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert len(cells) == 10 and cells[6].endswith("x") and float(cells[6][:-1]) > 0, r

@@ -1,0 +1,116 @@
+"""Text generation latency of GPT-2, dense against tensorized: the decode loop, where every layer sees one row.
+
+    pip install transformers
+    python bench/hf_generate.py [--size small] [--ratios 4 16] [--threads 1] [--out bench/results/x.md]
+
+A GPT-2 of the chosen size is built from its config (random weights: no checkpoint is downloaded here; speed does
+not depend on the weights' values). Every `Conv1D` of the transformer blocks (attention `c_attn` and `c_proj`, MLP
+`c_fc` and `c_proj`) is tensorized with `tnkernels.tensorize(model, ratio=R)`; the tied 768 x 50257 `lm_head`
+stays dense, and at one row it reads as many bytes as a quarter of the blocks, which bounds the speed-up. Greedy
+`generate()` with the KV cache, a 16-token prompt and exactly `--new-tokens` new tokens; dense and tensorized
+are interleaved over rounds and the fastest round of each is kept. The last column times the head alone on one
+hidden state per sequence. Prefill is timed apart (`max_new_tokens=1`), so
+the decode time per token is (generate - prefill) / (new tokens - 1). Only speed is measured: slice-wise
+distillation is what recovers accuracy at a ratio (bench/hf_gpt2.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ab_common import Table  # noqa: E402
+from distill.hf.models import build_from_config  # noqa: E402
+from tnkernels import tensorize  # noqa: E402
+
+SIZES = {  # GPT-2's published shapes
+    "small": dict(n_layer=12, n_embd=768, n_head=12),
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512),  # the smoke test's
+}
+RULES = {"*.attn.c_attn": {}, "*.attn.c_proj": {}, "*.mlp.c_fc": {}, "*.mlp.c_proj": {}}
+PROMPT = 16
+
+
+def _generate_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    out = model.generate(
+        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True
+    )
+    elapsed = time.perf_counter() - start
+    if out.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new_tokens}")
+    return elapsed
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small", help="GPT-2 size (default: small, 124M)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[4, 16], help="compression ratio of every block layer")
+    ap.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call (default 32)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest of each is kept")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (the first new token comes from the prefill)")
+    torch.set_num_threads(args.threads)
+    dense = build_from_config("gpt2", **SIZES[args.size])
+    n_params = sum(p.numel() for p in dense.parameters())
+    table = Table(
+        f"GPT-2 {args.size} generation latency, dense vs tensorized",
+        args.threads,
+        f"{n_params / 1e6:.1f}M parameters (lm_head tied to the embedding, dense). Greedy generate(), KV cache, "
+        f"batch {args.batch}, {PROMPT}-token prompt, {args.new_tokens} new tokens; ms, fastest of "
+        f"{args.rounds} interleaved rounds. Command: `python bench/hf_generate.py --size {args.size}`.",
+        ["ratio", "block params", "dense prefill ms", "tnk prefill ms", "dense ms/token", "tnk ms/token",
+         "decode speed-up", "dense tokens/s", "tnk tokens/s", "lm_head ms/token"],
+    )  # fmt: skip
+    ids = torch.randint(100, 500, (args.batch, PROMPT))
+    with torch.no_grad():  # the dense head's share of a decode step: what no block compression can remove
+        hidden = torch.randn(args.batch, 1, SIZES[args.size]["n_embd"])
+        head_ms = 1e3 * min(_timed(lambda: dense.lm_head(hidden)) for _ in range(args.rounds * 3))
+    for ratio in args.ratios:
+        model = copy.deepcopy(dense)
+        report = tensorize(model, ratio=ratio, rules=RULES)
+        if len(report.tensorized) != 4 * SIZES[args.size]["n_layer"]:
+            raise SystemExit(f"not every block layer was tensorized at ratio {ratio:g}:\n{report}")
+        best = {k: float("inf") for k in ("dense_pre", "tnk_pre", "dense_gen", "tnk_gen")}
+        with torch.no_grad():
+            for m in (dense, model):  # warm up: plans, caches, allocator
+                _generate_s(m, ids, 2)
+            for _ in range(args.rounds):
+                for name, m in (("dense", dense), ("tnk", model)):
+                    best[f"{name}_pre"] = min(best[f"{name}_pre"], _generate_s(m, ids, 1))
+                    best[f"{name}_gen"] = min(best[f"{name}_gen"], _generate_s(m, ids, args.new_tokens))
+        per_token = {k: (best[f"{k}_gen"] - best[f"{k}_pre"]) / (args.new_tokens - 1) for k in ("dense", "tnk")}
+        table.row(
+            f"{ratio:g}",
+            f"{report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M",
+            f"{best['dense_pre'] * 1e3:.1f}",
+            f"{best['tnk_pre'] * 1e3:.1f}",
+            f"{per_token['dense'] * 1e3:.2f}",
+            f"{per_token['tnk'] * 1e3:.2f}",
+            f"{per_token['dense'] / per_token['tnk']:.2f}x",
+            f"{args.batch / per_token['dense']:.0f}",
+            f"{args.batch / per_token['tnk']:.0f}",
+            f"{head_ms:.2f}",
+        )
+    table.write(args.out)
+
+
+if __name__ == "__main__":
+    main()
