@@ -138,11 +138,20 @@ def tucker_cases(draw):
 
 @pytest.mark.parametrize("kind", TUCKER_KINDS)
 @settings(max_examples=10, deadline=None)
-@given(case=tucker_cases(), with_bias=st.booleans(), recompute=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, seed):
+@given(
+    case=tucker_cases(),
+    with_bias=st.booleans(),
+    recompute=st.booleans(),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, channels_last, seed):
     xs, uis, cs, uos, stride, padding, dilation = case
     g = torch.Generator().manual_seed(seed)
-    x, u_in, core, u_out = (torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in (xs, uis, cs, uos))
+    x, u_in, core, u_out = (torch.randn(s, generator=g, dtype=F64) for s in (xs, uis, cs, uos))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, u_in, core, u_out = (t.requires_grad_() for t in (x, u_in, core, u_out))
     bias = torch.randn(uos[0], generator=g, dtype=F64, requires_grad=True) if with_bias else None
     leaves = [x, u_in, core, u_out] + ([bias] if with_bias else [])
     ref = tucker_conv2d_reference(x, u_in, core, u_out, bias, stride, padding, dilation)
@@ -154,6 +163,21 @@ def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, seed):
     assert_close_rel(y, ref, tolerance(F64), f"{kind} forward")
     for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_close_rel(a, e, tolerance(F64), f"{kind} grad of leaf {k}")
+
+
+@pytest.mark.parametrize("kind", TUCKER_KINDS)
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_tucker_output_layout_is_nn_conv2ds(kind, grad, fmt):
+    """An NCHW input gives an NCHW output and a channels-last input a channels-last one, as nn.Conv2d does, for
+    every kind: a folded kernel from einsum has channels-last strides and must not carry them to the output."""
+    conv = torch.nn.Conv2d(5, 6, 3, stride=(1, 2), padding=1)
+    x = torch.randn(2, 5, 7, 9).contiguous(memory_format=fmt).requires_grad_(grad)
+    u_in, core, u_out = torch.randn(5, 3), torch.randn(4, 3, 3, 3), torch.randn(6, 4)
+    want = conv(x)
+    with options(tucker_force=kind), torch.set_grad_enabled(grad):
+        y = tucker_conv2d_torch(x, u_in, core, u_out, conv.bias, (1, 2), (1, 1), (1, 1))
+    assert y.shape == want.shape and y.stride() == want.stride(), (kind, y.stride(), want.stride())
 
 
 @pytest.mark.parametrize("kind", PLAN_KINDS)

@@ -40,7 +40,7 @@ def test_measured_once_then_remembered_and_stored(tuning, monkeypatch):
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out"
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out"
     assert len(calls) == 1 and calls[0][1] is True and calls[0][3] in calls[0][2]  # the model's pick is a candidate
-    stored = json.loads((tuning / "tucker_kinds.json").read_text())
+    stored = json.loads((tuning / "tucker_kinds-v2.json").read_text())
     assert list(stored) == [machine_key()] and list(stored[machine_key()].values()) == ["fold-out"]
     monkeypatch.setattr(tuned, "_MEMO", {})  # a new process: read from disk, not measured again
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out" and len(calls) == 1

@@ -21,7 +21,13 @@ def is_available() -> tuple[bool, str]:
 
 
 def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor):
-    """The conv weights of a plan kind, in order, and which of them carries the spatial kernel (index)."""
+    """The conv weights of a plan kind, in order, and which of them carries the spatial kernel (index).
+
+    Folded kernels are made contiguous, as nn.Conv2d's weight is: einsum returns "rsyx,is->riyx" with the input
+    channel innermost (channels-last strides), and a convolution with a channels-last weight returns a
+    channels-last output even for an NCHW input, which nn.Conv2d never does (a caller's .view() of the output
+    would fail). With a contiguous weight the output takes the input's format, as nn.Conv2d's does. The copy is
+    weight-sized, small beside the einsum that folds it."""
     # [R_in, C_in, 1, 1] and [C_out, R_out, 1, 1] as views: a contiguous copy does not make the CPU convolution
     # faster (re-measured 2026-12-01, forward and backward of the 1x1 convs, within a few percent either way)
     w_in = u_in.t()[:, :, None, None]
@@ -29,11 +35,11 @@ def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Ten
     if kind == "three-convs":
         return [w_in, core, w_out], 1, None
     if kind == "fold-in":
-        return [torch.einsum("rsyx,is->riyx", core, u_in), w_out], 0, None
+        return [torch.einsum("rsyx,is->riyx", core, u_in).contiguous(), w_out], 0, None
     if kind == "fold-out":
-        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core)], 1, None
+        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core).contiguous()], 1, None
     t = torch.einsum("or,rsyx->osyx", u_out, core)  # dense: fold U_out, then U_in
-    return [torch.einsum("osyx,is->oiyx", t, u_in)], 0, t
+    return [torch.einsum("osyx,is->oiyx", t, u_in).contiguous()], 0, t
 
 
 def _run(x, weights, spatial: int, bias, stride, padding, dilation, keep: bool):

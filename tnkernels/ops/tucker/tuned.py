@@ -44,7 +44,9 @@ def _tuning(device: torch.device) -> bool:
     )
 
 
-_STORE = MachineStore("tucker_kinds.json")
+# v2: folded kernels are contiguous since 2026-12-02 (they were channels-last before, which
+# changed their timings); choices measured before are not reused
+_STORE = MachineStore("tucker_kinds-v2.json")
 
 
 def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str:
