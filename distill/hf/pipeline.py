@@ -414,7 +414,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m distill.hf.pipeline`` (and ``torchrun ... -m distill.hf.pipeline``) with the same flags."""
     p = argparse.ArgumentParser(prog="python -m distill.hf.pipeline", description=__doc__.splitlines()[0])
     add_arguments(p)
-    compress_hf(p.parse_args(argv))
+    try:
+        compress_hf(p.parse_args(argv))
+    except ValueError as exc:  # bad flags or inputs: one line naming the fix, as `tnk compress` prints them
+        p.error(str(exc))
 
 
 if __name__ == "__main__":

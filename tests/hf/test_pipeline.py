@@ -161,3 +161,13 @@ def test_tokenizer_from_another_folder(tmp_path):
     build_from_config("gpt2", **{**TINY["gpt2"], "vocab_size": 64}).save_pretrained(small_vocab)
     with pytest.raises(ValueError, match="256 tokens, but the model embeds only 64"):
         compress_hf(_args(small_vocab, tmp_path / "out2", "--no-eval", "--tokenizer", str(tok_dir)))
+
+
+def test_module_entry_point_reports_bad_flags_in_one_line(tiny_dir, tmp_path, capsys):
+    from distill.hf.pipeline import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tiny_dir), "--ratio", "0.5", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "error: --ratio must be > 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
