@@ -42,9 +42,10 @@ def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Ten
     return [torch.einsum("osyx,is->oiyx", t, u_in).contiguous()], 0, t
 
 
-# The weight-sized contractions of the folded kinds. Two of them are single GEMMs on reshapes, with no copy; einsum
-# took them through permuted copies and a batched product, 2-3x slower at ResNet-34's 64-channel shapes (2026-12-02,
-# EPYC VM, two threads: the kernel-sized pairing 81 -> 29 us, the output-factor unfold 50 -> ~25 us).
+# Weight-sized contractions of the folded kinds' backward as single GEMMs on reshapes (two with no copy at all):
+# einsum took them through permuted copies and batched products. ResNet-34's 64-channel shapes, ranks 38, EPYC VM,
+# two threads (2026-12-02): pairing over the kernel 71 -> 28 us, over the outer channel and kernel 80 -> 47,
+# the U_out unfold 33 -> 27.
 def _pair_spatial(d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[P, Q] = sum over (s, y, x) of d[P, s, y, x] b[Q, s, y, x]."""
     return d.reshape(d.shape[0], -1) @ b.reshape(b.shape[0], -1).t()
