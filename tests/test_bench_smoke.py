@@ -102,9 +102,13 @@ def test_generate_bench_smoke(tmp_path):
     pytest.importorskip("transformers")
     hf_generate = pytest.importorskip("bench.hf_generate")
     out = tmp_path / "gen.md"
-    hf_generate.main(["--size", "tiny", "--ratios", "2", "4", "--new-tokens", "3", "--rounds", "1", "--out", str(out)])
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [r.split("|")[1].strip() for r in rows] == ["2", "4"]
-    for r in rows:
-        cells = [c.strip() for c in r.strip("|").split("|")]
-        assert len(cells) == 10 and cells[6].endswith("x") and float(cells[6][:-1]) > 0, r
+    for head in ([], ["--head"]):
+        flags = ["--size", "tiny", "--ratios", "2", "4", "--new-tokens", "3", "--rounds", "1", *head]
+        hf_generate.main([*flags, "--out", str(out)])
+        text = out.read_text()
+        rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+        assert [r.split("|")[1].strip() for r in rows] == ["2", "4"]
+        for r in rows:
+            cells = [c.strip() for c in r.strip("|").split("|")]
+            assert len(cells) == 10 and cells[6].endswith("x") and float(cells[6][:-1]) > 0, r
+        assert ("blocks and lm_head" in text) == bool(head)
