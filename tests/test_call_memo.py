@@ -224,6 +224,32 @@ def test_tucker_memo_hits_and_matches_the_reference(tucker_full_path_calls, bias
     assert_close_rel(third, _tucker_reference(layer, x), 1e-5, f"memo call after an in-place update ({kind})")
 
 
+@pytest.mark.parametrize("kind", [None, "three-convs", "fold-in", "fold-out", "dense"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_tucker_training_calls_through_the_memo_match_the_reference(tucker_full_path_calls, kind, recompute):
+    layer = _tucker(bias=True, padding=1).double()
+    x = torch.randn(2, 6, 7, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, *layer.parameters()]
+    with options(tucker_force=kind, recompute=recompute):  # entering options changes the plan generation
+        for step in range(3):  # the first call takes the full path, the others the memo; an update in between
+            y = layer(x)
+            dy = torch.randn_like(y)
+            got = torch.autograd.grad(y, params, dy)
+            w = torch.einsum("or,rsyx,is->oiyx", layer.u_out, layer.core, layer.u_in)  # float64, differentiable
+            want = torch.autograd.grad(F.conv2d(x, w, layer.bias, layer.stride, layer.padding), params, dy)
+            for k, (a, e) in enumerate(zip(got, want, strict=True)):
+                assert_close_rel(a, e, 1e-9, f"step {step}, gradient {k} ({kind})")
+            with torch.no_grad():
+                layer.core.mul_(0.5)
+        assert len(tucker_full_path_calls) == 1
+        with torch.no_grad():  # no-grad calls have their own route
+            layer(x)
+        x.requires_grad_(False)
+        layer.requires_grad_(False)  # nothing needs a gradient: the same no-grad route, even in grad mode
+        layer(x)
+    assert len(tucker_full_path_calls) == 2
+
+
 def test_tucker_memo_follows_replaced_parameters_and_options(tucker_full_path_calls):
     layer = _tucker(padding=1)
     x = torch.randn(1, 6, 7, 7)

@@ -16,7 +16,7 @@ from ..decompose import (
     tucker_ranks_for_error,
     tucker_ranks_for_ratio,
 )
-from ..ops import run_tucker_route, tucker_conv2d, tucker_inference_route, tucker_to_dense
+from ..ops import run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
 from .call_memo import MemoizedCalls
 
 
@@ -140,17 +140,20 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parameters  # direct: each nn.Module attribute lookup of a parameter costs ~0.4 us
         factors = (p["u_in"], p["core"], p["u_out"])
-        # no_grad / inference_mode outside torch.compile: the memo may already know this call's route
-        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        memo = self._memo_for_calls if inference else None
+        bias = p.get("bias")
+        # outside torch.compile the memo may already know this call's route, no-grad or training
+        memo = None if torch.compiler.is_compiling() else self._memo_for_calls
         if memo is not None:
-            known, route = memo.get(x, factors, False)
+            needs_grad = torch.is_grad_enabled() and (
+                x.requires_grad or any(f.requires_grad for f in factors) or (bias is not None and bias.requires_grad)
+            )
+            known, route = memo.get(x, factors, needs_grad)
             if route is not None:
-                return run_tucker_route(x, route, *factors, p.get("bias"))
+                return run_tucker_route(x, route, *factors, bias)
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, backend=self.backend)
-        y = tucker_conv2d(x, *factors, p.get("bias"), **conv)  # validates the call
-        if memo is not None and not known:
-            memo.put(x, factors, False, tucker_inference_route(x, *factors, **conv))
+        y = tucker_conv2d(x, *factors, bias, **conv)  # validates the call
+        if memo is not None and not known:  # after the call: one that raised is not remembered
+            memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv))
         return y
 
     def to_dense(self) -> torch.Tensor:

@@ -24,7 +24,7 @@ __all__ = [
     "mpo_to_dense",
     "tucker_conv2d",
     "tucker_conv2d_reference",
-    "tucker_inference_route",
+    "tucker_route",
     "run_tucker_route",
     "tucker_to_dense",
     "check_mpo_cores",
@@ -133,27 +133,28 @@ def run_low_rank_route(x: torch.Tensor, route: tuple, cores, bias: torch.Tensor 
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 
-def tucker_inference_route(
+def tucker_route(
     x: torch.Tensor,
     u_in: torch.Tensor,
     core: torch.Tensor,
     u_out: torch.Tensor,
     *,
+    needs_grad: bool,
     stride: int | Sequence[int] = 1,
     padding: int | Sequence[int] | str = 0,
     dilation: int | Sequence[int] = 1,
     backend: str = "auto",
 ):
-    """For a caller that repeats no-grad calls on inputs of one shape (TuckerConv2d's call memo): the route a
-    tucker_conv2d call with these (already validated) arguments takes on the torch backend, for
-    `run_tucker_route(x, route, u_in, core, u_out, bias)`; None for other backends and under autograd."""
-    if backend not in ("auto", "torch") or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """For a caller that repeats calls on inputs of one shape (TuckerConv2d's call memo): the route a tucker_conv2d
+    call with these (already validated) arguments takes on the torch backend, no-grad or training as `needs_grad`
+    says, for `run_tucker_route(x, route, u_in, core, u_out, bias)`; None for other backends and while compiling."""
+    if backend not in ("auto", "torch") or torch.compiler.is_compiling():
         return None
-    from .tucker.torch_impl import inference_route
+    from .tucker.torch_impl import route
 
     stride_t, dilation_t = _pair(stride, "stride"), _pair(dilation, "dilation")
     padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)
-    return inference_route(x, u_in, core, u_out, (stride_t, padding_t, dilation_t))
+    return route(x, u_in, core, u_out, (stride_t, padding_t, dilation_t), needs_grad)
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

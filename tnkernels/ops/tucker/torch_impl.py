@@ -147,19 +147,22 @@ class TuckerConvFunction(torch.autograd.Function):
         return dx, du_in, dcore, du_out, d_bias, None, None, None
 
 
-def inference_route(x, u_in, core, u_out, conv: tuple) -> tuple:
-    """What a no-grad tucker_conv2d_torch call on x runs: (plan kind, conv, the weights when they are views of the
-    factors, else None). Folded weights are values computed from the factors, so a caller that keeps the route
-    across calls (TuckerConv2d's call memo) must rebuild them per call: see run_route."""
+def route(x, u_in, core, u_out, conv: tuple, needs_grad: bool) -> tuple:
+    """What a tucker_conv2d_torch call on x runs: (plan kind, conv, the no-grad weights when they are views of the
+    factors else None, needs_grad). Folded weights are values computed from the factors, so a caller that keeps
+    the route across calls (TuckerConv2d's call memo) must rebuild them per call: see run_route. A training route
+    runs the same planned autograd.Function; keeping it only skips the checks and the plan lookup."""
     shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
-    kind = kind_for(shapes, conv, x.dtype, x.device, False)
-    views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" else None
-    return kind, conv, views
+    kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)
+    views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" and not needs_grad else None
+    return kind, conv, views, needs_grad
 
 
 def run_route(x, route: tuple, u_in, core, u_out, bias) -> torch.Tensor:
-    """The no-grad forward of a route from inference_route, on the factors' current values."""
-    kind, conv, views = route
+    """A call along a route from `route`, on the factors' current values."""
+    kind, conv, views, needs_grad = route
+    if needs_grad:
+        return TuckerConvFunction.apply(x, u_in, core, u_out, bias, kind, conv, OPTIONS.recompute)
     weights = views if views is not None else _weights(kind, u_in, core, u_out)[0]
     return _run(x, weights, 1 if kind in ("three-convs", "fold-out") else 0, bias, *conv, keep=False)[0]
 
