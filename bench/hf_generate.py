@@ -7,7 +7,7 @@ A GPT-2 of the chosen size is built from its config (random weights: no checkpoi
 not depend on the weights' values). Every `Conv1D` of the transformer blocks (attention `c_attn` and `c_proj`, MLP
 `c_fc` and `c_proj`) is tensorized with `tnkernels.tensorize(model, ratio=R)`; the tied 768 x 50257 `lm_head`
 stays dense, and at one row it reads as many bytes as half the blocks, which bounds the speed-up; with --head
-it is untied from the input embedding and tensorized too (speed only). Greedy
+it is untied from the input embedding and tensorized too (speed only; `tnk compress --head` distills it). Greedy
 `generate()` with the KV cache, a 16-token prompt and exactly `--new-tokens` new tokens; dense and tensorized
 are interleaved over rounds and the fastest round of each is kept. The last column times the head alone on one
 hidden state per sequence. Prefill is timed apart (`max_new_tokens=1`), so
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--head",
         action="store_true",
-        help="also tensorize lm_head, untied from the input embedding first (speed only: the head's accuracy at a "
-        "ratio is not recovered by any slice preset here)",
+        help="also tensorize lm_head, untied from the input embedding first (speed only; `tnk compress --head` "
+        "distills it)",
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest of each is kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")

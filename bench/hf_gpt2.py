@@ -181,6 +181,9 @@ def main() -> None:
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument("--num-cores", type=int, default=None, help="MPO cores per layer (default: planner)")
     p.add_argument(
+        "--head", action="store_true", help="slice-wise also tensorizes the LM head, untied (distill/hf/head.py)"
+    )
+    p.add_argument(
         "--init",
         default="plain",
         help="slice-wise initialisation, passed to compress_model where it has an init argument (plain: TT-SVD "
@@ -275,6 +278,7 @@ def main() -> None:
             num_cores=args.num_cores,
             progress=False,
             **init_kwargs,
+            **({"head": True} if args.head else {}),
         )
         total = time.perf_counter() - t0
     train_s = sum(s["seconds"] for s in rep["slices"])
@@ -286,7 +290,10 @@ def main() -> None:
         seconds=total,
         capture_seconds=capture_s,
         train_seconds=train_s,
-        slice_nmse=[(s["slice"], s["initial_nmse"], s["final_nmse"], s["steps"]) for s in rep["slices"]],
+        slice_nmse=[
+            (s["slice"], s["initial_nmse"], s["final_nmse"], s["steps"]) for s in rep["slices"] if "initial_nmse" in s
+        ],
+        head_kl=[(s["initial_kl"], s["final_kl"], s["steps"]) for s in rep["slices"] if "initial_kl" in s],
         params_before=rep["params_before"],
         params_after=rep["params_after"],
     )

@@ -15,6 +15,8 @@ Steps (each rank of a ``torchrun`` job does its share; a single process is rank 
 4. Rank 0 waits for every slice checkpoint, puts the students into the model, writes ``OUT/compressed``
    (``tnkernels.save_compressed`` of the *base* model, so ``AutoModel.from_pretrained(DIR)`` is the skeleton)
    and ``OUT/report.json`` (per-slice losses and timings, parameter counts, teacher-vs-student metrics).
+   With ``--head`` (GPT-2) rank 0 first trains the LM head as a last slice on the compressed blocks' outputs
+   (``head.py``) and saves the whole LM instead (skeleton: ``AutoModelForCausalLM.from_pretrained(DIR)``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from distill.slices import set_submodule
 
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
+from .head import distill_head, install_head, output_head
 from .models import base_model, family_of, load_hf_model, load_tokenizer
 from .presets import ATTENTION_PATTERNS, PRESETS, default_preset, resolve, slice_specs
 from .train import INITS, tensorize_slice, train_slice
@@ -44,6 +47,7 @@ DEFAULTS = {
     "attention": False,
     "text": None,
     "tokenizer": None,
+    "head": False,
     "seq_len": 128,
     "num_samples": 256,
     "batch_size": 8,
@@ -87,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         help="slice granularity (default: block for BERT, mlp for GPT-2, the measured best of each)",
     )
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
+    p.add_argument(
+        "--head",
+        action="store_true",
+        help="GPT-2: also tensorize lm_head as a last slice, untied from the input embedding (distill/hf/head.py); "
+        "OUT/compressed then holds the whole LM: load it into AutoModelForCausalLM",
+    )
     p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
     p.add_argument(
         "--tokenizer",
@@ -202,6 +212,7 @@ def compress_model(
     init: str = DEFAULTS["init"],
     sequential: bool | None = None,
     max_seconds_per_slice: float | None = None,
+    head: bool = False,
     held=None,
     device=None,
     progress: bool = True,
@@ -221,12 +232,15 @@ def compress_model(
     model.to(device).eval()
     base = base_model(model)
     family = family_of(model)
+    if head:
+        output_head(model)  # an encoder has none: fail before any work
     preset = preset or default_preset(model)
     specs = slice_specs(model, preset, group_size=group_size, layers=layers)
     (out / "slices").mkdir(parents=True, exist_ok=True)
     ckpt = {s.name: out / "slices" / f"{s.name}.pt" for s in specs}
     teacher = teacher_metrics(model, held) if (held is not None and rank == 0) else None
-    params_before = tnkernels.count_params(base)  # before sequential mode puts students into the model
+    # before sequential mode puts students into the model; with the head, its own weight (untied) counts too
+    params_before = tnkernels.count_params(base) + (tnkernels.count_params(output_head(model)) if head else 0)
     mine = [s for s in my_share(specs, rank, world) if not ckpt[s.name].is_file()]
 
     store = out / "features" / f"rank{rank}"
@@ -304,7 +318,15 @@ def compress_model(
         saved = torch.load(ckpt[s.name], weights_only=False, map_location=device)
         _install(base, saved)
         slice_stats.append(saved["stats"])
-    tnkernels.save_compressed(base, out / "compressed")
+    if head:  # the last slice, on the compressed blocks' outputs; rank 0 only, after every block is in place
+        head_ckpt = out / "slices" / "lm_head.pt"
+        if not head_ckpt.is_file():
+            student, stats = distill_head(model, calib, ratio=ratio, steps=steps, lr=lr)
+            atomic_save({"student": student.cpu(), "stats": stats}, head_ckpt)
+        saved = torch.load(head_ckpt, weights_only=False, map_location=device)
+        install_head(model, saved["student"].to(device))
+        slice_stats.append(saved["stats"])
+    tnkernels.save_compressed(model if head else base, out / "compressed")
     report = {
         "model_family": family,
         "model_class": type(base).__name__,
@@ -316,7 +338,8 @@ def compress_model(
         "world_size": world,
         "num_slices": len(specs),
         "params_before": params_before,
-        "params_after": tnkernels.count_params(base),
+        "params_after": tnkernels.count_params(base) + (tnkernels.count_params(model.lm_head) if head else 0),
+        "head": head,
         "capture_seconds_rank0": capture_s,
         "capture": cap,
         "slices": slice_stats,
@@ -399,6 +422,7 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
         init=_opt(args, "init"),
         sequential=_sequential(args, world),
         max_seconds_per_slice=_opt(args, "max_seconds_per_slice"),
+        head=_opt(args, "head"),
         held=held if _opt(args, "eval") else None,
         device=_opt(args, "device"),
         progress=_opt(args, "progress"),
