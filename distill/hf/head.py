@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnkernels.nn.mpo_linear import MPOLinear
+from tnkernels import MPOLinear
 
 from .whiten import whitened_lowrank
 
