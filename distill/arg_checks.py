@@ -14,6 +14,7 @@ _RULES = {
     "steps": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
     "lr": (lambda v: v > 0.0, "> 0"),
+    "head_lr": (lambda v: v > 0.0, "> 0"),
     "workers": (lambda v: v >= 1, ">= 1"),
     "calib_fraction": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "memory_budget_mb": (lambda v: v > 0.0, "> 0"),
