@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tnkernels import MPOLinear
 from tnkernels.nn import is_hf_conv1d, linear_weight
-from tnkernels.nn.mpo_linear import MPOLinear
 
 from .presets import run_hf_slice
 
