@@ -30,6 +30,7 @@ def no_teacher(monkeypatch):
         (["--memory-budget-mb", "0"], "--memory-budget-mb must be > 0"),
         (["--max-seconds-per-slice", "-5"], "--max-seconds-per-slice must be > 0"),
         (["--teacher-epochs", "0"], "--teacher-epochs must be >= 1"),
+        (["--head-lr", "0"], "--head-lr must be > 0"),
         (["--slices", "layer9.0"], "unknown module name 'layer9.0'"),
     ],
 )
