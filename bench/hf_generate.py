@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.ab_common import Table  # noqa: E402
+from bench.ab_common import Table, best_us  # noqa: E402
 from distill.hf.models import build_from_config  # noqa: E402
 from tnkernels import tensorize  # noqa: E402
 
@@ -48,12 +48,6 @@ def _generate_s(model, ids: torch.Tensor, new_tokens: int) -> float:
     if out.shape[1] != ids.shape[1] + new_tokens:
         raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new_tokens}")
     return elapsed
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(100, 500, (args.batch, PROMPT))
     with torch.no_grad():  # the dense head's share of a decode step: what no block compression can remove
         hidden = torch.randn(args.batch, 1, SIZES[args.size]["n_embd"])
-        head_ms = 1e3 * min(_timed(lambda: dense.lm_head(hidden)) for _ in range(args.rounds * 3))
+        head_ms = best_us(lambda: dense.lm_head(hidden)) / 1e3
     for ratio in args.ratios:
         model = copy.deepcopy(dense)
         rules = dict(RULES)

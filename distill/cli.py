@@ -198,9 +198,6 @@ def _write_json(path: Path, obj) -> None:
 
 
 def cmd_compress(args) -> int:
-    from .arg_checks import check_compress_args
-
-    check_compress_args(args)
     if _is_hf_dir(args.model):
         from .hf.pipeline import compress_hf
 
@@ -215,17 +212,19 @@ def cmd_compress(args) -> int:
 
     import tnkernels
 
+    from .arg_checks import check_compress_args
     from .data import calibration_subset, load_data
     from .runner import distill, tensorized_copy
-    from .teacher import evaluate
+    from .slices import make_slices
+    from .teacher import build_model, evaluate
     from .train_slice import SliceTrainConfig
 
+    check_compress_args(args)
     device = _setup(args)
-    # Slice names are checked on the untrained architecture: a typo must not wait for the teacher's training.
-    from .slices import make_slices
-    from .teacher import build_model
-
-    make_slices(build_model(args.model or "resnet34"), args.slices)
+    # Slice names are checked on the architecture built on the meta device (no weights): a typo must not wait
+    # for the teacher's training.
+    with torch.device("meta"):
+        make_slices(build_model(args.model or "resnet34"), args.slices)
     out = Path(args.out)
     times: dict[str, float] = {}
     t = time.perf_counter()

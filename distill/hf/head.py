@@ -92,7 +92,7 @@ def distill_head(
     best_state = {k: v.clone() for k, v in student.state_dict().items()}
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps)))
-    start, done = time.perf_counter(), 0
+    start = time.perf_counter()
     for step in range(1, steps + 1):
         rows = train_x[torch.randint(len(train_x), (min(batch_tokens, len(train_x)),), generator=g)]
         with torch.no_grad():
@@ -102,7 +102,6 @@ def distill_head(
         loss.backward()
         opt.step()
         sched.step()
-        done = step
         if step % 25 == 0 or step == steps:
             now = val_kl()
             if now < best:
@@ -113,7 +112,7 @@ def distill_head(
         "tokens": len(x),
         "initial_kl": initial,
         "final_kl": best,
-        "steps": done,
+        "steps": steps,
         "seconds": time.perf_counter() - start,
         "ratio": student.compression_ratio,
     }

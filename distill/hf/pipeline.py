@@ -239,15 +239,14 @@ def compress_model(
     model.to(device).eval()
     base = base_model(model)
     family = family_of(model)
-    if head:
-        output_head(model)  # an encoder has none: fail before any work
+    dense_head = output_head(model) if head else None  # an encoder has none: fail before any work
     preset = preset or default_preset(model)
     specs = slice_specs(model, preset, group_size=group_size, layers=layers)
     (out / "slices").mkdir(parents=True, exist_ok=True)
     ckpt = {s.name: out / "slices" / f"{s.name}.pt" for s in specs}
     teacher = teacher_metrics(model, held) if (held is not None and rank == 0) else None
     # before sequential mode puts students into the model; with the head, its own weight (untied) counts too
-    params_before = tnkernels.count_params(base) + (tnkernels.count_params(output_head(model)) if head else 0)
+    params_before = tnkernels.count_params(base) + (tnkernels.count_params(dense_head) if head else 0)
     mine = [s for s in my_share(specs, rank, world) if not ckpt[s.name].is_file()]
 
     store = out / "features" / f"rank{rank}"

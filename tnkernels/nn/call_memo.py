@@ -60,6 +60,13 @@ class CallMemo:
         self._entries[(x.shape, x.dtype, x.device, mode)] = (tuple(params), ptrs, plan_generation(), payload)
 
 
+def needs_autograd(x: torch.Tensor, params: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> bool:
+    """Whether a layer call records autograd: part of a memo key, since training and no-grad calls run differently."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in params) or (bias is not None and bias.requires_grad)
+    )
+
+
 def memo_of(module: torch.nn.Module) -> CallMemo:
     """The module's memo, built on first use rather than in __init__ (so layers unpickled from older versions have
     one too). It lives outside the module's state: the layers drop it in __getstate__ and _apply."""

@@ -24,7 +24,7 @@ from ..ops import (
     run_low_rank_route,
     run_mpo_linear,
 )
-from .call_memo import MemoizedCalls
+from .call_memo import MemoizedCalls, needs_autograd
 from .hf_compat import is_hf_conv1d, linear_weight
 
 DEFAULT_NUM_CORES = 2
@@ -171,9 +171,7 @@ class MPOLinear(MemoizedCalls, nn.Module):
         bias = self._parameters.get("bias")
         memo = None if torch.compiler.is_compiling() else self._memo_for_calls
         if memo is not None:  # the memo may already know how this call runs (call_memo.py)
-            needs_grad = torch.is_grad_enabled() and (
-                x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
-            )
+            needs_grad = needs_autograd(x, cores, bias)
             known, route = memo.get(x, cores, needs_grad)
             if route is not None:
                 return run_low_rank_route(x, route, cores, bias)

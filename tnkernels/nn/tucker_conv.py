@@ -17,7 +17,7 @@ from ..decompose import (
     tucker_ranks_for_ratio,
 )
 from ..ops import run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
-from .call_memo import MemoizedCalls
+from .call_memo import MemoizedCalls, needs_autograd
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -144,9 +144,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         # outside torch.compile the memo may already know this call's route, no-grad or training
         memo = None if torch.compiler.is_compiling() else self._memo_for_calls
         if memo is not None:
-            needs_grad = torch.is_grad_enabled() and (
-                x.requires_grad or any(f.requires_grad for f in factors) or (bias is not None and bias.requires_grad)
-            )
+            needs_grad = needs_autograd(x, factors, bias)
             known, route = memo.get(x, factors, needs_grad)
             if route is not None:
                 return run_tucker_route(x, route, *factors, bias)

@@ -20,6 +20,10 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
+# Which of a kind's convolutions carries the spatial kernel (the others are 1x1)
+_SPATIAL = {"three-convs": 1, "fold-in": 0, "fold-out": 1, "dense": 0}
+
+
 def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor):
     """The conv weights of a plan kind, in order, and which of them carries the spatial kernel (index).
 
@@ -33,13 +37,13 @@ def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Ten
     w_in = u_in.t()[:, :, None, None]
     w_out = u_out[:, :, None, None]
     if kind == "three-convs":
-        return [w_in, core, w_out], 1, None
+        return [w_in, core, w_out], _SPATIAL[kind], None
     if kind == "fold-in":
-        return [torch.einsum("rsyx,is->riyx", core, u_in).contiguous(), w_out], 0, None
+        return [torch.einsum("rsyx,is->riyx", core, u_in).contiguous(), w_out], _SPATIAL[kind], None
     if kind == "fold-out":
-        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core).contiguous()], 1, None
+        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core).contiguous()], _SPATIAL[kind], None
     t = torch.einsum("or,rsyx->osyx", u_out, core)  # dense: fold U_out, then U_in
-    return [torch.einsum("osyx,is->oiyx", t, u_in).contiguous()], 0, t
+    return [torch.einsum("osyx,is->oiyx", t, u_in).contiguous()], _SPATIAL[kind], t
 
 
 # Weight-sized contractions of the folded kinds' backward as single GEMMs on reshapes (two with no copy at all):
@@ -149,22 +153,23 @@ class TuckerConvFunction(torch.autograd.Function):
 
 def route(x, u_in, core, u_out, conv: tuple, needs_grad: bool) -> tuple:
     """What a tucker_conv2d_torch call on x runs: (plan kind, conv, the no-grad weights when they are views of the
-    factors else None, needs_grad). Folded weights are values computed from the factors, so a caller that keeps
-    the route across calls (TuckerConv2d's call memo) must rebuild them per call: see run_route. A training route
-    runs the same planned autograd.Function; keeping it only skips the checks and the plan lookup."""
+    factors else None, the index of the spatial conv, needs_grad). Folded weights are values computed from the
+    factors, so a caller that keeps the route across calls (TuckerConv2d's call memo) must rebuild them per call:
+    see run_route. A training route runs the same planned autograd.Function; keeping it only skips the checks and
+    the plan lookup."""
     shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)
     views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" and not needs_grad else None
-    return kind, conv, views, needs_grad
+    return kind, conv, views, _SPATIAL[kind], needs_grad
 
 
 def run_route(x, route: tuple, u_in, core, u_out, bias) -> torch.Tensor:
     """A call along a route from `route`, on the factors' current values."""
-    kind, conv, views, needs_grad = route
+    kind, conv, views, spatial, needs_grad = route
     if needs_grad:
         return TuckerConvFunction.apply(x, u_in, core, u_out, bias, kind, conv, OPTIONS.recompute)
     weights = views if views is not None else _weights(kind, u_in, core, u_out)[0]
-    return _run(x, weights, 1 if kind in ("three-convs", "fold-out") else 0, bias, *conv, keep=False)[0]
+    return _run(x, weights, spatial, bias, *conv, keep=False)[0]
 
 
 def tucker_conv2d_torch(
