@@ -29,22 +29,20 @@ def _seed_everything():
 
 @pytest.fixture
 def nan_poison(monkeypatch):
-    """Make torch.empty / empty_like return NaN-filled floating tensors, so a kernel that leaves part of a fresh
-    output unwritten (or reads uninitialized memory) fails loudly instead of passing on lucky garbage."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    """Make torch.empty / empty_like / Tensor.new_empty return NaN-filled floating tensors, so a kernel that leaves
+    part of a fresh output unwritten (or reads uninitialized memory) fails loudly instead of passing on lucky
+    garbage."""
 
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
+    def poisoned(real):
+        def make(*args, **kwargs):
+            t = real(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            return t
 
-    def poisoned_empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
+        return make
 
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
     yield

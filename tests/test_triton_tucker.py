@@ -115,6 +115,27 @@ def test_channels_last_and_sliced_input():
     check_against_reference(x_sl, factors, None, conv, torch.float32, "sliced, no bias")
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_output_layout_is_nn_conv2ds(layout, fused, monkeypatch, nan_poison):
+    """The output has nn.Conv2d's strides for the same input (a channels-last model stays channels-last), and every
+    element of the strided output is written (NaN-poisoned allocations)."""
+    if not fused:
+        monkeypatch.setattr(triton_impl, "_MAX_FUSED_R_OUT", 2)
+    x = torch.randn(2, 6, 5, 8)
+    x = {
+        "nchw": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "sliced": x.contiguous(memory_format=torch.channels_last)[:, ::2, :, ::2],
+    }[layout]
+    conv = torch.nn.Conv2d(x.shape[1], 5, 3, padding=1)
+    factors = make_factors(x.shape[1], 2, 4, 5, 3, 3)
+    want = conv(x)
+    y = tucker_conv2d(x, *factors, conv.bias, padding=1, backend="triton")
+    assert y.stride() == want.stride(), (layout, y.stride(), want.stride())
+    check_against_reference(x, factors, conv.bias, ((1, 1), (1, 1), (1, 1)), torch.float32, layout)
+
+
 def test_nan_poisoned_outputs_are_fully_written(nan_poison):
     x = torch.randn(2, 3, 5, 6)
     factors = make_factors(3, 2, 3, 4, 3, 3)

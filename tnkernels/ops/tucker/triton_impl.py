@@ -13,6 +13,7 @@ GEMM) and tucker_grad_core_kernel (per-tap weight reduction), on the recomputed 
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from ..mpo.triton_impl import (
     _IMPORT_ERROR,
@@ -63,7 +64,8 @@ def _forward(
     fuse = r_out <= _MAX_FUSED_R_OUT
     need_h = write_h or not fuse
     h = x.new_empty((nb, r_out, oh, ow)) if need_h else x.new_empty((0,))
-    y = x.new_empty((nb, c_out, oh, ow))
+    fmt = suggest_memory_format(x)  # nn.Conv2d's output layout for x: channels-last in, channels-last out
+    y = torch.empty((nb, c_out, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
     m = nb * oh * ow
     if m == 0 or y.numel() == 0:
         return y, h
@@ -76,6 +78,7 @@ def _forward(
         x, u_in, core, u_out, bias if bias is not None else x, h, y,
         nb, c_in, h_in, w_in, r_in, r_out, c_out, oh, ow, _bucket(m),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         u_in.stride(0), u_in.stride(1),
         core.stride(0), core.stride(1), core.stride(2), core.stride(3),
         u_out.stride(0), u_out.stride(1),
@@ -86,6 +89,7 @@ def _forward(
     if not fuse:
         # y[n, co, p] = sum_r h[n, r, p] * U_out[co, r] + bias[co]   (U_out^T: strides swapped, no copy)
         y = mode_product(h.reshape(nb, r_out, oh * ow), u_out.t(), bias, bias_mod=1).reshape(nb, c_out, oh, ow)
+        y = y.contiguous(memory_format=fmt)  # a copy only for channels-last input (mode_product writes NCHW)
     return y, h
 
 
@@ -114,7 +118,8 @@ def _(x, u_in, core, u_out, bias, stride, padding, dilation, write_h):
     ow = _out_size(w_in, kw, stride[1], padding[1], dilation[1])
     need_h = write_h or r_out > _MAX_FUSED_R_OUT
     h = x.new_empty((nb, r_out, oh, ow)) if need_h else x.new_empty((0,))
-    return [x.new_empty((nb, u_out.shape[0], oh, ow)), h]
+    fmt = suggest_memory_format(x)
+    return [torch.empty((nb, u_out.shape[0], oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt), h]
 
 
 def _grad_proj(dh: torch.Tensor, core: torch.Tensor, in_hw: tuple[int, int], stride, padding, dilation) -> torch.Tensor:

@@ -55,6 +55,7 @@ def tucker_fused_kernel(
     p_x, p_uin, p_core, p_uout, p_bias, p_h, p_y,
     NB, C_IN, H, W, R_IN, R_OUT, C_OUT, OH, OW, M_BUCKET,
     s_xn, s_xc, s_xh, s_xw,
+    s_yn, s_yc, s_yh, s_yw,
     s_uc, s_ur,
     s_co, s_ci, s_cy, s_cx,
     s_uo, s_uor,
@@ -64,8 +65,9 @@ def tucker_fused_kernel(
     DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BRO: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BRI: tl.constexpr, BCO: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(NB*OH*OW, BM), cdiv(R_OUT, BRO)). h: contiguous [NB, R_OUT, OH, OW]; y: contiguous
-    [NB, C_OUT, OH, OW]. FUSE_OUT requires BRO >= R_OUT (one program column)."""
+    """Grid (cdiv(NB*OH*OW, BM), cdiv(R_OUT, BRO)). h: contiguous [NB, R_OUT, OH, OW]; y: [NB, C_OUT, OH, OW]
+    with strides s_y* (NCHW or channels-last, following x as nn.Conv2d does). FUSE_OUT requires BRO >= R_OUT (one
+    program column)."""
     i_m, i_ro = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < NB * OH * OW
@@ -131,7 +133,8 @@ def tucker_fused_kernel(
             b_y = _dot_acc(b_h, b_uo, b_y, DOT_FP64, UPCAST, PRECISION)
             if HAS_BIAS:
                 b_y += tl.load(p_bias + o_co, mask=m_co, other=0.0).to(acc_dtype)[None, :]
-            p_yb = p_y + o_n[:, None] * (C_OUT * OH * OW) + o_co[None, :].to(tl.int64) * (OH * OW) + o_pix[:, None]
+            o_ypix = o_oh.to(tl.int64) * s_yh + o_ow.to(tl.int64) * s_yw
+            p_yb = p_y + o_n[:, None] * s_yn + o_co[None, :].to(tl.int64) * s_yc + o_ypix[:, None]
             tl.store(p_yb, b_y.to(in_dtype), mask=m_m[:, None] & m_co[None, :])
 
 
