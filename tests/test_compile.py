@@ -2,10 +2,15 @@
 
 The triton backend reaches torch.compile as the torch.library custom ops tnkernels::mpo_linear_triton and
 tnkernels::tucker_conv2d_triton (opaque nodes with fake implementations and registered autograd), so dynamo never
-has to trace into a Triton launch. On this CPU machine the triton case runs under TRITON_INTERPRET=1.
+has to trace into a Triton launch. On this CPU machine the triton case runs under TRITON_INTERPRET=1. A model
+compiled before any eager call also traces with fullgraph=True at new batch sizes: the plan decisions are
+constants to dynamo (tnkernels/plan/cache.py).
 """
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import pytest
 import torch
@@ -15,6 +20,8 @@ from torch import nn
 from tests.helpers import assert_close_rel, tolerance
 from tnkernels.nn import MPOLinear, TuckerConv2d
 from tnkernels.ops import backend_available
+from tnkernels.ops.tucker import tuned
+from tnkernels.plan import clear_plans
 
 
 class TinyNet(nn.Module):
@@ -61,3 +68,40 @@ def test_no_graph_breaks(backend, low_rank):
     net(x).square().sum().backward()
     for n, p in net.named_parameters():
         assert_close_rel(grads[n], p.grad, tolerance(torch.float32, backend), f"compiled {backend}: grad {n}")
+
+
+@pytest.mark.parametrize(("backend", "low_rank"), [("torch", False), ("torch", True), ("triton", False)])
+def test_first_call_compiled_with_fullgraph_at_new_batch_sizes(backend, low_rank, monkeypatch, tmp_path):
+    """torch.compile(model, fullgraph=True) before any eager call, then batch sizes dynamo has not seen: the plan
+    searches, the Tucker kind timing and the backend loading run at trace time (they are constants to dynamo), and
+    a new batch size recompiles (one plan per row count, as eager keeps) instead of breaking the graph."""
+    ok, why = backend_available("mpo_linear", backend)
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv("TNK_TUCKER_TUNE", "1")  # the kind is timed on first use: here, while dynamo traces
+    monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuned, "_MEMO", {})
+    clear_plans()
+    net = TinyNet(backend, low_rank)
+    eager = copy.deepcopy(net)
+    dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    tol = tolerance(torch.float32, backend)
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 4, 5, 5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = compiled(x)
+        # dynamo warns about what it meets while tracing our code (it once met a functools-cached function)
+        ours = [str(w.message)[:300] for w in caught if "tnkernels" in str(w.message) + w.filename]
+        assert not ours, ours
+        y_eager = eager(x)
+        assert_close_rel(y, y_eager, tol, f"batch {batch}")
+        y.square().sum().backward()
+        y_eager.square().sum().backward()
+        for (name, p), q in zip(net.named_parameters(), eager.parameters(), strict=True):
+            assert_close_rel(p.grad, q.grad, tol, f"batch {batch}: grad {name}")
+        net.zero_grad()
+        eager.zero_grad()
+    if backend == "torch":  # the kinds timed during tracing were stored like eager ones
+        assert (tmp_path / "tucker_kinds-v2.json").exists()

@@ -21,6 +21,7 @@ from ..ops import (
     check_mpo_cores,
     low_rank_route,
     mpo_to_dense,
+    preload,
     run_low_rank_route,
     run_mpo_linear,
 )
@@ -74,6 +75,7 @@ class MPOLinear(MemoizedCalls, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.in_modes, self.out_modes, self.bonds = in_modes, out_modes, bonds
         self.backend = backend
+        preload("mpo_linear", backend)  # now, not in a first call that torch.compile may be tracing
         full = (1, *bonds, 1)
         factory = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
@@ -190,7 +192,7 @@ class MPOLinear(MemoizedCalls, nn.Module):
     def _check_cores(self, cores: list[torch.Tensor]) -> None:
         where = type(self).__name__
         check_mpo_cores(cores, where)
-        n_in, n_out = math.prod(g.shape[1] for g in cores), math.prod(g.shape[2] for g in cores)
+        n_in, n_out = math.prod([g.shape[1] for g in cores]), math.prod([g.shape[2] for g in cores])
         if (n_in, n_out) != (self.in_features, self.out_features):
             raise ValueError(
                 f"{where}: the cores map {n_in} -> {n_out} features but the layer has in_features="

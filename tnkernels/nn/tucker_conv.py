@@ -16,7 +16,7 @@ from ..decompose import (
     tucker_ranks_for_error,
     tucker_ranks_for_ratio,
 )
-from ..ops import run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
+from ..ops import preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
 from .call_memo import MemoizedCalls, needs_autograd
 
 
@@ -59,6 +59,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.ranks = (r_out, r_in)
         self.backend = backend
+        preload("tucker_conv2d", backend)  # now, not in a first call that torch.compile may be tracing
         factory = {"device": device, "dtype": dtype}
         self.u_in = nn.Parameter(torch.empty(in_channels, r_in, **factory))
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory))

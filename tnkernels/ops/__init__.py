@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..plan.backends import auto_mpo_backend
-from .dispatch import BACKENDS, backend_available, resolve
+from .dispatch import BACKENDS, backend_available, preload, resolve
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
@@ -16,6 +16,7 @@ from .tucker.torch_impl import run_route as run_tucker_route
 __all__ = [
     "BACKENDS",
     "backend_available",
+    "preload",
     "mpo_linear",
     "run_mpo_linear",
     "low_rank_route",
@@ -31,6 +32,10 @@ __all__ = [
     "check_input_width",
     "conv_padding",
 ]
+
+# Resolved at import, not inside the first call (which may be traced by torch.compile): see dispatch.preload.
+preload("mpo_linear", "auto")
+preload("tucker_conv2d", "auto")
 
 
 def check_mpo_cores(cores: Sequence[torch.Tensor], where: str = "mpo_linear") -> None:

@@ -7,6 +7,7 @@ asked for, with a message that says why and what to do.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -45,6 +46,21 @@ def _load(op: str, backend: str):
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}") from exc
     _LOADED[(op, backend)] = (getattr(module, entry), module.is_available())
     return _LOADED[(op, backend)]
+
+
+def preload(op: str, backend: str) -> None:
+    """Load `backend` for `op` now (for "auto": every backend it may pick), so that a first call made under
+    torch.compile finds it loaded: dynamo cannot trace importlib and would break the graph there. A backend that is
+    unavailable is skipped here; asking for it still raises, with the reason, at the call."""
+    names = [backend]
+    if backend == "auto":
+        names = ["torch", "native"] + (["triton"] if os.environ.get("TNK_AUTO_TRITON") == "1" else [])
+    for name in names:
+        if (op, name) in _REGISTRY:
+            try:
+                _load(op, name)
+            except (RuntimeError, ValueError):
+                pass
 
 
 def backend_available(op: str, backend: str) -> tuple[bool, str]:

@@ -1,10 +1,8 @@
 """Per-key plan cache and the planner's run-time options (recompute, forced plan kind, cached dense weights).
 
 The key is made of static facts only (core shapes, row count, dtype, device, whether a gradient is needed and
-the
-options), so a forward pays one dict lookup and never searches, and torch.compile can trace the lookup: the
-key is
-built from Python ints of static shapes and the options are plain module globals that dynamo guards on.
+the options), so a forward pays one dict lookup and never searches. Under torch.compile the lookups run at trace
+time (assume_constant_result below); the options are plain module globals.
 """
 
 from __future__ import annotations
@@ -55,6 +53,10 @@ def plan_stats() -> dict[str, int]:
     return dict(_STATS)
 
 
+# Both decisions are constants to torch.compile: dynamo calls them at trace time, as plain Python, and keeps the
+# result, so a first call made under compile (fullgraph too) can search and calibrate. Callers pass plain ints
+# (operator.index specializes a dynamic size: one graph per row count, as eager keeps one plan per row count).
+@torch.compiler.assume_constant_result
 def mpo_decision(
     shapes: tuple[tuple[int, int, int, int], ...],
     rows: int,
@@ -85,6 +87,7 @@ def mpo_decision(
     return dec
 
 
+@torch.compiler.assume_constant_result
 def tucker_decision(
     key_shapes: tuple,
     conv: tuple,

@@ -13,7 +13,6 @@ thread count, so that it runs once per machine; `recalibrate()` forces a new mea
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -131,10 +130,7 @@ def cache_dir() -> str:
     return os.environ.get("TNK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tnkernels")
 
 
-@functools.cache
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), part of every CPU cache key: a home folder carried to another
-    machine must not bring that machine a calibration it did not measure."""
+def _read_cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -143,6 +139,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+# Read once at import, a plain constant rather than a cached function: torch.compile traces the plan lookups that
+# use it and warns about every functools-cached function it meets.
+_CPU_MODEL = _read_cpu_model()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), part of every CPU cache key: a home folder carried to another
+    machine must not bring that machine a calibration it did not measure."""
+    return _CPU_MODEL
 
 
 def machine_key() -> str:

@@ -10,6 +10,8 @@ forward's intermediate states only when the plan says that is cheaper than recom
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -310,7 +312,7 @@ def low_rank_route(x2d: torch.Tensor, cores: list[torch.Tensor], needs_grad: boo
 def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     flat = x.dim() == 2  # the common case needs neither reshape (each costs ~0.7 us, a tenth of a one-row call)
     x2d = x if flat else x.reshape(-1, x.shape[-1])
-    rows = x2d.shape[0]
+    rows = operator.index(x2d.shape[0])  # a plain int under torch.compile too (specialized: plan/cache.py)
     out_features = 1
     for g in cores:
         out_features *= g.shape[2]

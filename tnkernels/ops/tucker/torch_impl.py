@@ -9,6 +9,8 @@ the weight-sized einsums that undo the folding. Intermediate activations are sav
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -157,7 +159,8 @@ def route(x, u_in, core, u_out, conv: tuple, needs_grad: bool) -> tuple:
     factors, so a caller that keeps the route across calls (TuckerConv2d's call memo) must rebuild them per call:
     see run_route. A training route runs the same planned autograd.Function; keeping it only skips the checks and
     the plan lookup."""
-    shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    # operator.index: plain ints even under torch.compile's dynamic shapes (it specializes them; see plan/cache.py)
+    shapes = (tuple(map(operator.index, x.shape)), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)
     views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" and not needs_grad else None
     return kind, conv, views, _SPATIAL[kind], needs_grad
@@ -185,7 +188,8 @@ def tucker_conv2d_torch(
     conv = (tuple(stride), tuple(padding), tuple(dilation))
     tensors = (x, u_in, core, u_out) + ((bias,) if bias is not None else ())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    shapes = (tuple(x.shape), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    # operator.index: plain ints even under torch.compile's dynamic shapes (it specializes them; see plan/cache.py)
+    shapes = (tuple(map(operator.index, x.shape)), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
     if not needs_grad:
         weights, spatial, _ = _weights(kind, u_in, core, u_out)

@@ -36,12 +36,7 @@ _MEMO: dict[tuple, str] = {}
 
 
 def _tuning(device: torch.device) -> bool:
-    return (
-        device.type == "cpu"
-        and OPTIONS.tucker_force is None
-        and os.environ.get("TNK_TUCKER_TUNE") != "0"
-        and not torch.compiler.is_compiling()
-    )
+    return device.type == "cpu" and OPTIONS.tucker_force is None and os.environ.get("TNK_TUCKER_TUNE") != "0"
 
 
 # v2: folded kernels are contiguous since 2026-12-02 (they were channels-last before, which
@@ -49,6 +44,7 @@ def _tuning(device: torch.device) -> bool:
 _STORE = MachineStore("tucker_kinds-v2.json")
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: chosen (and timed) at trace time, as in eager
 def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str:
     """The plan kind to run: the cost model's pick, or on a CPU the fastest measured candidate."""
     if not _tuning(device):
