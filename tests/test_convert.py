@@ -140,6 +140,20 @@ def test_rules_select_override_and_exclude():
     assert isinstance(model[2], nn.Linear) and model[3].ranks == (2, 2)
 
 
+def test_padding_mode_survives_tensorize_save_and_load(tmp_path):
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(8, 8, 3))
+
+    model = net().eval()
+    tensorize(model, ratio=2)
+    assert isinstance(model[0], TuckerConv2d) and model[0].padding_mode == "reflect"
+    save_compressed(model, tmp_path / "ckpt")
+    restored = load_compressed(net().eval(), tmp_path / "ckpt")
+    assert restored[0].padding_mode == "reflect" and restored[2].padding_mode == "zeros"
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(restored(x), model(x))
+
+
 def test_shared_module_is_converted_once():
     shared = nn.Linear(12, 12)
     model = nn.Sequential(shared, nn.ReLU(), shared)

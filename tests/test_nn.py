@@ -176,6 +176,48 @@ def test_tucker_conv_gradients_match_dense_reference():
         assert_close_rel(got, want, 1e-10, f"grad {name}")
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [(2, 1), "same", "valid"])
+def test_tucker_conv_padding_modes_match_nn_conv2d(mode, padding):
+    """Non-zero padding modes pad the input as nn.Conv2d does ('same' with an even kernel: the odd pixel goes
+    right/bottom), forward and every gradient against autograd through nn.Conv2d in float64; to_conv and
+    save_compressed keep the mode."""
+    conv = nn.Conv2d(3, 4, (3, 2), padding=padding, dilation=(1, 2), padding_mode=mode, dtype=torch.float64)
+    layer = TuckerConv2d.from_conv(conv)  # full ranks: exactly the conv
+    assert layer.padding_mode == mode and f"padding_mode='{mode}'" in repr(layer)
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, want = layer(x), conv(x_ref)
+    assert_close_rel(out, want, 1e-10, f"{mode} {padding}")
+    grad_out = torch.randn_like(want)
+    out.backward(grad_out)
+    want.backward(grad_out)
+    assert_close_rel(x.grad, x_ref.grad, 1e-10, "grad x")
+    w_grad = torch.autograd.grad(F.conv2d(F.pad(x_ref, layer._pad, mode=mode), layer.to_dense(), layer.bias, 1, 0,
+                                          (1, 2)), layer.core, grad_out)[0]  # fmt: skip
+    assert_close_rel(layer.core.grad, w_grad, 1e-10, "grad core")
+    assert layer.to_conv().padding_mode == mode
+    assert_close_rel(layer.to_conv()(x), want, 1e-10, "to_conv")
+
+
+def test_tucker_conv_takes_unbatched_input_like_nn_conv2d():
+    conv = nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect")
+    layer = TuckerConv2d.from_conv(conv)
+    x = torch.randn(3, 6, 7)
+    assert layer(x).shape == conv(x).shape == (5, 6, 7)
+    assert_close_rel(layer(x), conv(x), 1e-5, "unbatched")
+
+
+def test_tucker_conv_pickled_before_padding_modes_still_runs():
+    layer = TuckerConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1))
+    state = layer.__getstate__()
+    del state["padding_mode"], state["_pad"]  # what a layer pickled by an older version holds
+    old = TuckerConv2d.__new__(TuckerConv2d)
+    old.__setstate__(state)
+    x = torch.randn(1, 3, 5, 5)
+    assert old.padding_mode == "zeros" and torch.equal(old(x), layer(x))
+
+
 def test_tucker_conv_state_dict_to_conv_and_repr():
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
     layer = TuckerConv2d.from_conv(conv, ratio=3)
@@ -193,8 +235,8 @@ def test_tucker_conv_bad_input():
         TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="only one of ranks, ratio or rel_tol"):
         TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), ranks=(2, 2), ratio=2)
-    with pytest.raises(ValueError, match="padding_mode"):
-        TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        TuckerConv2d(4, 4, 3, ranks=(2, 2), padding_mode="mirror")
     with pytest.raises(ValueError, match="must be > 1"):
         TuckerConv2d.from_conv(nn.Conv2d(4, 4, 3), ratio=1)
     conv = nn.Conv2d(4, 4, 3)

@@ -66,6 +66,7 @@ def _layer_spec(module: nn.Module) -> dict:
         "stride": list(module.stride),
         "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
         "dilation": list(module.dilation),
+        "padding_mode": module.padding_mode,
         "bias": module.bias is not None,
         "dtype": _dtype_name(module.core.dtype),
         "backend": module.backend,
@@ -191,6 +192,7 @@ def _build_layer(name: str, entry: dict, old: nn.Module) -> nn.Module:
             padding=padding,
             dilation=tuple(entry["dilation"]),
             bias=entry["bias"],
+            padding_mode=entry.get("padding_mode", "zeros"),  # absent in checkpoints from before 2026-12-02
             backend=entry.get("backend", "auto"),
             device=device,
             dtype=dtype,

@@ -185,8 +185,6 @@ def _unsupported_reason(model: nn.Module, name: str, module: nn.Module, kind: st
     if kind == "tucker":
         if module.groups != 1:
             return f"grouped conv (groups={module.groups}) is not supported by Tucker-2"
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} is not supported"
     parent_name = name.rsplit(".", 1)[0] if "." in name else ""
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention):

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
@@ -22,6 +23,23 @@ from .call_memo import MemoizedCalls, needs_autograd
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """F.pad's (left, right, top, bottom) for an nn.Conv2d padding, as nn.Conv2d pads for a non-zero padding_mode:
+    'same' puts the odd pixel of an even total on the right/bottom."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        pads = []
+        for k, d in ((kernel_size[1], dilation[1]), (kernel_size[0], dilation[0])):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    return (padding[1], padding[1], padding[0], padding[0])
 
 
 class TuckerConv2d(MemoizedCalls, nn.Module):
@@ -42,11 +60,14 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"TuckerConv2d: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         r_out, r_in = (int(r) for r in ranks)
         if not (1 <= r_out <= out_channels and 1 <= r_in <= in_channels):
             raise ValueError(
@@ -57,6 +78,11 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        # Non-zero padding modes pad the input first (F.pad), then convolve without padding, as nn.Conv2d does.
+        self._pad = (
+            None if padding_mode == "zeros" else _explicit_padding(self.padding, self.kernel_size, self.dilation)
+        )
         self.ranks = (r_out, r_in)
         self.backend = backend
         preload("tucker_conv2d", backend)  # now, not in a first call that torch.compile may be tracing
@@ -91,8 +117,8 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         n_iter: int = 0,
         backend: str = "auto",
     ) -> TuckerConv2d:
-        """Decompose a trained nn.Conv2d (groups=1, zero padding). Give one of ranks, ratio or rel_tol; none keeps
-        full ranks (exact). `n_iter` adds HOOI refinement sweeps after the HOSVD."""
+        """Decompose a trained nn.Conv2d (groups=1, any padding_mode). Give one of ranks, ratio or rel_tol; none
+        keeps full ranks (exact). `n_iter` adds HOOI refinement sweeps after the HOSVD."""
         where = "TuckerConv2d.from_conv"
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
@@ -101,8 +127,6 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
                 f"{where}: grouped/depthwise convolutions (groups={conv.groups}) are not supported by Tucker-2; "
                 "leave this layer dense (exclude it in tensorize rules)"
             )
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{where}: padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
         chosen = [name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None]
         if len(chosen) > 1:
             raise ValueError(f"{where}: give only one of ranks, ratio or rel_tol (got {', '.join(chosen)})")
@@ -126,6 +150,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
             padding=conv.padding,
             dilation=conv.dilation,
             bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
             backend=backend,
             device=weight.device,
             dtype=weight.dtype,
@@ -139,6 +164,10 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if self._pad is not None:
+            x = F.pad(x, self._pad, mode=self.padding_mode)
         p = self._parameters  # direct: each nn.Module attribute lookup of a parameter costs ~0.4 us
         factors = (p["u_in"], p["core"], p["u_out"])
         bias = p.get("bias")
@@ -149,11 +178,17 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
             known, route = memo.get(x, factors, needs_grad)
             if route is not None:
                 return run_tucker_route(x, route, *factors, bias)
-        conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, backend=self.backend)
+        padding = self.padding if self._pad is None else 0
+        conv = dict(stride=self.stride, padding=padding, dilation=self.dilation, backend=self.backend)
         y = tucker_conv2d(x, *factors, bias, **conv)  # validates the call
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv))
         return y
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "padding_mode" not in state:  # a whole layer pickled before padding modes existed (2026-12-02)
+            self.padding_mode, self._pad = "zeros", None
 
     def to_dense(self) -> torch.Tensor:
         """The dense kernel W[C_out, C_in, kh, kw]."""
@@ -168,6 +203,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
             padding=self.padding,
             dilation=self.dilation,
             bias=self.bias is not None,
+            padding_mode=self.padding_mode,
             device=self.core.device,
             dtype=self.core.dtype,
         )
@@ -186,8 +222,9 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         return self.out_channels * self.in_channels * math.prod(self.kernel_size) / self.num_weight_params
 
     def extra_repr(self) -> str:
+        mode = f"padding_mode={self.padding_mode!r}, " if self.padding_mode != "zeros" else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, {mode}"
             f"ratio={self.compression_ratio:.2f}, bias={self.bias is not None}, backend={self.backend!r}"
         )
