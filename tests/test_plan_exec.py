@@ -168,12 +168,18 @@ def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, channel
 @pytest.mark.parametrize("kind", TUCKER_KINDS)
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_tucker_output_layout_is_nn_conv2ds(kind, grad, fmt):
+@pytest.mark.parametrize("weight_fmt", [torch.contiguous_format, torch.channels_last])
+def test_tucker_output_layout_is_nn_conv2ds(kind, grad, fmt, weight_fmt):
     """An NCHW input gives an NCHW output and a channels-last input a channels-last one, as nn.Conv2d does, for
-    every kind: a folded kernel from einsum has channels-last strides and must not carry them to the output."""
-    conv = torch.nn.Conv2d(5, 6, 3, stride=(1, 2), padding=1)
+    every kind: a folded kernel from einsum has channels-last strides and must not carry them to the output. A
+    model made channels-last (core and conv weight channels-last) gives channels-last outputs, as nn.Conv2d does."""
+    conv = torch.nn.Conv2d(5, 6, 3, stride=(1, 2), padding=1).to(memory_format=weight_fmt)
     x = torch.randn(2, 5, 7, 9).contiguous(memory_format=fmt).requires_grad_(grad)
-    u_in, core, u_out = torch.randn(5, 3), torch.randn(4, 3, 3, 3), torch.randn(6, 4)
+    u_in, core, u_out = (
+        torch.randn(5, 3),
+        torch.randn(4, 3, 3, 3).contiguous(memory_format=weight_fmt),
+        torch.randn(6, 4),
+    )
     want = conv(x)
     with options(tucker_force=kind), torch.set_grad_enabled(grad):
         y = tucker_conv2d_torch(x, u_in, core, u_out, conv.bias, (1, 2), (1, 1), (1, 1))

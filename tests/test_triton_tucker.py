@@ -116,7 +116,7 @@ def test_channels_last_and_sliced_input():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "channels_last_model"])
 def test_output_layout_is_nn_conv2ds(layout, fused, monkeypatch, nan_poison):
     """The output has nn.Conv2d's strides for the same input (a channels-last model stays channels-last), and every
     element of the strided output is written (NaN-poisoned allocations)."""
@@ -127,9 +127,13 @@ def test_output_layout_is_nn_conv2ds(layout, fused, monkeypatch, nan_poison):
         "nchw": x,
         "channels_last": x.contiguous(memory_format=torch.channels_last),
         "sliced": x.contiguous(memory_format=torch.channels_last)[:, ::2, :, ::2],
+        "channels_last_model": x,  # NCHW input, channels-last weights (model.to(memory_format=channels_last))
     }[layout]
     conv = torch.nn.Conv2d(x.shape[1], 5, 3, padding=1)
     factors = make_factors(x.shape[1], 2, 4, 5, 3, 3)
+    if layout == "channels_last_model":
+        conv = conv.to(memory_format=torch.channels_last)
+        factors[1] = factors[1].contiguous(memory_format=torch.channels_last)
     want = conv(x)
     y = tucker_conv2d(x, *factors, conv.bias, padding=1, backend="triton")
     assert y.stride() == want.stride(), (layout, y.stride(), want.stride())

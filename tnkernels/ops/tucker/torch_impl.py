@@ -40,12 +40,20 @@ def _weights(kind: str, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Ten
     w_out = u_out[:, :, None, None]
     if kind == "three-convs":
         return [w_in, core, w_out], _SPATIAL[kind], None
+    # A core made channels-last (model.to(memory_format=torch.channels_last)) gives a channels-last folded kernel,
+    # as nn.Conv2d's weight would be after the same call, so the output layout follows nn.Conv2d's there too.
+    fmt = torch.contiguous_format if core.is_contiguous() else _weight_format(core)
     if kind == "fold-in":
-        return [torch.einsum("rsyx,is->riyx", core, u_in).contiguous(), w_out], _SPATIAL[kind], None
+        return [torch.einsum("rsyx,is->riyx", core, u_in).contiguous(memory_format=fmt), w_out], _SPATIAL[kind], None
     if kind == "fold-out":
-        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core).contiguous()], _SPATIAL[kind], None
+        return [w_in, torch.einsum("or,rsyx->osyx", u_out, core).contiguous(memory_format=fmt)], _SPATIAL[kind], None
     t = torch.einsum("or,rsyx->osyx", u_out, core)  # dense: fold U_out, then U_in
-    return [torch.einsum("osyx,is->oiyx", t, u_in).contiguous()], _SPATIAL[kind], t
+    return [torch.einsum("osyx,is->oiyx", t, u_in).contiguous(memory_format=fmt)], _SPATIAL[kind], t
+
+
+def _weight_format(core: torch.Tensor) -> torch.memory_format:
+    channels_last = core.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # Weight-sized contractions of the folded kinds' backward as single GEMMs on reshapes (two with no copy at all):

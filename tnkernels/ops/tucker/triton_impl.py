@@ -64,7 +64,7 @@ def _forward(
     fuse = r_out <= _MAX_FUSED_R_OUT
     need_h = write_h or not fuse
     h = x.new_empty((nb, r_out, oh, ow)) if need_h else x.new_empty((0,))
-    fmt = suggest_memory_format(x)  # nn.Conv2d's output layout for x: channels-last in, channels-last out
+    fmt = _output_format(x, core)
     y = torch.empty((nb, c_out, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
     m = nb * oh * ow
     if m == 0 or y.numel() == 0:
@@ -93,6 +93,13 @@ def _forward(
     return y, h
 
 
+def _output_format(x: torch.Tensor, core: torch.Tensor) -> torch.memory_format:
+    """nn.Conv2d's output layout: channels-last when the input or the weight (here the core) is channels-last."""
+    if suggest_memory_format(x) == torch.channels_last or suggest_memory_format(core) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.custom_op("tnkernels::tucker_conv2d_triton", mutates_args=())
 def _tucker_op(
     x: torch.Tensor,
@@ -118,7 +125,7 @@ def _(x, u_in, core, u_out, bias, stride, padding, dilation, write_h):
     ow = _out_size(w_in, kw, stride[1], padding[1], dilation[1])
     need_h = write_h or r_out > _MAX_FUSED_R_OUT
     h = x.new_empty((nb, r_out, oh, ow)) if need_h else x.new_empty((0,))
-    fmt = suggest_memory_format(x)
+    fmt = _output_format(x, core)
     return [torch.empty((nb, u_out.shape[0], oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt), h]
 
 
