@@ -89,6 +89,17 @@ struct LowRankFn : public torch::autograd::Function<LowRankFn> {
     const int64_t rank = b.size(0);
     const bool need_x = ctx->needs_input_grad(0), need_g1 = ctx->needs_input_grad(1);
     const bool need_g2 = ctx->needs_input_grad(2), need_bias = has_bias && ctx->needs_input_grad(3);
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True (gradient penalties, MAML): the saved h and the thin kernels are constants to autograd,
+      // so a gradient of their results would silently lose terms. The same formulas in plain differentiable ops
+      // on the saved inputs instead: exact to any order.
+      const Tensor dh_g = at::mm(dy, b.t());
+      return {need_x ? at::mm(dh_g, a.t()) : Tensor(),
+              need_g1 ? at::mm(x2d.t(), dh_g).view(g1.sizes()) : Tensor(),
+              need_g2 ? at::mm(at::mm(x2d, a).t(), dy).view(g2.sizes()) : Tensor(),
+              need_bias ? dy.sum(0) : Tensor(),
+              Tensor(), Tensor(), Tensor()};
+    }
 
     Tensor dh, d_g1, d_g2, d_bias, dx;
     if (need_x || need_g1) {

@@ -208,8 +208,10 @@ class MPOChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, bias, decision: MPODecision, *cores):
+        # The inputs themselves are saved: a backward under create_graph differentiates through them.
+        inputs = (x2d, *cores)
         # Detached: the backward is ours, and torch.matmul picks a slower path for operands that require grad
-        # (see _plain_operands); what is saved below is then detached too, which the backward never minds.
+        # (see _plain_operands); the intermediates saved below are then detached too.
         x2d, cores = _plain_operands(x2d, cores)
         y, saved = run_forward(x2d, cores, decision.forward, keep=decision.save_states)
         if bias is not None:
@@ -220,10 +222,10 @@ class MPOChainFunction(torch.autograd.Function):
             states, mats, dims, partials = saved
             flat_partials = [t for parts in partials for t in parts]
             ctx.layout = (len(states), len(mats), [len(p) for p in partials], dims)
-            ctx.save_for_backward(x2d, *cores, *states[1:], *mats, *flat_partials)
+            ctx.save_for_backward(*inputs, *states[1:], *mats, *flat_partials)
         else:
             ctx.layout = None
-            ctx.save_for_backward(x2d, *cores)
+            ctx.save_for_backward(*inputs)
         return y
 
     @staticmethod
@@ -232,9 +234,10 @@ class MPOChainFunction(torch.autograd.Function):
         plan = dec.backward
         dy = dy.contiguous()  # an expanded dy (stride 0, from a sum or mean) sends the BLAS down a slow path
         saved_tensors = ctx.saved_tensors
-        x2d = saved_tensors[0]
         n_cores = len(dec.shapes)
-        cores = saved_tensors[1 : 1 + n_cores]
+        if torch.is_grad_enabled():  # create_graph=True (gradient penalties, MAML): see _differentiable_backward
+            return _differentiable_backward(ctx, dy, saved_tensors[0], saved_tensors[1 : 1 + n_cores])
+        x2d, cores = _plain_operands(saved_tensors[0], saved_tensors[1 : 1 + n_cores])
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_cores = any(ctx.needs_input_grad[3:])
         if ctx.layout is None:  # recompute the states of the backward plan
@@ -254,6 +257,22 @@ class MPOChainFunction(torch.autograd.Function):
         dx, d_cores = backward_grouped(dy, cores, plan, saved, need_x, need_cores)
         d_bias = dy.sum(0) if (ctx.has_bias and need_bias) else None
         return (dx, d_bias, None, *d_cores)
+
+
+def _differentiable_backward(ctx, dy, x2d, cores):
+    """The backward as a graph of its own, for create_graph=True. The planned backward runs on detached operands
+    and saved intermediates, so a gradient of its result would silently lose the dependence on x and the cores.
+    Here the planned forward runs again on the inputs with autograd on and is differentiated with create_graph:
+    slower, and exact to any order."""
+    need = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
+    leaves = [t for t, n in zip((x2d, *cores), need, strict=True) if n]
+    grads = iter(())
+    if leaves:
+        y, _ = run_forward(x2d, list(cores), ctx.decision.forward, keep=False)
+        grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True))
+    dx, *d_cores = (next(grads) if n else None for n in need)
+    d_bias = dy.sum(0) if (ctx.has_bias and ctx.needs_input_grad[1]) else None
+    return (dx, d_bias, None, *d_cores)
 
 
 # ---------------------------------------------------------------------------------------------------- dense

@@ -354,6 +354,22 @@ def _backward(ctx, grads):
 torch.library.register_autograd("tnkernels::mpo_linear_triton", _backward, setup_context=_setup_context)
 
 
+def refuse_double_backward(backward_op: str, layer: str) -> None:
+    """Make a gradient through a Triton backward op (create_graph=True, then a second backward) fail with the
+    fix in the message, instead of torch.library's generic "no autograd formula"."""
+
+    def refuse(ctx, *grads):
+        raise NotImplementedError(
+            f"{layer}(backend='triton') has no double backward (a gradient of a gradient: create_graph=True); "
+            "run this layer with backend='torch' (or 'auto'), whose every plan differentiates to any order"
+        )
+
+    torch.library.register_autograd(backward_op, refuse)
+
+
+refuse_double_backward("tnkernels::mpo_linear_triton_backward", "MPOLinear / mpo_linear")
+
+
 def mpo_linear_triton(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """Backend entry: y = x @ W.T + bias with the MPO `cores` (validated by tnkernels.ops.mpo_linear).
 

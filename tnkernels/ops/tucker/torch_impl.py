@@ -109,6 +109,8 @@ class TuckerConvFunction(torch.autograd.Function):
         x, u_in, core, u_out, *rest = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
         kind, spatial = ctx.kind, ctx.spatial
+        if torch.is_grad_enabled():  # create_graph=True (gradient penalties, MAML): see _differentiable_backward
+            return _differentiable_backward(ctx, dy, x, u_in, core, u_out)
         weights = rest[: ctx.n_weights]
         rest = rest[ctx.n_weights :]
         t = None
@@ -159,6 +161,22 @@ class TuckerConvFunction(torch.autograd.Function):
                 du_out = _pair_spatial(dt, core)
         d_bias = dy.sum((0, 2, 3)) if (ctx.has_bias and ctx.needs_input_grad[4]) else None
         return dx, du_in, dcore, du_out, d_bias, None, None, None
+
+
+def _differentiable_backward(ctx, dy, x, u_in, core, u_out):
+    """The backward as a graph of its own, for create_graph=True. The planned backward above treats what the
+    forward saved besides the inputs (folded weights, intermediate activations) as constants, so a gradient of
+    its result would silently miss their dependence on the factors. Here the forward is run again from the
+    inputs with autograd on, and differentiated with create_graph: slower, and exact to any order."""
+    leaves = [t for t, need in zip((x, u_in, core, u_out), ctx.needs_input_grad[:4], strict=True) if need]
+    grads = iter(())
+    if leaves:
+        weights, spatial, _ = _weights(ctx.kind, u_in, core, u_out)
+        y, _ = _run(x, weights, spatial, None, *ctx.conv, keep=False)
+        grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True))
+    dx, du_in, dcore, du_out = (next(grads) if need else None for need in ctx.needs_input_grad[:4])
+    d_bias = dy.sum((0, 2, 3)) if (ctx.has_bias and ctx.needs_input_grad[4]) else None
+    return dx, du_in, dcore, du_out, d_bias, None, None, None
 
 
 def route(x, u_in, core, u_out, conv: tuple, needs_grad: bool) -> tuple:

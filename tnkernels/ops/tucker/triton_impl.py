@@ -23,6 +23,7 @@ from ..mpo.triton_impl import (
     check_device,
     mode_product,
     mode_product_grad_b,
+    refuse_double_backward,
 )
 from ..mpo.triton_impl import is_available as _mpo_is_available
 
@@ -245,6 +246,7 @@ def _backward(ctx, grads):
 
 
 torch.library.register_autograd("tnkernels::tucker_conv2d_triton", _backward, setup_context=_setup_context)
+refuse_double_backward("tnkernels::tucker_conv2d_triton_backward", "TuckerConv2d / tucker_conv2d")
 
 
 def tucker_conv2d_triton(
