@@ -13,8 +13,8 @@ computed from them.
 
 A training call keeps the same planned autograd.Function; the memo only skips deciding that it is the one to run
 (TuckerConv2d's training step at batch 1, 512 channels, ranks 7: ~195 -> ~180 us, where autograd through the same
-three convolutions takes ~160). Neither layer uses the memo under torch.compile (the layers check first): dynamo
-would break the graph on data_ptr.
+three convolutions takes ~160). Neither layer uses the memo under torch.compile (dynamo would break the graph on
+data_ptr) or under a torch.func transform (memo_applies).
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def needs_autograd(x: torch.Tensor, params: tuple[torch.Tensor, ...], bias: torc
     return torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in params) or (bias is not None and bias.requires_grad)
     )
+
+
+def memo_applies() -> bool:
+    """Whether a layer call may use its memo: not while torch.compile traces (dynamo would break the graph on
+    data_ptr) and not under a torch.func transform (the remembered routes run the planned Functions)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 def memo_of(module: torch.nn.Module) -> CallMemo:

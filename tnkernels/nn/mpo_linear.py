@@ -25,7 +25,7 @@ from ..ops import (
     run_low_rank_route,
     run_mpo_linear,
 )
-from .call_memo import MemoizedCalls, needs_autograd
+from .call_memo import MemoizedCalls, memo_applies, needs_autograd
 from .hf_compat import is_hf_conv1d, linear_weight
 
 DEFAULT_NUM_CORES = 2
@@ -171,7 +171,7 @@ class MPOLinear(MemoizedCalls, nn.Module):
         # a Parameter lands in _parameters too; bias=False leaves no entry).
         cores = tuple(self._modules["cores"]._parameters.values())
         bias = self._parameters.get("bias")
-        memo = None if torch.compiler.is_compiling() else self._memo_for_calls
+        memo = self._memo_for_calls if memo_applies() else None
         if memo is not None:  # the memo may already know how this call runs (call_memo.py)
             needs_grad = needs_autograd(x, cores, bias)
             known, route = memo.get(x, cores, needs_grad)

@@ -18,7 +18,7 @@ from ..decompose import (
     tucker_ranks_for_ratio,
 )
 from ..ops import preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
-from .call_memo import MemoizedCalls, needs_autograd
+from .call_memo import MemoizedCalls, memo_applies, needs_autograd
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -172,7 +172,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         factors = (p["u_in"], p["core"], p["u_out"])
         bias = p.get("bias")
         # outside torch.compile the memo may already know this call's route, no-grad or training
-        memo = None if torch.compiler.is_compiling() else self._memo_for_calls
+        memo = self._memo_for_calls if memo_applies() else None
         if memo is not None:
             needs_grad = needs_autograd(x, factors, bias)
             known, route = memo.get(x, factors, needs_grad)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..plan.backends import auto_mpo_backend
-from .dispatch import BACKENDS, backend_available, preload, resolve
+from .dispatch import BACKENDS, backend_available, preload, resolve, under_functorch
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
@@ -17,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "backend_available",
     "preload",
+    "under_functorch",
     "mpo_linear",
     "run_mpo_linear",
     "low_rank_route",
@@ -99,6 +100,8 @@ def mpo_linear(
 def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, backend: str):
     """mpo_linear after its argument checks, for a caller that has made them: MPOLinear checks its cores when it
     is built and the input's width on every call (at one row the checks cost a third of the call)."""
+    if backend == "auto" and under_functorch():
+        backend = "torch"  # its plain path (mpo_linear_torch): native kernels cannot run under torch.func
     if backend == "auto":
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)

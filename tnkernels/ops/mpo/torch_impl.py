@@ -17,6 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...plan.cache import OPTIONS, mpo_decision
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
+from ..dispatch import under_functorch
 from . import torch_low_rank
 
 
@@ -343,6 +344,11 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
         x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
     )
     shapes = tuple(tuple(g.shape) for g in cores)  # plain ints: core shapes are static, even under torch.compile
+    if under_functorch():  # vmap / grad / jacrev: the planned forward in plain differentiable ops, autograd after
+        dec = mpo_decision(shapes, rows, x.dtype, x.device, False)
+        y, _ = run_forward(x2d, cores, dec.forward, keep=False)
+        y = y if bias is None else y + bias
+        return y if flat else y.reshape(*x.shape[:-1], out_features)
     dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
     low_rank = torch_low_rank.applies(shapes, dec)  # the same plan, run as two GEMMs without the bookkeeping
     if not needs_grad:

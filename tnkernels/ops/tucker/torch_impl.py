@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...plan.cache import OPTIONS
+from ..dispatch import under_functorch
 from .tuned import kind_for
 
 
@@ -217,7 +218,7 @@ def tucker_conv2d_torch(
     # operator.index: plain ints even under torch.compile's dynamic shapes (it specializes them; see plan/cache.py)
     shapes = (tuple(map(operator.index, x.shape)), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
-    if not needs_grad:
+    if not needs_grad or under_functorch():  # under vmap / grad / jacrev: plain convolutions, autograd after them
         weights, spatial, _ = _weights(kind, u_in, core, u_out)
         return _run(x, weights, spatial, bias, *conv, keep=False)[0]
     return TuckerConvFunction.apply(x, u_in, core, u_out, bias, kind, conv, OPTIONS.recompute)
