@@ -74,7 +74,7 @@ def test_no_graph_breaks(backend, low_rank):
 def test_first_call_compiled_with_fullgraph_at_new_batch_sizes(backend, low_rank, monkeypatch, tmp_path):
     """torch.compile(model, fullgraph=True) before any eager call, then batch sizes dynamo has not seen: the plan
     searches, the Tucker kind timing and the backend loading run at trace time (they are constants to dynamo), and
-    a new batch size recompiles (one plan per row count, as eager keeps) instead of breaking the graph."""
+    a new batch size recompiles (a plan per bucket of batch sizes) instead of breaking the graph."""
     ok, why = backend_available("mpo_linear", backend)
     if not ok:
         pytest.skip(why)
@@ -105,3 +105,27 @@ def test_first_call_compiled_with_fullgraph_at_new_batch_sizes(backend, low_rank
         eager.zero_grad()
     if backend == "torch":  # the kinds timed during tracing were stored like eager ones
         assert (tmp_path / "tucker_kinds-v2.json").exists()
+
+
+def test_export_with_a_dynamic_batch_and_compile_over_many_batch_sizes():
+    """torch.export with a dynamic batch dimension (the plans are made at a representative size, with no guard on
+    the dimension), and torch.compile over ten batch sizes: one graph per power-of-4 bucket of sizes (seven
+    here), not one per size, each equal to eager, forward and backward."""
+    from torch._dynamo.utils import counters
+    from torch.export import Dim, export
+
+    net = TinyNet("torch")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            program = export(net, (torch.randn(5, 4, 5, 5),), dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}})
+            x = torch.randn(300, 4, 5, 5)
+            assert_close_rel(program.module()(x), net(x), tolerance(torch.float32, "torch"), f"export, grad={grad}")
+    dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    for batch in (1, 2, 3, 5, 9, 17, 40, 100, 700, 3000):
+        x = torch.randn(batch, 4, 5, 5)
+        y = compiled(x)
+        assert_close_rel(y, net(x), tolerance(torch.float32, "torch"), f"batch {batch}")
+        y.sum().backward()
+    assert counters["stats"]["unique_graphs"] <= 7  # buckets 1, 4, 16, 64, 256, 1024, 4096 (measured: 7)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..plan.backends import auto_mpo_backend
+from ..plan.cache import planned_rows
 from .dispatch import BACKENDS, backend_available, preload, resolve, under_functorch
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
@@ -107,7 +108,7 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
             x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
         )
         low_rank = len(cores) == 2 and is_low_rank_chain((cores[0].shape, cores[1].shape))
-        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+        rows = planned_rows(x.numel() // max(x.shape[-1], 1)) if x.dim() else 0
         backend = auto_mpo_backend(x.device.type, rows, x.dtype, needs_grad, low_rank)
     fn = resolve("mpo_linear", backend, x.device.type)
     return fn(x, cores, bias)

@@ -53,9 +53,38 @@ def plan_stats() -> dict[str, int]:
     return dict(_STATS)
 
 
+# Under torch.compile a size may be symbolic (automatic dynamic shapes, dynamic=True). Plans are then made for
+# buckets of sizes, powers of 4: the comparisons below guard only on the bucket's range, so a dynamic size costs
+# one graph per bucket, never one per value, and the plan made for the bucket's top size runs correctly at any size
+# in it (the executors read sizes from the tensors). torch.export must not narrow a dynamic dimension's range at
+# all, so there a size is planned at a fixed representative (`export_size`). Eager calls plan for the exact size.
+_BUCKET_TOP = 4**8  # 65536: larger sizes share the last bucket
+
+
+def planned_size(n, export_size: int | None) -> int:
+    """The size to plan a call of size `n` for: n in eager mode, its bucket's top under torch.compile,
+    `export_size` under torch.export (its bucket there too when None: for sizes that must stay static)."""
+    if not torch.compiler.is_compiling():
+        return n
+    if export_size is not None and torch.compiler.is_exporting():
+        return export_size
+    top = 1
+    while top < _BUCKET_TOP and n > top:
+        top *= 4
+    return top
+
+
+EXPORT_ROWS = 64  # an MPO call's row count under torch.export
+
+
+def planned_rows(rows) -> int:
+    """planned_size for an MPO call's row count (also what its per-call choices compare with bounds)."""
+    return planned_size(rows, EXPORT_ROWS)
+
+
 # Both decisions are constants to torch.compile: dynamo calls them at trace time, as plain Python, and keeps the
 # result, so a first call made under compile (fullgraph too) can search and calibrate. Callers pass plain ints
-# (operator.index specializes a dynamic size: one graph per row count, as eager keeps one plan per row count).
+# (planned_size).
 @torch.compiler.assume_constant_result
 def mpo_decision(
     shapes: tuple[tuple[int, int, int, int], ...],

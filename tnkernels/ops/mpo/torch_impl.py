@@ -10,12 +10,10 @@ forward's intermediate states only when the plan says that is cheaper than recom
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ...plan.cache import OPTIONS, mpo_decision
+from ...plan.cache import OPTIONS, mpo_decision, planned_rows
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
 from ..dispatch import under_functorch
 from . import torch_low_rank
@@ -332,7 +330,7 @@ def low_rank_route(x2d: torch.Tensor, cores: list[torch.Tensor], needs_grad: boo
 def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     flat = x.dim() == 2  # the common case needs neither reshape (each costs ~0.7 us, a tenth of a one-row call)
     x2d = x if flat else x.reshape(-1, x.shape[-1])
-    rows = operator.index(x2d.shape[0])  # a plain int under torch.compile too (specialized: plan/cache.py)
+    rows = x2d.shape[0]
     out_features = 1
     for g in cores:
         out_features *= g.shape[2]
@@ -344,12 +342,13 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
         x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
     )
     shapes = tuple(tuple(g.shape) for g in cores)  # plain ints: core shapes are static, even under torch.compile
+    plan_rows = planned_rows(rows)  # rows itself, except under torch.compile / export
     if under_functorch():  # vmap / grad / jacrev: the planned forward in plain differentiable ops, autograd after
-        dec = mpo_decision(shapes, rows, x.dtype, x.device, False)
+        dec = mpo_decision(shapes, plan_rows, x.dtype, x.device, False)
         y, _ = run_forward(x2d, cores, dec.forward, keep=False)
         y = y if bias is None else y + bias
         return y if flat else y.reshape(*x.shape[:-1], out_features)
-    dec = mpo_decision(shapes, rows, x.dtype, x.device, needs_grad)
+    dec = mpo_decision(shapes, plan_rows, x.dtype, x.device, needs_grad)
     low_rank = torch_low_rank.applies(shapes, dec)  # the same plan, run as two GEMMs without the bookkeeping
     if not needs_grad:
         route = _no_grad_route(dec, low_rank)

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ...plan.cache import planned_rows
 from ...plan.mpo import MPODecision
 from . import thin_bounds, thin_native
+
+# The per-call choices below compare the row count with bounds through planned_rows: under torch.compile they
+# then guard only on its bucket, and under torch.export they never narrow a dynamic row count's range.
 
 
 def is_low_rank_chain(shapes) -> bool:
@@ -52,7 +56,7 @@ def _first_gemm(x2d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    rows, rank = dh.shape
+    rows, rank = planned_rows(dh.shape[0]), dh.shape[1]
     native = thin_native.grad_a(x2d, dh)  # x^T dh on thin_reduce, where it beats both layouts below
     if native is not None:
         return native
@@ -79,7 +83,7 @@ def _folds(rows: int, rank: int, out_features: int) -> bool:
 
 
 def _fold_bias(h: torch.Tensor, b: torch.Tensor) -> bool:
-    return h.device.type == "cpu" and _folds(h.shape[0], h.shape[1], b.shape[1])
+    return h.device.type == "cpu" and _folds(planned_rows(h.shape[0]), h.shape[1], b.shape[1])
 
 
 def _with_ones(h: torch.Tensor) -> torch.Tensor:
@@ -104,7 +108,7 @@ def _second_gemm(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     # The CPU addmm copies the broadcast bias into the output before its GEMM (beta = 1), a pass that costs more
     # than adding the bias to the fresh product in place: 1.03-1.27x from 8 rows up (64 x 1000 at rank 21: 24 ->
     # 20 us; 1024 rows: 493 -> 386 us), level at high ranks. At one row addmm's single call is ~0.2 us cheaper.
-    if h.shape[0] >= _ADD_IN_PLACE_MIN_ROWS and h.device.type == "cpu":
+    if planned_rows(h.shape[0]) >= _ADD_IN_PLACE_MIN_ROWS and h.device.type == "cpu":
         return torch.mm(h, b).add_(bias), h
     return torch.addmm(bias, h, b), h
 

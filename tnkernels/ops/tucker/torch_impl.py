@@ -9,18 +9,24 @@ the weight-sized einsums that undo the folding. Intermediate activations are sav
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 
-from ...plan.cache import OPTIONS
+from ...plan.cache import OPTIONS, planned_size
 from ..dispatch import under_functorch
 from .tuned import kind_for
 
 
 def is_available() -> tuple[bool, str]:
     return True, ""
+
+
+def _planned_input_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """x's shape as the plan sees it: itself in eager mode; under torch.compile each dynamic-able size bucketed,
+    under torch.export the batch planned at 8 (plan/cache.py: planned_size). Spatial sizes keep their bucket
+    under export too: exporting with a dynamic height or width is not supported (the bucket's guard narrows it)."""
+    n, c, h, w = x.shape
+    return (planned_size(n, 8), c, planned_size(h, None), planned_size(w, None))
 
 
 # Which of a kind's convolutions carries the spatial kernel (the others are 1x1)
@@ -186,8 +192,7 @@ def route(x, u_in, core, u_out, conv: tuple, needs_grad: bool) -> tuple:
     factors, so a caller that keeps the route across calls (TuckerConv2d's call memo) must rebuild them per call:
     see run_route. A training route runs the same planned autograd.Function; keeping it only skips the checks and
     the plan lookup."""
-    # operator.index: plain ints even under torch.compile's dynamic shapes (it specializes them; see plan/cache.py)
-    shapes = (tuple(map(operator.index, x.shape)), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    shapes = (_planned_input_shape(x), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)
     views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" and not needs_grad else None
     return kind, conv, views, _SPATIAL[kind], needs_grad
@@ -215,8 +220,7 @@ def tucker_conv2d_torch(
     conv = (tuple(stride), tuple(padding), tuple(dilation))
     tensors = (x, u_in, core, u_out) + ((bias,) if bias is not None else ())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    # operator.index: plain ints even under torch.compile's dynamic shapes (it specializes them; see plan/cache.py)
-    shapes = (tuple(map(operator.index, x.shape)), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    shapes = (_planned_input_shape(x), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
     if not needs_grad or under_functorch():  # under vmap / grad / jacrev: plain convolutions, autograd after them
         weights, spatial, _ = _weights(kind, u_in, core, u_out)
