@@ -154,6 +154,25 @@ def test_padding_mode_survives_tensorize_save_and_load(tmp_path):
     assert torch.equal(restored(x), model(x))
 
 
+def test_a_compiled_or_data_parallel_model_saves_as_the_model_inside(tmp_path):
+    """torch.compile and DataParallel prefix every name ("_orig_mod.", "module."); the checkpoint must still load
+    into a plain skeleton, and a plain checkpoint into a compiled skeleton."""
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10)).eval()
+
+    model = net()
+    tensorize(model, ratio=2)
+    x = torch.randn(2, 3, 6, 6)
+    for wrapper in (lambda m: torch.compile(m, backend="eager"), nn.DataParallel):
+        save_compressed(wrapper(model), tmp_path / "ckpt")
+        assert torch.equal(load_compressed(net(), tmp_path / "ckpt")(x), model(x))
+    compiled_skeleton = torch.compile(net(), backend="eager")
+    restored = load_compressed(compiled_skeleton, tmp_path / "ckpt")
+    assert isinstance(restored._orig_mod[0], TuckerConv2d)
+    assert torch.equal(restored._orig_mod(x), model(x))
+
+
 def test_shared_module_is_converted_once():
     shared = nn.Linear(12, 12)
     model = nn.Sequential(shared, nn.ReLU(), shared)
