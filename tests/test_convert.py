@@ -155,14 +155,16 @@ def test_padding_mode_survives_tensorize_save_and_load(tmp_path):
 
 
 def test_a_compiled_or_data_parallel_model_saves_as_the_model_inside(tmp_path):
-    """torch.compile and DataParallel prefix every name ("_orig_mod.", "module."); the checkpoint must still load
-    into a plain skeleton, and a plain checkpoint into a compiled skeleton."""
+    """torch.compile and DataParallel prefix every name ("_orig_mod.", "module."): tensorize's rules still use the
+    model's own names, the checkpoint loads into a plain skeleton, and a plain checkpoint into a compiled one."""
 
     def net():
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10)).eval()
 
     model = net()
-    tensorize(model, ratio=2)
+    compiled = torch.compile(model, backend="eager")
+    report = tensorize(compiled, ratio=2, rules={"0": {"ratio": 2}, "3": None})  # names without "_orig_mod."
+    assert [r.name for r in report.tensorized] == ["0"] and isinstance(model[0], TuckerConv2d)
     x = torch.randn(2, 3, 6, 6)
     for wrapper in (lambda m: torch.compile(m, backend="eager"), nn.DataParallel):
         save_compressed(wrapper(model), tmp_path / "ckpt")

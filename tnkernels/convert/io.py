@@ -24,7 +24,7 @@ from torch.nn.utils import skip_init
 
 from .._version import __version__
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
-from .tensorize import _module_aliases, _set_submodule
+from .tensorize import _module_aliases, _set_submodule, unwrapped
 
 FORMAT = "tnkernels-compressed"
 FORMAT_VERSION = 1
@@ -73,23 +73,11 @@ def _layer_spec(module: nn.Module) -> dict:
     }
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, whose names carry a prefix
-    ("_orig_mod.", "module.") that the uncompressed skeleton it will be loaded into does not have."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (with tensorized layers) to the directory `path` atomically; return the path. A model wrapped
     by torch.compile or (Distributed)DataParallel is saved as the model inside, so it loads into a plain skeleton."""
     path = Path(path)
-    model = _unwrapped(model)
+    model = unwrapped(model)
     aliases = _module_aliases(model)
     layers = {}
     for name, module in model.named_modules():

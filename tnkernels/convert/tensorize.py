@@ -73,6 +73,18 @@ def _match_rules(names: list[str], rules: Mapping[str, Mapping | None] | None, c
     return chosen
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, whose names carry a prefix
+    ("_orig_mod.", "module.") that rules, reports and the skeleton a checkpoint loads into do not have."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def tensorize(
     model: nn.Module,
     *,
@@ -94,7 +106,8 @@ def tensorize(
     Layers that cannot reach their ratio, grouped convs, Linear layers inside nn.MultiheadAttention (which reads
     their weight directly) and layers whose weight is tied to another module (e.g. GPT-2's lm_head and wte) are left
     dense and reported with the reason. A module reachable under several names is converted once and replaced at
-    every name.
+    every name. A model wrapped by torch.compile or (Distributed)DataParallel is tensorized inside the wrapper, with
+    names (in rules and the report) as they are in the model itself.
     """
     if ratio is not None:
         check_ratio(ratio, "tensorize: ratio")
@@ -103,6 +116,7 @@ def tensorize(
     if max_bond is not None and (isinstance(max_bond, bool) or not isinstance(max_bond, int) or max_bond < 1):
         raise ValueError(f"tensorize: max_bond must be a positive int, got {max_bond!r}")
 
+    model = unwrapped(model)  # names as the user writes them in rules: without "_orig_mod." or "module."
     aliases = _module_aliases(model)
     owners = _param_owners(model)
     named = dict(model.named_modules())  # first name per module
