@@ -33,6 +33,9 @@ def ffn_rules(model: nn.Module, ratio: float, *, attention: bool = False) -> dic
         if fam == "gpt2":
             names += [f"{b}.mlp.c_fc", f"{b}.mlp.c_proj"]
             names += [f"{b}.attn.c_attn", f"{b}.attn.c_proj"] if attention else []
+        elif fam == "llama":
+            names += [f"{b}.mlp.{p}_proj" for p in ("gate", "up", "down")]
+            names += [f"{b}.self_attn.{p}_proj" for p in ("q", "k", "v", "o")] if attention else []
         else:
             names += [f"{b}.intermediate.dense", f"{b}.output.dense"]
             if attention:

@@ -1,12 +1,17 @@
-"""Load Hugging Face GPT-2 / BERT models from a local folder or build them from a config; name their blocks.
+"""Load Hugging Face GPT-2 / BERT / Llama-family models from a local folder or build them from a config; name their
+blocks.
 
 Everything here works offline: loading sets ``HF_HUB_OFFLINE=1`` and passes ``local_files_only=True``, so a
 missing file is an error about the directory, never a download attempt.
 
 Module names used by the presets are qualified names *relative to the base model* (``GPT2Model`` /
-``BertModel``, what ``AutoModel.from_pretrained(DIR)`` returns), so a compressed model saved from the base
-model loads into the ``AutoModel`` skeleton. For a causal LM the base model is ``lm.transformer``;
-:func:`base_model` finds it.
+``BertModel`` / ``LlamaModel``, what ``AutoModel.from_pretrained(DIR)`` returns), so a compressed model saved from
+the base model loads into the ``AutoModel`` skeleton. For a causal LM the base model is ``lm.transformer`` (GPT-2)
+or ``lm.model`` (Llama); :func:`base_model` finds it.
+
+The "llama" family is every decoder with Llama's module layout: ``layers.i.self_attn.{q,k,v,o}_proj``,
+``layers.i.mlp.{gate,up,down}_proj`` (nn.Linear), rotary position embeddings passed to each layer. Mistral and
+Qwen2 checkpoints have the same layout.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from pathlib import Path
 
 from torch import nn
 
-FAMILIES = ("gpt2", "bert")
+FAMILIES = ("gpt2", "bert", "llama")
+CAUSAL_FAMILIES = ("gpt2", "llama")  # decoders: perplexity, token-block calibration, an LM head
 # model_type values (config.json) handled by each family's module layout.
-_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert"}
+_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+_DESCRIPTION = "GPT-2 with Conv1D, BERT encoders, Llama-layout decoders: llama, mistral, qwen2"
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
@@ -38,24 +45,24 @@ def _read_model_type(model_dir: Path) -> str:
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"model_type {model_type!r} in {model_dir}/config.json is not supported; supported "
-            f"families: {FAMILIES} (GPT-2 with Conv1D, BERT encoders)"
+            f"families: {FAMILIES} ({_DESCRIPTION})"
         )
     return _MODEL_TYPES[model_type]
 
 
 def family_of(model_or_config) -> str:
-    """'gpt2' or 'bert' for a model (base or with a head) or its config."""
+    """'gpt2', 'bert' or 'llama' for a model (base or with a head) or its config."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in _MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported families: {FAMILIES}")
+        raise ValueError(f"model_type {model_type!r} is not supported; supported families: {FAMILIES} ({_DESCRIPTION})")
     return _MODEL_TYPES[model_type]
 
 
 def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None, with_tokenizer: bool = True):
     """Load ``(model, tokenizer_or_None)`` from a local folder, in eval mode, float32.
 
-    ``causal_lm=None`` picks ``AutoModelForCausalLM`` for GPT-2 (perplexity needs the LM head) and
+    ``causal_lm=None`` picks ``AutoModelForCausalLM`` for the decoders (perplexity needs the LM head) and
     ``AutoModel`` for BERT. The tokenizer is ``None`` when the folder has no tokenizer files.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,9 +71,9 @@ def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None
     model_dir = Path(model_dir)
     family = _read_model_type(model_dir)
     if causal_lm is None:
-        causal_lm = family == "gpt2"
-    if causal_lm and family != "gpt2":
-        raise ValueError(f"causal_lm=True needs a GPT-2 family model, {model_dir} holds a {family} model")
+        causal_lm = family in CAUSAL_FAMILIES
+    if causal_lm and family not in CAUSAL_FAMILIES:
+        raise ValueError(f"causal_lm=True needs a decoder (GPT-2 or Llama family), {model_dir} holds a {family} model")
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = cls.from_pretrained(model_dir, local_files_only=True).eval()
     tokenizer = load_tokenizer(model_dir) if with_tokenizer and has_tokenizer(model_dir) else None
@@ -98,19 +105,19 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def build_from_config(family: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides):
-    """A randomly initialised model of ``family`` ('gpt2' or 'bert') from a config, in eval mode.
+    """A randomly initialised model of ``family`` ('gpt2', 'bert' or 'llama') from a config, in eval mode.
 
     ``config_overrides`` are config fields (``n_layer=2, n_embd=32`` for GPT-2; ``num_hidden_layers=2,
-    hidden_size=32`` for BERT). Used by tests (tiny configs) and the GPT-2 XL-shaped scale benchmark.
+    hidden_size=32`` for BERT and Llama). Used by tests (tiny configs) and the GPT-2 XL-shaped scale benchmark.
     """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}; use one of {FAMILIES}")
-    config = (GPT2Config if family == "gpt2" else BertConfig)(**config_overrides)
+    config = {"gpt2": GPT2Config, "bert": BertConfig, "llama": LlamaConfig}[family](**config_overrides)
     if causal_lm is None:
-        causal_lm = family == "gpt2"
+        causal_lm = family in CAUSAL_FAMILIES
     if seed is not None:
         torch.manual_seed(seed)
     cls = AutoModelForCausalLM if causal_lm else AutoModel
@@ -118,7 +125,7 @@ def build_from_config(family: str, *, causal_lm: bool | None = None, seed: int |
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The ``GPT2Model`` / ``BertModel`` inside ``model`` (the model itself when it is one)."""
+    """The ``GPT2Model`` / ``BertModel`` / ``LlamaModel`` inside ``model`` (the model itself when it is one)."""
     family = family_of(model)
     prefix = getattr(model, "base_model_prefix", None)
     inner = getattr(model, prefix, None) if prefix else None
@@ -133,6 +140,8 @@ def block_names(model: nn.Module) -> list[str]:
     family = family_of(base)
     if family == "gpt2":
         return [f"h.{i}" for i in range(len(base.h))]
+    if family == "llama":
+        return [f"layers.{i}" for i in range(len(base.layers))]
     return [f"encoder.layer.{i}" for i in range(len(base.encoder.layer))]
 
 

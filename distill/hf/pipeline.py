@@ -38,12 +38,12 @@ from distill.slices import set_submodule
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
 from .head import distill_head, install_head, output_head
-from .models import base_model, family_of, load_hf_model, load_tokenizer
+from .models import CAUSAL_FAMILIES, base_model, family_of, load_hf_model, load_tokenizer
 from .presets import ATTENTION_PATTERNS, PRESETS, default_preset, resolve, slice_specs
 from .train import INITS, tensorize_slice, train_slice
 
 DEFAULTS = {
-    "preset": None,  # per family: presets.DEFAULT_PRESET (block for BERT, mlp for GPT-2)
+    "preset": None,  # per family: presets.DEFAULT_PRESET (block for BERT, mlp for GPT-2 and Llama)
     "attention": False,
     "text": None,
     "tokenizer": None,
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         "--preset",
         choices=PRESETS,
         default=DEFAULTS["preset"],
-        help="slice granularity (default: block for BERT, mlp for GPT-2, the measured best of each)",
+        help="slice granularity (default: block for BERT, mlp for GPT-2 and Llama; measured best for BERT and GPT-2)",
     )
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument(
@@ -162,7 +162,7 @@ def default_device(device: str | None) -> torch.device:
 def calibration_data(
     family: str, tokenizer, *, text_path=None, seq_len: int, num_samples: int, batch_size: int
 ) -> tuple[list[dict], object]:
-    """(calibration batches, held-out eval data): token blocks for GPT-2, padded sentences for BERT."""
+    """(calibration batches, held-out eval data): token blocks for the decoders, padded sentences for BERT."""
     if tokenizer is None:
         raise ValueError(
             "the model folder has no tokenizer files and calibration text needs the model's tokenizer: pass "
@@ -170,7 +170,7 @@ def calibration_data(
             "files into the model folder"
         )
     texts = text.read_texts(text_path)
-    if family == "gpt2":
+    if family in CAUSAL_FAMILIES:
         calib_t, held_t = text.split_holdout(texts)
         calib = text.causal_lm_blocks(calib_t, tokenizer, seq_len, max_blocks=num_samples)
         held = text.causal_lm_blocks(held_t, tokenizer, seq_len)
@@ -187,7 +187,7 @@ def my_share(items: list, rank: int, world: int) -> list:
 
 
 def teacher_metrics(model: nn.Module, held) -> dict:
-    if family_of(model) == "gpt2":
+    if family_of(model) in CAUSAL_FAMILIES:
         return {"perplexity": evaluate.perplexity(model, held)}
     return {"embeddings": evaluate.sentence_embeddings(model, held)}
 
@@ -227,7 +227,7 @@ def compress_model(
     world: int = 1,
     wait_timeout: float = DEFAULTS["wait_timeout"],
 ) -> dict | None:
-    """Compress ``model`` (GPT-2 or BERT; in place on rank 0) slice-wise and write ``out`` (module doc).
+    """Compress ``model`` (GPT-2, BERT or Llama family; in place on rank 0) slice-wise and write ``out`` (module doc).
 
     ``preset=None`` takes the family's default (``presets.DEFAULT_PRESET``: block for BERT, mlp for GPT-2).
     Returns the report dict on rank 0, ``None`` on other ranks.

@@ -1,15 +1,16 @@
-"""Slice presets for GPT-2 and BERT: which consecutive submodules form one independently trained slice.
+"""Slice presets for GPT-2, BERT and Llama-layout decoders: which consecutive submodules form one independently
+trained slice.
 
 Presets (names relative to the base model, see ``models.base_model``; ``i`` is the block index):
 
-=========  =========================  ================================================
-preset     GPT-2 (``GPT2Model``)      BERT (``BertModel``)
-=========  =========================  ================================================
-``mlp``    ``h.i.mlp``                ``encoder.layer.i.intermediate`` + ``...output``
-``attn``   ``h.i.attn``               ``encoder.layer.i.attention``
-``block``  ``h.i``                    ``encoder.layer.i``
-``group``  ``h.i`` ... ``h.i+g-1``    ``encoder.layer.i`` ... ``encoder.layer.i+g-1``
-=========  =========================  ================================================
+=========  =======================  ==============================================  ==============================
+preset     GPT-2 (``GPT2Model``)    BERT (``BertModel``)                            Llama (``LlamaModel``)
+=========  =======================  ==============================================  ==============================
+``mlp``    ``h.i.mlp``              ``encoder.layer.i.intermediate`` + ``...output``  ``layers.i.mlp``
+``attn``   ``h.i.attn``             ``encoder.layer.i.attention``                   ``layers.i.self_attn``
+``block``  ``h.i``                  ``encoder.layer.i``                             ``layers.i``
+``group``  ``h.i`` ... ``h.i+g-1``  ``encoder.layer.i`` ... ``encoder.layer.i+g-1``  ``layers.i`` ... ``layers.i+g-1``
+=========  =======================  ==============================================  ==============================
 
 Every slice is a function of one tensor (its first module's first argument) plus the keyword arguments
 captured from that first module's call (attention mask, position ids, ...); :func:`run_hf_slice` runs it. Two
@@ -41,10 +42,14 @@ PRESETS = ("mlp", "attn", "block", "group")
 # dense attention and LayerNorms train with the MPO cores and absorb part of the FFN's error (all-MiniLM-L6-v2,
 # FFNs at 2x, sequential: mean cosine 0.921 vs 0.916 with mlp slices). GPT-2: mlp slices (the GPT-2 bench at 2x,
 # KL to the teacher 0.00099 with mlp vs 0.00108 with block). Measurements: bench/results/hf_minilm_experiments/.
-DEFAULT_PRESET = {"gpt2": "mlp", "bert": "block"}
+# Llama: mlp, as GPT-2 (not measured on a pretrained Llama here: no weights offline).
+DEFAULT_PRESET = {"gpt2": "mlp", "bert": "block", "llama": "mlp"}
 
 # Module-name fragments of attention sub-layers: the pipeline leaves them dense unless --attention is given.
-ATTENTION_PATTERNS = {"gpt2": ("*attn*",), "bert": ("*attention*",)}
+ATTENTION_PATTERNS = {"gpt2": ("*attn*",), "bert": ("*attention*",), "llama": ("*self_attn*",)}
+# Per family: the attention and the FFN submodule of block i (attn / mlp presets)
+_ATTN = {"gpt2": ("{b}.attn",), "bert": ("{b}.attention",), "llama": ("{b}.self_attn",)}
+_MLP = {"gpt2": ("{b}.mlp",), "bert": ("{b}.intermediate", "{b}.output"), "llama": ("{b}.mlp",)}
 
 
 def default_preset(model: nn.Module) -> str:
@@ -55,7 +60,7 @@ def default_preset(model: nn.Module) -> str:
 def slice_specs(
     model: nn.Module, preset: str | None, *, group_size: int = 2, layers: Sequence[int] | None = None
 ) -> list[SliceSpec]:
-    """The :class:`SliceSpec` list of ``preset`` for ``model`` (GPT-2 or BERT, with or without a head).
+    """The :class:`SliceSpec` list of ``preset`` for ``model`` (GPT-2, BERT or Llama, with or without a head).
 
     ``preset=None`` picks the family's default (:func:`default_preset`).
     ``layers`` restricts to those block indices (``mlp``/``attn``/``block``) or to groups starting at them.
@@ -85,10 +90,8 @@ def slice_specs(
         b = blocks[i]
         if preset == "block":
             mods = (b,)
-        elif preset == "attn":
-            mods = (f"{b}.attn",) if family == "gpt2" else (f"{b}.attention",)
-        else:  # mlp
-            mods = (f"{b}.mlp",) if family == "gpt2" else (f"{b}.intermediate", f"{b}.output")
+        else:
+            mods = tuple(m.format(b=b) for m in (_ATTN if preset == "attn" else _MLP)[family])
         specs.append(SliceSpec(name=f"{preset}{i}", modules=mods))
     return specs
 

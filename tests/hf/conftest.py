@@ -30,6 +30,18 @@ TINY = {
         vocab_size=256,
         pad_token_id=0,
     ),
+    "llama": dict(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as Llama 2/3 and Mistral
+        intermediate_size=64,
+        max_position_embeddings=64,
+        vocab_size=256,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -55,7 +67,7 @@ def make_tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="<eos>")
 
 
-@pytest.fixture(params=["gpt2", "bert"])
+@pytest.fixture(params=["gpt2", "bert", "llama"])
 def family(request) -> str:
     return request.param
 

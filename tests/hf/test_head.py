@@ -63,8 +63,8 @@ def test_encoders_have_no_head():
         output_head(tiny_model("bert"))
 
 
-@pytest.mark.parametrize("family", ["gpt2"])
-def test_pipeline_head_slice_saves_the_whole_lm_and_resumes(tiny_dir, tmp_path):
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_pipeline_head_slice_saves_the_whole_lm_and_resumes(family, tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
@@ -75,7 +75,7 @@ def test_pipeline_head_slice_saves_the_whole_lm_and_resumes(tiny_dir, tmp_path):
     assert isinstance(loaded.lm_head, tnkernels.MPOLinear)
     # the saved model is the one the pipeline measured: the same held-out perplexity
     _, tokenizer = load_hf_model(tiny_dir)
-    held = calibration_data("gpt2", tokenizer, seq_len=12, num_samples=8, batch_size=4)[1]
+    held = calibration_data(family, tokenizer, seq_len=12, num_samples=8, batch_size=4)[1]
     with torch.no_grad():
         ppl = evaluate.perplexity(loaded, held)
     assert ppl == pytest.approx(report["metrics"]["student_perplexity"], rel=1e-5)

@@ -64,7 +64,8 @@ def test_whitened_slice_init_is_more_accurate_than_plain(family, tmp_path):
     kw = dict(ratio=2.0, attention=False, attention_patterns=ATTENTION_PATTERNS[family_of(model)])
     plain, _ = tensorize_slice(resolve(model, spec), init="plain", **kw)
     white, report = tensorize_slice(resolve(model, spec), init="whitened", data=data, **kw)
-    assert len(report.tensorized) == 2 and all(r.ratio >= 1.9 for r in report.tensorized)
+    ffn_layers = 3 if family == "llama" else 2  # Llama's gated FFN: gate, up and down projections
+    assert len(report.tensorized) == ffn_layers and all(r.ratio >= 1.9 for r in report.tensorized)
     assert evaluate_slice(white, data) < evaluate_slice(plain, data)
     # the teacher modules are untouched
     with torch.no_grad():
