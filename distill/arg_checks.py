@@ -28,8 +28,14 @@ _RULES = {
 
 
 def check_compress_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the first flag whose value is out of range."""
+    """Raise ValueError naming the first flag whose value is out of range, or a CUDA device this machine lacks."""
     for name, (ok, must) in _RULES.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):
             raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value}")
+    device = getattr(args, "device", None)
+    if device and str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")

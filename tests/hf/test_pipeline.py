@@ -176,3 +176,7 @@ def test_module_entry_point_reports_bad_flags_in_one_line(tiny_dir, tmp_path, ca
     assert exc.value.code == 2
     assert "error: --ratio must be > 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():  # a missing GPU is a one-line error too, before the model loads
+        with pytest.raises(SystemExit):
+            main(["--model", str(tiny_dir), "--ratio", "2", "--device", "cuda", "--out", str(tmp_path / "out")])
+        assert "error: --device cuda: CUDA is not available here" in capsys.readouterr().err
