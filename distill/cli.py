@@ -113,10 +113,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compress)
 
     e = subparsers.add_parser(
-        "eval", help="test accuracy of a teacher or of a compressed student", formatter_class=_HelpFormatter
+        "eval",
+        help="test accuracy of a teacher or of a compressed student (Hugging Face: perplexity or embedding agreement)",
+        formatter_class=_HelpFormatter,
     )
     _common(e)
     e.add_argument("--compressed", default=None, help="a save_compressed folder, e.g. distill_out/compressed")
+    e.add_argument("--text", default=None, help="Hugging Face models: held-out text from this file (default: embedded)")
+    e.add_argument("--seq-len", type=int, default=128, help="Hugging Face models: tokens per held-out sequence")
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_eval)
 
@@ -413,6 +417,10 @@ def cmd_eval(args) -> int:
     from .teacher import build_model, evaluate, load_weights
 
     device = _setup(args)
+    if _is_hf_dir(args.model):  # the metrics tnk compress reports for Hugging Face models (distill/hf/eval_cmd.py)
+        from .hf.eval_cmd import print_hf_eval
+
+        return print_hf_eval(args)
     train_ds, test_ds = load_data(args.data, image_size=args.image_size)
     loader = DataLoader(test_ds, batch_size=256)
     name = args.model or "resnet34"

@@ -117,6 +117,12 @@ def test_pipeline_save_load_automodel_skeleton_and_resume(tiny_dir, tmp_path):
                 1e-6,
                 "LM skeleton vs AutoModel skeleton",
             )
+    # tnk eval on the checkpoint gives the report's metrics again (same held-out text and sequence length)
+    from distill.hf.eval_cmd import eval_hf
+
+    again = eval_hf(tiny_dir, out / "compressed", seq_len=12)
+    assert again == pytest.approx(saved["metrics"], rel=1e-5)
+    assert tnk(["eval", "--model", str(tiny_dir), "--compressed", str(out / "compressed"), "--seq-len", "12"]) == 0
     # resume: a rerun trains nothing again (slice checkpoints untouched)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()}
     compress_hf(_args(tiny_dir, out, "--preset", "block", "--no-eval"))

@@ -226,9 +226,15 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         try:
             old = target.get_submodule(name)
         except AttributeError:
+            saved_from, here = spec.get("model_class"), type(model).__name__
+            which = (
+                f"was saved from a {saved_from}, the skeleton is a {here}: load it into the model it was saved from"
+                if saved_from and saved_from != here
+                else "belongs to another model"
+            )
             raise ValueError(
                 f"load_compressed: the checkpoint has a tensorized layer {name!r} that the skeleton model lacks; "
-                "the checkpoint belongs to another model"
+                f"the checkpoint {which}"
             ) from None
         new = _build_layer(name, entry, old)
         for alias in [name, *entry.get("aliases", [])]:
