@@ -244,3 +244,24 @@ def test_tucker_conv_bad_input():
         conv.weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         TuckerConv2d.from_conv(conv)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """torch.utils.checkpoint re-runs the layers' forward during backward (HF's gradient_checkpointing_enable)."""
+    from torch.utils.checkpoint import checkpoint
+
+    mpo = MPOLinear.from_linear(nn.Linear(24, 30, dtype=torch.float64), in_modes=(2, 3, 4), out_modes=(3, 5, 2))
+    low_rank = MPOLinear.from_linear(nn.Linear(30, 24, dtype=torch.float64), ratio=2)
+    tucker = TuckerConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), ranks=(2, 2))
+    params = [*mpo.parameters(), *low_rank.parameters(), *tucker.parameters()]
+
+    def f(x, img):
+        return low_rank(torch.tanh(mpo(x))).square().sum() + tucker(img).square().sum()
+
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    img = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(f(x, img), [x, img, *params])
+    checkpoint(f, x, img, use_reentrant=reentrant).backward()
+    for k, (t, w) in enumerate(zip([x, img, *params], want, strict=True)):
+        assert_close_rel(t.grad, w, 1e-12, f"leaf {k}")
