@@ -177,6 +177,32 @@ def test_a_compiled_or_data_parallel_model_saves_as_the_model_inside(tmp_path):
     assert torch.equal(restored._orig_mod(x), model(x))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # the dense teacher's fast path
+def test_nn_transformer_encoder_runs_after_tensorize_and_reload(tmp_path):
+    """nn.TransformerEncoderLayer's eval fast path reads linear1.weight for a fused kernel: after tensorize the
+    layers must take their regular path (AttributeError before), with and without grad, and after a reload."""
+
+    def encoder():
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+
+    model = encoder()
+    x = torch.randn(2, 6, 32)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True  # a padding mask: the container's nested-tensor path too
+    with torch.no_grad():
+        want = model(x, src_key_padding_mask=pad)
+    report = tensorize(model, rules={"*linear*": {"rel_tol": 1e-7}})  # (nearly) exact: outputs must match
+    assert len(report.tensorized) == 4
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = model(x, src_key_padding_mask=pad)
+        torch.testing.assert_close(got[~pad], want[~pad], rtol=1e-4, atol=1e-5)
+    save_compressed(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        again = load_compressed(encoder(), tmp_path / "ckpt")(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(again[~pad], want[~pad], rtol=1e-4, atol=1e-5)
+
+
 def test_shared_module_is_converted_once():
     shared = nn.Linear(12, 12)
     model = nn.Sequential(shared, nn.ReLU(), shared)

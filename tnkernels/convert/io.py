@@ -24,7 +24,7 @@ from torch.nn.utils import skip_init
 
 from .._version import __version__
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
-from .tensorize import _module_aliases, _set_submodule, unwrapped
+from .tensorize import _module_aliases, _set_submodule, keep_transformer_layers_on_their_regular_path, unwrapped
 
 FORMAT = "tnkernels-compressed"
 FORMAT_VERSION = 1
@@ -239,6 +239,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         new = _build_layer(name, entry, old)
         for alias in [name, *entry.get("aliases", [])]:
             _set_submodule(target, alias, new)
+    keep_transformer_layers_on_their_regular_path(target)
     try:
         load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
     except (RuntimeError, KeyError) as exc:

@@ -192,7 +192,26 @@ def tensorize(
             f"tensorize: ratio {ratio:g} cannot be reached by any selected layer; choose a smaller ratio "
             "(see the per-layer limits with `tnk inspect`)"
         )
+    keep_transformer_layers_on_their_regular_path(model)
     return report
+
+
+def keep_transformer_layers_on_their_regular_path(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's inference fast path hands linear1.weight and linear2.weight to one fused kernel,
+    and an MPOLinear has no dense weight: a layer whose feed-forward is tensorized must run its regular path, which
+    calls the layers (before 2026-12-02 it raised AttributeError in eval mode). The layer's switch is the flag its
+    __init__ sets, `activation_relu_or_gelu`, which only the fast path reads; nn.TransformerEncoder's nested-tensor
+    path reads the first layer's weights too (`use_nested_tensor`). Also run by load_compressed."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and (
+            isinstance(m.linear1, MPOLinear) or isinstance(m.linear2, MPOLinear)
+        ):
+            m.activation_relu_or_gelu = 0
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            getattr(layer, "activation_relu_or_gelu", 1) == 0 for layer in m.layers
+        ):
+            m.use_nested_tensor = False
 
 
 def _unsupported_reason(model: nn.Module, name: str, module: nn.Module, kind: str, owners) -> str | None:
