@@ -102,8 +102,8 @@ def test_generate_bench_smoke(tmp_path):
     pytest.importorskip("transformers")
     hf_generate = pytest.importorskip("bench.hf_generate")
     out = tmp_path / "gen.md"
-    for head in ([], ["--head"]):
-        flags = ["--size", "tiny", "--ratios", "2", "4", "--new-tokens", "3", "--rounds", "1", *head]
+    for size, head in (("tiny", []), ("tiny", ["--head"]), ("tiny-llama", [])):
+        flags = ["--size", size, "--ratios", "2", "4", "--new-tokens", "3", "--rounds", "1", *head]
         hf_generate.main([*flags, "--out", str(out)])
         text = out.read_text()
         rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]

@@ -301,6 +301,27 @@ def test_choose_structure_reaches_ratio_and_respects_prefer():
     assert strict.predicted_seconds <= two_core.predicted_seconds
 
 
+def test_speed_never_takes_a_structure_slower_than_dense_for_its_accuracy(monkeypatch):
+    """A wide random layer: the balanced splits are more accurate than the low-rank one, but their chains cost
+    more than the dense GEMM. prefer="speed" must take a structure no slower than dense (here the low-rank one;
+    the old rule took the 3-core split, 1.02x dense, and on SmolLM's 576 x 49152 head a split 3.3x slower);
+    prefer="accuracy" still takes the most accurate."""
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    calibrate.set_calibration(flat_calibration())  # predicted time proportional to FLOPs: machine-independent
+    try:
+        w = torch.nn.Linear(24, 1536).weight.detach()
+        cands = structure_candidates(1536, 24, 4, rows=1024, weight=w)
+        dense = mpo_decision(cands[0].core_shapes(), 1024, torch.float32, CPU, False).dense_seconds
+        low = next(s for s in cands if s.is_low_rank)
+        assert any(s.predicted_seconds > dense and s.rel_error * 1.05 < low.rel_error for s in cands)
+        fast = choose_mpo_structure(1536, 24, 4, rows=1024, weight=w)
+        assert fast.predicted_seconds <= dense and fast.is_low_rank
+        accurate = choose_mpo_structure(1536, 24, 4, rows=1024, weight=w, prefer="accuracy")
+        assert accurate.rel_error == min(s.rel_error for s in cands) and accurate.predicted_seconds > dense
+    finally:
+        clear_plans()  # the plans made under the flat calibration must not serve later tests
+
+
 def test_choose_structure_errors():
     with pytest.raises(ValueError, match="prefer"):
         choose_mpo_structure(96, 64, 4, prefer="fast")

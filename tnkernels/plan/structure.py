@@ -7,9 +7,10 @@ mpo_bonds_for_ratio), plus the most lopsided 2-core split, modes (in, 1) x (1, o
 W = B A, the MPO whose chain costs exactly dense/ratio FLOPs at every row count (a balanced 2-core chain at a
 moderate ratio costs more than the dense product, which is why the planner so often has to rebuild the
 weight). It is priced with the planner at a typical row count like the others.
-`choose_mpo_structure(prefer="speed")` takes the fastest one whose TT-SVD error is not clearly worse than
-the balanced 2-core structure's (error <= reference * (1 + error_slack)); errors are computed lazily, fastest
-first, since each costs SVD-sized work. prefer="accuracy" takes the most accurate one.
+`choose_mpo_structure(prefer="speed")` takes, among the structures predicted no slower than the dense layer, the
+fastest one whose TT-SVD error is not clearly worse than the balanced 2-core structure's (error <= reference *
+(1 + error_slack)); errors are computed lazily, fastest first, since each costs SVD-sized work.
+prefer="accuracy" takes the most accurate one, whatever its speed.
 """
 
 from __future__ import annotations
@@ -191,9 +192,15 @@ def choose_mpo_structure(
     by_time = sorted(cands, key=lambda s: s.predicted_seconds)
     if weight is None:
         return by_time[0]
+    # Accuracy never buys a structure slower than the dense layer: only those predicted no slower than the dense
+    # GEMM at `rows` compete (the low-rank split always is, at dense / ratio FLOPs). A random 576 x 49152 head at
+    # ratio 4 (SmolLM's shape) had picked the balanced 2-core split for a 7% smaller error: 3.3x the low-rank
+    # split's predicted time at 1024 rows, and at one row 24 ms against the dense layer's 7 ms.
+    dense = mpo_decision(by_time[0].core_shapes(), rows, dtype, torch.device(device), False).dense_seconds
+    by_time = [s for s in by_time if s.predicted_seconds <= dense] or by_time
     # The reference for "clearly worse" is the balanced 2-core split (MPOLinear's default), or the low-rank one
-    # where the sizes cannot be split.
-    ref = min(cands, key=lambda s: (s.num_cores, s.is_low_rank))
+    # where the sizes cannot be split, among those.
+    ref = min(by_time, key=lambda s: (s.num_cores, s.is_low_rank))
     if by_time[0] is ref:  # the common case: no error needs computing at all
         return ref
     ref_err = tt_error(weight, ref.in_modes, ref.out_modes, ref.bonds)
