@@ -67,10 +67,15 @@ def needs_autograd(x: torch.Tensor, params: tuple[torch.Tensor, ...], bias: torc
     )
 
 
-def memo_applies() -> bool:
-    """Whether a layer call may use its memo: not while torch.compile traces (dynamo would break the graph on
-    data_ptr) and not under a torch.func transform (the remembered routes run the planned Functions)."""
-    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+def memo_applies(x: torch.Tensor) -> bool:
+    """Whether a layer call on x may use its memo: not while torch.compile traces (dynamo would break the graph on
+    data_ptr), not under a torch.func transform (the remembered routes run the planned Functions) and not under
+    autocast (the full path casts the operands to autocast's dtype first)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def memo_of(module: torch.nn.Module) -> CallMemo:

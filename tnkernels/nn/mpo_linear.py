@@ -171,7 +171,7 @@ class MPOLinear(MemoizedCalls, nn.Module):
         # a Parameter lands in _parameters too; bias=False leaves no entry).
         cores = tuple(self._modules["cores"]._parameters.values())
         bias = self._parameters.get("bias")
-        memo = self._memo_for_calls if memo_applies() else None
+        memo = self._memo_for_calls if memo_applies(x) else None
         if memo is not None:  # the memo may already know how this call runs (call_memo.py)
             needs_grad = needs_autograd(x, cores, bias)
             known, route = memo.get(x, cores, needs_grad)

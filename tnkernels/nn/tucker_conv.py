@@ -172,7 +172,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         factors = (p["u_in"], p["core"], p["u_out"])
         bias = p.get("bias")
         # outside torch.compile the memo may already know this call's route, no-grad or training
-        memo = self._memo_for_calls if memo_applies() else None
+        memo = self._memo_for_calls if memo_applies(x) else None
         if memo is not None:
             needs_grad = needs_autograd(x, factors, bias)
             known, route = memo.get(x, factors, needs_grad)

@@ -16,6 +16,7 @@ from .tucker.torch_impl import run_route as run_tucker_route
 
 __all__ = [
     "BACKENDS",
+    "autocast_dtype",
     "backend_available",
     "preload",
     "under_functorch",
@@ -98,9 +99,29 @@ def mpo_linear(
     return run_mpo_linear(x, cores, bias, backend)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls and convolutions in on x's device, or None when autocast is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _cast_for_autocast(amp: torch.dtype, tensors):
+    """float32 tensors cast to `amp` (differentiably), as autocast casts nn.Linear's and nn.Conv2d's operands."""
+    return [t.to(amp) if t is not None and t.dtype == torch.float32 else t for t in tensors]
+
+
 def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, backend: str):
     """mpo_linear after its argument checks, for a caller that has made them: MPOLinear checks its cores when it
     is built and the input's width on every call (at one row the checks cost a third of the call)."""
+    amp = autocast_dtype(x)
+    if amp is not None:
+        # Under autocast the chain runs in autocast's dtype, as nn.Linear's matmul does: the operands are cast
+        # here, where autograd records the casts (float32 gradients for float32 parameters), and the planned
+        # Functions run with autocast off. Left on, it cast some products inside them and not others, and their
+        # backward (which runs outside autocast) met mixed dtypes: every training step failed (found 2026-12-02).
+        x, bias, *cores = _cast_for_autocast(amp, [x, bias, *cores])
+        with torch.autocast(x.device.type, enabled=False):
+            return run_mpo_linear(x, cores, bias, backend)
     if backend == "auto" and under_functorch():
         backend = "torch"  # its plain path (mpo_linear_torch): native kernels cannot run under torch.func
     if backend == "auto":
@@ -237,4 +258,9 @@ def tucker_conv2d(
     dilation_t = _pair(dilation, "dilation")
     padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)
     fn = resolve("tucker_conv2d", backend, x.device.type)
+    amp = autocast_dtype(x)
+    if amp is not None:  # in autocast's dtype with autocast off inside, as run_mpo_linear does (see there)
+        x, u_in, core, u_out, bias = _cast_for_autocast(amp, [x, u_in, core, u_out, bias])
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)
     return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)
