@@ -112,7 +112,8 @@ struct LowRankFn : public torch::autograd::Function<LowRankFn> {
       if ((flags & kDaNative) && thin_ok(x2d) && thin_ok(dh))
         d_a = thin_reduce(dh, x2d, /*transposed=*/true);
       else
-        d_a = (flags & kGradATransposed) ? at::mm(dh.t(), x2d).t() : at::mm(x2d.t(), dh);
+        // in the parameter's layout: autograd would copy the transposed view anyway, and DDP warns about it
+        d_a = (flags & kGradATransposed) ? at::mm(dh.t(), x2d).t().contiguous() : at::mm(x2d.t(), dh);
       d_g1 = d_a.view(g1.sizes());
     }
     if (need_g2) {

@@ -265,3 +265,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     checkpoint(f, x, img, use_reentrant=reentrant).backward()
     for k, (t, w) in enumerate(zip([x, img, *params], want, strict=True)):
         assert_close_rel(t.grad, w, 1e-12, f"leaf {k}")
+
+
+@pytest.mark.parametrize("cpp", [False, True])
+def test_gradients_arrive_in_their_parameters_layout(cpp, monkeypatch):
+    """The gradient layout contract: a backward returns each gradient with its parameter's strides (autograd copies
+    one that does not, and DistributedDataParallel warns about it at every bucket). The low-rank dA at many rows
+    (computed transposed) and Tucker's U_in gradient came back as transposed views."""
+    from tnkernels.ops.mpo import torch_low_rank
+    from tnkernels.plan import options
+
+    if cpp and not torch_low_rank._HAS_CPP:
+        pytest.skip("native extension not built")
+    monkeypatch.setattr(torch_low_rank, "cpp_enabled", cpp)
+    low_rank = MPOLinear.from_linear(nn.Linear(64, 48), ratio=2)  # rank 13: past the native thin kernels
+    chain = MPOLinear.from_linear(nn.Linear(24, 30), in_modes=(2, 3, 4), out_modes=(3, 5, 2), max_bond=3)
+    tucker = TuckerConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=1), ranks=(4, 3))
+    seen = []
+    for layer in (low_rank, chain, tucker):
+        for p in layer.parameters():
+            p.register_hook(lambda g, p=p: seen.append((tuple(p.shape), g.stride(), p.stride())))
+    for rows in (1, 64, 1024):  # the transposed dA wins from max(128, 6 * rank) rows (fixed bounds in tests)
+        low_rank(torch.randn(rows, 64)).sum().backward()
+        chain(torch.randn(rows, 24)).sum().backward()
+    for kind in ("three-convs", "fold-in", "fold-out", "dense"):
+        with options(tucker_force=kind):
+            tucker(torch.randn(2, 6, 5, 5)).sum().backward()
+    bad = [s for s in seen if s[1] != s[2]]
+    assert seen and not bad, bad

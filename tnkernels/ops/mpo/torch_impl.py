@@ -16,6 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...plan.cache import OPTIONS, mpo_decision, planned_rows
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
 from ..dispatch import under_functorch
+from ..grad_layout import in_layout_of
 from . import torch_low_rank
 
 
@@ -255,6 +256,8 @@ class MPOChainFunction(torch.autograd.Function):
             saved = (states, mats, dims, partials)
         dx, d_cores = backward_grouped(dy, cores, plan, saved, need_x, need_cores)
         d_bias = dy.sum(0) if (ctx.has_bias and need_bias) else None
+        # the merges' backward leaves some core gradients permuted
+        d_cores = [in_layout_of(d, g) for d, g in zip(d_cores, saved_tensors[1 : 1 + n_cores], strict=True)]
         return (dx, d_bias, None, *d_cores)
 
 

@@ -61,7 +61,8 @@ def _grad_a(x2d: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     if native is not None:
         return native
     if dh.device.type == "cpu" and _transposed_grad_a_wins(rows, rank, x2d.shape[1]):
-        return (dh.t() @ x2d).t()
+        # in the parameter's layout: autograd would copy the transposed view anyway, and DDP warns about it
+        return (dh.t() @ x2d).t().contiguous()
     return x2d.t() @ dh
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ...plan.cache import OPTIONS, planned_size
 from ..dispatch import under_functorch
+from ..grad_layout import in_layout_of
 from .tuned import kind_for
 
 
@@ -167,6 +168,8 @@ class TuckerConvFunction(torch.autograd.Function):
                 dcore = _unfold_out(u_out, dt)
                 du_out = _pair_spatial(dt, core)
         d_bias = dy.sum((0, 2, 3)) if (ctx.has_bias and ctx.needs_input_grad[4]) else None
+        # U_in's gradient is a transposed view, the core's comes in oneDNN's layout: in the parameters' instead
+        du_in, dcore, du_out = (in_layout_of(d, p) for d, p in zip((du_in, dcore, du_out), (u_in, core, u_out)))
         return dx, du_in, dcore, du_out, d_bias, None, None, None
 
 
