@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.modes import autocast_dtype, under_functorch
 from ..plan.cache import plan_generation
 
 # Distinct input shapes remembered per layer; past this the memo starts over (a layer fed ever-new shapes, e.g.
@@ -60,22 +61,11 @@ class CallMemo:
         self._entries[(x.shape, x.dtype, x.device, mode)] = (tuple(params), ptrs, plan_generation(), payload)
 
 
-def needs_autograd(x: torch.Tensor, params: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> bool:
-    """Whether a layer call records autograd: part of a memo key, since training and no-grad calls run differently."""
-    return torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in params) or (bias is not None and bias.requires_grad)
-    )
-
-
 def memo_applies(x: torch.Tensor) -> bool:
     """Whether a layer call on x may use its memo: not while torch.compile traces (dynamo would break the graph on
     data_ptr), not under a torch.func transform (the remembered routes run the planned Functions) and not under
     autocast (the full path casts the operands to autocast's dtype first)."""
-    return not (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or torch.is_autocast_enabled(x.device.type)
-    )
+    return not (torch.compiler.is_compiling() or under_functorch() or autocast_dtype(x) is not None)
 
 
 def memo_of(module: torch.nn.Module) -> CallMemo:

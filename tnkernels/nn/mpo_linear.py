@@ -25,7 +25,8 @@ from ..ops import (
     run_low_rank_route,
     run_mpo_linear,
 )
-from .call_memo import MemoizedCalls, memo_applies, needs_autograd
+from ..ops.modes import needs_autograd
+from .call_memo import MemoizedCalls, memo_applies
 from .hf_compat import is_hf_conv1d, linear_weight
 
 DEFAULT_NUM_CORES = 2

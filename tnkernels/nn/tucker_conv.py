@@ -18,7 +18,8 @@ from ..decompose import (
     tucker_ranks_for_ratio,
 )
 from ..ops import preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
-from .call_memo import MemoizedCalls, memo_applies, needs_autograd
+from ..ops.modes import needs_autograd
+from .call_memo import MemoizedCalls, memo_applies
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:

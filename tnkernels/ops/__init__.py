@@ -8,7 +8,8 @@ import torch
 
 from ..plan.backends import auto_mpo_backend
 from ..plan.cache import planned_rows
-from .dispatch import BACKENDS, backend_available, preload, resolve, under_functorch
+from .dispatch import BACKENDS, backend_available, preload, resolve
+from .modes import autocast_dtype, cast_for_autocast, needs_autograd, under_functorch
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
@@ -19,6 +20,7 @@ __all__ = [
     "autocast_dtype",
     "backend_available",
     "preload",
+    "needs_autograd",
     "under_functorch",
     "mpo_linear",
     "run_mpo_linear",
@@ -99,17 +101,6 @@ def mpo_linear(
     return run_mpo_linear(x, cores, bias, backend)
 
 
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes matmuls and convolutions in on x's device, or None when autocast is off."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-def _cast_for_autocast(amp: torch.dtype, tensors):
-    """float32 tensors cast to `amp` (differentiably), as autocast casts nn.Linear's and nn.Conv2d's operands."""
-    return [t.to(amp) if t is not None and t.dtype == torch.float32 else t for t in tensors]
-
-
 def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, backend: str):
     """mpo_linear after its argument checks, for a caller that has made them: MPOLinear checks its cores when it
     is built and the input's width on every call (at one row the checks cost a third of the call)."""
@@ -119,15 +110,13 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
         # here, where autograd records the casts (float32 gradients for float32 parameters), and the planned
         # Functions run with autocast off. Left on, it cast some products inside them and not others, and their
         # backward (which runs outside autocast) met mixed dtypes: every training step failed (found 2026-12-02).
-        x, bias, *cores = _cast_for_autocast(amp, [x, bias, *cores])
+        x, bias, *cores = cast_for_autocast(amp, [x, bias, *cores])
         with torch.autocast(x.device.type, enabled=False):
             return run_mpo_linear(x, cores, bias, backend)
     if backend == "auto" and under_functorch():
         backend = "torch"  # its plain path (mpo_linear_torch): native kernels cannot run under torch.func
     if backend == "auto":
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
-        )
+        needs_grad = needs_autograd(x, cores, bias)
         low_rank = len(cores) == 2 and is_low_rank_chain((cores[0].shape, cores[1].shape))
         rows = planned_rows(x.numel() // max(x.shape[-1], 1)) if x.dim() else 0
         backend = auto_mpo_backend(x.device.type, rows, x.dtype, needs_grad, low_rank)
@@ -260,7 +249,7 @@ def tucker_conv2d(
     fn = resolve("tucker_conv2d", backend, x.device.type)
     amp = autocast_dtype(x)
     if amp is not None:  # in autocast's dtype with autocast off inside, as run_mpo_linear does (see there)
-        x, u_in, core, u_out, bias = _cast_for_autocast(amp, [x, u_in, core, u_out, bias])
+        x, u_in, core, u_out, bias = cast_for_autocast(amp, [x, u_in, core, u_out, bias])
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)
     return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)

@@ -10,8 +10,6 @@ import importlib
 import os
 from collections.abc import Callable
 
-import torch
-
 BACKENDS = ("auto", "torch", "triton", "native")
 
 # (op, backend) -> (module path, entry function name)
@@ -48,13 +46,6 @@ def _load(op: str, backend: str):
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable ({exc}); {_HINTS.get(backend, '')}") from exc
     _LOADED[(op, backend)] = (getattr(module, entry), module.is_available())
     return _LOADED[(op, backend)]
-
-
-def under_functorch() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running. The planned autograd Functions
-    and the native kernels cannot run under one (old-style Functions, opaque C++ calls), so calls then take plain
-    differentiable torch ops. Never true while torch.compile traces (dynamo would break the graph on the check)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def preload(op: str, backend: str) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...plan.mpo import groupings
+from ..modes import needs_autograd
 
 try:  # the extension is optional: a missing or broken build only disables this backend
     from tnkernels import _native as _ext
@@ -375,9 +376,7 @@ def mpo_linear_native(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
     cores = list(cores)
     # Hot path: only the gradient check runs in Python (it must come before any merge builds a graph); the C++
     # entry checks everything else, and on failure _validate() re-checks here to raise a clear ValueError.
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
-    ):
+    if needs_autograd(x, cores, bias):
         raise RuntimeError(
             "mpo_linear(backend='native') is forward-only (inference) and cannot give gradients; use "
             "backend='torch' for training, or run inference under torch.no_grad() / torch.inference_mode()"

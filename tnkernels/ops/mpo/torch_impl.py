@@ -15,8 +15,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...plan.cache import OPTIONS, mpo_decision, planned_rows
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
-from ..dispatch import under_functorch
 from ..grad_layout import in_layout_of
+from ..modes import needs_autograd, under_functorch
 from . import torch_low_rank
 
 
@@ -341,9 +341,7 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
         lead = x.shape[:-1]
         y = x2d.new_zeros(0, out_features) + (bias if bias is not None else 0)
         return y.reshape(*lead, out_features)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(g.requires_grad for g in cores) or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = needs_autograd(x, cores, bias)
     shapes = tuple(tuple(g.shape) for g in cores)  # plain ints: core shapes are static, even under torch.compile
     plan_rows = planned_rows(rows)  # rows itself, except under torch.compile / export
     if under_functorch():  # vmap / grad / jacrev: the planned forward in plain differentiable ops, autograd after

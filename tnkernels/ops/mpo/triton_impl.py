@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..modes import needs_autograd
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
@@ -391,6 +393,6 @@ def mpo_linear_triton(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torc
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     # Intermediates are only kept (and consecutive cores only left unfused) when a backward can follow.
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *cores, *([bias] if bias is not None else [])))
+    keep = needs_autograd(x, cores, bias)
     y = _mpo_op(x2, cores, bias, keep)[0]
     return y.reshape(*lead, y.shape[-1])

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ...plan.cache import OPTIONS, planned_size
-from ..dispatch import under_functorch
 from ..grad_layout import in_layout_of
+from ..modes import needs_autograd, under_functorch
 from .tuned import kind_for
 
 
@@ -221,8 +221,7 @@ def tucker_conv2d_torch(
     dilation: tuple[int, int],
 ) -> torch.Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation))
-    tensors = (x, u_in, core, u_out) + ((bias,) if bias is not None else ())
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    needs_grad = needs_autograd(x, (u_in, core, u_out), bias)
     shapes = (_planned_input_shape(x), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
     if not needs_grad or under_functorch():  # under vmap / grad / jacrev: plain convolutions, autograd after them

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
+from ..modes import needs_autograd
 from ..mpo.triton_impl import (
     _IMPORT_ERROR,
     _bucket,
@@ -276,6 +277,6 @@ def tucker_conv2d_triton(
         params.append(t if t is None or t.dtype == x.dtype else t.to(x.dtype))
     u_in, core, u_out, bias = params
     # h is only worth writing when someone will differentiate (the U_out gradient reads it).
-    write_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, u_in, core, u_out, bias))
+    write_h = needs_autograd(x, (u_in, core, u_out), bias)
     y, _ = _tucker_op(x, u_in, core, u_out, bias, list(stride), list(padding), list(dilation), write_h)
     return y
