@@ -9,40 +9,21 @@ pytest.importorskip("transformers")
 from distill.hf.models import build_from_config  # noqa: E402
 from distill.hf.text import read_texts, split_sentences  # noqa: E402
 
+# the token ids every tiny model shares (the tokenizer below puts [PAD] at 0 and <eos> at 1)
+_TOKENS = dict(vocab_size=256, pad_token_id=0)
+_DECODER_TOKENS = dict(_TOKENS, bos_token_id=1, eos_token_id=1)
 TINY = {
-    "gpt2": dict(
-        n_layer=3,
-        n_embd=32,
-        n_head=4,
-        n_inner=64,
-        n_positions=64,
-        vocab_size=256,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    ),
+    "gpt2": dict(n_layer=3, n_embd=32, n_head=4, n_inner=64, n_positions=64, **_DECODER_TOKENS),
     "bert": dict(
-        num_hidden_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        vocab_size=256,
-        pad_token_id=0,
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+        **_TOKENS,
     ),
     "llama": dict(
-        num_hidden_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
         num_key_value_heads=2,  # grouped-query attention, as Llama 2/3 and Mistral
-        intermediate_size=64,
-        max_position_embeddings=64,
-        vocab_size=256,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
+        **_DECODER_TOKENS,
     ),
-}
+}  # fmt: skip
 
 
 def make_tokenizer(family: str):
