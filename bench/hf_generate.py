@@ -126,16 +126,24 @@ def main(argv: list[str] | None = None) -> None:
                     best[f"{name}_pre"] = min(best[f"{name}_pre"], _generate_s(m, ids, 1))
                     best[f"{name}_gen"] = min(best[f"{name}_gen"], _generate_s(m, ids, args.new_tokens))
         per_token = {k: (best[f"{k}_gen"] - best[f"{k}_pre"]) / (args.new_tokens - 1) for k in ("dense", "tnk")}
+        # A decode time is a difference of two timings: on a tiny model or with few rounds, noise can make it
+        # non-positive, and a ratio of such numbers would be a made-up result.
+        if min(per_token.values()) > 0:
+            decode = [
+                f"{per_token['dense'] * 1e3:.2f}",
+                f"{per_token['tnk'] * 1e3:.2f}",
+                f"{per_token['dense'] / per_token['tnk']:.2f}x",
+                f"{args.batch / per_token['dense']:.0f}",
+                f"{args.batch / per_token['tnk']:.0f}",
+            ]
+        else:
+            decode = ["noise: raise --new-tokens / --rounds"] + ["-"] * 4
         table.row(
             f"{ratio:g}",
             f"{report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M",
             f"{best['dense_pre'] * 1e3:.1f}",
             f"{best['tnk_pre'] * 1e3:.1f}",
-            f"{per_token['dense'] * 1e3:.2f}",
-            f"{per_token['tnk'] * 1e3:.2f}",
-            f"{per_token['dense'] / per_token['tnk']:.2f}x",
-            f"{args.batch / per_token['dense']:.0f}",
-            f"{args.batch / per_token['tnk']:.0f}",
+            *decode,
             f"{head_ms:.2f}",
         )
     table.write(args.out)

@@ -110,5 +110,8 @@ def test_generate_bench_smoke(tmp_path):
         assert [r.split("|")[1].strip() for r in rows] == ["2", "4"]
         for r in rows:
             cells = [c.strip() for c in r.strip("|").split("|")]
-            assert len(cells) == 10 and cells[6].endswith("x") and float(cells[6][:-1]) > 0, r
+            # the decode columns are a difference of timings: at this size either a positive ratio or the noise
+            # marker, never a negative "speed-up" (a timing, so no bound on its value here)
+            assert len(cells) == 10, r
+            assert cells[4].startswith("noise") or (cells[6].endswith("x") and float(cells[6][:-1]) > 0), r
         assert ("blocks and lm_head" in text) == bool(head)
