@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import assert_close_rel, tolerance
-from tnkernels import MPOLinear, TuckerConv2d, mpo_to_dense, tucker_to_dense
+from tnkernels import MPOLinear, TuckerConv2d, mpo_linear, mpo_to_dense, tucker_to_dense
 
 
 def _linear(in_f, out_f, dtype=torch.float64, bias=True):
@@ -131,6 +131,43 @@ def test_mpo_bad_input():
     layer.cores[1] = nn.Parameter(torch.randn(3, 5, 2, 1))  # a valid chain, but of 15 inputs
     with pytest.raises(ValueError, match="the cores map 15 -> 4 features .* in_features=12"):
         layer(torch.randn(2, 12))
+
+
+def test_input_dtype_errors_name_the_layer_and_the_fix():
+    layer = MPOLinear(12, 8, in_modes=(3, 4), out_modes=(2, 4), bonds=(2,))
+    with pytest.raises(ValueError, match=r"MPOLinear: input is torch.float64 but the weights are torch.float32.*"):
+        layer(torch.randn(2, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"MPOLinear: input has dtype torch.int64; it must be floating point"):
+        layer(torch.ones(2, 12, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"mpo_linear: input is torch.float16"):
+        mpo_linear(torch.randn(2, 12).half(), list(layer.cores))
+    conv = TuckerConv2d(4, 6, 3, ranks=(2, 2))
+    with pytest.raises(ValueError, match=r"tucker_conv2d: input is torch.float64 but the weights are torch.float32"):
+        conv(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 weights to the input's bf16
+        assert layer(torch.randn(2, 12, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match=r"float64 but the weights are torch.float32 \(under autocast"):
+            layer(torch.randn(2, 12, dtype=torch.float64))  # nn.Linear fails here too: float64 is not cast
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batches_give_zero_gradients_like_dense(backend, nan_poison):
+    """No rows (an MoE expert that got no tokens, a detector with no boxes): the output is empty and every
+    parameter gets a zero gradient, as nn.Linear / nn.Conv2d give; None would break DDP's reduction."""
+    torch.manual_seed(0)
+    for kwargs in (dict(ratio=2), dict(num_cores=3, max_bond=4)):
+        layer = MPOLinear.from_linear(nn.Linear(64, 96), **kwargs, backend=backend)
+        x = torch.randn(2, 0, 64, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (2, 0, 96)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.parameters())
+    conv = TuckerConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1), ranks=(3, 2), backend=backend)
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    conv(x).sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in conv.parameters())
 
 
 # ------------------------------------------------------------------------------------------------- TuckerConv2d

@@ -2,6 +2,8 @@
 
 Layout of the checkpoint directory:
     model.safetensors   the full state of the compressed model (tensorized and dense layers, buffers)
+    buffers.safetensors the non-persistent buffers (rotary frequencies, position ids), only if the model has any:
+                        a skeleton built on the meta device has no values for them (since 2026-12-02; optional)
     spec.json           format version, package version, sha256 of model.safetensors, and one entry per tensorized
                         layer (kind, modes and bonds or ranks, conv parameters, dtype, aliases of shared modules)
 The directory is written under a temporary name and renamed into place, so a crash never leaves a half-written
@@ -15,10 +17,11 @@ import json
 import os
 import shutil
 import tempfile
+from itertools import chain
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.nn.utils import skip_init
 
@@ -29,6 +32,7 @@ from .tensorize import _module_aliases, _set_submodule, keep_transformer_layers_
 FORMAT = "tnkernels-compressed"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+BUFFERS_FILE = "buffers.safetensors"
 SPEC_FILE = "spec.json"
 
 
@@ -91,12 +95,16 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_model(model, str(tmp / WEIGHTS_FILE))
+        extra = _non_persistent_buffers(model)
+        if extra:
+            save_file(extra, str(tmp / BUFFERS_FILE))
         spec = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "tnkernels_version": __version__,
             "model_class": type(model).__name__,
             "sha256": _sha256(tmp / WEIGHTS_FILE),
+            **({"buffers_sha256": _sha256(tmp / BUFFERS_FILE)} if extra else {}),
             "layers": layers,
         }
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
@@ -135,6 +143,9 @@ def read_spec(path: str | os.PathLike) -> dict:
         )
     if _sha256(weights_file) != spec.get("sha256"):
         raise ValueError(f"load_compressed: {weights_file} does not match its checksum: the file is corrupted")
+    buffers_file = path / BUFFERS_FILE
+    if "buffers_sha256" in spec and (not buffers_file.is_file() or _sha256(buffers_file) != spec["buffers_sha256"]):
+        raise ValueError(f"load_compressed: {buffers_file} is missing or does not match its checksum")
     return spec
 
 
@@ -241,10 +252,81 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             _set_submodule(target, alias, new)
     keep_transformer_layers_on_their_regular_path(target)
     try:
-        load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
+        if any(t.is_meta for t in chain(target.parameters(), target.buffers())):
+            _assign_weights(model, target, Path(path))
+        else:
+            load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
     except (RuntimeError, KeyError) as exc:
-        raise ValueError(
-            f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
-            "the checkpoint belongs to another model or version"
-        ) from exc
+        raise _misfit(path, exc) from exc
     return model
+
+
+def _misfit(path, exc) -> ValueError:
+    return ValueError(
+        f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
+        "the checkpoint belongs to another model or version"
+    )
+
+
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers state_dict leaves out, by qualified name, as CPU copies (safetensors refuses shared storage)."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buf = module._buffers.get(name)
+            if buf is not None and not buf.is_meta:
+                found[f"{prefix}.{name}" if prefix else name] = buf.detach().to("cpu", copy=True)
+    return found
+
+
+def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
+    """Load into a skeleton built on the meta device (`with torch.device("meta"): skeleton = Model(...)`).
+
+    Its dense weights were never allocated, and copying into a meta tensor is a no-op, so the checkpoint's CPU
+    tensors are assigned in their place: the peak memory of a load is then the compressed model's, not the dense
+    skeleton's plus it. Weights tied in the skeleton (GPT-2's lm_head and wte) are tied again afterwards, since
+    assigning replaces one of them only; the non-persistent buffers come from buffers.safetensors."""
+    prefix = next(name for name, module in model.named_modules() if module is target)
+    prefix = f"{prefix}." if prefix else ""
+    ties = [names for names in _names_per_tensor(model) if len(names) > 1]
+    missing, unexpected = target.load_state_dict(load_file(path / WEIGHTS_FILE), strict=False, assign=True)
+    tied = {name for names in ties for name in names}
+    untied = [name for name in missing if prefix + name not in tied]
+    if unexpected or untied:
+        raise RuntimeError(f"missing keys {untied[:5]}, unexpected keys {unexpected[:5]}")
+    if (path / BUFFERS_FILE).is_file():
+        for name, value in load_file(path / BUFFERS_FILE).items():  # names relative to the saved model: target
+            owner, _, attr = (prefix + name).rpartition(".")
+            module = model.get_submodule(owner)
+            if module._buffers.get(attr) is not None and module._buffers[attr].is_meta:
+                module._buffers[attr] = value
+    for names in ties:
+        _retie(model, names)
+    still_meta = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(
+            f"load_compressed: {len(still_meta)} tensors of the meta-device skeleton have no value in the "
+            f"checkpoint ({', '.join(still_meta[:5])}); build those parts of the skeleton on a real device"
+        )
+
+
+def _names_per_tensor(model: nn.Module) -> list[list[str]]:
+    """Qualified names of every parameter and buffer, grouped by the tensor they name (shared weights)."""
+    groups: dict[int, list[str]] = {}
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _retie(model: nn.Module, names: list[str]) -> None:
+    """Point every name of a tied group at the one tensor of the group that holds a value."""
+    slots = []
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        slots.append((module._parameters if attr in module._parameters else module._buffers, attr))
+    loaded = next((table[attr] for table, attr in slots if not table[attr].is_meta), None)
+    if loaded is not None:
+        for table, attr in slots:
+            table[attr] = loaded

@@ -19,6 +19,11 @@ from .modes import max_bonds
 
 
 def check_finite(weight: torch.Tensor, where: str) -> None:
+    if weight.is_meta:  # no values: isfinite's .item() would fail with a message about meta tensors
+        raise ValueError(
+            f"{where}: the weight is on the meta device and has no values to decompose; load the trained weights "
+            "first (to load a compressed checkpoint into a meta-device skeleton, use tnkernels.load_compressed)"
+        )
     if not torch.isfinite(weight).all():
         raise ValueError(f"{where}: the weight contains NaN or Inf; fix or re-initialize the layer before tensorizing")
 

@@ -17,6 +17,7 @@ from ..decompose import (
     mpo_num_params,
 )
 from ..ops import (
+    check_input_dtype,
     check_input_width,
     check_mpo_cores,
     low_rank_route,
@@ -185,6 +186,8 @@ class MPOLinear(MemoizedCalls, nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:  # the check's own call only when it will raise
             where = type(self).__name__
             check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
+        if x.dtype != cores[0].dtype or not x.is_floating_point():  # the check's own call only when it may raise
+            check_input_dtype(x, cores[0], type(self).__name__, mixed_ok=self.backend == "native")
         y = run_mpo_linear(x, list(cores), bias, self.backend)
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))

@@ -35,6 +35,7 @@ __all__ = [
     "tucker_to_dense",
     "check_mpo_cores",
     "check_input_width",
+    "check_input_dtype",
     "conv_padding",
 ]
 
@@ -68,6 +69,27 @@ def check_input_width(x: torch.Tensor, in_features: int, where: str, detail: str
         )
 
 
+def check_input_dtype(x: torch.Tensor, weight: torch.Tensor, where: str, mixed_ok: bool = False) -> None:
+    """Raise ValueError for an input the layer cannot multiply: not floating point, or (outside autocast, and
+    unless the backend takes mixed dtypes: `mixed_ok`) of another dtype than the weights. Without it the error
+    came from deep inside a backend ("expected m1 and m2 to have the same dtype", or the planner refusing to
+    calibrate int64) and named neither the layer nor the fix."""
+    if not x.is_floating_point():
+        raise ValueError(f"{where}: input has dtype {x.dtype}; it must be floating point (x.float())")
+    amp = autocast_dtype(x)  # autocast casts float32 operands only, as it does nn.Linear's
+
+    def computed_in(t: torch.Tensor) -> torch.dtype:
+        return amp if amp is not None and t.dtype == torch.float32 else t.dtype
+
+    if computed_in(x) != computed_in(weight) and not mixed_ok:
+        under = f" (under autocast to {amp}, which casts float32 operands only)" if amp is not None else ""
+        raise ValueError(
+            f"{where}: input is {x.dtype} but the weights are {weight.dtype}{under}; cast the input "
+            f"(x.to({weight.dtype})) or the layer (.to({x.dtype}))"
+            + ("" if amp is not None else ", or run under torch.autocast")
+        )
+
+
 def mpo_linear(
     x: torch.Tensor,
     cores: Sequence[torch.Tensor],
@@ -98,6 +120,7 @@ def mpo_linear(
     check_input_width(x, in_features, "mpo_linear", f" (input modes {[g.shape[1] for g in cores]})")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    check_input_dtype(x, cores[0], "mpo_linear", mixed_ok=backend == "native")  # native: fp32 x, bf16 cores
     return run_mpo_linear(x, cores, bias, backend)
 
 
@@ -243,6 +266,7 @@ def tucker_conv2d(
         raise ValueError(f"tucker_conv2d: input has {x.shape[1]} channels but u_in expects {u_in.shape[0]}")
     if bias is not None and bias.shape != (u_out.shape[0],):
         raise ValueError(f"tucker_conv2d: bias must have shape ({u_out.shape[0]},), got {tuple(bias.shape)}")
+    check_input_dtype(x, core, "tucker_conv2d")
     stride_t = _pair(stride, "stride")
     dilation_t = _pair(dilation, "dilation")
     padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)

@@ -337,10 +337,11 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     out_features = 1
     for g in cores:
         out_features *= g.shape[2]
-    if rows == 0:
-        lead = x.shape[:-1]
+    if rows == 0:  # nothing to contract (an MoE expert that got no tokens, a detector with no boxes)
         y = x2d.new_zeros(0, out_features) + (bias if bias is not None else 0)
-        return y.reshape(*lead, out_features)
+        if needs_autograd(x, cores, bias):  # zero gradients for x and every core, as nn.Linear gives, not None
+            y = y + sum(t.sum() for t in (x2d, *cores)) * 0
+        return y.reshape(*x.shape[:-1], out_features)
     needs_grad = needs_autograd(x, cores, bias)
     shapes = tuple(tuple(g.shape) for g in cores)  # plain ints: core shapes are static, even under torch.compile
     plan_rows = planned_rows(rows)  # rows itself, except under torch.compile / export
