@@ -129,3 +129,17 @@ def test_export_with_a_dynamic_batch_and_compile_over_many_batch_sizes():
         assert_close_rel(y, net(x), tolerance(torch.float32, "torch"), f"batch {batch}")
         y.sum().backward()
     assert counters["stats"]["unique_graphs"] <= 7  # buckets 1, 4, 16, 64, 256, 1024, 4096 (measured: 7)
+
+
+def test_torchscript_is_refused_with_a_pointer_to_export():
+    """jit.trace used to fail deep inside a first-call timing or to record it, depending on the caches;
+    jit.script failed to compile the planner's Python. Both now say what to use instead."""
+    mpo = MPOLinear.from_linear(torch.nn.Linear(16, 24), ratio=2).eval()
+    conv = TuckerConv2d.from_conv(torch.nn.Conv2d(4, 6, 3), ratio=1.5).eval()
+    with torch.no_grad():
+        mpo(torch.randn(3, 16))  # a planned, remembered call first: the memo must not let the trace through
+        for layer, x in ((mpo, torch.randn(3, 16)), (conv, torch.randn(1, 4, 6, 6))):
+            with pytest.raises(RuntimeError, match="torch.jit.trace is not supported; export the model"):
+                torch.jit.trace(layer, x)
+            with pytest.raises(RuntimeError, match=f"{type(layer).__name__}: torch.jit.script is not supported"):
+                torch.jit.script(torch.nn.Sequential(layer))

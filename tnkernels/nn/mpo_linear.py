@@ -23,6 +23,7 @@ from ..ops import (
     low_rank_route,
     mpo_to_dense,
     preload,
+    refuse_jit_script,
     run_low_rank_route,
     run_mpo_linear,
 )
@@ -192,6 +193,9 @@ class MPOLinear(MemoizedCalls, nn.Module):
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))
         return y
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first: a clear refusal, not a compile error
+        refuse_jit_script(type(self).__name__)
 
     def _check_cores(self, cores: list[torch.Tensor]) -> None:
         where = type(self).__name__

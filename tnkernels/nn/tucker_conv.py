@@ -18,7 +18,7 @@ from ..decompose import (
     tucker_ranks_for_ratio,
 )
 from ..ops import preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
-from ..ops.modes import needs_autograd
+from ..ops.modes import needs_autograd, refuse_jit_script
 from .call_memo import MemoizedCalls, memo_applies
 
 
@@ -185,6 +185,9 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv))
         return y
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first: a clear refusal, not a compile error
+        refuse_jit_script(type(self).__name__)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -9,7 +9,14 @@ import torch
 from ..plan.backends import auto_mpo_backend
 from ..plan.cache import planned_rows
 from .dispatch import BACKENDS, backend_available, preload, resolve
-from .modes import autocast_dtype, cast_for_autocast, needs_autograd, under_functorch
+from .modes import (
+    autocast_dtype,
+    cast_for_autocast,
+    needs_autograd,
+    refuse_jit_script,
+    refuse_jit_trace,
+    under_functorch,
+)
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
 from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
@@ -21,6 +28,7 @@ __all__ = [
     "backend_available",
     "preload",
     "needs_autograd",
+    "refuse_jit_script",
     "under_functorch",
     "mpo_linear",
     "run_mpo_linear",
@@ -127,6 +135,7 @@ def mpo_linear(
 def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, backend: str):
     """mpo_linear after its argument checks, for a caller that has made them: MPOLinear checks its cores when it
     is built and the input's width on every call (at one row the checks cost a third of the call)."""
+    refuse_jit_trace("mpo_linear")
     amp = autocast_dtype(x)
     if amp is not None:
         # Under autocast the chain runs in autocast's dtype, as nn.Linear's matmul does: the operands are cast
@@ -267,6 +276,7 @@ def tucker_conv2d(
     if bias is not None and bias.shape != (u_out.shape[0],):
         raise ValueError(f"tucker_conv2d: bias must have shape ({u_out.shape[0]},), got {tuple(bias.shape)}")
     check_input_dtype(x, core, "tucker_conv2d")
+    refuse_jit_trace("tucker_conv2d")
     stride_t = _pair(stride, "stride")
     dilation_t = _pair(dilation, "dilation")
     padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)

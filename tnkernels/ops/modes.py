@@ -3,7 +3,8 @@
 - autograd recording (`needs_autograd`): the planned Functions and the kept intermediates only when a backward
   can follow;
 - a torch.func transform (`under_functorch`): no planned Function, no native kernel, plain differentiable ops;
-- torch.autocast (`autocast_dtype`, `cast_for_autocast`): operands cast to autocast's dtype, autocast off inside.
+- torch.autocast (`autocast_dtype`, `cast_for_autocast`): operands cast to autocast's dtype, autocast off inside;
+- torch.jit.trace (`refuse_jit_trace`): refused with a pointer to torch.export.
 """
 
 from __future__ import annotations
@@ -38,3 +39,24 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 def cast_for_autocast(amp: torch.dtype, tensors):
     """float32 tensors cast to `amp` (differentiably), as autocast casts nn.Linear's and nn.Conv2d's operands."""
     return [t.to(amp) if t is not None and t.dtype == torch.float32 else t for t in tensors]
+
+
+def refuse_jit_trace(where: str) -> None:
+    """Raise under torch.jit.trace. The planner's Python (plan lookups, the first call's timings on random
+    tensors) ran inside the trace and met sizes traced as tensors: the trace failed deep inside a timing
+    ("manual_seed expected a long"), or recorded a timing's ops and failed its sanity check, depending on what was
+    already cached. TorchScript is in maintenance mode; torch.export captures these layers (dynamic batch too)."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{where}: torch.jit.trace is not supported; export the model with torch.export.export(model, (x,)) "
+            "(a dynamic batch works: dynamic_shapes), or compile it with torch.compile"
+        )
+
+
+def refuse_jit_script(where: str) -> None:
+    """What torch.jit.script meets (through the layers' __prepare_scriptable__ hook) instead of failing to compile
+    the planner's Python with "Cannot create dict for key type 'tuple'"."""
+    raise RuntimeError(
+        f"{where}: torch.jit.script is not supported (the layer plans its contraction in Python); export the "
+        "model with torch.export.export(model, (x,)), or compile it with torch.compile"
+    )
