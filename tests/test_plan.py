@@ -226,6 +226,38 @@ def test_explain_takes_a_layer():
     assert "MPO chain [(1, 24, 1, 3), (3, 1, 10, 1)], rows=5" in explain(layer, rows=5)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_layer_explain_names_what_the_call_runs(padding_mode, monkeypatch):
+    """layer.explain(...) heads the plan with what runs: the backend `auto` resolves to for an MPOLinear, the plan
+    kind a TuckerConv2d call takes (recorded from a real call here), on a padded input for padding modes."""
+    from tnkernels.nn import MPOLinear, TuckerConv2d
+    from tnkernels.ops import backend_available
+    from tnkernels.ops.tucker import torch_impl
+
+    layer = MPOLinear(64, 48, in_modes=(8, 8), out_modes=(6, 8), bonds=(5,))
+    native = backend_available("mpo_linear", "native")[0]
+    assert ("runs the native kernel" if native else "runs the torch backend's plan") in layer.explain(2)
+    assert "at 512 rows, training: runs the torch backend's plan:\nMPO chain" in layer.explain(512, needs_grad=True)
+    assert "runs the Triton kernels" in MPOLinear(
+        64, 48, in_modes=(8, 8), out_modes=(6, 8), bonds=(5,), backend="triton"
+    ).explain(2)
+    conv = TuckerConv2d(8, 12, 3, ranks=(5, 4), padding=1, padding_mode=padding_mode)
+    ran = []
+    real = torch_impl._weights
+    monkeypatch.setattr(torch_impl, "_weights", lambda kind, *a: ran.append(kind) or real(kind, *a))
+    for needs_grad in (False, True):
+        ran.clear()
+        text = conv.explain((2, 8, 9, 9), needs_grad=needs_grad)
+        x = torch.randn(2, 8, 9, 9, requires_grad=needs_grad)
+        with torch.set_grad_enabled(needs_grad):
+            conv(x)
+        padded_first = padding_mode != "zeros"  # then the conv itself pads nothing
+        assert ("x(2, 8, 11, 11)" if padded_first else "x(2, 8, 9, 9)") in text
+        assert text.endswith(f"runs: {ran[0]}")
+    with pytest.raises(ValueError, match="use layer.explain"):
+        explain(conv, rows=4)
+
+
 def test_explain_rejects_bad_input():
     with pytest.raises(ValueError, match="rows"):
         explain([(1, 2, 2, 1)], rows=0)

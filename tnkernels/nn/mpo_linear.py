@@ -28,6 +28,9 @@ from ..ops import (
     run_mpo_linear,
 )
 from ..ops.modes import needs_autograd
+from ..ops.mpo.torch_low_rank import is_low_rank_chain
+from ..plan import explain as explain_plan
+from ..plan.backends import auto_mpo_backend
 from .call_memo import MemoizedCalls, memo_applies
 from .hf_compat import is_hf_conv1d, linear_weight
 
@@ -207,6 +210,24 @@ class MPOLinear(MemoizedCalls, nn.Module):
                 f"{self.in_features}, out_features={self.out_features}; replace cores only with cores of the same "
                 "modes (or build a new layer)"
             )
+
+    def explain(self, rows: int, *, needs_grad: bool = False) -> str:
+        """How a call on `rows` rows (batch x tokens) runs: the backend `backend` resolves to, then the torch
+        backend's plan (steps, FLOPs, bytes, predicted time and the alternatives: tnkernels.plan.explain)."""
+        g = self.cores[0]
+        backend = self.backend
+        if backend == "auto":
+            low_rank = len(self.cores) == 2 and is_low_rank_chain(tuple(c.shape for c in self.cores))
+            backend = auto_mpo_backend(g.device.type, rows, g.dtype, needs_grad, low_rank)
+        runs = {
+            "torch": "the torch backend's plan",
+            "native": "the native kernel (one C++ call for the chain); backend='torch' would run",
+            "triton": "the Triton kernels (one per core step); backend='torch' would run",
+        }[backend]
+        head = f"{type(self).__name__}({self.in_features} -> {self.out_features}, backend={self.backend!r}) at {rows}"
+        return f"{head} rows, {'training' if needs_grad else 'no grad'}: runs {runs}:\n" + explain_plan(
+            list(self.cores), rows, needs_grad=needs_grad
+        )
 
     # ------------------------------------------------------------------------------------------- conversions
     def to_dense(self) -> torch.Tensor:

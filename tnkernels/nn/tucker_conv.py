@@ -17,8 +17,10 @@ from ..decompose import (
     tucker_ranks_for_error,
     tucker_ranks_for_ratio,
 )
-from ..ops import preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
+from ..ops import conv_padding, preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
 from ..ops.modes import needs_autograd, refuse_jit_script
+from ..ops.tucker.tuned import kind_for, kind_is_timed
+from ..plan import explain_tucker
 from .call_memo import MemoizedCalls, memo_applies
 
 
@@ -193,6 +195,35 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         super().__setstate__(state)
         if "padding_mode" not in state:  # a whole layer pickled before padding modes existed (2026-12-02)
             self.padding_mode, self._pad = "zeros", None
+
+    def explain(self, input_shape: Sequence[int], *, needs_grad: bool = False) -> str:
+        """How a call on inputs of `input_shape` ([N, C_in, H, W]) runs: the cost model's plan with its steps and
+        alternatives (tnkernels.plan.explain_tucker), then the kind that runs. On a CPU that is the fastest kind
+        timed on the first call of the shape (ops/tucker/tuned.py), so this may time them now, as that call would."""
+        n, c, h, w = (int(d) for d in input_shape)
+        if c != self.in_channels:
+            raise ValueError(f"TuckerConv2d.explain: input_shape has {c} channels, the layer takes {self.in_channels}")
+        padding = conv_padding(self.padding, self.kernel_size, self.dilation, self.stride) if self._pad is None else 0
+        if self._pad is not None:  # padding_mode other than zeros: the input is padded first, the conv pads nothing
+            left, right, top, bottom = self._pad
+            h, w, padding = h + top + bottom, w + left + right, (0, 0)
+        conv = (tuple(self.stride), tuple(padding), tuple(self.dilation))
+        shapes = ((n, c, h, w), tuple(self.u_in.shape), tuple(self.core.shape), tuple(self.u_out.shape))
+        core = self.core
+        plan = explain_tucker(
+            *shapes,
+            stride=conv[0],
+            padding=conv[1],
+            dilation=conv[2],
+            dtype=core.dtype,
+            device=core.device,
+            needs_grad=needs_grad,
+        )
+        if self.backend == "triton":
+            return plan + "\nruns: the fused Triton kernel (the kinds above are the torch backend's)"
+        kind = kind_for(shapes, conv, core.dtype, core.device, needs_grad)
+        timed = " (timed on this CPU)" if kind_is_timed(core.device) else ""
+        return plan + f"\nruns: {kind}{timed}"
 
     def to_dense(self) -> torch.Tensor:
         """The dense kernel W[C_out, C_in, kh, kw]."""

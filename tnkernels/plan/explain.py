@@ -72,6 +72,8 @@ def explain(
         raise ValueError(f"explain: rows must be >= 1, got {rows}")
     if isinstance(getattr(cores, "cores", None), torch.nn.ParameterList):  # an MPOLinear (duck-typed: the
         cores = list(cores.cores)  # type: ignore[union-attr]  # planner does not import the modules)
+    if isinstance(getattr(cores, "core", None), torch.Tensor):  # a TuckerConv2d
+        raise ValueError("explain: that is a Tucker conv layer; use layer.explain(input_shape) or explain_tucker")
     shapes = tuple(
         tuple(int(d) for d in (c.shape if isinstance(c, torch.Tensor) else c))
         for c in cores  # type: ignore

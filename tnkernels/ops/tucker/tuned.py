@@ -35,7 +35,8 @@ _LOCK = threading.Lock()
 _MEMO: dict[tuple, str] = {}
 
 
-def _tuning(device: torch.device) -> bool:
+def kind_is_timed(device: torch.device) -> bool:
+    """Whether kind_for times the kinds on this device (a CPU, no override) rather than taking the model's pick."""
     return device.type == "cpu" and OPTIONS.tucker_force is None and os.environ.get("TNK_TUCKER_TUNE") != "0"
 
 
@@ -47,7 +48,7 @@ _STORE = MachineStore("tucker_kinds-v2.json")
 @torch.compiler.assume_constant_result  # under torch.compile: chosen (and timed) at trace time, as in eager
 def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> str:
     """The plan kind to run: the cost model's pick, or on a CPU the fastest measured candidate."""
-    if not _tuning(device):
+    if not kind_is_timed(device):
         return tucker_decision(shapes, conv, dtype, device, needs_grad).kind
     (n, *rest), *factor_shapes = shapes
     timed_shapes = ((min(n, MAX_BATCH), *rest), *factor_shapes)
