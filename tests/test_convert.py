@@ -230,6 +230,10 @@ def test_tensorize_bad_input():
         tensorize(nan_model, ratio=2)
     with pytest.raises(ValueError, match="unknown settings"):
         tensorize(nn.Sequential(nn.Linear(8, 8)), rules={"0": {"rank": 2}})
+    twice = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    tensorize(twice, ratio=2)
+    with pytest.raises(ValueError, match=r"no dense .* left; its 2 tensorized layers \(0, 2\) were tensorized before"):
+        tensorize(twice, ratio=4)  # was an empty report: "0 layers tensorized"
 
 
 def test_load_refuses_model_without_tensorized_layers(tmp_path):

@@ -122,6 +122,13 @@ def tensorize(
     named = dict(model.named_modules())  # first name per module
     names = [n for n in named if n]
     candidates = {n for n in names if _kind(named[n]) is not None}
+    done = [n for n in names if isinstance(named[n], (MPOLinear, TuckerConv2d))]
+    if not candidates and done:  # a second call on the same model (a notebook cell run twice): not a silent no-op
+        raise ValueError(
+            f"tensorize: the model has no dense Linear / Conv1D / Conv2d layer left; its {len(done)} tensorized "
+            f"layers ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''}) were tensorized before. To compress "
+            "them further, convert them back first (layer.to_linear() / layer.to_conv())"
+        )
     selection = _match_rules(names, rules, candidates)
     explicit = set(rules) if rules is not None else set()
 
