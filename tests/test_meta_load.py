@@ -127,3 +127,26 @@ def test_decomposing_a_meta_weight_is_a_clear_error():
         TuckerConv2d.from_conv(torch.nn.Conv2d(8, 8, 3, device="meta"), ratio=2)
     with pytest.raises(ValueError, match=r"tensorize: layer '0' .*meta device"):
         tensorize(torch.nn.Sequential(torch.nn.Linear(64, 96, device="meta")), ratio=2)
+
+
+def test_reader_matches_safetensors_and_aligns(tmp_path):
+    """The meta path reads safetensors files itself, into torch's (64-byte aligned) buffers: every dtype it
+    knows, empty tensors, and (left to safetensors) one it does not know, each equal to what was saved."""
+    from safetensors.torch import save_file
+
+    from tnkernels.convert.io import _owned
+
+    saved = {
+        "f32": torch.randn(5, 3),
+        "bf16": torch.arange(7).bfloat16(),
+        "i64": torch.arange(4),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+        "f8": torch.randn(4).to(torch.float8_e4m3fn),  # not in the reader's table: safetensors reads it
+    }
+    save_file(saved, str(tmp_path / "t.safetensors"))
+    read = _owned(tmp_path / "t.safetensors")
+    assert read.keys() == saved.keys()
+    for key, value in saved.items():
+        assert read[key].dtype == value.dtype and torch.equal(read[key].float(), value.float()), key
+        assert read[key].numel() == 0 or read[key].data_ptr() % 64 == 0, key
