@@ -32,20 +32,21 @@ from tnkernels.plan.calibrate import cpu_model
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _config(layers: int):
+def _config(layers: int, hidden: int = 1600, vocab: int = 50257):
     from transformers import GPT2Config
 
-    return GPT2Config(n_layer=layers, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257)
+    heads = 25 if hidden % 25 == 0 else 1
+    return GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=1024, vocab_size=vocab)
 
 
-def make(out: Path, layers: int, ratio: float) -> None:
+def make(out: Path, config, ratio: float) -> None:
     """Write the compressed checkpoint, building only the small tensors (the skeleton is on the meta device)."""
     from transformers import GPT2Model
 
     import tnkernels as tk
 
     with torch.device("meta"):
-        model = GPT2Model(_config(layers))
+        model = GPT2Model(config)
     for name, module in list(model.named_modules()):
         if type(module).__name__ == "Conv1D":
             n_in, n_out = module.weight.shape  # Conv1D stores [in, out]
@@ -65,7 +66,7 @@ def make(out: Path, layers: int, ratio: float) -> None:
     tk.save_compressed(model, out)
 
 
-def load(out: Path, layers: int, skeleton: str) -> dict:
+def load(out: Path, config, skeleton: str) -> dict:
     """Load the checkpoint into a fresh skeleton; peak RSS, seconds, and a checksum of the hidden states."""
     from transformers import GPT2Model
 
@@ -74,9 +75,9 @@ def load(out: Path, layers: int, skeleton: str) -> dict:
     start = time.perf_counter()
     if skeleton == "meta":
         with torch.device("meta"):
-            model = GPT2Model(_config(layers))
+            model = GPT2Model(config)
     else:
-        model = GPT2Model(_config(layers))
+        model = GPT2Model(config)
     built = time.perf_counter()
     tk.load_compressed(model, out)
     loaded = time.perf_counter()
@@ -92,22 +93,25 @@ def load(out: Path, layers: int, skeleton: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=48, help="transformer blocks (GPT-2 XL: 48)")
     parser.add_argument("--ratio", type=float, default=4.0, help="compression of every block Conv1D")
+    parser.add_argument("--hidden", type=int, default=1600, help="hidden size (GPT-2 XL: 1600; MLP 4x)")
+    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
     parser.add_argument("--out", type=Path, default=None, help="result file stem (default: bench/results/...)")
     parser.add_argument("--worker", choices=["make", "dense", "meta"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    config = _config(args.layers, args.hidden, args.vocab)
     if args.worker == "make":
-        return make(args.ckpt, args.layers, args.ratio)
+        return make(args.ckpt, config, args.ratio)
     if args.worker:
-        return print(json.dumps(load(args.ckpt, args.layers, args.worker)))
+        return print(json.dumps(load(args.ckpt, config, args.worker)))
 
     def worker(kind: str, ckpt: Path) -> str:
         cmd = [sys.executable, __file__, "--worker", kind, "--ckpt", str(ckpt), "--layers", str(args.layers)]
-        cmd += ["--ratio", str(args.ratio)]
+        cmd += ["--ratio", str(args.ratio), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,9 +126,11 @@ def main() -> None:
     same = rows[0]["hidden_sum"] == rows[1]["hidden_sum"]
     date = datetime.date.today().isoformat()
     lines = [
-        f"# load_compressed peak memory, GPT-2 XL widths ({args.layers} blocks), ratio {args.ratio} ({date})",
+        f"# load_compressed peak memory, GPT-2 shapes (hidden {args.hidden}, {args.layers} blocks, vocabulary "
+        f"{args.vocab}), ratio {args.ratio} ({date})",
         "",
-        f"`python bench/load_memory.py --layers {args.layers} --ratio {args.ratio}`; {cpu_model()}, "
+        f"`python bench/load_memory.py --layers {args.layers} --ratio {args.ratio} --hidden {args.hidden} --vocab "
+        f"{args.vocab}`; {cpu_model()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}. Checkpoint {size:.2f} GiB; "
         f"{rows[0]['parameters']:,} parameters after the load. Same hidden states from both loads: {same}.",
         "",

@@ -115,3 +115,15 @@ def test_generate_bench_smoke(tmp_path):
             assert len(cells) == 10, r
             assert cells[4].startswith("noise") or (cells[6].endswith("x") and float(cells[6][:-1]) > 0), r
         assert ("blocks and lm_head" in text) == bool(head)
+
+
+def test_load_memory_bench_smoke(tmp_path):
+    """bench/load_memory.py on a tiny GPT-2: both loads run in their own processes and agree."""
+    load_memory = pytest.importorskip("bench.load_memory")
+    pytest.importorskip("transformers")
+    stem = tmp_path / "load"
+    load_memory.main(["--layers", "2", "--hidden", "50", "--vocab", "300", "--out", str(stem)])
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["skeleton"] for r in rows] == ["meta", "dense"]
+    assert all(r["peak_rss_gib"] > 0 for r in rows) and rows[0]["hidden_sum"] == rows[1]["hidden_sum"]
+    assert "| meta |" in stem.with_suffix(".md").read_text()

@@ -17,6 +17,7 @@ from ..decompose import (
     mpo_num_params,
 )
 from ..ops import (
+    MIXED_DTYPE_BACKENDS,
     check_input_dtype,
     check_input_width,
     check_mpo_cores,
@@ -191,7 +192,7 @@ class MPOLinear(MemoizedCalls, nn.Module):
             where = type(self).__name__
             check_input_width(x, self.in_features, where, f" (the layer's in_features={self.in_features})")
         if x.dtype != cores[0].dtype or not x.is_floating_point():  # the check's own call only when it may raise
-            check_input_dtype(x, cores[0], type(self).__name__, mixed_ok=self.backend == "native")
+            check_input_dtype(x, cores[0], type(self).__name__, mixed_ok=self.backend in MIXED_DTYPE_BACKENDS)
         y = run_mpo_linear(x, list(cores), bias, self.backend)
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))

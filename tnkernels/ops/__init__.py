@@ -44,6 +44,7 @@ __all__ = [
     "check_mpo_cores",
     "check_input_width",
     "check_input_dtype",
+    "MIXED_DTYPE_BACKENDS",
     "conv_padding",
 ]
 
@@ -75,6 +76,11 @@ def check_input_width(x: torch.Tensor, in_features: int, where: str, detail: str
         raise ValueError(
             f"{where}: input has {width} features in its last dimension but the cores expect {in_features}{detail}"
         )
+
+
+# Backends that take an input in another dtype than the weights: the native kernel (fp32 input, bf16 cores) and
+# the Triton kernels (which cast the parameters to the input's dtype)
+MIXED_DTYPE_BACKENDS = ("native", "triton")
 
 
 def check_input_dtype(x: torch.Tensor, weight: torch.Tensor, where: str, mixed_ok: bool = False) -> None:
@@ -128,7 +134,7 @@ def mpo_linear(
     check_input_width(x, in_features, "mpo_linear", f" (input modes {[g.shape[1] for g in cores]})")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    check_input_dtype(x, cores[0], "mpo_linear", mixed_ok=backend == "native")  # native: fp32 x, bf16 cores
+    check_input_dtype(x, cores[0], "mpo_linear", mixed_ok=backend in MIXED_DTYPE_BACKENDS)
     return run_mpo_linear(x, cores, bias, backend)
 
 
@@ -275,7 +281,7 @@ def tucker_conv2d(
         raise ValueError(f"tucker_conv2d: input has {x.shape[1]} channels but u_in expects {u_in.shape[0]}")
     if bias is not None and bias.shape != (u_out.shape[0],):
         raise ValueError(f"tucker_conv2d: bias must have shape ({u_out.shape[0]},), got {tuple(bias.shape)}")
-    check_input_dtype(x, core, "tucker_conv2d")
+    check_input_dtype(x, core, "tucker_conv2d", mixed_ok=backend == "triton")
     refuse_jit_trace("tucker_conv2d")
     stride_t = _pair(stride, "stride")
     dilation_t = _pair(dilation, "dilation")
