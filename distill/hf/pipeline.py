@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import time
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 import tnkernels
 from distill.arg_checks import check_compress_args
+from distill.fingerprint import claim, digest
 from distill.slices import set_submodule
 
 from . import evaluate, text
@@ -242,6 +244,22 @@ def compress_model(
     dense_head = output_head(model) if head else None  # an encoder has none: fail before any work
     preset = preset or default_preset(model)
     specs = slice_specs(model, preset, group_size=group_size, layers=layers)
+    if sequential is None:
+        sequential = DEFAULTS["sequential"] and world == 1
+    if sequential and world != 1:
+        raise ValueError(
+            f"sequential=True trains slice k on the outputs of the compressed slices before it, so it "
+            f"cannot be split over {world} ranks; run it in one process or use --mode parallel"
+        )
+    # what decides the slices: a rerun in OUT resumes only this run (cached features and slices included)
+    settings = {
+        "ratio": ratio, "preset": preset, "slices": [[s.name, list(s.modules)] for s in specs],
+        "attention": attention, "num_cores": num_cores, "init": init, "steps": steps, "lr": lr,
+        "fp16_features": fp16_features, "sequential": sequential, "head": head, "head_lr": head_lr,
+    }  # fmt: skip
+    calib_tensors = ((f"calib{i}.{k}", v) for i, b in enumerate(calib) for k, v in b.items() if torch.is_tensor(v))
+    out.mkdir(parents=True, exist_ok=True)
+    claim(out, digest(chain(model.state_dict().items(), calib_tensors), settings), settings)
     (out / "slices").mkdir(parents=True, exist_ok=True)
     ckpt = {s.name: out / "slices" / f"{s.name}.pt" for s in specs}
     teacher = teacher_metrics(model, held) if (held is not None and rank == 0) else None
@@ -259,14 +277,7 @@ def compress_model(
         else {}
     )
     capture_s = time.perf_counter() - t0
-    if sequential is None:
-        sequential = DEFAULTS["sequential"] and world == 1
     if sequential:
-        if world != 1:
-            raise ValueError(
-                f"sequential=True trains slice k on the outputs of the compressed slices before it, so it "
-                f"cannot be split over {world} ranks; run it in one process or use --mode parallel"
-            )
         for s in specs:  # a resumed run: slices finished earlier feed the ones still to train
             if ckpt[s.name].is_file():
                 _install(base, torch.load(ckpt[s.name], weights_only=False, map_location=device))

@@ -127,6 +127,12 @@ def test_pipeline_save_load_automodel_skeleton_and_resume(tiny_dir, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()}
     compress_hf(_args(tiny_dir, out, "--preset", "block", "--no-eval"))
     assert {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()} == mtimes
+    # another setup in the same folder is refused, not resumed with the first run's slices (it was, silently)
+    with pytest.raises(ValueError, match=r"holds the slices of another run \(settings ratio, steps differ"):
+        compress_hf(_args(tiny_dir, out, "--preset", "block", "--no-eval", "--ratio", "3", "--steps", "5"))
+    with pytest.raises(ValueError, match=r"the model or calibration data differ"):
+        compress_hf(_args(tiny_dir, out, "--preset", "block", "--no-eval", "--num-samples", "6"))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()} == mtimes
 
 
 def test_my_share_partitions_slices():
