@@ -25,8 +25,15 @@ from torch import nn
 FAMILIES = ("gpt2", "bert", "llama")
 CAUSAL_FAMILIES = ("gpt2", "llama")  # decoders: perplexity, token-block calibration, an LM head
 # model_type values (config.json) handled by each family's module layout.
-_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-_DESCRIPTION = "GPT-2 with Conv1D, BERT encoders, Llama-layout decoders: llama, mistral, qwen2"
+# RoBERTa and XLM-RoBERTa have BERT's module layout (encoder.layer.i.attention / intermediate / output).
+_MODEL_TYPES = {
+    "gpt2": "gpt2",
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama",
+}  # fmt: skip
+_DESCRIPTION = (
+    "GPT-2 with Conv1D, BERT-layout encoders: bert, roberta, xlm-roberta, Llama-layout decoders: llama, mistral, qwen2"
+)
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
@@ -104,18 +111,20 @@ def load_tokenizer(folder: str | os.PathLike):
     return tokenizer
 
 
-def build_from_config(family: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides):
-    """A randomly initialised model of ``family`` ('gpt2', 'bert' or 'llama') from a config, in eval mode.
+def build_from_config(model_type: str, *, causal_lm: bool | None = None, seed: int | None = 0, **config_overrides):
+    """A randomly initialised model of ``model_type`` (a family, 'gpt2', 'bert' or 'llama', or another
+    config.json model type of one: 'roberta', 'mistral', ...) from a config, in eval mode.
 
     ``config_overrides`` are config fields (``n_layer=2, n_embd=32`` for GPT-2; ``num_hidden_layers=2,
     hidden_size=32`` for BERT and Llama). Used by tests (tiny configs) and the GPT-2 XL-shaped scale benchmark.
     """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r}; use one of {FAMILIES}")
-    config = {"gpt2": GPT2Config, "bert": BertConfig, "llama": LlamaConfig}[family](**config_overrides)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}; use one of {sorted(_MODEL_TYPES)}")
+    family = _MODEL_TYPES[model_type]
+    config = AutoConfig.for_model(model_type, **config_overrides)
     if causal_lm is None:
         causal_lm = family in CAUSAL_FAMILIES
     if seed is not None:

@@ -1,4 +1,4 @@
-"""Slice-wise compression of a Hugging Face GPT-2 / BERT: ``tnk compress --model DIR --ratio R --out OUT``.
+"""Slice-wise compression of a Hugging Face GPT-2 / BERT / Llama: ``tnk compress --model DIR --ratio R --out OUT``.
 
 Steps (each rank of a ``torchrun`` job does its share; a single process is rank 0 of 1):
 

@@ -18,6 +18,14 @@ TINY = {
         num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
         **_TOKENS,
     ),
+    "roberta": dict(  # BERT's layout; positions start after the padding index, as RoBERTa's do
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
+        **_TOKENS,
+    ),
+    "xlm-roberta": dict(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
+        **_TOKENS,
+    ),
     "llama": dict(
         num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
         num_key_value_heads=2,  # grouped-query attention, as Llama 2/3 and Mistral
@@ -38,7 +46,7 @@ def make_tokenizer(family: str):
         split_sentences(read_texts()),
         trainers.WordLevelTrainer(vocab_size=TINY[family]["vocab_size"], special_tokens=specials),
     )
-    if family == "bert":
+    if family in ("bert", "roberta", "xlm-roberta"):
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 3), ("[SEP]", 4)]
         )
@@ -48,7 +56,7 @@ def make_tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="<eos>")
 
 
-@pytest.fixture(params=["gpt2", "bert", "llama"])
+@pytest.fixture(params=["gpt2", "bert", "roberta", "xlm-roberta", "llama"])
 def family(request) -> str:
     return request.param
 
