@@ -36,6 +36,9 @@ def ffn_rules(model: nn.Module, ratio: float, *, attention: bool = False) -> dic
         elif fam == "llama":
             names += [f"{b}.mlp.{p}_proj" for p in ("gate", "up", "down")]
             names += [f"{b}.self_attn.{p}_proj" for p in ("q", "k", "v", "o")] if attention else []
+        elif fam == "distilbert":
+            names += [f"{b}.ffn.lin1", f"{b}.ffn.lin2"]
+            names += [f"{b}.attention.{p}_lin" for p in ("q", "k", "v", "out")] if attention else []
         else:
             names += [f"{b}.intermediate.dense", f"{b}.output.dense"]
             if attention:

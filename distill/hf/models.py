@@ -22,17 +22,18 @@ from pathlib import Path
 
 from torch import nn
 
-FAMILIES = ("gpt2", "bert", "llama")
+FAMILIES = ("gpt2", "bert", "distilbert", "llama")
 CAUSAL_FAMILIES = ("gpt2", "llama")  # decoders: perplexity, token-block calibration, an LM head
 # model_type values (config.json) handled by each family's module layout.
 # RoBERTa and XLM-RoBERTa have BERT's module layout (encoder.layer.i.attention / intermediate / output).
 _MODEL_TYPES = {
     "gpt2": "gpt2",
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "distilbert",
     "llama": "llama", "mistral": "llama", "qwen2": "llama",
 }  # fmt: skip
 _DESCRIPTION = (
-    "GPT-2 with Conv1D, BERT-layout encoders: bert, roberta, xlm-roberta, Llama-layout decoders: llama, mistral, qwen2"
+    "GPT-2 with Conv1D, BERT-layout encoders: bert, roberta, xlm-roberta, DistilBERT, "
+    "Llama-layout decoders: llama, mistral, qwen2"
 )
 
 
@@ -151,6 +152,8 @@ def block_names(model: nn.Module) -> list[str]:
         return [f"h.{i}" for i in range(len(base.h))]
     if family == "llama":
         return [f"layers.{i}" for i in range(len(base.layers))]
+    if family == "distilbert":
+        return [f"transformer.layer.{i}" for i in range(len(base.transformer.layer))]
     return [f"encoder.layer.{i}" for i in range(len(base.encoder.layer))]
 
 

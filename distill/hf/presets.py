@@ -43,13 +43,19 @@ PRESETS = ("mlp", "attn", "block", "group")
 # FFNs at 2x, sequential: mean cosine 0.921 vs 0.916 with mlp slices). GPT-2: mlp slices (the GPT-2 bench at 2x,
 # KL to the teacher 0.00099 with mlp vs 0.00108 with block). Measurements: bench/results/hf_minilm_experiments/.
 # Llama: mlp, as GPT-2 (not measured on a pretrained Llama here: no weights offline).
-DEFAULT_PRESET = {"gpt2": "mlp", "bert": "block", "llama": "mlp"}
+DEFAULT_PRESET = {"gpt2": "mlp", "bert": "block", "distilbert": "block", "llama": "mlp"}
 
 # Module-name fragments of attention sub-layers: the pipeline leaves them dense unless --attention is given.
-ATTENTION_PATTERNS = {"gpt2": ("*attn*",), "bert": ("*attention*",), "llama": ("*self_attn*",)}
+ATTENTION_PATTERNS = {
+    "gpt2": ("*attn*",), "bert": ("*attention*",), "distilbert": ("*attention*",), "llama": ("*self_attn*",)
+}  # fmt: skip
 # Per family: the attention and the FFN submodule of block i (attn / mlp presets)
-_ATTN = {"gpt2": ("{b}.attn",), "bert": ("{b}.attention",), "llama": ("{b}.self_attn",)}
-_MLP = {"gpt2": ("{b}.mlp",), "bert": ("{b}.intermediate", "{b}.output"), "llama": ("{b}.mlp",)}
+_ATTN = {
+    "gpt2": ("{b}.attn",), "bert": ("{b}.attention",), "distilbert": ("{b}.attention",), "llama": ("{b}.self_attn",)
+}  # fmt: skip
+_MLP = {
+    "gpt2": ("{b}.mlp",), "bert": ("{b}.intermediate", "{b}.output"), "distilbert": ("{b}.ffn",), "llama": ("{b}.mlp",)
+}  # fmt: skip
 
 
 def default_preset(model: nn.Module) -> str:

@@ -26,6 +26,7 @@ TINY = {
         num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
         **_TOKENS,
     ),
+    "distilbert": dict(n_layers=3, dim=32, n_heads=4, hidden_dim=64, max_position_embeddings=64, **_TOKENS),
     "llama": dict(
         num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
         num_key_value_heads=2,  # grouped-query attention, as Llama 2/3 and Mistral
@@ -46,7 +47,7 @@ def make_tokenizer(family: str):
         split_sentences(read_texts()),
         trainers.WordLevelTrainer(vocab_size=TINY[family]["vocab_size"], special_tokens=specials),
     )
-    if family in ("bert", "roberta", "xlm-roberta"):
+    if family in ("bert", "roberta", "xlm-roberta", "distilbert"):
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 3), ("[SEP]", 4)]
         )
@@ -56,7 +57,7 @@ def make_tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="<eos>")
 
 
-@pytest.fixture(params=["gpt2", "bert", "roberta", "xlm-roberta", "llama"])
+@pytest.fixture(params=["gpt2", "bert", "roberta", "xlm-roberta", "distilbert", "llama"])
 def family(request) -> str:
     return request.param
 

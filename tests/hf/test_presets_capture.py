@@ -90,6 +90,9 @@ def test_bind_call_names_positional_mask(family):
     if family == "gpt2":
         got_x, kw = bind_call(block, (x, None, mask, None), {"use_cache": False, "position_ids": torch.arange(4)})
         assert set(kw) == {"attention_mask", "position_ids"}
+    elif family == "distilbert":  # its Transformer calls layer(hidden_states, attention_mask, **kwargs)
+        got_x, kw = bind_call(block, (x, mask), {"output_attentions": False})
+        assert set(kw) == {"attention_mask"}
     else:
         got_x, kw = bind_call(block, (x, mask, None), {"encoder_attention_mask": None})
         assert set(kw) == {"attention_mask"}
