@@ -93,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         "--preset",
         choices=PRESETS,
         default=DEFAULTS["preset"],
-        help="slice granularity (default: block for BERT, mlp for GPT-2 and Llama; measured best for BERT and GPT-2)",
+        help="slice granularity (default: block for the encoders, mlp for GPT-2 and Llama; measured best for BERT "
+        "and GPT-2)",
     )
     p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
     p.add_argument(
