@@ -259,15 +259,11 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         else:
             load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
     except (RuntimeError, KeyError) as exc:
-        raise _misfit(path, exc) from exc
+        raise ValueError(
+            f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
+            "the checkpoint belongs to another model or version"
+        ) from exc
     return model
-
-
-def _misfit(path, exc) -> ValueError:
-    return ValueError(
-        f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
-        "the checkpoint belongs to another model or version"
-    )
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -347,8 +343,12 @@ def _owned(file: Path) -> dict[str, torch.Tensor]:
             if t.numel() * t.element_size() != end - begin:
                 raise ValueError(f"load_compressed: {file} is corrupted (tensor {key!r} has the wrong size)")
             fh.seek(start + begin)
-            if fh.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
-                raise ValueError(f"load_compressed: {file} is truncated")
+            view, done = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
+            while done < len(view):  # a read may return less (Linux: at most ~2 GiB per call)
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"load_compressed: {file} is truncated")
+                done += got
             tensors[key] = t
     return tensors
 
