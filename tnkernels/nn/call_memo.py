@@ -65,7 +65,7 @@ def memo_applies(x: torch.Tensor) -> bool:
     """Whether a layer call on x may use its memo: not while torch.compile traces (dynamo would break the graph on
     data_ptr), not under torch.jit.trace, not under a torch.func transform (the remembered routes run the planned
     Functions) and not under autocast (the full path casts the operands to autocast's dtype first)."""
-    if torch.compiler.is_compiling() or torch._C._is_tracing():  # jit.trace: the full path refuses it (modes.py)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # jit.trace: the full path refuses it (modes.py)
         return False
     return not (under_functorch() or autocast_dtype(x) is not None)
 
