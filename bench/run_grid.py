@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.providers import conv_providers, forced_kind_predictions, linear_providers, saved_bytes, timer
 from distill._atomic import atomic_write_text
+from tnkernels.ops.tucker.ranks import choose_tucker_ranks
 from tnkernels.ops.tucker.tuned import kind_for as tucker_kind_for
 from tnkernels.plan import (
     auto_mpo_backend,
@@ -58,6 +59,7 @@ CONV_SHAPES = {  # name: (channels, spatial size at that stage of ResNet-34)
     "resnet34-conv256": (256, 14),
     "resnet34-conv512": (512, 7),
 }
+TUCKER_PREFER = {"prefer": "accuracy"}  # --tucker-prefer: the TuckerConv2d.from_conv default, or "speed"
 PRESETS = {
     "full": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024, 4096], ratios=[2, 4, 16, 64],
                  conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
@@ -198,23 +200,17 @@ def _check_plans(module, x, shapes, rows: int, reps: int) -> dict:
                 within_10pct=measured[chosen] <= 1.1 * best)  # fmt: skip
 
 
-def _tucker_ranks(c: int, k: int, ratio: float) -> int:
-    dense = c * c * k * k
-    best = 1
-    for r in range(1, c + 1):
-        if 2 * c * r + r * r * k * k <= dense / ratio:
-            best = r
-    return best
-
-
 def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peers: bool):
     c, hw = CONV_SHAPES[name]
-    r = _tucker_ranks(c, 3, ratio)
-    providers = conv_providers(c, c, 3, (r, r), 1, peers=peers)
+    conv = ((1, 1), (1, 1), (1, 1))
+    # the ranks TuckerConv2d.from_conv(ratio=..., prefer=TUCKER_PREFER) gives a (random) kernel of this shape on this
+    # machine; the peers get the same ones
+    kernel = torch.randn(c, c, 3, 3, generator=torch.Generator().manual_seed(0))
+    r_out, r_in = choose_tucker_ranks(kernel, ratio, conv, TUCKER_PREFER["prefer"])
+    providers = conv_providers(c, c, 3, (r_out, r_in), 1, peers=peers)
     x = torch.randn(batch, c, hw, hw)
     times, skipped = _interleaved(providers, x, passes, reps)
-    conv = ((1, 1), (1, 1), (1, 1))
-    shapes = ((batch, c, hw, hw), (c, r), (r, r, 3, 3), (c, r))
+    shapes = ((batch, c, hw, hw), (c, r_in), (r_out, r_in, 3, 3), (c, r_out))
     dec = tucker_decision(shapes, conv, torch.float32, torch.device("cpu"), passes == "fwd+bwd")
     ran = tucker_kind_for(shapes, conv, torch.float32, torch.device("cpu"), passes == "fwd+bwd")  # measured on CPU
     cal = get_calibration("cpu", torch.float32)
@@ -223,7 +219,7 @@ def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peer
     dense_bytes = mult * 4 * (2 * batch * c * hw * hw + c * c * 9)
     tnk_rl = roofline_seconds(cal, mult * dec.flops, mult * dec.bytes)
     return dict(
-        kind="conv", layer=name, shape=[c, c, 3, 3], ratio=ratio, ranks=[r, r], rows=batch, passes=passes,
+        kind="conv", layer=name, shape=[c, c, 3, 3], ratio=ratio, ranks=[r_out, r_in], rows=batch, passes=passes,
         spatial=hw, plan=ran, model_plan=dec.kind, predicted_s=dec.fwd_seconds + dec.bwd_seconds, times_s=times,
         skipped=skipped,
         roofline_speedup=roofline_seconds(cal, dense_flops, dense_bytes) / tnk_rl, roofline_tnk_s=tnk_rl,
@@ -385,6 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 tames a shared machine"
     )
     ap.add_argument(
+        "--tucker-prefer", choices=("accuracy", "speed"), default="accuracy",
+        help="Tucker ranks as TuckerConv2d.from_conv(prefer=...) picks them: accuracy (the default ranks) or speed "
+        "(the rank pair timed fastest on this CPU); output files get a -tucker-speed suffix",
+    )  # fmt: skip
+    ap.add_argument(
         "--fresh", action="store_true",
         help="ignore the cells an interrupted run left in grid-<preset>.partial.json (default: resume from them)",
     )  # fmt: skip
@@ -393,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)  # the calibration is keyed by thread count, so it follows
     preset = "quick" if args.quick else args.preset
     cfg = PRESETS[preset]
+    TUCKER_PREFER["prefer"] = args.tucker_prefer
     name_tag = preset + ("-balanced" if args.structure == "balanced" else "")
+    name_tag += "-tucker-speed" if args.tucker_prefer == "speed" else ""
     passes = args.passes.split(",")
     partial = os.path.join(args.out, f"grid-{name_tag}.partial.json")
     records = _resume(partial, preset, args.fresh)
@@ -433,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         preset=preset,
         structure=args.structure,
+        tucker_prefer=args.tucker_prefer,
         environment=environment(),
         summary=summarize(records),
         recompute_saved_bytes=recompute_memory(64 if small else 1024),

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench.providers import conv_providers, linear_providers
-from bench.run_grid import LINEAR_SHAPES, _tucker_ranks
+from bench.run_grid import LINEAR_SHAPES
+from tnkernels.ops.tucker.ranks import choose_tucker_ranks
 from tnkernels.plan import choose_mpo_structure, mpo_decision, options
 
 CASES = [  # (layer, rows, ratio)
@@ -82,8 +83,8 @@ def test_linear_recompute_time(benchmark, recompute):
 @pytest.mark.parametrize("provider", ["dense", "tnkernels", "tltorch"])
 @pytest.mark.parametrize("channels,hw", [(64, 56), (256, 14)])
 def test_conv_forward(benchmark, provider, channels, hw):
-    ranks = _tucker_ranks(channels, 3, 4)
-    found = {p.name: p for p in conv_providers(channels, channels, 3, (ranks, ranks), 1)}[provider]
+    ranks = choose_tucker_ranks(torch.randn(channels, channels, 3, 3), 4, ((1, 1), (1, 1), (1, 1)))
+    found = {p.name: p for p in conv_providers(channels, channels, 3, ranks, 1)}[provider]
     if found.module is None:
         pytest.skip(found.why)
     x = torch.randn(8, channels, hw, hw)

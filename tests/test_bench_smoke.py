@@ -127,3 +127,10 @@ def test_load_memory_bench_smoke(tmp_path):
     assert [r["skeleton"] for r in rows] == ["meta", "dense"]
     assert all(r["peak_rss_gib"] > 0 for r in rows) and rows[0]["hidden_sum"] == rows[1]["hidden_sum"]
     assert "| meta |" in stem.with_suffix(".md").read_text()
+
+
+def test_tucker_rank_ab_smoke():
+    tucker_rank_ab = pytest.importorskip("bench.tucker_rank_ab")
+    rows = tucker_rank_ab.main(["--channels", "8", "--size", "6", "--pairs", "4x4", "3x5", "--rounds", "1"])
+    assert [r["provider"] for r in rows] == ["dense", "4x4 (ratio 2.77)", "3x5 (ratio 2.89)"]
+    assert all(r["us"] > 0 and r["vs_dense"] > 0 for r in rows)

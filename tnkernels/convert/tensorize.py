@@ -15,8 +15,8 @@ from ..decompose import RatioUnreachableError, check_ratio
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
 from .report import LayerReport, TensorizeReport
 
-_MPO_KEYS = {"ratio", "rel_tol", "max_bond", "num_cores", "in_modes", "out_modes", "backend"}
-_TUCKER_KEYS = {"ratio", "rel_tol", "ranks", "n_iter", "backend"}
+_MPO_KEYS = {"ratio", "rel_tol", "max_bond", "num_cores", "in_modes", "out_modes", "backend", "prefer"}
+_TUCKER_KEYS = {"ratio", "rel_tol", "ranks", "n_iter", "backend", "prefer"}
 _RULE_KEYS = _MPO_KEYS | _TUCKER_KEYS
 _RANK_KEYS = {"ratio", "rel_tol", "max_bond", "ranks"}
 
@@ -101,7 +101,8 @@ def tensorize(
     Without `rules`, every nn.Linear / transformers Conv1D and every groups=1 nn.Conv2d is a candidate. With
     `rules` ({fnmatch pattern on qualified names: settings dict or None}), only matching layers are candidates; the
     first matching pattern wins; None leaves the layer dense; a pattern that matches nothing is an error. Settings
-    (ratio, rel_tol, max_bond, num_cores, in_modes, out_modes, ranks, n_iter, backend) override the keyword arguments.
+    (ratio, rel_tol, max_bond, num_cores, in_modes, out_modes, ranks, n_iter, backend, prefer) override the keyword
+    arguments.
 
     Layers that cannot reach their ratio, grouped convs, Linear layers inside nn.MultiheadAttention (which reads
     their weight directly) and layers whose weight is tied to another module (e.g. GPT-2's lm_head and wte) are left

@@ -111,6 +111,58 @@ def tucker_ranks_for_ratio(shape: Sequence[int], ratio: float) -> tuple[int, int
     return r_o, r_i
 
 
+def tucker_rank_frontier(
+    shape: Sequence[int], ratio: float, *, spread: float = 0.3, most: int = 8
+) -> list[tuple[int, int]]:
+    """Rank pairs (R_out, R_in) that reach `ratio` using its budget about as fully as the default pair
+    (tucker_ranks_for_ratio, listed first): for about `most` values of R_out (multiples of 4) within `spread` of
+    the default's, the largest R_in that fits. They depend on the shape only, so their timings can be shared by
+    every kernel of the shape (ops/tucker/ranks.py)."""
+    check_ratio(ratio)
+    c_out, c_in, kh, kw = shape
+    default = tucker_ranks_for_ratio(shape, ratio)
+    budget = c_out * c_in * kh * kw / ratio
+    found = [default]
+    lo, hi = max(1, math.floor(default[0] * (1 - spread))), min(c_out, math.ceil(default[0] * (1 + spread)))
+    step = 4 * max(1, math.ceil((hi - lo) / (4 * most)))
+    for r_out in range(lo - lo % step or step, hi + 1, step):
+        r_in = min(c_in, math.floor((budget - c_out * r_out) / (r_out * kh * kw + c_in)))
+        pair = (r_out, r_in)
+        if r_in >= 1 and pair not in found and tucker_num_params(shape, pair) <= budget:
+            found.append(pair)
+    return found
+
+
+def tucker_rank_candidates(weight: torch.Tensor, ratio: float, *, error_slack: float = 0.05) -> list[tuple[int, int]]:
+    """The pairs of `tucker_rank_frontier` whose HOSVD error bound is at most the default pair's times
+    (1 + error_slack): the default first, then in order of their error bound, smallest first.
+
+    At equal parameter count the pair decides how fast the convolutions run: channel counts off the kernels'
+    blocking run at about half the rate (oneDNN, EPYC VM: a 38-channel 3x3 core against a 32-channel one), so
+    TuckerConv2d.from_conv times them on a CPU (ops/tucker/ranks.py). The bound, from the two channel unfoldings'
+    singular values, costs two small SVDs for all pairs together."""
+    shape = tuple(weight.shape)
+    c_out, c_in = shape[:2]
+    default, *others = tucker_rank_frontier(shape, ratio)
+    w = weight.detach().to(torch.float64)
+    tail_out = _tail_energy(torch.linalg.svdvals(w.reshape(c_out, -1)), c_out)
+    tail_in = _tail_energy(torch.linalg.svdvals(w.transpose(0, 1).reshape(c_in, -1)), c_in)
+
+    def bound(pair: tuple[int, int]) -> float:
+        return math.sqrt(tail_out[pair[0]] + tail_in[pair[1]])
+
+    limit = bound(default) * (1 + error_slack) + 1e-12
+    return [default, *sorted((p for p in others if bound(p) <= limit), key=bound)]
+
+
+def _tail_energy(singular_values: torch.Tensor, size: int) -> list[float]:
+    """tail[r] = sum of the squared singular values past the r-th (what keeping r discards), r = 0..size."""
+    energy = torch.zeros(size + 1, dtype=torch.float64)
+    sq = singular_values.square()
+    energy[: sq.numel()] = sq.flip(0).cumsum(0).flip(0)
+    return energy.tolist()
+
+
 def tucker_ranks_for_error(weight: torch.Tensor, rel_tol: float) -> tuple[int, int]:
     """Smallest HOSVD ranks whose truncation error is at most rel_tol * ||W||_F.
 

@@ -11,14 +11,15 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ..decompose import (
+    check_finite,
     check_ratio,
     tucker_decompose,
     tucker_num_params,
     tucker_ranks_for_error,
-    tucker_ranks_for_ratio,
 )
 from ..ops import conv_padding, preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
 from ..ops.modes import needs_autograd, refuse_jit_script
+from ..ops.tucker.ranks import choose_tucker_ranks
 from ..ops.tucker.tuned import kind_for, kind_is_timed
 from ..plan import explain_tucker
 from .call_memo import MemoizedCalls, memo_applies
@@ -119,9 +120,16 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         rel_tol: float | None = None,
         n_iter: int = 0,
         backend: str = "auto",
+        prefer: str | None = None,
     ) -> TuckerConv2d:
         """Decompose a trained nn.Conv2d (groups=1, any padding_mode). Give one of ranks, ratio or rel_tol; none
-        keeps full ranks (exact). `n_iter` adds HOOI refinement sweeps after the HOSVD."""
+        keeps full ranks (exact). `n_iter` adds HOOI refinement sweeps after the HOSVD.
+
+        With `ratio`, prefer="accuracy" (the default) keeps the largest ranks proportional to the channel counts.
+        prefer="speed" takes, on a CPU, the rank pair of about the same size and error (bound within 5%) whose
+        convolutions run fastest on this machine, timed once per shape and kept (ops/tucker/ranks.py). It is
+        opt-in because the ranks then depend on the machine (and on the first timing's noise), and a fresh cache
+        adds the timing to the first conversion."""
         where = "TuckerConv2d.from_conv"
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
@@ -133,10 +141,18 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         chosen = [name for name, v in (("ranks", ranks), ("ratio", ratio), ("rel_tol", rel_tol)) if v is not None]
         if len(chosen) > 1:
             raise ValueError(f"{where}: give only one of ranks, ratio or rel_tol (got {', '.join(chosen)})")
+        if prefer is not None and (prefer not in ("speed", "accuracy") or ratio is None):
+            raise ValueError(f"{where}: prefer must be 'speed' or 'accuracy', with ratio=; got prefer={prefer!r}")
         weight = conv.weight
         if ratio is not None:
             check_ratio(ratio, f"{where}: ratio")
-            ranks = tucker_ranks_for_ratio(weight.shape, ratio)
+            check_finite(weight, where)  # before the rank candidates' SVDs, which fail obscurely on NaN
+            try:
+                padding = conv_padding(conv.padding, conv.kernel_size, conv.dilation, conv.stride)
+            except ValueError:  # 'same' with an even kernel: the layer pads asymmetrically; timing needs no more
+                padding = (0, 0)
+            timed_conv = (tuple(conv.stride), tuple(padding), tuple(conv.dilation))
+            ranks = choose_tucker_ranks(weight, ratio, timed_conv, prefer or "accuracy")
         elif rel_tol is not None:
             ranks = tucker_ranks_for_error(weight, rel_tol)
         elif ranks is None:
