@@ -5,9 +5,9 @@
 
 Plain F.conv2d calls (1x1 projection in, the core's 3x3 convolution, 1x1 projection out), forward and backward,
 against the dense 3x3 convolution, interleaved over rounds (best call per provider). `tucker_ranks_for_ratio` picks
-(38, 38) at ratio 2 for 64 channels; on the EPYC VM oneDNN ran that core at about half the rate of a 32-channel one,
-so another pair with about the same parameter count can be much faster. Nothing here changes the layers: it measures
-what a speed-aware rank choice could gain on this machine.
+(39, 38) at ratio 2 for 64 channels; on the EPYC VM oneDNN ran such a core at about half the rate of a 32-channel
+one, so another pair with about the same parameter count can be much faster: what TuckerConv2d.from_conv(
+prefer="speed") uses (ops/tucker/ranks.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--size", type=int, default=56, help="height and width of the input")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--pairs", nargs="+", default=["38x38", "32x44", "44x32", "40x36", "48x28"], help="R_out x R_in")
+    p.add_argument("--pairs", nargs="+", default=["39x38", "32x46", "44x33", "40x37", "48x30"], help="R_out x R_in")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
