@@ -12,13 +12,26 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # measures and swaps tables itself.
 os.environ.setdefault("TNK_THIN_BOUNDS", "fixed")
 # Likewise the Tucker plan kind is timed per machine on a CPU (tnkernels/ops/tucker/tuned.py); tests that check
-# which kind runs use the cost model's pick. test_tucker_tuned.py turns the timing on itself.
+# which kind runs use the cost model's pick. test_tucker_tuned.py and test_tucker_ranks.py turn it on (tucker_timing).
 os.environ.setdefault("TNK_TUCKER_TUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.helpers import tolerance  # noqa: E402,F401  (re-exported for convenience)
+
+
+@pytest.fixture
+def tucker_timing(monkeypatch, tmp_path):
+    """Timing of Tucker kinds and ranks on (test_tucker_tuned.py, test_tucker_ranks.py), a fresh cache folder,
+    and empty memories; the cache folder is returned."""
+    from tnkernels.ops.tucker import ranks, tuned
+
+    monkeypatch.setenv("TNK_TUCKER_TUNE", "1")
+    monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuned, "_MEMO", {})
+    monkeypatch.setattr(ranks, "_MEMO", {})
+    return tmp_path
 
 
 @pytest.fixture(autouse=True)

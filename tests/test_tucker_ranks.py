@@ -47,15 +47,7 @@ def test_candidates_reach_the_ratio_within_the_error_slack(shape, ratio):
     assert len(tucker_rank_candidates(w, ratio, error_slack=0.0)) <= len(found)
 
 
-@pytest.fixture
-def tuning(monkeypatch, tmp_path):
-    monkeypatch.setenv("TNK_TUCKER_TUNE", "1")
-    monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(ranks, "_MEMO", {})
-    return tmp_path
-
-
-def test_the_fastest_candidate_is_taken_and_kept(tuning, monkeypatch):
+def test_the_fastest_candidate_is_taken_and_kept(tucker_timing, monkeypatch):
     calls = []
 
     def fake_measure(shape, conv, pairs, dtype):  # the default pair twice as slow as the others
@@ -74,14 +66,14 @@ def test_the_fastest_candidate_is_taken_and_kept(tuning, monkeypatch):
     other = nn.Conv2d(32, 32, 3, padding=1)  # another kernel of the shape shares the timings
     assert TuckerConv2d.from_conv(other, ratio=2, prefer="speed").ranks == tucker_rank_candidates(other.weight, 2)[1]
     assert len(calls) == 1
-    stored = json.loads((tuning / "tucker_ranks-v2.json").read_text())
+    stored = json.loads((tucker_timing / "tucker_ranks-v2.json").read_text())
     assert list(stored) == [machine_key()]
     monkeypatch.setattr(ranks, "_MEMO", {})  # a new process reads the disk
     assert TuckerConv2d.from_conv(conv, ratio=2, prefer="speed").ranks == layer.ranks and len(calls) == 1
     assert TuckerConv2d.from_conv(conv, ratio=2, prefer="accuracy").ranks == default and len(calls) == 1
 
 
-def test_real_timing_returns_a_candidate(tuning):
+def test_real_timing_returns_a_candidate(tucker_timing):
     w = torch.randn(16, 16, 3, 3)
     pair = ranks.choose_tucker_ranks(w, 2, CONV, prefer="speed")
     assert pair in tucker_rank_candidates(w, 2)

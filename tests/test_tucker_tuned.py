@@ -19,16 +19,7 @@ SHAPES = ((2, 6, 9, 9), (6, 3), (4, 3, 3, 3), (5, 4))  # x, U_in, core, U_out
 CONV = ((1, 1), (1, 1), (1, 1))
 
 
-@pytest.fixture
-def tuning(monkeypatch, tmp_path):
-    """Timing on, a fresh cache folder, and an empty memory."""
-    monkeypatch.setenv("TNK_TUCKER_TUNE", "1")
-    monkeypatch.setenv("TNK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tuned, "_MEMO", {})
-    return tmp_path
-
-
-def test_measured_once_then_remembered_and_stored(tuning, monkeypatch):
+def test_measured_once_then_remembered_and_stored(tucker_timing, monkeypatch):
     calls = []
 
     def fake_measure(shapes, conv, dtype, needs_grad, kinds, pick):
@@ -40,7 +31,7 @@ def test_measured_once_then_remembered_and_stored(tuning, monkeypatch):
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out"
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out"
     assert len(calls) == 1 and calls[0][1] is True and calls[0][3] in calls[0][2]  # the model's pick is a candidate
-    stored = json.loads((tuning / "tucker_kinds-v2.json").read_text())
+    stored = json.loads((tucker_timing / "tucker_kinds-v2.json").read_text())
     assert list(stored) == [machine_key()] and list(stored[machine_key()].values()) == ["fold-out"]
     monkeypatch.setattr(tuned, "_MEMO", {})  # a new process: read from disk, not measured again
     assert tuned.kind_for(SHAPES, CONV, torch.float32, cpu, True) == "fold-out" and len(calls) == 1
@@ -53,7 +44,7 @@ def test_measured_once_then_remembered_and_stored(tuning, monkeypatch):
     assert len(calls) == 3
 
 
-def test_off_switches_keep_the_models_pick(tuning, monkeypatch):
+def test_off_switches_keep_the_models_pick(tucker_timing, monkeypatch):
     monkeypatch.setattr(tuned, "measure", lambda *a: pytest.fail("measured although tuning is off"))
     cpu = torch.device("cpu")
     with options(tucker_force="dense"):  # a forced kind wins over both
@@ -76,7 +67,7 @@ def test_another_kind_replaces_the_pick_only_when_clearly_faster(monkeypatch):
 
 
 @pytest.mark.parametrize("needs_grad", [False, True])
-def test_layer_on_the_measured_kind_matches_float64(tuning, needs_grad):
+def test_layer_on_the_measured_kind_matches_float64(tucker_timing, needs_grad):
     from torch import nn
 
     from tnkernels import TuckerConv2d
