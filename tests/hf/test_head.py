@@ -79,6 +79,13 @@ def test_pipeline_head_slice_saves_the_whole_lm_and_resumes(family, tiny_dir, tm
     with torch.no_grad():
         ppl = evaluate.perplexity(loaded, held)
     assert ppl == pytest.approx(report["metrics"]["student_perplexity"], rel=1e-5)
+    from transformers import AutoConfig  # the same LM from a skeleton that never allocated its dense weights
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_dir))
+    on_meta = tnkernels.load_compressed(skeleton, out / "compressed").eval()
+    with torch.no_grad():
+        assert evaluate.perplexity(on_meta, held) == pytest.approx(ppl, rel=1e-6)
     assert json.loads((out / "report.json").read_text())["head"] is True
     # a rerun trains nothing again, the head included
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "slices").iterdir()}
