@@ -11,10 +11,10 @@ from ..plan.cache import planned_rows
 from .dispatch import BACKENDS, backend_available, preload, resolve
 from .modes import (
     autocast_dtype,
-    cast_for_autocast,
     needs_autograd,
     refuse_jit_script,
     refuse_jit_trace,
+    run_in_autocast_dtype,
     under_functorch,
 )
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
@@ -143,14 +143,8 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
     is built and the input's width on every call (at one row the checks cost a third of the call)."""
     refuse_jit_trace("mpo_linear")
     amp = autocast_dtype(x)
-    if amp is not None:
-        # Under autocast the chain runs in autocast's dtype, as nn.Linear's matmul does: the operands are cast
-        # here, where autograd records the casts (float32 gradients for float32 parameters), and the planned
-        # Functions run with autocast off. Left on, it cast some products inside them and not others, and their
-        # backward (which runs outside autocast) met mixed dtypes: every training step failed (found 2026-12-02).
-        x, bias, *cores = cast_for_autocast(amp, [x, bias, *cores])
-        with torch.autocast(x.device.type, enabled=False):
-            return run_mpo_linear(x, cores, bias, backend)
+    if amp is not None:  # in autocast's dtype, autocast off inside (modes.run_in_autocast_dtype)
+        return run_in_autocast_dtype(amp, lambda x, b, *g: run_mpo_linear(x, list(g), b, backend), [x, bias, *cores])
     if backend == "auto" and under_functorch():
         backend = "torch"  # its plain path (mpo_linear_torch): native kernels cannot run under torch.func
     if backend == "auto":
@@ -288,8 +282,8 @@ def tucker_conv2d(
     padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)
     fn = resolve("tucker_conv2d", backend, x.device.type)
     amp = autocast_dtype(x)
-    if amp is not None:  # in autocast's dtype with autocast off inside, as run_mpo_linear does (see there)
-        x, u_in, core, u_out, bias = cast_for_autocast(amp, [x, u_in, core, u_out, bias])
-        with torch.autocast(x.device.type, enabled=False):
-            return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)
+    if amp is not None:  # in autocast's dtype, autocast off inside (modes.run_in_autocast_dtype)
+        return run_in_autocast_dtype(
+            amp, lambda *t: fn(*t, stride_t, padding_t, dilation_t), [x, u_in, core, u_out, bias]
+        )
     return fn(x, u_in, core, u_out, bias, stride_t, padding_t, dilation_t)

@@ -3,7 +3,8 @@
 - autograd recording (`needs_autograd`): the planned Functions and the kept intermediates only when a backward
   can follow;
 - a torch.func transform (`under_functorch`): no planned Function, no native kernel, plain differentiable ops;
-- torch.autocast (`autocast_dtype`, `cast_for_autocast`): operands cast to autocast's dtype, autocast off inside;
+- torch.autocast (`autocast_dtype`, `run_in_autocast_dtype`): operands cast to autocast's dtype, autocast off inside;
+- a differentiated backward (`grads_of_rerun`): the forward run again with autograd on and differentiated;
 - torch.jit.trace (`refuse_jit_trace`): refused with a pointer to torch.export.
 """
 
@@ -39,6 +40,31 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 def cast_for_autocast(amp: torch.dtype, tensors):
     """float32 tensors cast to `amp` (differentiably), as autocast casts nn.Linear's and nn.Conv2d's operands."""
     return [t.to(amp) if t is not None and t.dtype == torch.float32 else t for t in tensors]
+
+
+def run_in_autocast_dtype(amp: torch.dtype, fn, tensors: list):
+    """fn(*tensors) with the float32 tensors cast to autocast's dtype `amp` and autocast off inside.
+
+    Under autocast the ops compute in its dtype, as nn.Linear's matmul and nn.Conv2d do: the casts happen here,
+    where autograd records them (float32 gradients for float32 parameters), and the planned Functions run with
+    autocast off. Left on, it cast some products inside them and not others, and their backward (which runs
+    outside autocast) met mixed dtypes: every training step failed (found 2026-12-02)."""
+    tensors = cast_for_autocast(amp, tensors)
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return fn(*tensors)
+
+
+def grads_of_rerun(rerun, inputs: tuple, needs: list[bool], dy: torch.Tensor) -> list:
+    """A backward for create_graph=True (gradient penalties, MAML): the gradients of `rerun()` (the forward run
+    again on `inputs` with autograd on) for the inputs whose entry in `needs` is true, None for the others,
+    themselves differentiable. A planned backward runs on detached operands and saved intermediates, which are
+    constants to autograd, so a gradient of its result would silently lose terms; this one is exact to any order,
+    and slower."""
+    leaves = [t for t, need in zip(inputs, needs, strict=True) if need]
+    if not leaves:
+        return [None] * len(inputs)
+    grads = iter(torch.autograd.grad(rerun(), leaves, dy, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
 
 
 def refuse_jit_trace(where: str) -> None:

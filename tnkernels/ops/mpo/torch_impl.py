@@ -16,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...plan.cache import OPTIONS, mpo_decision, planned_rows
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
 from ..grad_layout import in_layout_of
-from ..modes import needs_autograd, under_functorch
+from ..modes import grads_of_rerun, needs_autograd, under_functorch
 from . import torch_low_rank
 
 
@@ -262,17 +262,14 @@ class MPOChainFunction(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, dy, x2d, cores):
-    """The backward as a graph of its own, for create_graph=True. The planned backward runs on detached operands
-    and saved intermediates, so a gradient of its result would silently lose the dependence on x and the cores.
-    Here the planned forward runs again on the inputs with autograd on and is differentiated with create_graph:
-    slower, and exact to any order."""
-    need = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
-    leaves = [t for t, n in zip((x2d, *cores), need, strict=True) if n]
-    grads = iter(())
-    if leaves:
-        y, _ = run_forward(x2d, list(cores), ctx.decision.forward, keep=False)
-        grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True))
-    dx, *d_cores = (next(grads) if n else None for n in need)
+    """The backward for create_graph=True: the planned forward run again on the inputs and differentiated
+    (modes.grads_of_rerun)."""
+    needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
+
+    def rerun():
+        return run_forward(x2d, list(cores), ctx.decision.forward, keep=False)[0]
+
+    dx, *d_cores = grads_of_rerun(rerun, (x2d, *cores), needs, dy)
     d_bias = dy.sum(0) if (ctx.has_bias and ctx.needs_input_grad[1]) else None
     return (dx, d_bias, None, *d_cores)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ...plan.cache import OPTIONS, planned_size
 from ..grad_layout import in_layout_of
-from ..modes import needs_autograd, under_functorch
+from ..modes import grads_of_rerun, needs_autograd, under_functorch
 from .tuned import kind_for
 
 
@@ -174,17 +174,14 @@ class TuckerConvFunction(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, dy, x, u_in, core, u_out):
-    """The backward as a graph of its own, for create_graph=True. The planned backward above treats what the
-    forward saved besides the inputs (folded weights, intermediate activations) as constants, so a gradient of
-    its result would silently miss their dependence on the factors. Here the forward is run again from the
-    inputs with autograd on, and differentiated with create_graph: slower, and exact to any order."""
-    leaves = [t for t, need in zip((x, u_in, core, u_out), ctx.needs_input_grad[:4], strict=True) if need]
-    grads = iter(())
-    if leaves:
+    """The backward for create_graph=True: the planned convolutions run again on the inputs (the folded weights
+    and saved activations are constants to the planned backward) and differentiated (modes.grads_of_rerun)."""
+
+    def rerun():
         weights, spatial, _ = _weights(ctx.kind, u_in, core, u_out)
-        y, _ = _run(x, weights, spatial, None, *ctx.conv, keep=False)
-        grads = iter(torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True))
-    dx, du_in, dcore, du_out = (next(grads) if need else None for need in ctx.needs_input_grad[:4])
+        return _run(x, weights, spatial, None, *ctx.conv, keep=False)[0]
+
+    dx, du_in, dcore, du_out = grads_of_rerun(rerun, (x, u_in, core, u_out), list(ctx.needs_input_grad[:4]), dy)
     d_bias = dy.sum((0, 2, 3)) if (ctx.has_bias and ctx.needs_input_grad[4]) else None
     return dx, du_in, dcore, du_out, d_bias, None, None, None
 
