@@ -20,6 +20,20 @@ import tnkernels
 
 from .models import base_model, block_names, family_of
 
+# Per family, the linear layers of a block (names relative to the block): the FFN's, and the attention's
+_FFN_LINEARS = {
+    "gpt2": ("mlp.c_fc", "mlp.c_proj"),
+    "bert": ("intermediate.dense", "output.dense"),
+    "distilbert": ("ffn.lin1", "ffn.lin2"),
+    "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+_ATTENTION_LINEARS = {
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+    "bert": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+    "distilbert": ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"),
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+}
+
 
 def ffn_rules(model: nn.Module, ratio: float, *, attention: bool = False) -> dict:
     """tensorize rules (names relative to the *base* model) for the FFN layers, and attention if asked.
@@ -28,22 +42,8 @@ def ffn_rules(model: nn.Module, ratio: float, *, attention: bool = False) -> dic
     ``encoder.layer.0.attention.output.dense``.
     """
     fam = family_of(model)
-    names = []
-    for b in block_names(model):
-        if fam == "gpt2":
-            names += [f"{b}.mlp.c_fc", f"{b}.mlp.c_proj"]
-            names += [f"{b}.attn.c_attn", f"{b}.attn.c_proj"] if attention else []
-        elif fam == "llama":
-            names += [f"{b}.mlp.{p}_proj" for p in ("gate", "up", "down")]
-            names += [f"{b}.self_attn.{p}_proj" for p in ("q", "k", "v", "o")] if attention else []
-        elif fam == "distilbert":
-            names += [f"{b}.ffn.lin1", f"{b}.ffn.lin2"]
-            names += [f"{b}.attention.{p}_lin" for p in ("q", "k", "v", "out")] if attention else []
-        else:
-            names += [f"{b}.intermediate.dense", f"{b}.output.dense"]
-            if attention:
-                names += [f"{b}.attention.self.{p}" for p in ("query", "key", "value")]
-                names += [f"{b}.attention.output.dense"]
+    layers = _FFN_LINEARS[fam] + (_ATTENTION_LINEARS[fam] if attention else ())
+    names = [f"{b}.{layer}" for b in block_names(model) for layer in layers]
     return {n: {"ratio": ratio} for n in names}
 
 

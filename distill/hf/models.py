@@ -49,22 +49,21 @@ def _read_model_type(model_dir: Path) -> str:
             "folder (the one holding config.json and the weights)"
         )
     with open(model_dir / "config.json") as f:
-        model_type = json.load(f).get("model_type")
+        return _family(json.load(f).get("model_type"), f" in {model_dir}/config.json")
+
+
+def _family(model_type, where: str = "") -> str:
     if model_type not in _MODEL_TYPES:
         raise ValueError(
-            f"model_type {model_type!r} in {model_dir}/config.json is not supported; supported "
-            f"families: {FAMILIES} ({_DESCRIPTION})"
+            f"model_type {model_type!r}{where} is not supported; supported families: {FAMILIES} ({_DESCRIPTION})"
         )
     return _MODEL_TYPES[model_type]
 
 
 def family_of(model_or_config) -> str:
-    """'gpt2', 'bert' or 'llama' for a model (base or with a head) or its config."""
+    """The family ('gpt2', 'bert', 'distilbert' or 'llama') of a model (base or with a head) or its config."""
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported families: {FAMILIES} ({_DESCRIPTION})")
-    return _MODEL_TYPES[model_type]
+    return _family(getattr(config, "model_type", None))
 
 
 def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None, with_tokenizer: bool = True):
@@ -144,17 +143,15 @@ def base_model(model: nn.Module) -> nn.Module:
     return model
 
 
+# Per family, the ModuleList of transformer blocks in the base model
+_BLOCK_LISTS = {"gpt2": "h", "bert": "encoder.layer", "distilbert": "transformer.layer", "llama": "layers"}
+
+
 def block_names(model: nn.Module) -> list[str]:
     """Qualified names (relative to ``base_model(model)``) of the transformer blocks, in execution order."""
     base = base_model(model)
-    family = family_of(base)
-    if family == "gpt2":
-        return [f"h.{i}" for i in range(len(base.h))]
-    if family == "llama":
-        return [f"layers.{i}" for i in range(len(base.layers))]
-    if family == "distilbert":
-        return [f"transformer.layer.{i}" for i in range(len(base.transformer.layer))]
-    return [f"encoder.layer.{i}" for i in range(len(base.encoder.layer))]
+    blocks = _BLOCK_LISTS[family_of(base)]
+    return [f"{blocks}.{i}" for i in range(len(base.get_submodule(blocks)))]
 
 
 def hidden_size(model: nn.Module) -> int:
