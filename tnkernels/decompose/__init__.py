@@ -3,7 +3,7 @@
 from .errors import RatioUnreachableError
 from .linalg import lapack_threads
 from .modes import auto_modes, max_bonds, nearest_balanced_size, prime_factors
-from .mpo import check_finite, check_ratio, mpo_bonds_for_cap, mpo_bonds_for_ratio, mpo_decompose, mpo_num_params
+from .mpo import check_ratio, mpo_bonds_for_cap, mpo_bonds_for_ratio, mpo_decompose, mpo_num_params
 from .tucker import (
     tucker_decompose,
     tucker_num_params,
@@ -16,7 +16,6 @@ from .tucker import (
 __all__ = [
     "RatioUnreachableError",
     "auto_modes",
-    "check_finite",
     "check_ratio",
     "lapack_threads",
     "max_bonds",

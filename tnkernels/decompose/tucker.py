@@ -141,6 +141,7 @@ def tucker_rank_candidates(weight: torch.Tensor, ratio: float, *, error_slack: f
     blocking run at about half the rate (oneDNN, EPYC VM: a 38-channel 3x3 core against a 32-channel one), so
     TuckerConv2d.from_conv times them on a CPU (ops/tucker/ranks.py). The bound, from the two channel unfoldings'
     singular values, costs two small SVDs for all pairs together."""
+    _check_kernel(weight, "tucker_rank_candidates")  # before the SVDs, which fail obscurely on NaN
     shape = tuple(weight.shape)
     c_out, c_in = shape[:2]
     default, *others = tucker_rank_frontier(shape, ratio)

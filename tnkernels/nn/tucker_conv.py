@@ -11,11 +11,11 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ..decompose import (
-    check_finite,
     check_ratio,
     tucker_decompose,
     tucker_num_params,
     tucker_ranks_for_error,
+    tucker_ranks_for_ratio,
 )
 from ..ops import conv_padding, preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
 from ..ops.modes import needs_autograd, refuse_jit_script
@@ -44,6 +44,16 @@ def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, int, int, in
             pads += [total // 2, total - total // 2]
         return tuple(pads)
     return (padding[1], padding[1], padding[0], padding[0])
+
+
+def _timed_conv(conv: nn.Conv2d) -> tuple:
+    """(stride, padding, dilation) of `conv` as the rank timing runs it: 'same' with an even kernel pads
+    asymmetrically, which the timing can do without (no padding)."""
+    try:
+        padding = conv_padding(conv.padding, conv.kernel_size, conv.dilation, conv.stride)
+    except ValueError:
+        padding = (0, 0)
+    return (tuple(conv.stride), tuple(padding), tuple(conv.dilation))
 
 
 class TuckerConv2d(MemoizedCalls, nn.Module):
@@ -146,13 +156,10 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         weight = conv.weight
         if ratio is not None:
             check_ratio(ratio, f"{where}: ratio")
-            check_finite(weight, where)  # before the rank candidates' SVDs, which fail obscurely on NaN
-            try:
-                padding = conv_padding(conv.padding, conv.kernel_size, conv.dilation, conv.stride)
-            except ValueError:  # 'same' with an even kernel: the layer pads asymmetrically; timing needs no more
-                padding = (0, 0)
-            timed_conv = (tuple(conv.stride), tuple(padding), tuple(conv.dilation))
-            ranks = choose_tucker_ranks(weight, ratio, timed_conv, prefer or "accuracy")
+            if prefer == "speed":
+                ranks = choose_tucker_ranks(weight, ratio, _timed_conv(conv), "speed")
+            else:
+                ranks = tucker_ranks_for_ratio(tuple(weight.shape), ratio)
         elif rel_tol is not None:
             ranks = tucker_ranks_for_error(weight, rel_tol)
         elif ranks is None:
