@@ -73,10 +73,16 @@ def test_the_fastest_candidate_is_taken_and_kept(tucker_timing, monkeypatch):
     assert TuckerConv2d.from_conv(conv, ratio=2, prefer="accuracy").ranks == default and len(calls) == 1
 
 
-def test_real_timing_returns_a_candidate(tucker_timing):
+def test_real_timing_times_the_whole_frontier_and_stores_it(tucker_timing):
+    """No mock: every frontier pair gets a positive time, kept on disk, and the choice is what `pick` makes of them."""
     w = torch.randn(16, 16, 3, 3)
     pair = ranks.choose_tucker_ranks(w, 2, CONV, prefer="speed")
-    assert pair in tucker_rank_candidates(w, 2)
+    seconds = ranks.frontier_seconds((16, 16, 3, 3), 2, CONV, torch.float32)  # read back, not measured again
+    assert set(seconds) == set(tucker_rank_frontier((16, 16, 3, 3), 2)) and all(t > 0 for t in seconds.values())
+    candidates = tucker_rank_candidates(w, 2)
+    assert pair == ranks.pick(candidates, {p: seconds[p] for p in candidates})
+    stored = json.loads((tucker_timing / "tucker_ranks-v2.json").read_text())[machine_key()]
+    assert len(stored) == 1 and len(next(iter(stored.values()))) == len(seconds)
 
 
 def test_off_switch_and_bad_prefer(monkeypatch):

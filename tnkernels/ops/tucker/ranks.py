@@ -23,8 +23,8 @@ import threading
 import torch
 
 from ...decompose import tucker_rank_candidates, tucker_rank_frontier, tucker_ranks_for_ratio
-from ...plan.calibrate import MachineStore, _timeit
-from .tuned import kind_is_timed
+from ...plan.calibrate import MachineStore
+from .tuned import interleaved_seconds, kind_is_timed
 
 PROBE_ACTIVATIONS = 64 * 28 * 28  # the probe input's C x H x W
 # Ranks change the model, not only its speed: another pair replaces the default only when it is clearly faster
@@ -93,12 +93,7 @@ def _measure(shape: tuple, conv: tuple, pairs: list[tuple[int, int]], dtype: tor
         with torch.enable_grad():
             TuckerConvFunction.apply(x, u_in, core, u_out, None, "three-convs", conv, False).backward(dy)
 
-    best = dict.fromkeys(pairs, float("inf"))
-    cpu = torch.device("cpu")
-    for _ in range(3):  # interleaved rounds: a burst of load spoils one round of every pair, not one pair
-        for pair in pairs:
-            best[pair] = min(best[pair], _timeit(lambda p=pair: step(p), cpu, budget_s=0.02, min_calls=3, max_calls=10))
-    return best
+    return interleaved_seconds(pairs, step)
 
 
 def forget() -> None:

@@ -96,14 +96,21 @@ def measure(shapes: tuple, conv: tuple, dtype: torch.dtype, needs_grad: bool, ki
                 upstream["dy"] = torch.randn(y.shape, generator=g, dtype=dtype)
             y.backward(upstream["dy"])
 
-    best = {k: float("inf") for k in kinds}
-    cpu = torch.device("cpu")
-    for _ in range(3):  # interleaved rounds: a burst of load spoils one round of every kind, not one kind
-        for kind in kinds:
-            seconds = _timeit(lambda k=kind: call(k), cpu, budget_s=0.02, min_calls=3, max_calls=10)
-            best[kind] = min(best[kind], seconds)
+    best = interleaved_seconds(kinds, call)
     fastest = min(best, key=best.get)
     return fastest if pick not in best or best[fastest] < _MARGIN * best[pick] else pick
+
+
+def interleaved_seconds(keys: list, call, rounds: int = 3) -> dict:
+    """The fastest call(key) in seconds for each key on the CPU, over `rounds` interleaved rounds: a burst of load
+    spoils one round of every key alike, not one key (also used by ranks.py)."""
+    best = dict.fromkeys(keys, float("inf"))
+    cpu = torch.device("cpu")
+    for _ in range(rounds):
+        for key in keys:
+            seconds = _timeit(lambda k=key: call(k), cpu, budget_s=0.02, min_calls=3, max_calls=10)
+            best[key] = min(best[key], seconds)
+    return best
 
 
 def forget() -> None:
