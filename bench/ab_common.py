@@ -33,6 +33,16 @@ def best_us(fn, min_time: float = 0.02, batches: int = 3) -> float:
     return best * 1e6
 
 
+def best_single_call(fn, calls: int) -> float:
+    """Seconds of the fastest of `calls` single calls of fn (for calls long enough to time one by one)."""
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 class Table:
     """A markdown report: a title with the date, a line naming the machine, a header; rows printed as they come."""
 

@@ -22,10 +22,10 @@ import datetime as dt
 import json
 import os
 import platform
-import time
 
 import torch
 
+from bench.ab_common import best_single_call
 from bench.providers import forced_kind_predictions, linear_providers
 from bench.run_grid import LINEAR_SHAPES
 from distill._atomic import atomic_write_text
@@ -40,15 +40,6 @@ GRIDS = {
     "quick": dict(linear=["minilm-mlp-down", "resnet34-fc"], ratios=[4, 16], rows=[1, 64]),
     "smoke": dict(linear=["minilm-mlp-down"], ratios=[16], rows=[8]),  # the unit test's plumbing check
 }
-
-
-def _best_call(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def check_point(name: str, ratio: float, s: MPOStructure, rows: int, rounds: int, reps: int) -> dict:
@@ -68,7 +59,7 @@ def check_point(name: str, ratio: float, s: MPOStructure, rows: int, rounds: int
         for _ in range(rounds):
             for kind in kinds:
                 with options(force=kind):
-                    measured[kind] = min(measured[kind], _best_call(lambda: module(x), reps))
+                    measured[kind] = min(measured[kind], best_single_call(lambda: module(x), reps))
     chosen = mpo_decision(shapes, rows, torch.float32, cpu, False).forward.kind
     fastest = min(measured, key=measured.get)
     return dict(

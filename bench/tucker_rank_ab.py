@@ -13,19 +13,14 @@ prefer="speed") uses (ops/tucker/ranks.py).
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def _best_us(fn, calls: int) -> float:
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e6
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ab_common import best_single_call  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     best = dict.fromkeys(providers, float("inf"))
     for _ in range(args.rounds):  # interleaved: a burst of load spoils one round of every provider alike
         for name, fn in providers.items():
-            best[name] = min(best[name], _best_us(fn, 3))
+            best[name] = min(best[name], best_single_call(fn, 3) * 1e6)
     rows = [{"provider": k, "us": v, "vs_dense": best["dense"] / v} for k, v in best.items()]
     print(f"{c} channels, batch {n}, {s}x{s}, {args.threads} thread(s), forward + backward, {args.rounds} rounds")
     for r in rows:
