@@ -142,6 +142,22 @@ def test_rules_select_override_and_exclude():
     assert isinstance(model[2], nn.Linear) and model[3].ranks == (2, 2)
 
 
+def test_rules_convert_only_matches_and_the_first_match_wins():
+    """The README's pattern: a catch-all last converts the rest with the keyword settings; without it, unmatched
+    layers stay dense."""
+
+    def net():
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 16))
+
+    model = net()
+    tensorize(model, ratio=2, rules={"0": None, "2": {"ratio": 4}, "*": {}})
+    assert isinstance(model[0], nn.Linear)
+    assert model[2].compression_ratio >= 4 and 2 <= model[3].compression_ratio < 4
+    model = net()
+    tensorize(model, ratio=2, rules={"2": {}})
+    assert isinstance(model[0], nn.Linear) and isinstance(model[3], nn.Linear) and isinstance(model[2], MPOLinear)
+
+
 def test_padding_mode_survives_tensorize_save_and_load(tmp_path):
     def net():
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(8, 8, 3))

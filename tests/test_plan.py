@@ -218,6 +218,15 @@ def test_explain_lists_steps_alternatives_and_memory():
         assert kind in tucker
 
 
+def test_explain_tucker_takes_ints_as_nn_conv2d_does():
+    args = ((2, 16, 8, 8), (16, 4), (4, 4, 3, 3), (16, 4))
+    assert explain_tucker(*args, stride=1, padding=1) == explain_tucker(*args, stride=(1, 1), padding=(1, 1))
+    with pytest.raises(ValueError, match="explain_tucker: padding .*TuckerConv2d.explain"):
+        explain_tucker(*args, padding="same")
+    with pytest.raises(ValueError, match="explain_tucker: stride must be an int or a pair"):
+        explain_tucker(*args, stride=(1, 1, 1))
+
+
 def test_explain_takes_a_layer():
     from tnkernels.nn import MPOLinear
 

@@ -85,24 +85,38 @@ def explain(
     return format_mpo(mpo_decision(shapes, rows, dtype, torch.device(device), needs_grad), top)  # type: ignore
 
 
+def _int_pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return (value[0], value[1])
+    raise ValueError(
+        f"explain_tucker: {name} must be an int or a pair of ints (h, w), got {value!r}"
+        + ("; for 'same'/'valid' padding use TuckerConv2d.explain(input_shape)" if isinstance(value, str) else "")
+    )
+
+
 def explain_tucker(
     x_shape: tuple[int, int, int, int],
     u_in_shape: tuple[int, int],
     core_shape: tuple[int, int, int, int],
     u_out_shape: tuple[int, int],
     *,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     needs_grad: bool = False,
 ) -> str:
-    """The Tucker-2 conv plan for these shapes: the kind, its steps, and the alternatives."""
+    """The Tucker-2 conv plan for these shapes: the kind, its steps, and the alternatives.
+
+    stride, padding and dilation are ints or (h, w) pairs, as in nn.Conv2d; for padding='same' or 'valid' use
+    layer.explain(input_shape) on a TuckerConv2d, which resolves them."""
     shapes = (tuple(x_shape), tuple(u_in_shape), tuple(core_shape), tuple(u_out_shape))
-    dec = tucker_decision(
-        shapes, (tuple(stride), tuple(padding), tuple(dilation)), dtype, torch.device(device), needs_grad
-    )
+    geometry = (_int_pair(stride, "stride"), _int_pair(padding, "padding"), _int_pair(dilation, "dilation"))
+    dec = tucker_decision(shapes, geometry, dtype, torch.device(device), needs_grad)
     lines = [
         f"Tucker-2 conv x{tuple(x_shape)} U_in{tuple(u_in_shape)} core{tuple(core_shape)} U_out{tuple(u_out_shape)}",
         f"plan: {dec.kind}   FLOPs {_fmt_n(dec.flops)}  bytes {_fmt_n(dec.bytes)}  predicted fwd "
