@@ -44,11 +44,16 @@ def _check_mpo(shapes, lead, with_bias, seed, kind, recompute, fold=None):
         grads = torch.autograd.grad(y, leaves, dy)
         with torch.no_grad():
             y_nograd = mpo_linear_torch(x, cores, bias)
+        y_inplace = mpo_linear_torch(x, cores, bias)
+        y_inplace += 1.0  # models add residuals in place (Falcon: `mlp_output += attention_output`)
+        grads_inplace = torch.autograd.grad(y_inplace, leaves, dy)
     tol = tolerance(F64)
     assert_close_rel(y, ref, tol, f"{kind} forward")
     assert_close_rel(y_nograd, ref, tol, f"{kind} no-grad forward")
-    for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
+    assert_close_rel(y_inplace, ref + 1.0, tol, f"{kind} forward, then in place")
+    for k, (a, a_inplace, e) in enumerate(zip(grads, grads_inplace, ref_grads, strict=True)):
         assert_close_rel(a, e, tol, f"{kind} grad of leaf {k}")
+        assert_close_rel(a_inplace, e, tol, f"{kind} grad of leaf {k} after an in-place op on the output")
 
 
 @pytest.mark.parametrize("kind", [k for k in PLAN_KINDS if k != "merge"])
@@ -160,9 +165,13 @@ def test_tucker_plan_matches_reference(kind, case, with_bias, recompute, channel
     with options(tucker_force=kind, recompute=recompute):
         y = tucker_conv2d_torch(x, u_in, core, u_out, bias, stride, padding, dilation)
         grads = torch.autograd.grad(y, leaves, dy)
+        y_inplace = tucker_conv2d_torch(x, u_in, core, u_out, bias, stride, padding, dilation)
+        y_inplace += 1.0  # a residual added in place
+        grads_inplace = torch.autograd.grad(y_inplace, leaves, dy)
     assert_close_rel(y, ref, tolerance(F64), f"{kind} forward")
-    for k, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
+    for k, (a, a_inplace, e) in enumerate(zip(grads, grads_inplace, ref_grads, strict=True)):
         assert_close_rel(a, e, tolerance(F64), f"{kind} grad of leaf {k}")
+        assert_close_rel(a_inplace, e, tolerance(F64), f"{kind} grad of leaf {k} after an in-place op")
 
 
 @pytest.mark.parametrize("kind", TUCKER_KINDS)

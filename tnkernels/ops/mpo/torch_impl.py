@@ -226,7 +226,9 @@ class MPOChainFunction(torch.autograd.Function):
         else:
             ctx.layout = None
             ctx.save_for_backward(*inputs)
-        return y
+        # y may be a view of the last step's result (a reshape); a Function returning a view forbids in-place
+        # ops on it (`out += residual`, as Falcon does), so hand back an alias that is not a view (no copy).
+        return y.detach()
 
     @staticmethod
     def backward(ctx, dy):
