@@ -34,6 +34,7 @@ from ..plan import explain as explain_plan
 from ..plan.backends import auto_mpo_backend
 from .call_memo import MemoizedCalls, memo_applies
 from .hf_compat import is_hf_conv1d, linear_weight
+from .no_dense_weight import no_dense_weight_error
 
 DEFAULT_NUM_CORES = 2
 
@@ -175,9 +176,11 @@ class MPOLinear(MemoizedCalls, nn.Module):
         # At one row the whole call takes ~10 us, so the attribute lookups count: ParameterList's own iterator
         # converts every index to a string key (~3 us for two cores), and nn.Module.__getattr__ (self.cores,
         # self.bias) costs ~0.4 us a name. The dicts behind them hold the same objects (a bias assigned later as
-        # a Parameter lands in _parameters too; bias=False leaves no entry).
-        cores = tuple(self._modules["cores"]._parameters.values())
-        bias = self._parameters.get("bias")
+        # a Parameter lands in _parameters too; bias=False leaves None in __dict__) unless a parameter is
+        # pruned or parametrized (torch.nn.utils), which moves it out of _parameters: then the slow lookups.
+        cores = self._current_cores()
+        p = self._parameters
+        bias = p["bias"] if "bias" in p else self.bias  # not in the dict: None, or pruned / parametrized
         memo = self._memo_for_calls if memo_applies(x) else None
         if memo is not None:  # the memo may already know how this call runs (call_memo.py)
             needs_grad = needs_autograd(x, cores, bias)
@@ -197,6 +200,24 @@ class MPOLinear(MemoizedCalls, nn.Module):
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))
         return y
+
+    def _current_cores(self) -> tuple[torch.Tensor, ...]:
+        holder = self._modules["cores"]
+        if type(holder) is nn.ParameterList and not holder._forward_pre_hooks:
+            return tuple(holder._parameters.values())
+        # torch.nn.utils.parametrize swaps the list's class; prune keeps "<i>_orig" and a mask and recomputes
+        # "<i>" in a forward pre-hook, which never runs because the list is never called: run it here.
+        for hook in tuple(holder._forward_pre_hooks.values()):
+            hook(holder, ())
+        return tuple(holder[k] for k in range(len(holder)))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":
+                raise no_dense_weight_error(type(self).__name__, "to_linear") from None
+            raise
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first: a clear refusal, not a compile error
         refuse_jit_script(type(self).__name__)

@@ -23,6 +23,7 @@ from ..ops.tucker.ranks import choose_tucker_ranks
 from ..ops.tucker.tuned import kind_for, kind_is_timed
 from ..plan import explain_tucker
 from .call_memo import MemoizedCalls, memo_applies
+from .no_dense_weight import no_dense_weight_error
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -195,8 +196,11 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         if self._pad is not None:
             x = F.pad(x, self._pad, mode=self.padding_mode)
         p = self._parameters  # direct: each nn.Module attribute lookup of a parameter costs ~0.4 us
-        factors = (p["u_in"], p["core"], p["u_out"])
-        bias = p.get("bias")
+        if "u_in" in p and "core" in p and "u_out" in p:
+            factors = (p["u_in"], p["core"], p["u_out"])
+        else:  # a factor pruned or parametrized (torch.nn.utils) is no longer in the dict
+            factors = (self.u_in, self.core, self.u_out)
+        bias = p["bias"] if "bias" in p else self.bias  # not in the dict: None, or pruned / parametrized
         # outside torch.compile the memo may already know this call's route, no-grad or training
         memo = self._memo_for_calls if memo_applies(x) else None
         if memo is not None:
@@ -210,6 +214,14 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         if memo is not None and not known:  # after the call: one that raised is not remembered
             memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv))
         return y
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":
+                raise no_dense_weight_error(type(self).__name__, "to_conv") from None
+            raise
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first: a clear refusal, not a compile error
         refuse_jit_script(type(self).__name__)
