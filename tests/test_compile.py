@@ -131,6 +131,30 @@ def test_export_with_a_dynamic_batch_and_compile_over_many_batch_sizes():
     assert counters["stats"]["unique_graphs"] <= 7  # buckets 1, 4, 16, 64, 256, 1024, 4096 (measured: 7)
 
 
+@pytest.mark.parametrize("low_rank", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_exported_model_trains_like_the_eager_one(low_rank, grad):
+    """An exported program records the ops that ran: a detached operand was recorded as aten.detach and cut every
+    gradient through the layer, the input's included (found 2026-12-02). Exported under no_grad or not, the
+    program's module must give every parameter and the input the eager gradients."""
+    from torch.export import export
+
+    net = TinyNet("torch", low_rank=low_rank)
+    with torch.set_grad_enabled(grad):
+        program = export(net, (torch.randn(3, 4, 5, 5),))
+    exported = program.module()
+    x = torch.randn(3, 4, 5, 5)
+    grads = {}
+    for name, model in (("eager", net), ("exported", exported)):
+        xg = x.clone().requires_grad_()
+        model(xg).square().sum().backward()
+        grads[name] = {"x": xg.grad, **{n: p.grad for n, p in model.named_parameters()}}
+    assert grads["exported"].keys() == grads["eager"].keys()
+    for n, g in grads["eager"].items():
+        assert grads["exported"][n] is not None, f"no gradient for {n} through the exported program"
+        assert_close_rel(grads["exported"][n], g, tolerance(torch.float32, "torch"), f"gradient of {n}")
+
+
 def test_torchscript_is_refused_with_a_pointer_to_export():
     """jit.trace used to fail deep inside a first-call timing or to record it, depending on the caches;
     jit.script failed to compile the planner's Python. Both now say what to use instead."""

@@ -344,7 +344,10 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     needs_grad = needs_autograd(x, cores, bias)
     shapes = tuple(tuple(g.shape) for g in cores)  # plain ints: core shapes are static, even under torch.compile
     plan_rows = planned_rows(rows)  # rows itself, except under torch.compile / export
-    if under_functorch():  # vmap / grad / jacrev: the planned forward in plain differentiable ops, autograd after
+    # vmap / grad / jacrev, and torch.export: the planned forward in plain differentiable ops, autograd after. An
+    # exported graph records what runs, and is often trained: the detached operands of the paths below would be
+    # recorded as aten.detach and cut every gradient through the layer, its input's included.
+    if under_functorch() or torch.compiler.is_exporting():
         dec = mpo_decision(shapes, plan_rows, x.dtype, x.device, False)
         y, _ = run_forward(x2d, cores, dec.forward, keep=False)
         y = y if bias is None else y + bias
