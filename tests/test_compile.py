@@ -70,6 +70,24 @@ def test_no_graph_breaks(backend, low_rank):
         assert_close_rel(grads[n], p.grad, tolerance(torch.float32, backend), f"compiled {backend}: grad {n}")
 
 
+@pytest.mark.parametrize("inference", ["no_grad", "inference_mode"])
+def test_compiled_inference_at_a_few_rows_has_no_graph_breaks(inference):
+    """Few rows under no_grad is where backend="auto" picks the native C++ kernel on a CPU; dynamo cannot trace
+    that call (it failed on `tensor.is_inference()` in its wrapper, found 2026-12-02), so compiled calls take the
+    torch backend."""
+    net = TinyNet("auto")
+    x = torch.randn(2, 4, 5, 5)
+    context = torch.no_grad if inference == "no_grad" else torch.inference_mode
+    with context():
+        eager = net(x)
+        dynamo.reset()
+        explanation = dynamo.explain(net)(x)
+        assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
+        dynamo.reset()
+        y = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
+    assert_close_rel(y, eager, tolerance(torch.float32, "torch"), f"compiled under {inference}")
+
+
 @pytest.mark.parametrize(("backend", "low_rank"), [("torch", False), ("torch", True), ("triton", False)])
 def test_first_call_compiled_with_fullgraph_at_new_batch_sizes(backend, low_rank, monkeypatch, tmp_path):
     """torch.compile(model, fullgraph=True) before any eager call, then batch sizes dynamo has not seen: the plan

@@ -152,6 +152,8 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
         low_rank = len(cores) == 2 and is_low_rank_chain((cores[0].shape, cores[1].shape))
         rows = planned_rows(x.numel() // max(x.shape[-1], 1)) if x.dim() else 0
         backend = auto_mpo_backend(x.device.type, rows, x.dtype, needs_grad, low_rank)
+        if backend == "native" and torch.compiler.is_compiling():
+            backend = "torch"  # the C++ call is opaque to dynamo (and times routes on its first call)
     fn = resolve("mpo_linear", backend, x.device.type)
     return fn(x, cores, bias)
 
