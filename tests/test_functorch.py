@@ -74,3 +74,38 @@ def test_jacobian_and_jvp_wrt_input_and_batched_inference(which):
     assert_close_rel(jvp(layer, (x,), (v,))[1], jvp(twin, (x,), (v,))[1], 1e-10, f"{which}: jvp")
     with torch.no_grad():  # one row per vmapped call: the small-row path (native kernels on a CPU) in plain ops
         assert_close_rel(vmap(layer)(x[:, None]), twin(x)[:, None], 1e-10, f"{which}: vmap")
+
+
+@pytest.mark.parametrize("which", ["chain", "low-rank", "tucker"])
+def test_forward_mode_ad_with_dual_tensors(which):
+    """torch.autograd.forward_ad (dual tensors, what jacfwd-style tools build on) with tangents on the input and
+    on every parameter: the planned Functions have no jvp, so the layers take plain differentiable ops there."""
+    import torch.autograd.forward_ad as fwad
+
+    layer = tucker_layer() if which == "tucker" else mpo_layer(which == "low-rank")
+    twin = dense_twin(layer)
+    x = torch.randn(2, 3, 4, 4, dtype=F64) if which == "tucker" else torch.randn(3, 12, dtype=F64)
+    params = dict(layer.named_parameters())
+    x_tangent = torch.randn_like(x)
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    with fwad.dual_level():
+        dual = {n: fwad.make_dual(p.detach(), tangents[n]) for n, p in params.items()}
+        y, y_tangent = fwad.unpack_dual(functional_call(layer, dual, (fwad.make_dual(x, x_tangent),)))
+    # the same directional derivative through the dense twin, by reverse mode on a linear function of the tangents
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    xr = x.clone().requires_grad_()
+    w = mpo_to_dense([leaves[f"cores.{k}"] for k in range(len(layer.cores))]) if which != "tucker" else None
+    if which == "tucker":
+        w = tucker_to_dense(leaves["u_out"], leaves["core"], leaves["u_in"])
+        out = F.conv2d(xr, w, leaves["bias"], padding=1)
+    else:
+        out = xr @ w.t() + leaves["bias"]
+    assert_close_rel(y, twin(x), 1e-10, f"{which}: forward under dual tensors")
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), [xr, *leaves.values()])
+    want = (grads[0] * x_tangent).sum() + sum((g * tangents[n]).sum() for n, g in zip(leaves, grads[1:], strict=True))
+    assert_close_rel((y_tangent * probe).sum(), want, 1e-10, f"{which}: tangent")
+    # the layer called as it stands (its parameters require grad: the training paths) with a dual input
+    with fwad.dual_level():
+        y_tangent = fwad.unpack_dual(layer(fwad.make_dual(x, x_tangent))).tangent
+    assert_close_rel((y_tangent * probe).sum(), (grads[0] * x_tangent).sum(), 1e-10, f"{which}: input tangent")

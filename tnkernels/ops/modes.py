@@ -2,7 +2,8 @@
 
 - autograd recording (`needs_autograd`): the planned Functions and the kept intermediates only when a backward
   can follow;
-- a torch.func transform (`under_functorch`): no planned Function, no native kernel, plain differentiable ops;
+- a torch.func transform or forward-mode AD (`under_functorch`): no planned Function (they have no jvp), no
+  native kernel, no detached operand: plain differentiable ops;
 - torch.autocast (`autocast_dtype`, `run_in_autocast_dtype`): operands cast to autocast's dtype, autocast off inside;
 - a differentiated backward (`grads_of_rerun`): the forward run again with autograd on and differentiated;
 - torch.jit.trace (`refuse_jit_trace`): refused with a pointer to torch.export.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 
 def needs_autograd(x: torch.Tensor, params: Iterable[torch.Tensor | None], bias: torch.Tensor | None = None) -> bool:
@@ -27,8 +29,12 @@ def needs_autograd(x: torch.Tensor, params: Iterable[torch.Tensor | None], bias:
 def under_functorch() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running. The planned autograd Functions
     and the native kernels cannot run under one (old-style Functions, opaque C++ calls), so calls then take plain
-    differentiable torch ops. Never true while torch.compile traces (dynamo would break the graph on the check)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    differentiable torch ops. Also true inside torch.autograd.forward_ad.dual_level(): dual tensors need the same
+    (a detached operand dropped its tangent, and the Functions have no jvp). Never true while torch.compile traces
+    (dynamo would break the graph on the check)."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    )
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
