@@ -10,6 +10,7 @@ constants to dynamo (tnkernels/plan/cache.py).
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -185,3 +186,5 @@ def test_torchscript_is_refused_with_a_pointer_to_export():
                 torch.jit.trace(layer, x)
             with pytest.raises(RuntimeError, match=f"{type(layer).__name__}: torch.jit.script is not supported"):
                 torch.jit.script(torch.nn.Sequential(layer))
+            with pytest.raises(RuntimeError, match=r"for ONNX, torch.onnx.export\(model, \(x,\), dynamo=True\)"):
+                torch.onnx.export(layer, (x,), io.BytesIO(), dynamo=False)  # the TorchScript exporter traces

@@ -81,7 +81,8 @@ def refuse_jit_trace(where: str) -> None:
     if torch.jit.is_tracing():
         raise RuntimeError(
             f"{where}: torch.jit.trace is not supported; export the model with torch.export.export(model, (x,)) "
-            "(a dynamic batch works: dynamic_shapes), or compile it with torch.compile"
+            "(a dynamic batch works: dynamic_shapes), or compile it with torch.compile; for ONNX, "
+            "torch.onnx.export(model, (x,), dynamo=True) exports through torch.export"
         )
 
 
