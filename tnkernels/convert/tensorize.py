@@ -14,6 +14,7 @@ from torch import nn
 from ..decompose import RatioUnreachableError, check_ratio
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
 from .report import LayerReport, TensorizeReport
+from .weight_readers import weight_reader
 
 _MPO_KEYS = {"ratio", "rel_tol", "max_bond", "num_cores", "in_modes", "out_modes", "backend", "prefer"}
 _TUCKER_KEYS = {"ratio", "rel_tol", "ranks", "n_iter", "backend", "prefer"}
@@ -105,7 +106,7 @@ def tensorize(
     arguments.
 
     Layers that cannot reach their ratio, grouped convs, Linear layers inside nn.MultiheadAttention (which reads
-    their weight directly) and layers whose weight is tied to another module (e.g. GPT-2's lm_head and wte) are left
+    their weight directly), layers whose weight an ancestor's code reads (weight_readers.py) and layers whose weight is tied to another module (e.g. GPT-2's lm_head and wte) are left
     dense and reported with the reason. A module reachable under several names is converted once and replaced at
     every name. A model wrapped by torch.compile or (Distributed)DataParallel is tensorized inside the wrapper, with
     names (in rules and the report) as they are in the model itself.
@@ -230,6 +231,9 @@ def _unsupported_reason(model: nn.Module, name: str, module: nn.Module, kind: st
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention):
         return "inside nn.MultiheadAttention, which reads the weight directly"
+    reader = weight_reader(model, name)
+    if reader is not None:
+        return f"{reader} reads its dense .weight directly, which a tensorized layer does not have"
     shared = owners[id(module.weight)] - {id(module)}
     if shared:
         return "weight is tied to another module (e.g. an embedding); tensorizing it would break the tie"
