@@ -7,14 +7,17 @@ default and is not checked here.
 from __future__ import annotations
 
 import argparse
+import math
 
-# flag -> (test, what the value must be)
+# flag -> (test, what the value must be); nan fails every comparison, inf is refused where a number is needed
 _RULES = {
-    "ratio": (lambda v: v > 1.0, "> 1 (dense parameters / tensorized parameters, e.g. 2 or 4)"),
+    "ratio": (lambda v: v > 1.0 and math.isfinite(v), "> 1 and finite (dense / tensorized parameters, e.g. 2 or 4)"),
     "steps": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
-    "lr": (lambda v: v > 0.0, "> 0"),
-    "head_lr": (lambda v: v > 0.0, "> 0"),
+    "lr": (lambda v: v > 0.0 and math.isfinite(v), "> 0 and finite"),
+    "head_lr": (lambda v: v > 0.0 and math.isfinite(v), "> 0 and finite"),
+    "kd_weight": (lambda v: v >= 0.0 and math.isfinite(v), ">= 0 and finite"),
+    "threads": (lambda v: v >= 1, ">= 1"),
     "workers": (lambda v: v >= 1, ">= 1"),
     "calib_fraction": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "memory_budget_mb": (lambda v: v > 0.0, "> 0"),

@@ -10,8 +10,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+
+from . import cli_flags, cli_report
+from .cli_flags import HF_GROUP, RESNET_GROUP
 
 __all__ = ["register", "cmd_compress", "cmd_eval", "cmd_sensitivity"]
 
@@ -28,31 +32,25 @@ def _is_hf_dir(model: str | None) -> bool:
     return model is not None and (Path(model).expanduser() / "config.json").is_file()
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="resnet34 (default) or resnet18, or a Hugging Face folder holding config.json"
-    )
-    p.add_argument("--weights", default=None, help="teacher checkpoint (default: train on first use and cache)")
-    p.add_argument(
+def _common(p: argparse.ArgumentParser, *, hf: bool = True) -> argparse._ArgumentGroup:
+    """The flags of every command; returns the group of the ResNet-only flags (the whole parser without HF)."""
+    models = "resnet34 (default) or resnet18" + (", or a Hugging Face folder holding config.json" if hf else "")
+    p.add_argument("--model", default=None, help=models)
+    r = p.add_argument_group(RESNET_GROUP) if hf else p
+    r.add_argument("--weights", default=None, help="teacher checkpoint (default: train on first use and cache)")
+    r.add_argument(
         "--data",
         default="digits",
         help="'digits' (embedded), a CIFAR-10 folder, or an ImageFolder root with train/ and test/",
     )
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="epochs when the teacher is trained here")
+    r.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
+    r.add_argument(
+        "--teacher-epochs", type=int, default=None, help="epochs when the teacher is trained here (default 8)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the data split, the teacher's training and the students")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default where it says something: not for flags, not for None, not twice."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.nargs == 0 or action.default is None or "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
+    return r
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,16 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compress",
         help="slice-wise distillation into a tensorized student",
-        description=__doc__,
-        formatter_class=_HelpFormatter,
+        description=cli_flags.COMPRESS_DESCRIPTION,
+        epilog=cli_flags.COMPRESS_EPILOG,
+        formatter_class=cli_flags.HelpFormatter,
     )
-    _common(p)
+    r = _common(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--ratio", type=float, default=None, help=f"compression ratio of the sliced layers (default {DEFAULT_RATIO})"
     )
-    g.add_argument("--budget", default=None, help="per-layer budget JSON from `tnk sensitivity --target-ratio`")
-    p.add_argument(
+    g.add_argument(
+        "--budget", default=None, help="ResNet only: per-layer budget JSON from `tnk sensitivity --target-ratio`"
+    )
+    r.add_argument(
         "--slices",
         nargs="+",
         default=["per-block"],
@@ -83,52 +84,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "process); parallel: from the teacher's inputs, slices independent (default with --workers > 1 or "
         "under torchrun)",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes for parallel mode")
+    r.add_argument("--workers", type=int, default=1, help="worker processes for parallel mode")
     p.add_argument("--out", default="distill_out", help="output folder")
-    p.add_argument("--calib-fraction", type=float, default=1.0, help="share of the training images used")
-    p.add_argument(
+    r.add_argument("--calib-fraction", type=float, default=1.0, help="share of the training images used")
+    r.add_argument(
         "--global-baseline",
         action="store_true",
         help="also fine-tune the same tensorization end to end within the same wall-clock time",
     )
-    p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight for the baseline")
-    p.add_argument("--steps", type=int, default=None, help=f"max training steps per slice (default {DEFAULT_STEPS})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULT_BATCH}")
-    p.add_argument("--lr", type=float, default=None, help=f"default {DEFAULT_LR}")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    r.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight for the baseline")
     p.add_argument(
+        "--steps", type=int, default=None, help=f"max training steps per slice (default {DEFAULT_STEPS}; HF: 100)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help=f"training batch (default {DEFAULT_BATCH}; HF: 8)")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR:g}; HF: 3e-4)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default cpu; HF: LOCAL_RANK's GPU if any, else cpu)")
+    r.add_argument(
         "--memory-budget-mb",
         type=float,
         default=None,
         help="spill captured features to OUT/features shards beyond this many MB",
     )
-    p.add_argument("--sensitivity", default=None, help="a sensitivity JSON to plot as a heat map in OUT")
+    r.add_argument("--sensitivity", default=None, help="a sensitivity JSON to plot as a heat map in OUT")
     try:  # Hugging Face flags (--fp16-features, --max-seconds-per-slice, ...), owned by distill.hf
         from .hf.pipeline import add_arguments
 
-        add_arguments(p.add_argument_group("Hugging Face models / shared"), core=False)
+        add_arguments(p.add_argument_group(HF_GROUP), core=False, shared=p)
     except ImportError:
         p.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
-        p.add_argument("--max-seconds-per-slice", type=float, default=None)
+        p.add_argument("--max-seconds-per-slice", type=float, default=None, help="wall-clock cap per slice")
+    cli_flags.record_defaults(p)
     p.set_defaults(func=cmd_compress)
 
     e = subparsers.add_parser(
         "eval",
         help="test accuracy of a teacher or of a compressed student (Hugging Face: perplexity or embedding agreement)",
-        formatter_class=_HelpFormatter,
+        description=cli_flags.EVAL_DESCRIPTION,
+        epilog=cli_flags.EVAL_EPILOG,
+        formatter_class=cli_flags.HelpFormatter,
     )
     _common(e)
     e.add_argument("--compressed", default=None, help="a save_compressed folder, e.g. distill_out/compressed")
-    e.add_argument("--text", default=None, help="Hugging Face models: held-out text from this file (default: embedded)")
-    e.add_argument("--seq-len", type=int, default=128, help="Hugging Face models: tokens per held-out sequence")
-    e.add_argument("--device", default=None)
+    h = e.add_argument_group(HF_GROUP)
+    h.add_argument("--text", default=None, help="held-out text from this file (default: the embedded corpus)")
+    h.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence")
+    e.add_argument("--device", default=None, help="cpu (default) or cuda")
+    cli_flags.record_defaults(e)
     e.set_defaults(func=cmd_eval)
 
     s = subparsers.add_parser(
-        "sensitivity", help="per-layer sensitivity scan and rank budget", formatter_class=_HelpFormatter
+        "sensitivity",
+        help="per-layer sensitivity scan and rank budget (torchvision ResNets)",
+        description=cli_flags.SENSITIVITY_DESCRIPTION,
+        epilog=cli_flags.SENSITIVITY_EPILOG,
+        formatter_class=cli_flags.HelpFormatter,
     )
-    _common(s)
-    s.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    _common(s, hf=False)
+    s.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="ratios each layer is scanned at")
     s.add_argument("--layers", nargs="+", default=None, help="layer names (default: every conv in the stages)")
     s.add_argument(
         "--metric",
@@ -136,10 +148,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="error",
         help="error: relative logit error against the teacher on calibration images; accuracy: accuracy on them",
     )
-    s.add_argument("--calib-fraction", type=float, default=0.2)
+    s.add_argument(
+        "--calib-fraction", type=float, default=0.2, help="share of the training images the layers are scored on"
+    )
     s.add_argument("--target-ratio", type=float, default=None, help="also allocate a budget for this ratio")
     s.add_argument("--out", default="distill_out", help="writes OUT/sensitivity.json, .png and budget.json")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, help="cpu (default) or cuda")
     s.set_defaults(func=cmd_sensitivity)
 
 
@@ -156,7 +170,7 @@ def _setup(args) -> str:
     return device
 
 
-def _teacher(args, device, datasets):
+def _teacher(args, device, datasets, info: dict | None = None):
     from .teacher import DEFAULT_EPOCHS, get_teacher
 
     return get_teacher(
@@ -169,6 +183,7 @@ def _teacher(args, device, datasets):
         seed=args.seed,
         progress=args.progress,
         datasets=datasets,
+        info=info,
     )
 
 
@@ -202,13 +217,30 @@ def _write_json(path: Path, obj) -> None:
 
 
 def cmd_compress(args) -> int:
-    if _is_hf_dir(args.model):
+    try:
+        return _compress(args)
+    except KeyboardInterrupt:
+        if getattr(args, "progress", True):
+            print(file=sys.stderr)  # "interrupted" then starts a line of its own, not the progress bar's
+        raise
+
+
+def _compress(args) -> int:
+    from .arg_checks import check_compress_args
+    from .out_dir import check_kind, check_out, claim_resnet, clean_stale_tmp
+
+    check_compress_args(args)
+    hf = _is_hf_dir(args.model)
+    cli_flags.check_pipeline_flags(args, hf=hf)
+    if hf:
         from .hf.pipeline import compress_hf
 
         if args.ratio is None:
             args.ratio = DEFAULT_RATIO
         compress_hf(args)
         return 0
+    check_out(args.out)
+    check_kind(args.out, "resnet")
     import copy
 
     import torch
@@ -216,20 +248,23 @@ def cmd_compress(args) -> int:
 
     import tnkernels
 
-    from .arg_checks import check_compress_args
     from .data import calibration_subset, load_data
+    from .ratio_check import check_ratio_on_meta, sliced_weight_counts
     from .runner import distill, tensorized_copy
     from .slices import make_slices
     from .teacher import build_model, evaluate
     from .train_slice import SliceTrainConfig
 
-    check_compress_args(args)
     device = _setup(args)
-    # Slice names are checked on the architecture built on the meta device (no weights): a typo must not wait
-    # for the teacher's training.
+    # Slice names and the ratio's reach are checked on the architecture built on the meta device (no weights):
+    # a typo or an unreachable ratio must not wait for the teacher's training.
     with torch.device("meta"):
-        make_slices(build_model(args.model or "resnet34"), args.slices)
+        meta = build_model(args.model or "resnet34")
+        check_ratio_on_meta(meta, make_slices(meta, args.slices), None if args.budget else args.ratio or DEFAULT_RATIO)
     out = Path(args.out)
+    claim_resnet(out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        clean_stale_tmp(out)  # a save_compressed killed in an earlier run
     times: dict[str, float] = {}
     t = time.perf_counter()
     train_ds, test_ds = load_data(args.data, image_size=args.image_size)
@@ -296,9 +331,7 @@ def cmd_compress(args) -> int:
     t = time.perf_counter()
     student_acc = evaluate(student, test_loader, device)
     times["eval_student_s"] = time.perf_counter() - t
-    rows = [r for s in res.slices.values() for r in s.layers if r.get("status") == "tensorized"]
-    before = sum(r["params_before"] for r in rows)
-    after = sum(r["params_after"] for r in rows)
+    before, after, left_dense = sliced_weight_counts(teacher, student, res.specs)  # dense layers count at 1x
     t = time.perf_counter()
     tnkernels.save_compressed(student, out / "compressed")
     times["save_s"] = time.perf_counter() - t
@@ -317,6 +350,7 @@ def cmd_compress(args) -> int:
         "budget": args.budget,
         "ratio": before / after if after else 1.0,
         "params_compressed_layers": [before, after],
+        "layers_left_dense": left_dense,
         "params_model": [sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters())],
         "teacher_accuracy": teacher_acc,
         "student_accuracy": student_acc,
@@ -356,56 +390,10 @@ def cmd_compress(args) -> int:
         report["global_accuracy"] = evaluate(g_student, test_loader, device)
         report["global_seconds"] = g.get("seconds")
         report["global_history"] = g.get("history")
-    _plots(report, res, out, args)
+    cli_report.write_plots(report, res, out, args)
     _write_json(out / "report.json", report)
-    print(_summary(report, out))
+    print(cli_report.summary(report, out))
     return 0
-
-
-def _plots(report: dict, res, out: Path, args) -> None:
-    try:
-        from . import plots
-    except ImportError as exc:  # matplotlib missing: the numbers in report.json are still written
-        report["plots_error"] = str(exc)
-        return
-    histories = {
-        k: [{"step": h["step"], "loss": h["val_loss"]} for h in v.history] for k, v in res.slices.items() if v.history
-    }
-    files = []
-    if histories:
-        files.append(str(plots.plot_slice_losses(histories, out / "slice_losses.png")))
-    acc = {"slice-wise": {report["ratio"]: report["student_accuracy"]}}
-    if "global_accuracy" in report:
-        acc["global"] = {report["ratio"]: report["global_accuracy"]}
-    files.append(
-        str(
-            plots.plot_accuracy_vs_ratio(
-                acc, out / "accuracy_vs_ratio.png", teacher_accuracy=report["teacher_accuracy"]
-            )
-        )
-    )
-    sens = args.sensitivity or (out / "sensitivity.json" if (out / "sensitivity.json").is_file() else None)
-    if sens is not None:
-        from .sensitivity import SensitivityTable
-
-        files.append(str(plots.plot_sensitivity(SensitivityTable.from_json(sens), out / "sensitivity.png")))
-    report["plots"] = files
-
-
-def _summary(r: dict, out: Path) -> str:
-    lines = [
-        f"teacher accuracy  {r['teacher_accuracy']:.4f}",
-        f"student accuracy  {r['student_accuracy']:.4f}  (slice-wise, {r['mode']}, no global fine-tune)",
-    ]
-    if "global_accuracy" in r:
-        lines.append(f"global baseline   {r['global_accuracy']:.4f}  (same tensorization, same wall-clock)")
-    lines += [
-        f"ratio             {r['ratio']:.2f}x on the sliced layers "
-        f"({r['params_compressed_layers'][0]:,} -> {r['params_compressed_layers'][1]:,} weights)",
-        f"time              teacher {r['times']['teacher_s']:.0f}s, slice-wise {r['slicewise_seconds']:.0f}s",
-        f"outputs           {out / 'compressed'}, {out / 'report.json'}",
-    ]
-    return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
@@ -416,6 +404,7 @@ def cmd_eval(args) -> int:
     from .data import load_data, num_classes_of
     from .teacher import build_model, evaluate, load_weights
 
+    cli_flags.check_pipeline_flags(args, hf=_is_hf_dir(args.model))
     device = _setup(args)
     if _is_hf_dir(args.model):  # the metrics tnk compress reports for Hugging Face models (distill/hf/eval_cmd.py)
         from .hf.eval_cmd import print_hf_eval
@@ -434,8 +423,9 @@ def cmd_eval(args) -> int:
         model = load_weights(build_model(name, num_classes_of(train_ds)), args.weights, model_name=name)
         what = f"teacher {args.weights}"
     else:
-        model = _teacher(args, device, (train_ds, test_ds))
-        what = f"teacher {name} (cached)"
+        info: dict = {}
+        model = _teacher(args, device, (train_ds, test_ds), info)
+        what = f"teacher {name} ({'cached' if info.get('source') == 'cache' else 'trained now and cached'})"
     acc = evaluate(model.to(device), loader, device)
     print(f"{what}: test accuracy {acc:.4f} on {len(test_ds)} images")
     return 0
@@ -446,9 +436,12 @@ def cmd_sensitivity(args) -> int:
     from torch.utils.data import DataLoader
 
     from .data import calibration_subset, load_data
+    from .out_dir import check_out
     from .sensitivity import sensitivity_scan
     from .slices import resnet_slices
 
+    cli_flags.check_sensitivity_model(args.model, hf=_is_hf_dir(args.model))
+    check_out(args.out)
     device = _setup(args)
     train_ds, test_ds = load_data(args.data, image_size=args.image_size)
     teacher = _teacher(args, device, (train_ds, test_ds))

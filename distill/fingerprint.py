@@ -27,8 +27,12 @@ def digest(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def claim(out: str | Path, fingerprint: str, settings: dict) -> None:
-    """Record `fingerprint` in OUT/run.json, or raise ValueError if OUT holds another run's outputs."""
+def claim(out: str | Path, fingerprint: str, settings: dict, kind: str = "hf") -> None:
+    """Record `fingerprint` in OUT/run.json, or raise ValueError if OUT holds another run's outputs (of another
+    setup, or of the other kind of run: `kind` is "hf" for the Hugging Face pipeline, see distill/out_dir.py)."""
+    from .out_dir import check_kind
+
+    check_kind(out, kind)
     path = Path(out) / RUN_FILE
     if path.is_file():
         before = json.loads(path.read_text())
@@ -40,4 +44,6 @@ def claim(out: str | Path, fingerprint: str, settings: dict) -> None:
                 f"{out} to start over. A rerun with the same model, data and settings resumes where it stopped"
             )
         return
-    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2, default=str))
+    atomic_write_text(
+        path, json.dumps({"kind": kind, "fingerprint": fingerprint, "settings": settings}, indent=2, default=str)
+    )

@@ -124,6 +124,20 @@ def _prepare(teacher: nn.Module, spec: SliceSpec, ratio, rules, seed: int) -> tu
     return container, layers, any_tensorized, params_before
 
 
+def _refuse_unreachable(ratio: float, rows: list[dict]) -> None:
+    from .ratio_check import conv_limit, refuse_unreachable
+
+    def limit(r: dict) -> float | None:
+        return conv_limit(r["shape"]) if len(r.get("shape") or ()) == 4 else None
+
+    bad = [
+        (r["name"], tuple(r.get("shape") or ()), limit(r)) for r in rows if "cannot be reached" in str(r.get("status"))
+    ]
+    convs = [limit(r) for r in rows if limit(r) is not None]
+    best = min(convs) if convs and all(b[2] is not None for b in bad) else float("nan")
+    refuse_unreachable(ratio, bad, best)
+
+
 def tensorized_copy(
     teacher: nn.Module, slices, *, ratio: float | None = None, rules: dict | None = None, seed: int = 0
 ) -> nn.Module:
@@ -239,6 +253,8 @@ def distill(
         prepared[spec.name] = _prepare(teacher, spec, ratio, rules, config.seed)
     if ratio is not None and pending and not done and world == 1 and not any(p[2] for p in prepared.values()):
         raise ValueError(f"--ratio {ratio:g} cannot be reached by any layer of the slices; choose a smaller ratio")
+    if ratio is not None and rules is None:  # a layer left dense would leave the student short of the ratio
+        _refuse_unreachable(ratio, [r for p in prepared.values() for r in p[1]])
     timings["tensorize_s"] = time.perf_counter() - t0
 
     from tqdm.auto import tqdm

@@ -1,8 +1,9 @@
 """The teacher: a torchvision ResNet adapted to the dataset's classes, trained on first use and cached.
 
-Cache: $TNK_CACHE_DIR (default ~/.cache/tnkernels)/teachers/<model>-<data key>.pt, written atomically. The file
-records the model name and number of classes, so a checkpoint that belongs to another model is rejected with a
-message instead of a wall of state-dict key errors.
+Cache: $TNK_CACHE_DIR (default ~/.cache/tnkernels)/teachers/<model>-<data key>-<recipe>-s<seed>.pt, written
+atomically; the recipe names the epochs (``v1-adamw-e8-bs64`` for the default 8). The file records the model name,
+the number of classes and the epochs, so a checkpoint that belongs to another model is rejected with a message
+instead of a wall of state-dict key errors, and one trained for other epochs is never reused.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ __all__ = [
 
 MODELS = ("resnet18", "resnet34")
 # Teacher recipe for the embedded default: reached 0.9861 on the digits test split, using about 240 s of
-# single-thread CPU (docs/distill.md). Bump _RECIPE when it changes so stale caches are not reused.
-_RECIPE = "v1-adamw-e8-bs64"
+# single-thread CPU (docs/distill.md). Bump the version when the recipe changes so stale caches are not reused.
 DEFAULT_EPOCHS = 8
+_BATCH = 64
+
+
+def _recipe(epochs: int) -> str:
+    """The cache-key part naming the training recipe, epochs included (e8: the default)."""
+    return f"v1-adamw-e{epochs}-bs{_BATCH}"
+
+
+_RECIPE = _recipe(DEFAULT_EPOCHS)
 
 
 def cache_dir() -> Path:
@@ -44,13 +53,25 @@ def cache_dir() -> Path:
 def build_model(model: str = "resnet34", num_classes: int = 10) -> nn.Module:
     """A randomly initialized torchvision ResNet with a `num_classes`-way head."""
     if model not in MODELS:
-        raise ValueError(
-            f"--model: unknown model {model!r}; choose one of {', '.join(MODELS)} "
-            f"(or a Hugging Face folder with config.json)"
-        )
+        raise ValueError(unknown_model_message(model, hf=True))
     import torchvision
 
     return getattr(torchvision.models, model)(weights=None, num_classes=num_classes)
+
+
+def unknown_model_message(model: str, *, hf: bool) -> str:
+    """Why `--model MODEL` is not a model name we know: a path that does not exist, a folder without
+    config.json, a file, or a name that is none of ours."""
+    names = ", ".join(MODELS)
+    others = " or a Hugging Face model folder (config.json, the weights, the tokenizer)" if hf else ""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return f"--model {model}: the folder has no config.json; pass {names}{others}"
+    if path.exists():
+        return f"--model {model} is a file; pass {names}{others} (a teacher checkpoint goes to --weights FILE)"
+    if os.sep in model or model.startswith((".", "~")):
+        return f"--model {model}: no such file or folder; pass {names}{others}"
+    return f"--model: unknown model {model!r}; choose one of {names}{others}"
 
 
 @torch.no_grad()
@@ -201,11 +222,14 @@ def get_teacher(
     seed: int = 0,
     progress: bool = True,
     datasets: tuple[Dataset, Dataset] | None = None,
+    info: dict | None = None,
 ) -> nn.Module:
     """The teacher in eval mode: from `weights` if given, else from the cache, else trained now and cached.
 
     `datasets` (train, test) may be passed to skip reloading; it must be the full training set of `data`.
+    `info`, a dict, is filled with ``source`` ("weights", "cache" or "trained") and ``path`` (the cache file).
     """
+    info = {} if info is None else info
     if datasets is None:
         datasets = load_data(data, image_size=image_size)
     train_ds, test_ds = datasets
@@ -217,13 +241,25 @@ def get_teacher(
         torch.manual_seed(seed)
         net = build_model(model, n_classes)
     if weights is not None:
+        info.update(source="weights", path=str(weights))
         return load_weights(net, weights, model_name=model).to(device)
-    path = cache_dir() / "teachers" / f"{model}-{_data_key(data, image_size)}-{_RECIPE}-s{seed}.pt"
+    key = f"{model}-{_data_key(data, image_size)}"
+    path = cache_dir() / "teachers" / f"{key}-{_recipe(epochs)}-s{seed}.pt"
+    info.update(source="trained", path=str(path))
     if path.is_file():
         try:
-            return load_weights(net, path, model_name=model).to(device)
+            loaded = load_weights(net, path, model_name=model)
         except ValueError:
-            pass  # a stale or foreign file at our cache path: retrain and overwrite it
+            loaded = None  # a stale or foreign file at our cache path: retrain and overwrite it
+        if loaded is not None:
+            trained_for = _cached_epochs(path, loaded, len(train_ds))
+            if trained_for == epochs:
+                info["source"] = "cache"
+                return loaded.to(device)
+            _file_under_true_epochs(path, trained_for, key, seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = build_model(model, n_classes)
     t0 = time.perf_counter()
     train_classifier(net, train_ds, epochs=epochs, seed=seed, device=device, progress=progress)
     seconds = time.perf_counter() - t0
@@ -233,8 +269,32 @@ def get_teacher(
         path,
         model_name=model,
         num_classes=n_classes,
-        extra={"test_accuracy": acc, "train_seconds": seconds, "recipe": _RECIPE},
+        extra={"test_accuracy": acc, "train_seconds": seconds, "recipe": _recipe(epochs), "epochs": epochs},
     )
     if progress:
         print(f"teacher {model}: test accuracy {acc:.4f}, trained in {seconds:.0f}s, cached at {path}")
     return net.eval()
+
+
+def _cached_epochs(path: Path, net: nn.Module, n_train: int) -> int | None:
+    """The epochs a cached teacher was trained for: recorded in files written since 2026-12-02; for older ones
+    (whose name said e8 whatever --teacher-epochs was) read from the BatchNorm step counter, which counts every
+    training step (None when it does not divide into whole epochs)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and isinstance(payload.get("epochs"), int):
+        return payload["epochs"]
+    steps = next((int(m.num_batches_tracked) for m in net.modules() if isinstance(m, nn.BatchNorm2d)), None)
+    per_epoch = n_train // _BATCH if n_train > _BATCH else 1  # train_classifier drops the last partial batch
+    if steps is None or per_epoch == 0 or steps % per_epoch:
+        return None
+    return steps // per_epoch
+
+
+def _file_under_true_epochs(path: Path, epochs: int | None, key: str, seed: int) -> None:
+    """Move a cached teacher found under another recipe's name to the name of the epochs it was trained for
+    (kept if that name is free), so the requested recipe is trained anew and the old file keeps its meaning."""
+    if epochs is None:
+        return
+    true_path = path.with_name(f"{key}-{_recipe(epochs)}-s{seed}.pt")
+    if true_path != path and not true_path.exists():
+        os.replace(path, true_path)

@@ -12,8 +12,8 @@ import os
 
 import tnkernels
 
-from .models import family_of, load_hf_model
-from .pipeline import DEFAULTS, calibration_data, compare, teacher_metrics
+from .models import check_seq_len, family_of, load_hf_model
+from .pipeline import DEFAULTS, calibration_data, compare, prepare_run, teacher_metrics
 
 
 def eval_hf(
@@ -38,6 +38,8 @@ def print_hf_eval(args) -> int:
     """The `tnk eval` command for a Hugging Face folder: print the metrics as JSON."""
     if args.compressed is None:
         raise ValueError("--compressed: give the OUT/compressed folder of a `tnk compress --model DIR` run")
+    prepare_run(args)
+    check_seq_len(args.model, getattr(args, "seq_len", None))
     metrics = eval_hf(
         args.model,
         args.compressed,

@@ -48,8 +48,62 @@ def _read_model_type(model_dir: Path) -> str:
             f"model directory {str(model_dir)!r} has no config.json; pass a local Hugging Face model "
             "folder (the one holding config.json and the weights)"
         )
-    with open(model_dir / "config.json") as f:
-        return _family(json.load(f).get("model_type"), f" in {model_dir}/config.json")
+    return _family(read_config(model_dir).get("model_type"), f" in {model_dir}/config.json")
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """``config.json`` of a model folder as a dict; a file that is not a JSON object is a ValueError naming it."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"--model {model_dir}: {path} is not valid JSON ({exc}); save the model with save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--model {model_dir}: {path} holds a {type(config).__name__}, not a JSON object")
+    return config
+
+
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+def check_weights(model_dir: str | os.PathLike) -> None:
+    """ValueError naming the folder when it holds a config.json but no weights ``from_pretrained`` can read."""
+    if not any((Path(model_dir) / f).is_file() for f in _WEIGHT_FILES):
+        raise ValueError(
+            f"--model {model_dir}: the folder has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}); "
+            "save the model into it with model.save_pretrained(DIR)"
+        )
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence the model's position embeddings cover (RoBERTa's start after the padding index)."""
+    n = config.get("n_positions") or config.get("max_position_embeddings")
+    if not isinstance(n, int):
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        n -= int(config.get("pad_token_id") or 0) + 1
+    return n
+
+
+def check_model_dir(model_dir: str | os.PathLike, seq_len: int | None) -> None:
+    """Up-front checks of a model folder: a readable config.json, weights, ``--seq-len`` within its positions."""
+    read_config(model_dir)
+    check_weights(model_dir)
+    check_seq_len(model_dir, seq_len)
+
+
+def check_seq_len(model_dir: str | os.PathLike, seq_len: int | None) -> None:
+    """ValueError when ``--seq-len`` exceeds the positions the model was built for (before any loading)."""
+    limit = max_positions(read_config(model_dir))
+    if seq_len is not None and limit is not None and seq_len > limit:
+        raise ValueError(
+            f"--seq-len {seq_len} is longer than the model's {limit} positions (config.json of {model_dir}); "
+            f"use --seq-len {limit} or less"
+        )
 
 
 def _family(model_type, where: str = "") -> str:
@@ -77,6 +131,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None
 
     model_dir = Path(model_dir)
     family = _read_model_type(model_dir)
+    check_weights(model_dir)
     if causal_lm is None:
         causal_lm = family in CAUSAL_FAMILIES
     if causal_lm and family not in CAUSAL_FAMILIES:

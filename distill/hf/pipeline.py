@@ -35,12 +35,13 @@ from torch import nn
 import tnkernels
 from distill.arg_checks import check_compress_args
 from distill.fingerprint import claim, digest
+from distill.out_dir import check_kind, check_out, clean_stale_tmp
 from distill.slices import set_submodule
 
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
 from .head import distill_head, install_head, output_head
-from .models import CAUSAL_FAMILIES, base_model, family_of, load_hf_model, load_tokenizer
+from .models import CAUSAL_FAMILIES, base_model, check_model_dir, family_of, load_hf_model, load_tokenizer
 from .presets import ATTENTION_PATTERNS, PRESETS, default_preset, resolve, slice_specs
 from .train import INITS, tensorize_slice, train_slice
 
@@ -72,8 +73,10 @@ DEFAULTS = {
 }
 
 
-def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
-    """The HF pipeline's flags. ``core=False`` skips the ones ``tnk compress`` already defines."""
+def add_arguments(p: argparse.ArgumentParser, *, core: bool = True, shared=None) -> None:
+    """The HF pipeline's flags. ``core=False`` skips the ones ``tnk compress`` already defines; ``shared`` (default
+    ``p``) receives the flags the ResNet path takes too (--fp16-features, --max-seconds-per-slice)."""
+    shared = p if shared is None else shared
     if core:
         p.add_argument("--model", required=True, help="local Hugging Face model folder (holds config.json)")
         p.add_argument("--ratio", type=float, required=True, help="compression ratio of the tensorized layers")
@@ -126,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
     )
     p.add_argument("--group-size", type=int, default=DEFAULTS["group_size"], help="blocks per slice for --preset group")
     p.add_argument("--layers", default=None, help="comma-separated block indices to compress (default: all)")
-    p.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
+    shared.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
     p.add_argument("--num-cores", type=int, default=None, help="MPO cores per layer with --init plain (default: auto)")
     p.add_argument(
         "--init",
@@ -135,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser, *, core: bool = True) -> None:
         help="whitened: low-rank factors fitted to the captured activations (default, the measured best); "
         "plain: TT-SVD of each weight",
     )
-    p.add_argument(
+    shared.add_argument(
         "--max-seconds-per-slice",
         type=float,
         default=None,
@@ -319,6 +322,12 @@ def compress_model(
                 f"({stats['steps']} steps, {stats['seconds']:.1f}s)",
                 flush=True,
             )
+    shutil.rmtree(store / "_tokens", ignore_errors=True)  # the token masks: needed only while slices train
+    for d in (store, store.parent):  # and the folders, once empty (other ranks' features may still be there)
+        try:
+            d.rmdir()
+        except OSError:
+            pass
     if rank != 0:
         return None
 
@@ -389,6 +398,17 @@ def _student_inputs(model, spec, calib, store: Path, data: list[dict], device, p
     return [{**d, "x": sd["x"], "kwargs": sd["kwargs"]} for d, sd in zip(data, student_data, strict=True)]
 
 
+def prepare_run(args: argparse.Namespace) -> None:
+    """--threads (torch CPU threads) and --no-progress (transformers' loading bars too), for compress and eval."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not _opt(args, "progress"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _sequential(args, world: int) -> bool:
     mode = getattr(args, "mode", None)
     if mode is None:
@@ -400,6 +420,12 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
     """``tnk compress --model DIR`` for a Hugging Face folder (flags: :func:`add_arguments`)."""
     check_compress_args(args)
     rank, world = dist_env()
+    prepare_run(args)
+    check_out(args.out)
+    check_kind(args.out, "hf")
+    check_model_dir(args.model, _opt(args, "seq_len"))
+    if rank == 0:
+        clean_stale_tmp(args.out)  # a save_compressed killed in an earlier run
     tokenizer_dir = _opt(args, "tokenizer")
     model, tokenizer = load_hf_model(args.model, with_tokenizer=tokenizer_dir is None)
     if tokenizer_dir is not None:

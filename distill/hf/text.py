@@ -33,6 +33,21 @@ def read_texts(path: str | os.PathLike | None = None) -> list[str]:
             f"calibration text file {str(path)!r} does not exist; pass a plain-text or .jsonl file, "
             "or omit it to use the embedded corpus"
         )
+    try:
+        texts = _read_texts(path)
+        if any("\x00" in t for t in texts):
+            raise ValueError(
+                f"--text {path}: holds NUL bytes, so it is a binary file; give a plain-text or .jsonl file"
+            )
+        return texts
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"--text {path}: not UTF-8 text (it holds the byte {exc.object[exc.start]:#04x}); give a "
+            "plain-text or .jsonl file encoded in UTF-8 (convert it with e.g. iconv -t utf-8)"
+        ) from None
+
+
+def _read_texts(path: Path) -> list[str]:
     texts: list[str] = []
     with open(path, encoding="utf-8") as f:
         if path.suffix in (".jsonl", ".json"):

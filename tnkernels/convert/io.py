@@ -79,6 +79,16 @@ def _layer_spec(module: nn.Module) -> dict:
     }
 
 
+def _follow_umask(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 (and a writer may make files 0600): give the folder and its files the modes
+    a plain mkdir / open would under the process umask, like every other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (with tensorized layers) to the directory `path` atomically; return the path. A model wrapped
     by torch.compile or (Distributed)DataParallel is saved as the model inside, so it loads into a plain skeleton."""
@@ -110,6 +120,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
             "layers": layers,
         }
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        _follow_umask(tmp)
         backup = None
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{os.getpid()}")
