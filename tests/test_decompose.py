@@ -141,6 +141,30 @@ def test_tucker_exact_at_full_ranks(c_out, c_in, kh, kw):
     assert torch.einsum("or,rsyx,is->oiyx", u_out, core, u_in).shape == k.shape
 
 
+TALL_UNFOLDINGS = [((9, 1, 1, 1), (9, 1)), ((32, 3, 3, 3), (32, 3)), ((8, 16, 1, 1), (8, 16)),
+                   ((4, 64, 1, 1), (4, 20)), ((64, 16, 1, 1), (10, 4))]  # fmt: skip
+
+
+@pytest.mark.parametrize("n_iter", [0, 2])
+@pytest.mark.parametrize(("shape", "ranks"), TALL_UNFOLDINGS)
+def test_tucker_factors_have_the_ranks_asked_for_past_the_unfoldings_ranks(shape, ranks, n_iter):
+    """A tall unfolding (C_out > C_in kh kw, or a HOOI projection) has fewer left singular vectors than channels:
+    the factors are completed to the ranks asked for with orthonormal columns (they had fewer columns, and
+    TuckerConv2d.from_conv crashed copying them), and the decomposition stays exact where the ranks cover the
+    unfoldings' ranks (tucker_max_ranks); tucker_ranks_for_error never asks for more than those."""
+    from tnkernels.decompose import tucker_max_ranks
+
+    k = torch.randn(*shape, dtype=torch.float64)
+    u_out, core, u_in = tucker_decompose(k, ranks, n_iter=n_iter)
+    assert (u_out.shape, core.shape, u_in.shape) == ((shape[0], ranks[0]), (*ranks, *shape[2:]), (shape[1], ranks[1]))
+    for u in (u_out, u_in):
+        assert rel_err(u.t() @ u, torch.eye(u.shape[1], dtype=torch.float64)) < 1e-12
+    attainable = tucker_max_ranks(shape)
+    if all(r >= a for r, a in zip(ranks, attainable, strict=True)):
+        assert rel_err(tucker_to_dense(u_out, core, u_in), k) < 1e-10
+    assert tucker_ranks_for_error(k, 0.0) == attainable
+
+
 def test_tucker_hooi_never_worse_than_hosvd_and_error_is_exact():
     k = torch.randn(24, 16, 3, 3, dtype=torch.float64)
     (factors0, e0) = tucker_decompose(k, (8, 6), return_error=True)

@@ -6,6 +6,7 @@ from .modes import auto_modes, max_bonds, nearest_balanced_size, prime_factors
 from .mpo import check_ratio, mpo_bonds_for_cap, mpo_bonds_for_ratio, mpo_decompose, mpo_num_params
 from .tucker import (
     tucker_decompose,
+    tucker_max_ranks,
     tucker_num_params,
     tucker_rank_candidates,
     tucker_rank_frontier,
@@ -26,6 +27,7 @@ __all__ = [
     "nearest_balanced_size",
     "prime_factors",
     "tucker_decompose",
+    "tucker_max_ranks",
     "tucker_num_params",
     "tucker_rank_candidates",
     "tucker_rank_frontier",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import RatioUnreachableError
-from .linalg import left_svd
+from .linalg import lapack_threads, left_svd
 from .mpo import check_finite, check_ratio
 
 
@@ -37,8 +37,31 @@ def _check_ranks(ranks: Sequence[int], shape: Sequence[int], where: str) -> tupl
     return r_out, r_in
 
 
+def tucker_max_ranks(shape: Sequence[int]) -> tuple[int, int]:
+    """The largest useful ranks of a Tucker-2 of a kernel of `shape` [C_out, C_in, kh, kw]: the ranks its channel
+    unfoldings can have, R_out <= min(C_out, C_in kh kw) and R_in <= min(C_in, C_out kh kw). At these ranks the
+    decomposition is exact. A 3 -> 32 3x3 stem has (27, 3), a 16 -> 8 1x1 conv (8, 8). Larger ranks (up to the
+    channel counts) are accepted: their factors are completed with directions the kernel does not use."""
+    c_out, c_in, kh, kw = (int(d) for d in shape)
+    return min(c_out, c_in * kh * kw), min(c_in, c_out * kh * kw)
+
+
 def _leading_left_vectors(mat: torch.Tensor, rank: int) -> torch.Tensor:
-    return left_svd(mat)[0][:, :rank]
+    """The `rank` leading left singular vectors of `mat`; past its rank (a tall unfolding has at most as many as
+    columns) completed to `rank` orthonormal columns, so the factors have the shapes asked for and stay exact."""
+    u = left_svd(mat)[0]
+    if u.shape[1] >= rank:
+        return u[:, :rank]
+    return _complete_orthonormal(u, rank)
+
+
+def _complete_orthonormal(u: torch.Tensor, rank: int) -> torch.Tensor:
+    """u [m, k] (orthonormal columns) followed by rank - k orthonormal columns orthogonal to it. Householder QR of
+    [u, I]: its Q is orthonormal and its first k columns span u's, so the next ones span u's complement."""
+    m, k = u.shape
+    with lapack_threads(u):
+        q = torch.linalg.qr(torch.cat([u, torch.eye(m, dtype=u.dtype, device=u.device)], dim=1))[0]
+    return torch.cat([u, q[:, k:rank]], dim=1)
 
 
 def tucker_decompose(
@@ -180,5 +203,5 @@ def tucker_ranks_for_error(weight: torch.Tensor, rel_tol: float) -> tuple[int, i
         s = left_svd(mat)[1]
         tail_sq = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])
         fits = (tail_sq <= allowed_sq).nonzero()
-        ranks.append(max(1, int(fits[0].item())) if fits.numel() else mat.shape[0])
+        ranks.append(max(1, int(fits[0].item())) if fits.numel() else s.numel())  # full: the unfolding's rank
     return ranks[0], ranks[1]

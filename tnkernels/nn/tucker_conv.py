@@ -13,6 +13,7 @@ from torch.nn.utils import skip_init
 from ..decompose import (
     check_ratio,
     tucker_decompose,
+    tucker_max_ranks,
     tucker_num_params,
     tucker_ranks_for_error,
     tucker_ranks_for_ratio,
@@ -45,6 +46,19 @@ def _explicit_padding(padding, kernel_size, dilation) -> tuple[int, int, int, in
             pads += [total // 2, total - total // 2]
         return tuple(pads)
     return (padding[1], padding[1], padding[0], padding[0])
+
+
+def _input_padding(padding, padding_mode, kernel_size, stride, dilation) -> tuple[int, int, int, int] | None:
+    """What the layer pads its input with before a convolution that pads nothing (F.pad's order), or None when the
+    convolution pads itself: every non-zero padding_mode, as nn.Conv2d does, and padding='same' whose effective
+    kernel d (k - 1) + 1 is even (nn.Conv2d pads the odd pixel on the right/bottom, which a convolution's symmetric
+    padding cannot: zeros then, with F.pad). 'same' with a stride is left to the convolution, which refuses it."""
+    if padding_mode != "zeros":
+        return _explicit_padding(padding, kernel_size, dilation)
+    uneven = any(d * (k - 1) % 2 for k, d in zip(kernel_size, dilation, strict=True))
+    if padding == "same" and uneven and tuple(stride) == (1, 1):
+        return _explicit_padding(padding, kernel_size, dilation)
+    return None
 
 
 def _timed_conv(conv: nn.Conv2d) -> tuple:
@@ -94,10 +108,9 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.padding_mode = padding_mode
-        # Non-zero padding modes pad the input first (F.pad), then convolve without padding, as nn.Conv2d does.
-        self._pad = (
-            None if padding_mode == "zeros" else _explicit_padding(self.padding, self.kernel_size, self.dilation)
-        )
+        # Non-zero padding modes (and 'same' with an even kernel) pad the input first (F.pad), then convolve without
+        # padding, as nn.Conv2d does.
+        self._pad = _input_padding(self.padding, padding_mode, self.kernel_size, self.stride, self.dilation)
         self.ranks = (r_out, r_in)
         self.backend = backend
         preload("tucker_conv2d", backend)  # now, not in a first call that torch.compile may be tracing
@@ -134,7 +147,11 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         prefer: str | None = None,
     ) -> TuckerConv2d:
         """Decompose a trained nn.Conv2d (groups=1, any padding_mode). Give one of ranks, ratio or rel_tol; none
-        keeps full ranks (exact). `n_iter` adds HOOI refinement sweeps after the HOSVD.
+        keeps full ranks (exact): the ranks the kernel's unfoldings have (decompose.tucker_max_ranks), at most
+        (min(C_out, C_in kh kw), min(C_in, C_out kh kw)), as are the ranks rel_tol picks. Explicit `ranks` may go
+        up to the channel counts; past those bounds the factors are completed with orthonormal directions the kernel
+        does not use (the result stays exact, and the extra ranks are there to train). `n_iter` adds HOOI
+        refinement sweeps after the HOSVD.
 
         With `ratio`, prefer="accuracy" (the default) keeps the largest ranks proportional to the channel counts.
         prefer="speed" takes, on a CPU, the rank pair of about the same size and error (bound within 5%) whose
@@ -164,7 +181,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         elif rel_tol is not None:
             ranks = tucker_ranks_for_error(weight, rel_tol)
         elif ranks is None:
-            ranks = (weight.shape[0], weight.shape[1])
+            ranks = tucker_max_ranks(weight.shape)
         u_out, core, u_in = tucker_decompose(weight, tuple(ranks), n_iter=n_iter)
         # skip_init: every parameter is overwritten below, so the random init would be wasted work.
         layer = skip_init(
@@ -194,7 +211,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if self._pad is not None:
-            x = F.pad(x, self._pad, mode=self.padding_mode)
+            x = F.pad(x, self._pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         p = self._parameters  # direct: each nn.Module attribute lookup of a parameter costs ~0.4 us
         if "u_in" in p and "core" in p and "u_out" in p:
             factors = (p["u_in"], p["core"], p["u_out"])
@@ -229,7 +246,9 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         if "padding_mode" not in state:  # a whole layer pickled before padding modes existed (2026-12-02)
-            self.padding_mode, self._pad = "zeros", None
+            self.padding_mode = "zeros"
+        # also a layer pickled before 'same' with an even kernel padded its input (2026-12-02)
+        self._pad = _input_padding(self.padding, self.padding_mode, self.kernel_size, self.stride, self.dilation)
 
     def explain(self, input_shape: Sequence[int], *, needs_grad: bool = False) -> str:
         """How a call on inputs of `input_shape` ([N, C_in, H, W]) runs: the cost model's plan with its steps and
@@ -239,7 +258,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
         if c != self.in_channels:
             raise ValueError(f"TuckerConv2d.explain: input_shape has {c} channels, the layer takes {self.in_channels}")
         padding = conv_padding(self.padding, self.kernel_size, self.dilation, self.stride) if self._pad is None else 0
-        if self._pad is not None:  # padding_mode other than zeros: the input is padded first, the conv pads nothing
+        if self._pad is not None:  # the input is padded first (_input_padding), the conv pads nothing
             left, right, top, bottom = self._pad
             h, w, padding = h + top + bottom, w + left + right, (0, 0)
         conv = (tuple(self.stride), tuple(padding), tuple(self.dilation))

@@ -218,6 +218,31 @@ def _timeit(fn, device: torch.device, budget_s: float = 0.05, min_calls: int = 5
     return best
 
 
+def outside_transforms(fn, *args):
+    """fn(*args) where no torch.func transform is active: a first call made inside vmap / grad / jacrev measures
+    (this calibration, the Tucker kind timing) on random tensors, with requires_grad_ and backward, which a
+    transform refuses ("called random operation while in randomness error mode", "attempting to call
+    Tensor.requires_grad_() inside of a function being transformed"). The transforms' state is per thread, so the
+    measurement then runs on a fresh thread (no transform, grad mode on, no autocast) while this one waits; the
+    measurement does not depend on the caller's modes. Outside a transform, fn runs here."""
+    if not torch._C._are_functorch_transforms_active():
+        return fn(*args)
+    box = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="tnkernels-measure", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def measure(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> Calibration:
     """Run the micro-benchmark (about 1-2 s on a CPU) and return the constants. Does not touch the disk cache.
 
@@ -417,7 +442,7 @@ def get_calibration(device: torch.device | str = "cpu", dtype: torch.dtype = tor
             except (KeyError, TypeError, ValueError):
                 cal = None
         if cal is None:
-            cal = measure(device, dtype)
+            cal = outside_transforms(measure, device, dtype)  # a first call may come inside torch.func.vmap
             data = _read_all()
             data[key] = asdict(cal)
             try:

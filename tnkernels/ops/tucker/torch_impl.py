@@ -22,12 +22,35 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _planned_input_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
+def _planned_input_shape(x: torch.Tensor, channels: int) -> tuple[int, int, int, int]:
     """x's shape as the plan sees it: itself in eager mode; under torch.compile each dynamic-able size bucketed,
     under torch.export the batch planned at 8 (plan/cache.py: planned_size). Spatial sizes keep their bucket
-    under export too: exporting with a dynamic height or width is not supported (the bucket's guard narrows it)."""
-    n, c, h, w = x.shape
-    return (planned_size(n, 8), c, planned_size(h, None), planned_size(w, None))
+    under export too: exporting with a dynamic height or width is not supported (the bucket's guard narrows it).
+    `channels` is u_in's (the caller checked that x has as many): x's own is symbolic under dynamic=True."""
+    n, _, h, w = x.shape
+    return (planned_size(n, 8), channels, planned_size(h, None), planned_size(w, None))
+
+
+def _traced_int(d) -> int:
+    """A size as a plain int while dynamo traces, where a symbolic size passes for an int (isinstance too) but is
+    no constant: found by comparisons, each a guard on it, so it is specialized (another value recompiles)."""
+    lo, hi = 0, 1
+    while d >= hi:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # lo <= d < hi
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if d >= mid else (lo, mid)
+    return lo
+
+
+def _plan_shapes(x: torch.Tensor, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor) -> tuple:
+    """The shapes a call's plan is looked up for (kind_for, a constant to dynamo): plain ints only. Under
+    torch.compile(dynamic=True) x's sizes are symbolic (bucketed, or the channels taken from u_in), and so are the
+    factors' in the functional op (a layer's parameters keep static shapes): specialized."""
+    factors = (tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    if torch.compiler.is_compiling():
+        factors = tuple(tuple(_traced_int(d) for d in shape) for shape in factors)
+    return (_planned_input_shape(x, factors[0][0]), *factors)
 
 
 # Which of a kind's convolutions carries the spatial kernel (the others are 1x1)
@@ -192,7 +215,7 @@ def route(x, u_in, core, u_out, conv: tuple, needs_grad: bool) -> tuple:
     factors, so a caller that keeps the route across calls (TuckerConv2d's call memo) must rebuild them per call:
     see run_route. A training route runs the same planned autograd.Function; keeping it only skips the checks and
     the plan lookup."""
-    shapes = (_planned_input_shape(x), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    shapes = _plan_shapes(x, u_in, core, u_out)
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)
     views = _weights(kind, u_in, core, u_out)[0] if kind == "three-convs" and not needs_grad else None
     return kind, conv, views, _SPATIAL[kind], needs_grad
@@ -219,7 +242,7 @@ def tucker_conv2d_torch(
 ) -> torch.Tensor:
     conv = (tuple(stride), tuple(padding), tuple(dilation))
     needs_grad = needs_autograd(x, (u_in, core, u_out), bias)
-    shapes = (_planned_input_shape(x), tuple(u_in.shape), tuple(core.shape), tuple(u_out.shape))
+    shapes = _plan_shapes(x, u_in, core, u_out)
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
     if not needs_grad or under_functorch():  # under vmap / grad / jacrev: plain convolutions, autograd after them
         weights, spatial, _ = _weights(kind, u_in, core, u_out)

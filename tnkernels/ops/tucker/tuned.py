@@ -26,7 +26,7 @@ import threading
 import torch
 
 from ...plan.cache import OPTIONS, tucker_decision
-from ...plan.calibrate import MachineStore, _timeit
+from ...plan.calibrate import MachineStore, _timeit, outside_transforms
 
 MAX_BATCH = 8  # shapes are timed at this batch at most
 _WITHIN = 3.0  # kinds predicted more than this many times slower than the model's pick are not timed
@@ -64,7 +64,8 @@ def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.devic
             dec = tucker_decision(shapes, conv, dtype, device, needs_grad)
             predicted = dict(dec.alternatives)  # forward seconds per kind
             candidates = [k for k, seconds in predicted.items() if seconds <= _WITHIN * predicted[dec.kind]]
-            found = measure(timed_shapes, conv, dtype, needs_grad, candidates, dec.kind)
+            # outside any torch.func transform the first call may be made in (random tensors, a backward)
+            found = outside_transforms(measure, timed_shapes, conv, dtype, needs_grad, candidates, dec.kind)
             _STORE.put(key, found)
         _MEMO[memo_key] = found
         return found
