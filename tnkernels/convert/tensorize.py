@@ -107,9 +107,10 @@ def tensorize(
 
     Layers that cannot reach their ratio, grouped convs, Linear layers inside nn.MultiheadAttention (which reads
     their weight directly), layers whose weight an ancestor's code reads (weight_readers.py) and layers whose
-    weight is tied to another module (e.g. GPT-2's lm_head and wte) are left dense and reported with the reason. A module reachable under several names is converted once and replaced at
-    every name. A model wrapped by torch.compile or (Distributed)DataParallel is tensorized inside the wrapper, with
-    names (in rules and the report) as they are in the model itself.
+    weight is tied to another module (e.g. GPT-2's lm_head and wte) are left dense and reported with the reason.
+    A module reachable under several names is converted once and replaced at every name. A model wrapped by
+    torch.compile or (Distributed)DataParallel is tensorized inside the wrapper, with names (in rules and the
+    report) as they are in the model itself.
     """
     if ratio is not None:
         check_ratio(ratio, "tensorize: ratio")
