@@ -1,7 +1,7 @@
 """torch.func transforms (vmap, grad, jacrev, jvp) over the layers: per-sample gradients, Jacobians, batched calls.
 
 The planned autograd Functions and the native kernels cannot run under these transforms, so the layers take plain
-differentiable torch ops there (tnkernels.ops.modes.under_functorch). Before (2026-12-02) every transform
+differentiable torch ops there (tnkernels.ops.modes.under_transform_or_dual). Before (2026-12-02) every transform
 failed inside the layer with PyTorch's "must override the setup_context staticmethod". Checked in float64 against
 the same transform over the dense reference.
 """

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.modes import autocast_dtype, under_functorch
+from ..ops.modes import autocast_dtype, under_transform_or_dual
 from ..plan.cache import plan_generation
 
 # Distinct input shapes remembered per layer; past this the memo starts over (a layer fed ever-new shapes, e.g.
@@ -67,7 +67,7 @@ def memo_applies(x: torch.Tensor) -> bool:
     Functions) and not under autocast (the full path casts the operands to autocast's dtype first)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # jit.trace: the full path refuses it (modes.py)
         return False
-    return not (under_functorch() or autocast_dtype(x) is not None)
+    return not (under_transform_or_dual() or autocast_dtype(x) is not None)
 
 
 def memo_of(module: torch.nn.Module) -> CallMemo:

@@ -15,7 +15,7 @@ from .modes import (
     refuse_jit_script,
     refuse_jit_trace,
     run_in_autocast_dtype,
-    under_functorch,
+    under_transform_or_dual,
 )
 from .mpo.reference import mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
@@ -29,7 +29,7 @@ __all__ = [
     "preload",
     "needs_autograd",
     "refuse_jit_script",
-    "under_functorch",
+    "under_transform_or_dual",
     "mpo_linear",
     "run_mpo_linear",
     "low_rank_route",
@@ -145,7 +145,7 @@ def run_mpo_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tenso
     amp = autocast_dtype(x)
     if amp is not None:  # in autocast's dtype, autocast off inside (modes.run_in_autocast_dtype)
         return run_in_autocast_dtype(amp, lambda x, b, *g: run_mpo_linear(x, list(g), b, backend), [x, bias, *cores])
-    if backend == "auto" and under_functorch():
+    if backend == "auto" and under_transform_or_dual():
         backend = "torch"  # its plain path (mpo_linear_torch): native kernels cannot run under torch.func
     if backend == "auto":
         needs_grad = needs_autograd(x, cores, bias)

@@ -2,8 +2,8 @@
 
 - autograd recording (`needs_autograd`): the planned Functions and the kept intermediates only when a backward
   can follow;
-- a torch.func transform or forward-mode AD (`under_functorch`): no planned Function (they have no jvp), no
-  native kernel, no detached operand: plain differentiable ops;
+- a torch.func transform or forward-mode AD (`under_transform_or_dual`): no planned Function (they have no
+  jvp), no native kernel, no detached operand: plain differentiable ops;
 - torch.autocast (`autocast_dtype`, `run_in_autocast_dtype`): operands cast to autocast's dtype, autocast off inside;
 - a differentiated backward (`grads_of_rerun`): the forward run again with autograd on and differentiated;
 - torch.jit.trace (`refuse_jit_trace`): refused with a pointer to torch.export.
@@ -26,7 +26,7 @@ def needs_autograd(x: torch.Tensor, params: Iterable[torch.Tensor | None], bias:
     )
 
 
-def under_functorch() -> bool:
+def under_transform_or_dual() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running. The planned autograd Functions
     and the native kernels cannot run under one (old-style Functions, opaque C++ calls), so calls then take plain
     differentiable torch ops. Also true inside torch.autograd.forward_ad.dual_level(): dual tensors need the same

@@ -16,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...plan.cache import OPTIONS, mpo_decision, planned_rows
 from ...plan.mpo import MPODecision, MPOPlan, einsum_operand_shapes
 from ..grad_layout import in_layout_of
-from ..modes import grads_of_rerun, needs_autograd, under_functorch
+from ..modes import grads_of_rerun, needs_autograd, under_transform_or_dual
 from . import torch_low_rank
 
 
@@ -347,7 +347,7 @@ def mpo_linear_torch(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Ten
     # vmap / grad / jacrev, and torch.export: the planned forward in plain differentiable ops, autograd after. An
     # exported graph records what runs, and is often trained: the detached operands of the paths below would be
     # recorded as aten.detach and cut every gradient through the layer, its input's included.
-    if under_functorch() or torch.compiler.is_exporting():
+    if under_transform_or_dual() or torch.compiler.is_exporting():
         dec = mpo_decision(shapes, plan_rows, x.dtype, x.device, False)
         y, _ = run_forward(x2d, cores, dec.forward, keep=False)
         y = y if bias is None else y + bias

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ...plan.cache import OPTIONS, planned_size
 from ..grad_layout import in_layout_of
-from ..modes import grads_of_rerun, needs_autograd, under_functorch
+from ..modes import grads_of_rerun, needs_autograd, under_transform_or_dual
 from .tuned import kind_for
 
 
@@ -244,7 +244,8 @@ def tucker_conv2d_torch(
     needs_grad = needs_autograd(x, (u_in, core, u_out), bias)
     shapes = _plan_shapes(x, u_in, core, u_out)
     kind = kind_for(shapes, conv, x.dtype, x.device, needs_grad)  # the planner's, or measured on a CPU
-    if not needs_grad or under_functorch():  # under vmap / grad / jacrev: plain convolutions, autograd after them
+    # no-grad, or under vmap / grad / jacrev / dual tensors: plain convolutions, any autograd after them
+    if not needs_grad or under_transform_or_dual():
         weights, spatial, _ = _weights(kind, u_in, core, u_out)
         return _run(x, weights, spatial, bias, *conv, keep=False)[0]
     return TuckerConvFunction.apply(x, u_in, core, u_out, bias, kind, conv, OPTIONS.recompute)
