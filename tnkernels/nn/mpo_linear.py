@@ -34,12 +34,12 @@ from ..plan import explain as explain_plan
 from ..plan.backends import auto_mpo_backend
 from .call_memo import MemoizedCalls, memo_applies
 from .hf_compat import is_hf_conv1d, linear_weight
-from .no_dense_weight import no_dense_weight_error
+from .no_dense_weight import ExplainsMissingWeight
 
 DEFAULT_NUM_CORES = 2
 
 
-class MPOLinear(MemoizedCalls, nn.Module):
+class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
     """y = x @ W.T + b with W[out, in] stored as MPO cores G_k of shape (r_{k-1}, i_k, j_k, r_k).
 
     Build one from a trained layer with `MPOLinear.from_linear`, or directly (random init scaled like nn.Linear's).
@@ -201,6 +201,8 @@ class MPOLinear(MemoizedCalls, nn.Module):
             memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))
         return y
 
+    dense_method = "to_linear"  # named in the error for code that reads .weight (no_dense_weight.py)
+
     def _current_cores(self) -> tuple[torch.Tensor, ...]:
         holder = self._modules["cores"]
         if type(holder) is nn.ParameterList and not holder._forward_pre_hooks:
@@ -210,14 +212,6 @@ class MPOLinear(MemoizedCalls, nn.Module):
         for hook in tuple(holder._forward_pre_hooks.values()):
             hook(holder, ())
         return tuple(holder[k] for k in range(len(holder)))
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "weight":
-                raise no_dense_weight_error(type(self).__name__, "to_linear") from None
-            raise
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first: a clear refusal, not a compile error
         refuse_jit_script(type(self).__name__)

@@ -24,7 +24,7 @@ from ..ops.tucker.ranks import choose_tucker_ranks
 from ..ops.tucker.tuned import kind_for, kind_is_timed
 from ..plan import explain_tucker
 from .call_memo import MemoizedCalls, memo_applies
-from .no_dense_weight import no_dense_weight_error
+from .no_dense_weight import ExplainsMissingWeight
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -71,7 +71,7 @@ def _timed_conv(conv: nn.Conv2d) -> tuple:
     return (tuple(conv.stride), tuple(padding), tuple(conv.dilation))
 
 
-class TuckerConv2d(MemoizedCalls, nn.Module):
+class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
     """Conv2d with W = einsum('or,rsyx,is->oiyx', u_out, core, u_in).
 
     Runs as: project C_in -> R_in channels (u_in), convolve R_in -> R_out with the kh x kw core (stride, padding,
@@ -232,13 +232,7 @@ class TuckerConv2d(MemoizedCalls, nn.Module):
             memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv))
         return y
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "weight":
-                raise no_dense_weight_error(type(self).__name__, "to_conv") from None
-            raise
+    dense_method = "to_conv"  # named in the error for code that reads .weight (no_dense_weight.py)
 
     def __prepare_scriptable__(self):  # torch.jit.script calls this first: a clear refusal, not a compile error
         refuse_jit_script(type(self).__name__)
