@@ -127,6 +127,27 @@ def test_cache_dense_reuses_and_invalidates():
     clear_dense_cache()
 
 
+def test_cache_dense_sees_replaced_data_and_dtype_changes():
+    """`p.data = t` keeps the parameter's identity and version, and module.half() / .bfloat16() work that way:
+    the stale float32 weight was reused (a wrong result, then a dtype error; found 2026-12-02)."""
+    from tnkernels import MPOLinear
+
+    clear_dense_cache()
+    layer = MPOLinear(12, 12, in_modes=(3, 4), out_modes=(4, 3), bonds=(5,))
+    x = torch.randn(6, 12)
+    with options(force="rebuild", cache_dense=True), torch.no_grad():
+        layer(x)
+        layer.cores[0].data = 2 * layer.cores[0].data
+        expected = mpo_linear_reference(x, [c.detach() for c in layer.cores], layer.bias)
+        assert_close_rel(layer(x), expected, tolerance(torch.float32), "cache_dense after p.data = t")
+        layer.bfloat16()
+        y = layer(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        expected = mpo_linear_reference(x.double(), [c.double() for c in layer.cores], layer.bias.double())
+        assert_close_rel(y, expected, tolerance(torch.bfloat16), "cache_dense after .bfloat16()")
+    clear_dense_cache()
+
+
 @st.composite
 def tucker_cases(draw):
     n = draw(st.integers(1, 2))

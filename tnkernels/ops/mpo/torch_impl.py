@@ -278,12 +278,15 @@ def _differentiable_backward(ctx, dy, x2d, cores):
 
 # ---------------------------------------------------------------------------------------------------- dense
 # cache
-# cores[0] (weakly) -> (ids and versions of all cores, W^T[in, out]); dropped when the first core dies.
+# cores[0] (weakly) -> (stamp of all cores, W^T[in, out]); dropped when the first core dies. The stamp sees an
+# optimizer step or any in-place edit (the version), a new tensor behind a parameter (`p.data = t`: the address)
+# and module.half() / .to() (dtype, device). An in-place edit *through* `p.data` bypasses the version counter and
+# is invisible: clear_dense_cache() after such edits (docs/planner.md).
 _DENSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwise
 
 
 def _cached_dense(cores) -> torch.Tensor:
-    stamp = tuple((id(g), g._version) for g in cores)
+    stamp = tuple((id(g), g._version, g.data_ptr(), g.dtype, g.device) for g in cores)
     hit = _DENSE.get(cores[0])
     if hit is not None and hit[0] == stamp:
         return hit[1]
