@@ -133,7 +133,7 @@ def test_cache_dense_sees_replaced_data_and_dtype_changes():
     from tnkernels import MPOLinear
 
     clear_dense_cache()
-    layer = MPOLinear(12, 12, in_modes=(3, 4), out_modes=(4, 3), bonds=(5,))
+    layer = MPOLinear(12, 12, in_modes=(3, 4), out_modes=(4, 3), bonds=(5,), backend="torch")
     x = torch.randn(6, 12)
     with options(force="rebuild", cache_dense=True), torch.no_grad():
         layer(x)
