@@ -3,6 +3,7 @@
 Copying into a meta tensor is a silent no-op, so before this path existed such a load "succeeded" and the model
 failed at its first forward. Every test compares the outputs with the model that was saved."""
 
+import copy
 import json
 
 import pytest
@@ -150,3 +151,27 @@ def test_reader_matches_safetensors_and_aligns(tmp_path):
     for key, value in saved.items():
         assert read[key].dtype == value.dtype and torch.equal(read[key].float(), value.float()), key
         assert read[key].numel() == 0 or read[key].data_ptr() % 64 == 0, key
+
+
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float64])
+def test_a_checkpoint_loads_in_the_skeletons_dtype_on_dense_and_meta_skeletons(saved, tmp_path):
+    """A bf16 checkpoint in a float32 skeleton: the tensorized layers were rebuilt in the file's dtype and the dense
+    ones cast to the skeleton's, a model that no input dtype could run; on a meta skeleton everything kept the
+    file's dtype (found 2026-12-02). Both now give the skeleton's dtype, as load_state_dict does."""
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Conv1d(32, 8, 1))
+
+    model = net()
+    tensorize(model, ratio=2, rules={"0": {}})
+    save_compressed(model.to(saved), tmp_path / "ckpt")
+    dense = load_compressed(net(), tmp_path / "ckpt")
+    with torch.device("meta"):
+        skeleton = net()
+    meta = load_compressed(skeleton, tmp_path / "ckpt")
+    for loaded in (dense, meta):
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    x = torch.randn(3, 16)
+    assert torch.equal(dense[:2](x), meta[:2](x))
+    expected = copy.deepcopy(model[0]).float()(x)  # the saved values cast to float32
+    torch.testing.assert_close(dense[0](x), expected)

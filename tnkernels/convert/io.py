@@ -165,7 +165,9 @@ def read_spec(path: str | os.PathLike) -> dict:
 def _build_layer(name: str, entry: dict, old: nn.Module) -> nn.Module:
     kind = entry.get("kind")
     device = next((t.device for t in old.parameters()), torch.device("cpu"))
-    dtype = getattr(torch, entry["dtype"])
+    # In the skeleton's dtype, as load_state_dict casts the dense weights into it: a bf16 checkpoint loaded into a
+    # float32 skeleton gives a float32 model, on a dense skeleton and a meta one alike (not a mix of both dtypes).
+    dtype = next((t.dtype for t in old.parameters() if t.is_floating_point()), getattr(torch, entry["dtype"]))
     if kind == "mpo_linear":
         if isinstance(old, MPOLinear):
             shape = (old.out_features, old.in_features)
@@ -298,7 +300,12 @@ def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
     prefix = next(name for name, module in model.named_modules() if module is target)
     prefix = f"{prefix}." if prefix else ""
     ties = [names for names in _names_per_tensor(model) if len(names) > 1]
-    missing, unexpected = target.load_state_dict(_owned(path / WEIGHTS_FILE), strict=False, assign=True)
+    wanted = {name: t.dtype for name, t in target.state_dict(keep_vars=True).items()}
+    state = {  # the skeleton's dtypes, as a load into a dense skeleton casts (assign would keep the file's)
+        name: t.to(wanted[name]) if name in wanted and t.is_floating_point() and t.dtype != wanted[name] else t
+        for name, t in _owned(path / WEIGHTS_FILE).items()
+    }
+    missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
     tied = {name for names in ties for name in names}
     untied = [name for name in missing if prefix + name not in tied]
     if unexpected or untied:
