@@ -243,6 +243,7 @@ def _checkpoint_root(model: nn.Module, names: list[str]) -> nn.Module:
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the tensorized layers of `path` inside the uncompressed skeleton `model` (in place, no
     decomposition), load every weight, and return the model. Mismatches and corrupted files raise ValueError.
+    The model keeps the skeleton's dtype (the file's values are cast, as load_state_dict does).
 
     The checkpoint may hold a submodule of `model`: one saved from a Hugging Face base model (what `tnk compress`
     writes) loads into `AutoModel` and into `AutoModelForCausalLM` alike."""
