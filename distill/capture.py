@@ -1,7 +1,8 @@
 """Teacher feature capture with forward hooks (never FX) into FeatureStores.
 
-For each slice, a forward pre-hook (with_kwargs=True) on its first module records the input (args[0]) and the
-keyword arguments blocks need (tensors, tuples of tensors such as rotary position embeddings, and plain scalars);
+For each slice, a forward pre-hook (with_kwargs=True) on its first module records the input (args[0]), its other
+positional arguments (named by the forward signature, e.g. block(x, gate) is replayed as block(x, gate=gate)) and
+the keyword arguments blocks need (tensors, tuples of tensors such as rotary position embeddings, plain scalars);
 a forward hook on its last module records the output (first element of a tuple). One teacher pass over the
 calibration data fills one FeatureStore per slice.
 
@@ -11,6 +12,7 @@ them to on-disk shards whenever the in-memory part exceeds the budget, and reads
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .slices import SliceSpec
+from .slices import EXTRA_ARGS, SliceSpec
 
-__all__ = ["Chunk", "FeatureStore", "capture_features", "default_forward", "capture_hooks"]
+__all__ = ["Chunk", "FeatureStore", "capture_features", "default_forward", "capture_hooks", "remove_empty"]
 
 Chunk = tuple[Tensor, Tensor | None, dict]  # (slice input, slice output or None, kwargs)
 _SCALARS = (bool, int, float, str, type(None))
@@ -36,11 +38,23 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def remove_empty(folder) -> None:
+    """Remove `folder` if it exists and is empty (spill folders once their shards are gone)."""
+    if folder is not None:
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            pass
+
+
 def _keep_kwargs(kwargs: dict) -> dict:
-    """The kwargs worth storing: tensors, tuples/lists of tensors, plain scalars. Cache objects are dropped."""
+    """The kwargs worth storing: tensors, tuples/lists of tensors, plain scalars. Cache objects are dropped.
+    Extra positional arguments (under EXTRA_ARGS) were checked when captured and are all kept."""
     out = {}
     for k, v in kwargs.items():
-        if isinstance(v, Tensor):
+        if k == EXTRA_ARGS:
+            out[k] = tuple(_keep_kwargs({"": a})[""] for a in v)
+        elif isinstance(v, Tensor):
             out[k] = v.detach().cpu()
         elif isinstance(v, (tuple, list)) and v and all(isinstance(t, Tensor) for t in v):
             out[k] = type(v)(t.detach().cpu() for t in v)
@@ -118,6 +132,7 @@ class FeatureStore:
         """Write the in-memory chunks to a new shard (atomically) and drop them from memory."""
         if self.root is None or not self._chunks:
             return
+        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"shard_{len(self._shards):05d}.pt"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(self._chunks, tmp)
@@ -130,6 +145,7 @@ class FeatureStore:
     def clear(self) -> None:
         for p in self._shards:
             p.unlink(missing_ok=True)
+        remove_empty(self.root)  # flush() makes it again if the store is refilled
         self._chunks, self._shards, self._shard_sizes, self._mem_bytes = [], [], [], 0
         self.num_samples = self.num_chunks = 0
 
@@ -177,23 +193,33 @@ class FeatureStore:
     ) -> Iterator[Chunk]:
         """One shuffled pass of training batches, skipping global chunk indices in `exclude` (held-out chunks).
 
-        Chunks without kwargs are pooled per shard and re-batched at random to `batch_size`; chunks with kwargs
-        (attention masks, position embeddings) are yielded whole, since their kwargs belong to that batch.
-        Only one shard is in memory at a time.
+        Chunks without kwargs are pooled and re-batched at random to `batch_size`; chunks with kwargs (attention
+        masks, position embeddings) are yielded whole, since their kwargs belong to that batch. Only one shard is in
+        memory at a time: shards come in random order, each shuffled within itself, and the samples a shard leaves
+        over (fewer than `batch_size`) are pooled with the next shard, so every batch has `batch_size` samples
+        (but the last) as in memory; which samples share a batch differs from an in-memory store, so a
+        spilled run trains the same way but not bit for bit like an in-memory one.
         """
         sizes = self._shard_sizes + ([len(self._chunks)] if self._chunks else [])
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        for gi in torch.randperm(len(sizes), generator=generator).tolist():
+        order = torch.randperm(len(sizes), generator=generator).tolist()
+        carry: list[Chunk] = []  # plain samples left over from the previous shard (fewer than batch_size)
+        for pos, gi in enumerate(order):
             group = self._load_group(gi)
             keep = [c for i, c in enumerate(group) if offsets[gi] + i not in exclude]
-            plain = [c for c in keep if not c[2]]
+            plain = carry + [c for c in keep if not c[2]]
             with_kw = [c for c in keep if c[2]]
+            carry = []
             if plain:
                 xs = torch.cat([c[0] for c in plain])
                 ys = torch.cat([c[1] for c in plain])
                 perm = torch.randperm(xs.shape[0], generator=generator)
+                last = pos == len(order) - 1
                 for s in range(0, xs.shape[0], batch_size):
                     idx = perm[s : s + batch_size]
+                    if len(idx) < batch_size and not last:  # topped up from the next shard: full-size batches
+                        carry = [(xs[idx], ys[idx], {})]
+                        break
                     yield xs[idx].to(dtype), ys[idx].to(dtype), {}
             for i in torch.randperm(len(with_kw), generator=generator).tolist():
                 x, y, kw = with_kw[i]
@@ -219,6 +245,34 @@ def default_forward(model: nn.Module, batch, device: str | torch.device = "cpu")
     if isinstance(batch, (tuple, list)):
         return model(_to(batch[0], device))
     return model(_to(batch, device))
+
+
+def _storable(v) -> bool:
+    return isinstance(v, (Tensor, *_SCALARS)) or (
+        isinstance(v, (tuple, list)) and bool(v) and all(isinstance(t, Tensor) for t in v)
+    )
+
+
+def _bind_extras(name: str, module: nn.Module, extra: tuple, kwargs: dict) -> dict:
+    """The positional arguments after the first, as keyword arguments named by the forward signature (or, for
+    *args and positional-only parameters, under EXTRA_ARGS, replayed positionally by run_slice)."""
+    if not extra:
+        return {}
+    for i, v in enumerate(extra, start=2):
+        if not _storable(v):
+            raise ValueError(
+                f"slice {name!r}: its first module ({type(module).__name__}) gets a {type(v).__name__} as positional "
+                f"argument {i}, which cannot be stored and replayed (tensors, tuples of tensors and plain scalars "
+                f"can); pass it as a keyword argument, or slice the module that calls it"
+            )
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1 : 1 + len(extra)]
+    except (TypeError, ValueError):
+        params = []
+    named = len(params) == len(extra) and all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+    if named and not any(p.name in kwargs for p in params):
+        return {p.name: v for p, v in zip(params, extra, strict=True)}
+    return {EXTRA_ARGS: tuple(extra)}
 
 
 class capture_hooks:
@@ -258,7 +312,7 @@ class capture_hooks:
         def hook(module, args, kwargs):
             rec = self._rec(name)
             if args:
-                x, kw = args[0], kwargs
+                x, kw = args[0], {**kwargs, **_bind_extras(name, module, args[1:], kwargs)}
             elif "hidden_states" in kwargs:  # HF blocks may be called with hidden_states as a keyword
                 x, kw = kwargs["hidden_states"], {k: v for k, v in kwargs.items() if k != "hidden_states"}
             else:
@@ -314,7 +368,7 @@ def capture_features(
     """
     from tqdm.auto import tqdm
 
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     per_slice = None if memory_budget_bytes is None else max(memory_budget_bytes // max(len(specs), 1), 1)
     stores = {s.name: FeatureStore(None if root is None else Path(root) / s.name, per_slice, fp16) for s in specs}
@@ -327,7 +381,8 @@ def capture_features(
                     x, y, kw = hooks.take(s.name)
                     stores[s.name].add(x, y, kw)
     finally:
-        model.train(was_training)
+        for m, f in flags:
+            m.training = f
     if not any(len(st) for st in stores.values()):
         raise ValueError("capture_features: the calibration loader yielded no batches")
     return stores

@@ -8,9 +8,9 @@ Modes:
               upstream (targets are still the teacher's outputs), so a slice learns to correct upstream error.
 
 Resume: each finished slice is written atomically to <out>/slices/<name>.pt together with a fingerprint of the run
-(teacher weights, slices, ratio/budget, training settings, mode). A restarted run loads finished slices and trains
-only the others; per-slice seeds depend only on the slice name, so the result does not depend on which slices were
-resumed (bit for bit on the same machine and thread count).
+(teacher weights, slices, ratio/budget, training settings, mode, and a digest of the calibration batches). A
+restarted run loads finished slices and trains only the others; per-slice seeds depend only on the slice name, so
+the result does not depend on which slices were resumed (bit for bit on the same machine and thread count).
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import FeatureStore, capture_features, default_forward
+from .calib import CalibReader, check_calib_loader, training_flags
+from .capture import FeatureStore, capture_features, default_forward, remove_empty
+from .sequential import run_sequential
 from .slices import SliceSpec, build_slice_container, count_params, make_slices, set_submodule, slice_modules
 from .train_slice import (
     SliceResult,
     SliceTrainConfig,
+    check_fingerprint,
     load_slice_checkpoint,
     save_slice_checkpoint,
     slice_seed,
@@ -205,16 +208,23 @@ def distill(
     distributed: bool | None = None,
     run_key: str = "",
 ) -> DistillResult:
-    """Slice-wise distillation of `teacher` into a tensorized student (the teacher is not modified).
+    """Slice-wise distillation of `teacher` into a tensorized student (the teacher is not modified; it runs in
+    eval mode and every module gets its training flag back at the end).
 
     Args:
-        calib_loader: calibration batches, iterated in the same order every pass (no shuffling).
+        calib_loader: calibration batches, the same batches in the same order on every pass: a list of batches
+            or a DataLoader with shuffle=False (a shuffling DataLoader is refused, and so is a pass that differs
+            from the first). Sequential mode may read it several times, so a one-shot iterator is refused there
+            (with more than one slice). A digest of its batches is part of the run's fingerprint: a rerun in the
+            same out_dir with other data is refused, with the same data it resumes.
         slices: a preset ("per-block", "per-conv", "per-stage"), module names ("a+b" groups), or SliceSpecs.
         ratio / rules: global compression ratio, and/or tensorize rules (e.g. from distill.budget.load_budget).
         mode: "parallel" (teacher inputs) or "sequential" (the student's own upstream outputs).
         workers: worker processes for parallel mode (spawned; each uses threads // workers torch threads).
         out_dir: slices are checkpointed to out_dir/slices/<name>.pt; finished ones are reused on restart.
-        memory_budget_bytes: spill stored features to out_dir/features/ shards beyond this budget.
+        memory_budget_bytes: spill stored features to out_dir/features/ shards beyond this budget (removed once
+            the slices are trained). Training batches keep `config.batch_size` across shards, but which samples
+            share a batch differs from an in-memory run, so the student is close to, not bit for bit, the same.
         distributed: use torch.distributed ranks (default: when initialized); each rank trains slices
             rank, rank + world, ...; rank 0 gathers the trained slices and assembles the student.
     """
@@ -233,18 +243,32 @@ def distill(
     rank, world = _dist_info(distributed)
     if mode == "sequential" and world > 1:
         raise ValueError("sequential mode cannot be split across torch.distributed ranks; use --mode parallel")
-    teacher = teacher.eval()
-    out = Path(out_dir)
+    check_calib_loader(calib_loader, mode=mode, n_slices=len(specs))
+    with training_flags(teacher):  # the caller's model gets its own training flags back
+        return _distill(
+            teacher, calib_loader, specs, ratio, rules, mode, workers, Path(out_dir), config, fp16,
+            memory_budget_bytes, forward_fn, device, progress, rank, world, run_key,
+        )  # fmt: skip
+
+
+def _distill(
+    teacher, calib_loader, specs, ratio, rules, mode, workers, out, config, fp16, budget, forward_fn, device,
+    progress, rank, world, run_key,
+) -> DistillResult:  # fmt: skip
     ckpt_dir = out / "slices"
-    fp = run_fingerprint(teacher, specs, ratio=ratio, rules=rules, config=config, mode=mode, fp16=fp16, run_key=run_key)
+    base = run_fingerprint(
+        teacher, specs, ratio=ratio, rules=rules, config=config, mode=mode, fp16=fp16, run_key=run_key
+    )
     timings: dict[str, float] = {}
     res = DistillResult(student=None, specs=list(specs))
+    reader = CalibReader(calib_loader)
 
     t0 = time.perf_counter()
     done: dict[str, dict] = {}
-    for spec in specs:
-        payload = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
+    for spec in specs:  # the settings are checked now; the calibration data once a pass has read it
+        payload = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, None)
         if payload is not None:
+            check_fingerprint(out, ckpt_dir / f"{spec.name}.pt", payload, base, None)
             done[spec.name] = payload
     mine = [s for i, s in enumerate(specs) if i % world == rank]
     pending = [s for s in mine if s.name not in done]
@@ -259,70 +283,67 @@ def distill(
 
     from tqdm.auto import tqdm
 
+    fp = ""  # the full fingerprint (settings + calibration data), known once the data was read
+
     def finish(spec: SliceSpec, container: nn.Module, result: SliceResult) -> None:
         save_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", container, spec, result, fp)
         done[spec.name] = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
         res.trained.append(spec.name)
 
-    def untrained(spec: SliceSpec) -> None:
-        # No layer of this slice was tensorized (e.g. its ratio is unreachable): keep it dense, nothing to train.
-        container, layers, _, before = prepared[spec.name]
-        r = SliceResult(spec.name, before, before, 0.0, 0.0, 0, 0.0, [], layers)
-        finish(spec, container, r)
-
-    feat_root = out / "features" if memory_budget_bytes is not None else None
+    feat_root = out / "features" if budget is not None else None
     to_train = [s for s in pending if prepared[s.name][2]]
-    for s in pending:
-        if not prepared[s.name][2]:
-            untrained(s)
-
-    if mode == "parallel" and to_train:
+    stores: dict[str, FeatureStore] = {}
+    if to_train:  # sequential mode: every slice, finished ones included (they carry the student's inputs on)
         t1 = time.perf_counter()
         stores = capture_features(
             teacher,
-            to_train,
-            calib_loader,
+            to_train if mode == "parallel" else specs,
+            reader.passes("the teacher pass"),
             device=device,
             root=feat_root,
-            memory_budget_bytes=memory_budget_bytes,
+            memory_budget_bytes=budget,
             fp16=fp16,
             forward_fn=forward_fn,
             progress=progress,
             desc="teacher features",
         )
         timings["capture_s"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
+    fp = f"{base}-{reader.digest()}"
+    for spec in specs:
+        if spec.name in done:
+            check_fingerprint(out, ckpt_dir / f"{spec.name}.pt", done[spec.name], base, fp)
+    for s in pending:  # no layer tensorized (e.g. its ratio is unreachable): kept dense, nothing to train
+        if not prepared[s.name][2]:
+            container, layers, _, before = prepared[s.name]
+            finish(s, container, SliceResult(s.name, before, before, 0.0, 0.0, 0, 0.0, [], layers))
+
+    t1 = time.perf_counter()
+    if mode == "parallel" and to_train:
         if workers == 1:
             for spec in tqdm(to_train, desc="slices", disable=not progress, unit="slice"):
                 entry = prepared[spec.name]
                 r = _train_prepared(spec, entry, stores[spec.name], ratio, rules, config, progress=progress)
                 finish(spec, entry[0], r)
+                stores[spec.name].clear()  # spilled shards go once the slice is trained
         else:
             _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir, fp, workers, progress)
             for spec in to_train:
                 done[spec.name] = load_slice_checkpoint(ckpt_dir / f"{spec.name}.pt", spec, fp)
                 res.trained.append(spec.name)
-        timings["train_s"] = time.perf_counter() - t1
+                stores[spec.name].clear()
     elif mode == "sequential" and to_train:
-        res.chained = _sequential(
-            teacher,
-            specs,
-            to_train,
-            prepared,
-            done,
-            calib_loader,
-            ratio,
-            rules,
-            config,
-            device,
-            fp16,
-            feat_root,
-            memory_budget_bytes,
-            forward_fn,
-            progress,
-            timings,
-            finish,
-        )
+
+        def train(spec: SliceSpec, store: FeatureStore) -> None:
+            entry = prepared[spec.name]
+            finish(spec, entry[0], _train_prepared(spec, entry, store, ratio, rules, config, progress=progress))
+
+        res.chained = run_sequential(
+            teacher, specs, {s.name for s in to_train}, stores, done, reader, train, device=device, fp16=fp16,
+            feat_root=feat_root, budget=budget, forward_fn=forward_fn, progress=progress,
+        )  # fmt: skip
+    if to_train:
+        timings["train_s"] = time.perf_counter() - t1
+    remove_empty(feat_root)
 
     t2 = time.perf_counter()
     if world > 1:
@@ -363,113 +384,6 @@ def _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir
             unit="slice",
         ):
             pass
-
-
-def _chains(upstream: FeatureStore, store: FeatureStore) -> bool:
-    """Whether the teacher fed `upstream`'s slice output straight into the next slice (e.g. consecutive ResNet
-    blocks): then the student's input to the next slice is the trained upstream slice applied to its own input,
-    and no pass of the whole model is needed."""
-    if upstream.num_chunks != store.num_chunks:
-        return False
-    return all(
-        y is not None and y.shape == x.shape and torch.equal(y, x)
-        for (_, y, _), (x, _, _) in zip(upstream.chunks(), store.chunks(), strict=True)
-    )
-
-
-@torch.no_grad()
-def _chained_store(modules, upstream: FeatureStore, targets: FeatureStore, root, budget, fp16) -> FeatureStore:
-    """The next slice's store: inputs = the trained upstream slice run on its own (student) inputs; outputs and
-    kwargs = the teacher's."""
-    from .slices import run_slice
-
-    store = FeatureStore(root, budget, fp16)
-    for (x, _, kw), (_, y, tkw) in zip(upstream.chunks(), targets.chunks(), strict=True):
-        store.add(run_slice(modules, x.float(), kw), y, tkw)
-    return store
-
-
-def _sequential(
-    teacher,
-    specs,
-    to_train,
-    prepared,
-    done,
-    loader,
-    ratio,
-    rules,
-    config,
-    device,
-    fp16,
-    feat_root,
-    budget,
-    forward_fn,
-    progress,
-    timings,
-    finish,
-) -> list[str]:
-    """Train slices in model order, each on the inputs the already-trained student produces upstream.
-
-    Where slices follow each other directly (the teacher's output of one is the next one's input), the student's
-    inputs are carried from slice to slice by running only the trained upstream slice; otherwise (e.g. per-conv
-    slices with a BN/ReLU in between) the hybrid model (trained slices so far + teacher elsewhere) is run again.
-    """
-    from tqdm.auto import tqdm
-
-    t1 = time.perf_counter()
-    # Every slice, finished ones included: a resumed slice still carries the student's inputs to the next one.
-    targets = capture_features(
-        teacher,
-        specs,
-        loader,
-        device=device,
-        root=feat_root,
-        memory_budget_bytes=budget,
-        fp16=fp16,
-        forward_fn=forward_fn,
-        progress=progress,
-        desc="teacher features",
-    )
-    timings["capture_s"] = time.perf_counter() - t1
-    hybrid = copy.deepcopy(teacher).eval()
-    train_names = {s.name for s in to_train}
-    t1 = time.perf_counter()
-    store, upstream = None, None  # the current slice's student-input store; the previous slice's (spec, store)
-    chained: list[str] = []
-    for spec in tqdm(specs, desc="slices (sequential)", disable=not progress, unit="slice"):
-        seq_root = None if feat_root is None else feat_root / f"{spec.name}.seq"
-        store = None
-        if upstream is not None and upstream[1] is not None and _chains(targets[upstream[0].name], targets[spec.name]):
-            mods = [hybrid.get_submodule(n) for n in upstream[0].modules]
-            store = _chained_store(mods, upstream[1], targets[spec.name], seq_root, budget, fp16)
-            chained.append(spec.name)
-        elif upstream is None:  # the first slice: nothing upstream is trained, its inputs are the teacher's
-            store = targets[spec.name]
-        elif spec.name in train_names:
-            inputs = capture_features(
-                hybrid, [spec], loader, device=device, forward_fn=forward_fn, outputs=False, progress=False
-            )[spec.name]
-            store = FeatureStore(seq_root, budget, fp16)
-            for (x, _, kw), (_, y, _) in zip(inputs.chunks(), targets[spec.name].chunks(), strict=True):
-                store.add(x, y, kw)
-        if upstream is not None:
-            targets[upstream[0].name].clear()  # no longer needed: free memory (or shards) as we go
-            if upstream[1] is not None:
-                upstream[1].clear()
-        if spec.name in train_names:
-            entry = prepared[spec.name]
-            finish(spec, entry[0], _train_prepared(spec, entry, store, ratio, rules, config, progress=progress))
-        payload = done.get(spec.name)
-        if payload is not None:
-            for name, module in payload["modules"].items():
-                set_submodule(hybrid, name, copy.deepcopy(module))
-        hybrid.eval()
-        upstream = (spec, store)
-    if store is not None:
-        store.clear()
-    targets[specs[-1].name].clear()
-    timings["train_s"] = time.perf_counter() - t1
-    return chained
 
 
 def _gather(done: dict[str, dict], mine: list[str], rank: int, ckpt_dir: Path) -> dict[str, dict]:

@@ -44,11 +44,16 @@ class SliceSpec:
         object.__setattr__(self, "modules", tuple(self.modules))
 
 
+EXTRA_ARGS = "*args"  # kwargs key of a first module's extra positional arguments that have no keyword name
+
+
 def run_slice(modules: Sequence[nn.Module], x: Tensor, kwargs: dict | None = None) -> Tensor:
-    """Run `modules` in order on `x`, passing `kwargs` to each; a tuple output contributes its first element."""
-    kwargs = kwargs or {}
+    """Run `modules` in order on `x`, passing `kwargs` to each; a tuple output contributes its first element.
+    Positional arguments stored under EXTRA_ARGS are passed after `x`."""
+    kwargs = dict(kwargs or {})
+    extra = tuple(kwargs.pop(EXTRA_ARGS, ()))
     for m in modules:
-        out = m(x, **kwargs)
+        out = m(x, *extra, **kwargs)
         x = out[0] if isinstance(out, tuple) else out
     return x
 
@@ -113,6 +118,9 @@ def make_slices(model: nn.Module, slices: str | Sequence[str] | Sequence[SliceSp
 def validate_slices(model: nn.Module, specs: Sequence[SliceSpec]) -> None:
     """Unknown module names, duplicate slice names, and modules claimed by two slices raise ValueError."""
     known = dict(model.named_modules())
+    aliases: dict[int, list[str]] = {}  # every name of every module object, shared ones under several
+    for n, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(n)
     seen_names: set[str] = set()
     owner: dict[str, str] = {}
     for spec in specs:
@@ -120,6 +128,13 @@ def validate_slices(model: nn.Module, specs: Sequence[SliceSpec]) -> None:
             raise ValueError(f"slices: duplicate slice name {spec.name!r}")
         seen_names.add(spec.name)
         for m in spec.modules:
+            if m and m not in known and _shared_alias(model, m, aliases) is not None:
+                names = _shared_alias(model, m, aliases)
+                raise ValueError(
+                    f"slice {spec.name!r}: module {m!r} is shared: the same module is also {', '.join(names)} "
+                    f"(named_modules() lists it as {names[0]!r}); a shared module cannot be sliced, since the "
+                    f"student would untie it. Slice modules that are not shared"
+                )
             if m not in known or m == "":
                 close = difflib.get_close_matches(m, [k for k in known if k], n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -131,6 +146,78 @@ def validate_slices(model: nn.Module, specs: Sequence[SliceSpec]) -> None:
                         f"each module may belong to one slice"
                     )
             owner[m] = spec.name
+        _check_shared(model, spec, aliases)
+        _check_group(model, spec)
+
+
+def _shared_alias(model: nn.Module, name: str, aliases: dict[int, list[str]]) -> list[str] | None:
+    """The other names of the module at `name` when it is shared (None when `name` is not a module path)."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        return None
+    names = [n for n in aliases.get(id(mod), []) if n != name]
+    return names or None
+
+
+def _check_shared(model: nn.Module, spec: SliceSpec, aliases: dict[int, list[str]]) -> None:
+    """Refuse a slice holding a module or parameter that is also reachable outside it (the same object under
+    several names): the slice is copied, tensorized and trained alone, so the student would untie it."""
+
+    def outside(names: list[str]) -> list[str]:
+        return [n for n in names if not any(n == s or n.startswith(s + ".") for s in spec.modules)]
+
+    for name in spec.modules:
+        for sub, mod in model.get_submodule(name).named_modules(remove_duplicate=False):
+            others = outside(aliases.get(id(mod), []))
+            if others and any(True for _ in mod.parameters()):
+                full = f"{name}.{sub}" if sub else name
+                raise ValueError(
+                    f"slice {spec.name!r}: module {full!r} is shared with {', '.join(others)} outside the slice (the "
+                    f"same module under several names); a shared module cannot be sliced, since the student "
+                    f"would untie it. Leave it out of the slices (slice the modules around it)"
+                )
+    params: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), []).append(n)
+    for name in spec.modules:
+        for pn, p in model.get_submodule(name).named_parameters(remove_duplicate=False):
+            others = outside(params[id(p)])
+            if others:
+                raise ValueError(
+                    f"slice {spec.name!r}: parameter {name}.{pn} is tied to {', '.join(others)} outside the slice "
+                    f"(one tensor under several names); the student would untie it. Leave the tied layers out of "
+                    f"the slices"
+                )
+
+
+def _check_group(model: nn.Module, spec: SliceSpec) -> None:
+    """A group "a+b+c" must be sibling modules (one parent), consecutive and in order in the parent's children
+    (run_slice feeds each module's output to the next)."""
+    if len(spec.modules) < 2:
+        return
+    parents = {n.rpartition(".")[0] for n in spec.modules}
+    if len(parents) > 1:
+        raise ValueError(
+            f"slice {spec.name!r}: a group's modules must share one parent; {', '.join(spec.modules)} have parents "
+            f"{', '.join(repr(p) for p in sorted(parents))}. Group consecutive children of one module"
+        )
+    parent = parents.pop()
+    children = list((model.get_submodule(parent) if parent else model)._modules)
+    idx = [children.index(n.rpartition(".")[2]) for n in spec.modules]
+    if idx != list(range(idx[0], idx[0] + len(idx))):
+        prefix = f"{parent}." if parent else ""
+        lo, hi = min(idx), max(idx)
+        if sorted(idx) != idx:
+            why = "are not in the order of the parent's children"
+        else:
+            missing = [prefix + children[i] for i in range(lo, hi + 1) if i not in idx]
+            why = f"skip {', '.join(missing)}"
+        want = "+".join(prefix + c for c in children[lo : hi + 1])
+        raise ValueError(
+            f"slice {spec.name!r}: a group must be consecutive modules in order; its modules {why} (the modules "
+            f"from the first to the last are {want}). Group consecutive modules, or make separate slices"
+        )
 
 
 def slice_modules(root: nn.Module, spec: SliceSpec) -> list[nn.Module]:

@@ -36,6 +36,7 @@ __all__ = [
     "save_slice_checkpoint",
     "load_slice_checkpoint",
     "filter_rules",
+    "check_fingerprint",
 ]
 
 CHECKPOINT_FORMAT = "tnkernels-distill-slice/1"
@@ -295,3 +296,21 @@ def load_slice_checkpoint(path: str | os.PathLike, spec: SliceSpec, fingerprint:
     if tuple(payload["spec"][1]) != spec.modules:
         raise ValueError(f"{path}: holds modules {payload['spec'][1]}, expected {list(spec.modules)}")
     return payload
+
+
+def check_fingerprint(out, path, payload: dict, base: str, full: str | None) -> None:
+    """ValueError unless checkpoint `payload` was written by this run: same settings (`base`, the digest of the
+    teacher, slices, ratio/budget and training settings) and, once known, the same calibration data (`full`)."""
+    fp = str(payload.get("fingerprint", ""))
+    same_settings = fp.split("-")[0] == base
+    if same_settings and (full is None or fp == full):
+        return
+    what = (
+        "the calibration data differ"
+        if same_settings
+        else "the teacher, slices, ratio/budget or training settings differ"
+    )
+    raise ValueError(
+        f"{out} holds the slices of another run ({what}: {path}); use a fresh --out DIR (distill(out_dir=...)), or "
+        f"delete {out} to start over. A rerun with the same model, data and settings resumes where it stopped"
+    )

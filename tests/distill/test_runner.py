@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import distill.runner as runner
+import distill.sequential as sequential
 from distill.runner import distill, tensorized_copy
 from distill.teacher import evaluate
 from distill.train_slice import SliceTrainConfig
@@ -92,7 +93,7 @@ def test_sequential_chaining_equals_whole_model_pass(tmp_path, monkeypatch):
     teacher, loader = _random_teacher(), calib_loader(n=48, batch_size=16)
     cfg = SliceTrainConfig(**CFG)
     chained = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "c", mode="sequential", config=cfg, progress=False)
-    monkeypatch.setattr(runner, "_chains", lambda *a: False)
+    monkeypatch.setattr(sequential, "_chains", lambda *a: False)
     rerun = distill(teacher, loader, ratio=2.0, out_dir=tmp_path / "r", mode="sequential", config=cfg, progress=False)
     assert rerun.chained == [] and len(chained.chained) == 3
     _states_equal(chained.student, rerun.student)
@@ -130,7 +131,7 @@ def test_disk_store_fp16_runs(tmp_path):
         config=SliceTrainConfig(**CFG),
         progress=False,
     )
-    assert list((tmp_path / "features" / "layer2.0").glob("shard_*.pt"))
+    assert not (tmp_path / "features").exists()  # spilled shards are removed once the slice is trained
     assert res.slices["layer2.0"].steps > 0
 
 
