@@ -123,3 +123,21 @@ def test_code_that_reads_the_weight_meets_the_explanation():
         attention(x, x, x)
     with pytest.raises(AttributeError, match="TuckerConv2d has no dense .weight"):
         F.conv2d(torch.randn(1, 4, 5, 5, dtype=F64), _tucker().weight)
+
+
+@pytest.mark.parametrize("undo", ["prune.remove", "remove_parametrizations"])
+def test_making_a_pruned_or_parametrized_core_permanent_keeps_the_core_order(undo):
+    """prune.remove and remove_parametrizations put the core back at the end of the list's dict: a forward that
+    read the dict in order got the cores swapped (found 2026-12-02)."""
+    torch.manual_seed(0)
+    layer = MPOLinear(24, 20, in_modes=(2, 3, 4), out_modes=(5, 2, 2), bonds=(3, 4), dtype=F64)
+    x = torch.randn(5, 24, dtype=F64)
+    if undo == "prune.remove":
+        prune.l1_unstructured(layer.cores, "0", amount=0.5)
+        prune.remove(layer.cores, "0")
+    else:
+        parametrize.register_parametrization(layer.cores, "1", Doubled())
+        parametrize.remove_parametrizations(layer.cores, "1")
+    assert list(layer.cores._parameters) != ["0", "1", "2"]  # the case this test is about
+    expected = _mpo_ref(layer, x, bias=layer.bias.detach())
+    assert_close_rel(layer(x), expected, tolerance(F64), f"after {undo}")

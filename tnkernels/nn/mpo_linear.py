@@ -39,6 +39,9 @@ from .no_dense_weight import ExplainsMissingWeight
 DEFAULT_NUM_CORES = 2
 
 
+_CORE_KEYS = tuple(tuple(str(k) for k in range(n)) for n in range(65))  # a ParameterList's names: "0", "1", ...
+
+
 class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
     """y = x @ W.T + b with W[out, in] stored as MPO cores G_k of shape (r_{k-1}, i_k, j_k, r_k).
 
@@ -206,9 +209,13 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
     def _current_cores(self) -> tuple[torch.Tensor, ...]:
         holder = self._modules["cores"]
         if type(holder) is nn.ParameterList and not holder._forward_pre_hooks:
-            return tuple(holder._parameters.values())
+            params = holder._parameters
+            # in order only if the names are: prune.remove / remove_parametrizations re-add a core at the end
+            if len(params) < len(_CORE_KEYS) and tuple(params) == _CORE_KEYS[len(params)]:
+                return tuple(params.values())
         # torch.nn.utils.parametrize swaps the list's class; prune keeps "<i>_orig" and a mask and recomputes
-        # "<i>" in a forward pre-hook, which never runs because the list is never called: run it here.
+        # "<i>" in a forward pre-hook, which never runs because the list is never called: run it here. Then the
+        # cores by index, whatever the dict's order.
         for hook in tuple(holder._forward_pre_hooks.values()):
             hook(holder, ())
         return tuple(holder[k] for k in range(len(holder)))
