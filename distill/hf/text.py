@@ -29,8 +29,9 @@ def read_texts(path: str | os.PathLike | None = None) -> list[str]:
     """
     path = Path(path) if path is not None else DEFAULT_CORPUS
     if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise ValueError(
-            f"calibration text file {str(path)!r} does not exist; pass a plain-text or .jsonl file, "
+            f"--text: calibration text file {str(path)!r} {what}; pass a plain-text or .jsonl file, "
             "or omit it to use the embedded corpus"
         )
     try:

@@ -42,6 +42,11 @@ def test_inputs_refused_up_front(gpt2_dir, tmp_path, capsys):
     binary = tmp_path / "b.txt"
     binary.write_bytes(b"some text \xff\xfe\x00 more")
     _fails(capsys, [*base, "--text", str(binary), "--out", out], f"--text {binary}: not UTF-8 text")
+    _fails(
+        capsys,
+        [*base, "--text", str(tmp_path), "--out", out],
+        f"--text: calibration text file {str(tmp_path)!r} is a folder",
+    )
     resnet_out = tmp_path / "r"
     resnet_out.mkdir()
     (resnet_out / "run.json").write_text('{"kind": "resnet"}')
