@@ -140,6 +140,11 @@ def validate_slices(model: nn.Module, specs: Sequence[SliceSpec]) -> None:
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(f"slice {spec.name!r}: unknown module name {m!r} in {type(model).__name__}{hint}")
             for other, other_spec in owner.items():
+                if other_spec == spec.name and (m == other or m.startswith(other + ".") or other.startswith(m + ".")):
+                    raise ValueError(
+                        f"slice {spec.name!r} names module {m!r} twice (or with a module inside it); "
+                        f"a group lists each module once"
+                    )
                 if m == other or m.startswith(other + ".") or other.startswith(m + "."):
                     raise ValueError(
                         f"slices {other_spec!r} and {spec.name!r} overlap on module {m!r}; "

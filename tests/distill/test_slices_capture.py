@@ -123,6 +123,7 @@ def test_slices_by_name_and_grouping():
         (["layer1.7"], "unknown module name 'layer1.7'.*did you mean"),
         (["per-blocks"], "unknown module name 'per-blocks'"),
         (["layer1", "layer1.0"], "overlap"),
+        (["layer1.0+layer1.0"], "slice 'layer1.0\\+layer1.0' names module 'layer1.0' twice"),
         ([], "empty"),
     ],
 )
