@@ -1,6 +1,7 @@
 """tensorize() on real architectures, compressed checkpoints, and bad input."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,13 @@ def test_load_into_a_model_that_holds_the_saved_one(tmp_path):
     twins = nn.ModuleDict({k: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv2d(3, 8, 3)) for k in "ab"})
     with pytest.raises(ValueError, match="skeleton model lacks"):
         load_compressed(twins, tmp_path / "body")
+
+
+def test_a_tensorized_model_larger_than_dense_is_warned_about():
+    """tensorize(model) with no ratio keeps full ranks: exact, but larger and slower than the dense layers."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Flatten(), nn.Linear(32 * 4, 10))
+    with pytest.warns(UserWarning, match=r"tensorize: 2 layer\(s\) now hold more weights than the dense ones"):
+        tensorize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a real compression says nothing
+        tensorize(nn.Sequential(nn.Linear(64, 64)), ratio=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -203,6 +204,15 @@ def tensorize(
             "(see the per-layer limits with `tnk inspect`)"
         )
     keep_transformer_layers_on_their_regular_path(model)
+    larger = [r.name for r in report.rows if r.tensorized and r.ratio < 1]
+    if larger:  # e.g. tensorize(model) with no ratio: exact full-rank factors hold more weights than the layer
+        warnings.warn(
+            f"tensorize: {len(larger)} layer(s) now hold more weights than the dense ones they replace "
+            f"({', '.join(larger[:3])}{', ...' if len(larger) > 3 else ''}): factors at or near full rank (with no "
+            "ratio, tensorize keeps full rank: exact, larger, slower); pass ratio=R, or a larger rel_tol or a "
+            "smaller max_bond, to compress",
+            stacklevel=2,
+        )
     return report
 
 
