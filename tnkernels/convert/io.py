@@ -79,14 +79,12 @@ def _layer_spec(module: nn.Module) -> dict:
     }
 
 
-def _follow_umask(folder: Path) -> None:
-    """mkdtemp makes the folder 0700 (and a writer may make files 0600): give the folder and its files the modes
-    a plain mkdir / open would under the process umask, like every other output."""
-    umask = os.umask(0)
-    os.umask(umask)
+def _readable_by_all(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 (and a writer may make files 0600): 0755 and 0644, the modes distill's atomic
+    writes give every other output. (Reading the umask would mean setting it: process-wide, racy with threads.)"""
     for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-    os.chmod(folder, 0o777 & ~umask)
+        os.chmod(f, 0o644)
+    os.chmod(folder, 0o755)
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -120,7 +118,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
             "layers": layers,
         }
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-        _follow_umask(tmp)
+        _readable_by_all(tmp)
         backup = None
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{os.getpid()}")
