@@ -59,7 +59,6 @@ CONV_SHAPES = {  # name: (channels, spatial size at that stage of ResNet-34)
     "resnet34-conv256": (256, 14),
     "resnet34-conv512": (512, 7),
 }
-TUCKER_PREFER = {"prefer": "accuracy"}  # --tucker-prefer: the TuckerConv2d.from_conv default, or "speed"
 PRESETS = {
     "full": dict(linear=list(LINEAR_SHAPES), rows=[1, 64, 1024, 4096], ratios=[2, 4, 16, 64],
                  conv=list(CONV_SHAPES), batches=[1, 8, 32], reps=20),
@@ -200,13 +199,13 @@ def _check_plans(module, x, shapes, rows: int, reps: int) -> dict:
                 within_10pct=measured[chosen] <= 1.1 * best)  # fmt: skip
 
 
-def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peers: bool):
+def bench_conv(name: str, batch: int, ratio: float, passes: str, reps: int, peers: bool, prefer: str = "accuracy"):
     c, hw = CONV_SHAPES[name]
     conv = ((1, 1), (1, 1), (1, 1))
-    # the ranks TuckerConv2d.from_conv(ratio=..., prefer=TUCKER_PREFER) gives a (random) kernel of this shape on this
+    # the ranks TuckerConv2d.from_conv(ratio=..., prefer=prefer) gives a (random) kernel of this shape on this
     # machine; the peers get the same ones
     kernel = torch.randn(c, c, 3, 3, generator=torch.Generator().manual_seed(0))
-    r_out, r_in = choose_tucker_ranks(kernel, ratio, conv, TUCKER_PREFER["prefer"])
+    r_out, r_in = choose_tucker_ranks(kernel, ratio, conv, prefer)
     providers = conv_providers(c, c, 3, (r_out, r_in), 1, peers=peers)
     x = torch.randn(batch, c, hw, hw)
     times, skipped = _interleaved(providers, x, passes, reps)
@@ -394,7 +393,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)  # the calibration is keyed by thread count, so it follows
     preset = "quick" if args.quick else args.preset
     cfg = PRESETS[preset]
-    TUCKER_PREFER["prefer"] = args.tucker_prefer
     name_tag = preset + ("-balanced" if args.structure == "balanced" else "")
     name_tag += "-tucker-speed" if args.tucker_prefer == "speed" else ""
     passes = args.passes.split(",")
@@ -428,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for ps in passes:
                     if ("conv", name, ratio, batch, ps) in done:
                         continue
-                    rec = bench_conv(name, batch, ratio, ps, cfg["reps"], not args.no_peers)
+                    rec = bench_conv(name, batch, ratio, ps, cfg["reps"], not args.no_peers, args.tucker_prefer)
                     records.append(rec)
                     save_partial()
                     print(table([rec]).splitlines()[-1], flush=True)
