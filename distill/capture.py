@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .calib import training_flags
 from .slices import EXTRA_ARGS, SliceSpec
 
 __all__ = ["Chunk", "FeatureStore", "capture_features", "default_forward", "capture_hooks", "remove_empty"]
@@ -368,21 +369,15 @@ def capture_features(
     """
     from tqdm.auto import tqdm
 
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     per_slice = None if memory_budget_bytes is None else max(memory_budget_bytes // max(len(specs), 1), 1)
     stores = {s.name: FeatureStore(None if root is None else Path(root) / s.name, per_slice, fp16) for s in specs}
-    try:
-        with capture_hooks(model, specs, inputs=inputs, outputs=outputs) as hooks:
-            for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-                hooks.reset()
-                forward_fn(model, batch, device)
-                for s in specs:
-                    x, y, kw = hooks.take(s.name)
-                    stores[s.name].add(x, y, kw)
-    finally:
-        for m, f in flags:
-            m.training = f
+    with training_flags(model), capture_hooks(model, specs, inputs=inputs, outputs=outputs) as hooks:
+        for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+            hooks.reset()
+            forward_fn(model, batch, device)
+            for s in specs:
+                x, y, kw = hooks.take(s.name)
+                stores[s.name].add(x, y, kw)
     if not any(len(st) for st in stores.values()):
         raise ValueError("capture_features: the calibration loader yielded no batches")
     return stores

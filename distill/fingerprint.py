@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from ._atomic import atomic_write_text
-
-RUN_FILE = "run.json"
+from .out_dir import RUN_FILE, check_kind
 
 
 def digest(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict) -> str:
@@ -30,8 +29,6 @@ def digest(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict) -> str:
 def claim(out: str | Path, fingerprint: str, settings: dict, kind: str = "hf") -> None:
     """Record `fingerprint` in OUT/run.json, or raise ValueError if OUT holds another run's outputs (of another
     setup, or of the other kind of run: `kind` is "hf" for the Hugging Face pipeline, see distill/out_dir.py)."""
-    from .out_dir import check_kind
-
     check_kind(out, kind)
     path = Path(out) / RUN_FILE
     if path.is_file():

@@ -130,13 +130,13 @@ def _prepare(teacher: nn.Module, spec: SliceSpec, ratio, rules, seed: int) -> tu
 def _refuse_unreachable(ratio: float, rows: list[dict]) -> None:
     from .ratio_check import conv_limit, refuse_unreachable
 
-    def limit(r: dict) -> float | None:
-        return conv_limit(r["shape"]) if len(r.get("shape") or ()) == 4 else None
-
+    limits = [(r, conv_limit(r["shape"]) if len(r.get("shape") or ()) == 4 else None) for r in rows]
     bad = [
-        (r["name"], tuple(r.get("shape") or ()), limit(r)) for r in rows if "cannot be reached" in str(r.get("status"))
+        (r["name"], tuple(r.get("shape") or ()), lim)
+        for r, lim in limits
+        if "cannot be reached" in str(r.get("status"))
     ]
-    convs = [limit(r) for r in rows if limit(r) is not None]
+    convs = [lim for _, lim in limits if lim is not None]
     best = min(convs) if convs and all(b[2] is not None for b in bad) else float("nan")
     refuse_unreachable(ratio, bad, best)
 

@@ -151,6 +151,11 @@ def save_checkpoint(
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) -> nn.Module:
     """Load a teacher checkpoint (ours, or a bare state dict) into `model`, rejecting one from another model."""
     path = Path(path).expanduser()
+    return _load_state(model, _read_checkpoint(path), path, model_name=model_name)
+
+
+def _read_checkpoint(path: Path):
+    """The payload of a teacher checkpoint file (ValueError when missing or unreadable)."""
     if not path.is_file():
         raise ValueError(
             f"--weights: {str(path)!r} does not exist; pass a checkpoint written by `tnk compress` "
@@ -160,6 +165,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) 
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
         raise ValueError(f"--weights: {str(path)!r} is not a readable torch checkpoint ({exc})") from exc
+    return payload
+
+
+def _load_state(model: nn.Module, payload, path: Path, *, model_name: str) -> nn.Module:
+    """Load the checkpoint `payload` (read from `path`) into `model`, rejecting one from another model."""
     if isinstance(payload, dict) and "state_dict" in payload:
         saved = payload.get("model")
         if saved is not None and saved != model_name:
@@ -248,11 +258,12 @@ def get_teacher(
     info.update(source="trained", path=str(path))
     if path.is_file():
         try:
-            loaded = load_weights(net, path, model_name=model)
+            payload = _read_checkpoint(path)
+            loaded = _load_state(net, payload, path, model_name=model)
         except ValueError:
             loaded = None  # a stale or foreign file at our cache path: retrain and overwrite it
         if loaded is not None:
-            trained_for = _cached_epochs(path, loaded, len(train_ds))
+            trained_for = _cached_epochs(payload, loaded, len(train_ds))
             if trained_for == epochs:
                 info["source"] = "cache"
                 return loaded.to(device)
@@ -276,11 +287,10 @@ def get_teacher(
     return net.eval()
 
 
-def _cached_epochs(path: Path, net: nn.Module, n_train: int) -> int | None:
+def _cached_epochs(payload, net: nn.Module, n_train: int) -> int | None:
     """The epochs a cached teacher was trained for: recorded in files written since 2026-12-02; for older ones
     (whose name said e8 whatever --teacher-epochs was) read from the BatchNorm step counter, which counts every
-    training step (None when it does not divide into whole epochs)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    training step (None when it does not divide into whole epochs). `payload`: the file's content."""
     if isinstance(payload, dict) and isinstance(payload.get("epochs"), int):
         return payload["epochs"]
     steps = next((int(m.num_batches_tracked) for m in net.modules() if isinstance(m, nn.BatchNorm2d)), None)

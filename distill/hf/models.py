@@ -91,14 +91,15 @@ def max_positions(config: dict) -> int | None:
 
 def check_model_dir(model_dir: str | os.PathLike, seq_len: int | None) -> None:
     """Up-front checks of a model folder: a readable config.json, weights, ``--seq-len`` within its positions."""
-    read_config(model_dir)
+    config = read_config(model_dir)
     check_weights(model_dir)
-    check_seq_len(model_dir, seq_len)
+    check_seq_len(model_dir, seq_len, config)
 
 
-def check_seq_len(model_dir: str | os.PathLike, seq_len: int | None) -> None:
-    """ValueError when ``--seq-len`` exceeds the positions the model was built for (before any loading)."""
-    limit = max_positions(read_config(model_dir))
+def check_seq_len(model_dir: str | os.PathLike, seq_len: int | None, config: dict | None = None) -> None:
+    """ValueError when ``--seq-len`` exceeds the positions the model was built for (before any loading);
+    `config`: the folder's config.json when already read."""
+    limit = max_positions(read_config(model_dir) if config is None else config)
     if seq_len is not None and limit is not None and seq_len > limit:
         raise ValueError(
             f"--seq-len {seq_len} is longer than the model's {limit} positions (config.json of {model_dir}); "

@@ -34,6 +34,7 @@ from torch import nn
 
 import tnkernels
 from distill.arg_checks import check_compress_args
+from distill.capture import remove_empty
 from distill.fingerprint import claim, digest
 from distill.out_dir import check_kind, check_out, clean_stale_tmp
 from distill.slices import set_submodule
@@ -324,10 +325,7 @@ def compress_model(
             )
     shutil.rmtree(store / "_tokens", ignore_errors=True)  # the token masks: needed only while slices train
     for d in (store, store.parent):  # and the folders, once empty (other ranks' features may still be there)
-        try:
-            d.rmdir()
-        except OSError:
-            pass
+        remove_empty(d)
     if rank != 0:
         return None
 
