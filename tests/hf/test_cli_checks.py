@@ -4,7 +4,6 @@ the fix, and a run leaves only its outputs (no token masks, no stale temporary f
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -76,14 +75,10 @@ def test_run_applies_threads_silences_bars_and_cleans_up(gpt2_dir, tmp_path, cap
     threads = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (threads.append(n), real(n)))
-    old_umask = os.umask(0o022)
-    try:
-        assert (
-            main(["compress", "--model", str(gpt2_dir), *FAST, "--threads", "1", "--no-progress", "--out", str(out)])
-            == 0
-        )
-    finally:
-        os.umask(old_umask)
+    assert (
+        main(["compress", "--model", str(gpt2_dir), *FAST, "--threads", "1", "--no-progress", "--out", str(out)])
+        == 0
+    )
     err = capfd.readouterr().err
     assert "Loading weights" not in err, err  # transformers' bar obeys --no-progress
     assert threads == [1]
