@@ -76,8 +76,7 @@ def test_run_applies_threads_silences_bars_and_cleans_up(gpt2_dir, tmp_path, cap
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (threads.append(n), real(n)))
     assert (
-        main(["compress", "--model", str(gpt2_dir), *FAST, "--threads", "1", "--no-progress", "--out", str(out)])
-        == 0
+        main(["compress", "--model", str(gpt2_dir), *FAST, "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     )
     err = capfd.readouterr().err
     assert "Loading weights" not in err, err  # transformers' bar obeys --no-progress
