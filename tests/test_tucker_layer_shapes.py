@@ -131,3 +131,32 @@ def test_same_even_kernel_in_a_tensorized_model_and_after_a_copy():
     old = TuckerConv2d.__new__(TuckerConv2d)
     old.__setstate__(state)
     assert_close_rel(old(x), dense[0](x), 1e-10, "a layer pickled before the fix")
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        ({"kernel_size": (3, 3, 3)}, "kernel_size"),
+        ({"stride": 1.5}, "stride"),
+        ({"padding": (1, 1.5)}, "padding"),
+        ({"dilation": True}, "dilation"),
+    ],
+)
+def test_conv_geometry_that_nn_conv2d_would_not_take_is_refused_by_name(kwargs, bad):
+    """A 3-entry kernel size used to be cut to its first two entries and a float stride truncated: a different
+    convolution from the one asked for, with no error. The layer and the functional op name the argument."""
+    layer_kwargs = {"kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=f"TuckerConv2d: {bad} must be an int or a pair of ints"):
+        TuckerConv2d(4, 4, ranks=(2, 2), **layer_kwargs)
+    if bad != "kernel_size":
+        layer = TuckerConv2d(4, 4, 3, ranks=(2, 2))
+        with pytest.raises(ValueError, match=f"tucker_conv2d: {bad} must be an int or a pair of ints"):
+            tnkernels.tucker_conv2d(torch.randn(1, 4, 6, 6), layer.u_in, layer.core, layer.u_out, **kwargs)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    import numpy as np
+
+    layer = TuckerConv2d(4, 4, np.int64(3), ranks=(2, 2), stride=(np.int64(2), 1), padding=np.int32(1))
+    assert (layer.kernel_size, layer.stride, layer.padding) == ((3, 3), (2, 1), (1, 1))
+    assert all(type(v) is int for v in (*layer.kernel_size, *layer.stride, *layer.padding))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from .._int_pair import int_pair
 from ..decompose import (
     check_ratio,
     tucker_decompose,
@@ -25,11 +26,6 @@ from ..ops.tucker.tuned import kind_for, kind_is_timed
 from ..plan import explain_tucker
 from .call_memo import MemoizedCalls, memo_applies
 from .no_dense_weight import ExplainsMissingWeight
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -104,9 +100,10 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
                 f"1..in_channels={in_channels}"
             )
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size = int_pair(kernel_size, "kernel_size", "TuckerConv2d")
+        self.stride = int_pair(stride, "stride", "TuckerConv2d")
+        self.dilation = int_pair(dilation, "dilation", "TuckerConv2d")
+        self.padding = padding if isinstance(padding, str) else int_pair(padding, "padding", "TuckerConv2d")
         self.padding_mode = padding_mode
         # Non-zero padding modes (and 'same' with an even kernel) pad the input first (F.pad), then convolve without
         # padding, as nn.Conv2d does.

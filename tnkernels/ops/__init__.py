@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._int_pair import int_pair
 from ..plan.backends import auto_mpo_backend
 from ..plan.cache import planned_rows
 from .dispatch import BACKENDS, backend_available, preload, resolve
@@ -211,12 +212,7 @@ def tucker_route(
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
-        raise ValueError(f"tucker_conv2d: {name} must be an int or a pair, got {v!r}")
-    return t  # type: ignore[return-value]
+    return int_pair(v, name, "tucker_conv2d")
 
 
 def conv_padding(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._int_pair import int_pair
 from .cache import OPTIONS, mpo_decision, tucker_decision
 from .mpo import MPODecision
 
@@ -86,15 +87,12 @@ def explain(
 
 
 def _int_pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return (value[0], value[1])
-    raise ValueError(
-        f"explain_tucker: {name} must be an int or a pair of ints (h, w), got {value!r}"
-        + ("; for 'same'/'valid' padding use TuckerConv2d.explain(input_shape)" if isinstance(value, str) else "")
-    )
+    if isinstance(value, str):
+        raise ValueError(
+            f"explain_tucker: {name} must be an int or a pair of ints (h, w), got {value!r}; for 'same'/'valid' "
+            "padding use TuckerConv2d.explain(input_shape)"
+        )
+    return int_pair(value, name, "explain_tucker")
 
 
 def explain_tucker(
