@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ._atomic import atomic_write_text
-from .out_dir import RUN_FILE, check_kind
+from .out_dir import RUN_FILE, check_kind, json_or_empty
 
 
 def digest(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict) -> str:
@@ -32,7 +32,7 @@ def claim(out: str | Path, fingerprint: str, settings: dict, kind: str = "hf") -
     check_kind(out, kind)
     path = Path(out) / RUN_FILE
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = json_or_empty(path)
         if before.get("fingerprint") != fingerprint:
             changed = sorted(k for k in settings if before.get("settings", {}).get(k) != settings[k])
             what = f"settings {', '.join(changed)} differ" if changed else "the model or calibration data differ"

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ._atomic import atomic_write_text
+from ._atomic import atomic_write_text, read_json
 
 RUN_FILE = "run.json"
 KINDS = {"resnet": "a ResNet run (tnk compress --model resnet18/resnet34)", "hf": "a Hugging Face run"}
@@ -36,9 +36,11 @@ def check_out(out: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def _read(path: Path) -> dict:
+def json_or_empty(path: Path) -> dict:
+    """The dict in a JSON file; {} when it is missing, unreadable or not a JSON object (a folder's kind is then
+    told from its other files, and a fingerprint check treats it as another run's)."""
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, "run folder")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -48,9 +50,9 @@ def existing_kind(out: str | os.PathLike) -> str | None:
     """'resnet', 'hf' or None (an empty or unknown folder) for the outputs already in `out`."""
     out = Path(out)
     if (out / RUN_FILE).is_file():
-        data = _read(out / RUN_FILE)
+        data = json_or_empty(out / RUN_FILE)
         return data.get("kind") or ("hf" if "fingerprint" in data else None)
-    report = _read(out / "report.json") if (out / "report.json").is_file() else {}
+    report = json_or_empty(out / "report.json") if (out / "report.json").is_file() else {}
     if "model_family" in report:
         return "hf"
     if "teacher_accuracy" in report:

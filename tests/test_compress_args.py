@@ -147,3 +147,15 @@ def test_help_describes_commands_with_examples_and_both_defaults():
     assert "Hugging Face folder holding config.json" not in sens
     assert "ratios each layer is scanned at (default: [2.0, 4.0, 8.0])" in sens
     assert "(default: 0.2)" in sens and "cpu (default) or cuda" in sens
+
+
+def test_a_damaged_run_json_is_another_run_not_a_traceback(tmp_path):
+    """A run.json that is not JSON (edited by hand, a disk full at write time) used to raise a bare
+    JSONDecodeError from the fingerprint check; it is now treated as another run's, with the usual advice."""
+    from distill.fingerprint import claim
+
+    (tmp_path / "run.json").write_text('{"kind": "hf", "fingerp')
+    with pytest.raises(ValueError, match="holds the slices of another run .*use a fresh --out DIR"):
+        claim(tmp_path, "0123456789abcdef", {"ratio": 2.0})
+    claim(tmp_path / "fresh", "0123456789abcdef", {"ratio": 2.0})  # a new folder is claimed
+    claim(tmp_path / "fresh", "0123456789abcdef", {"ratio": 2.0})  # and the same run resumes in it
