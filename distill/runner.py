@@ -374,8 +374,8 @@ def _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir
         (prepared[s.name], s, stores[s.name], ratio, rules, config, ckpt_dir / f"{s.name}.pt", fp, threads)
         for s in order
     ]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(processes=min(workers, len(tasks))) as pool:
+    pool = mp.get_context("spawn").Pool(processes=min(workers, len(tasks)))
+    try:
         for _ in tqdm(
             pool.imap_unordered(_train_task, tasks),
             total=len(tasks),
@@ -384,6 +384,12 @@ def _train_in_workers(to_train, prepared, stores, ratio, rules, config, ckpt_dir
             unit="slice",
         ):
             pass
+        # Let the workers exit normally: the pool's context manager terminates them before their finalizers run,
+        # and the semaphore each one's tqdm lock holds was then reported leaked by Python at exit.
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
 
 
 def _gather(done: dict[str, dict], mine: list[str], rank: int, ckpt_dir: Path) -> dict[str, dict]:

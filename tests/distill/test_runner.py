@@ -152,3 +152,36 @@ def test_convergence_slice_wise_recovers_accuracy(tmp_path):
     d_acc = evaluate(tensorized_copy(teacher, "per-block", ratio=2.0), test)
     assert s_acc > d_acc, f"training did not help: {d_acc:.3f} (decomposition) -> {s_acc:.3f}"
     assert s_acc >= t_acc - 0.05, f"student {s_acc:.3f} too far below teacher {t_acc:.3f}"
+
+
+@pytest.mark.slow
+def test_worker_processes_leave_no_leaked_semaphore(tmp_path):
+    """Python warned "resource_tracker: There appear to be 1 leaked semaphore objects" at the exit of every run with
+    workers: the pool terminated its workers, so the semaphore of each worker's tqdm lock was never released. The
+    warning is printed by the interpreter at exit, so the run is a subprocess."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(f"""
+        import torch
+        from torch import nn
+        from distill.runner import distill
+        from distill.train_slice import SliceTrainConfig
+
+        if __name__ == "__main__":
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+            data = [torch.randn(8, 16) for _ in range(2)]
+            distill(model, data, slices=["0", "2"], ratio=2, workers=2, out_dir={str(tmp_path / "out")!r},
+                    config=SliceTrainConfig(max_steps=2, eval_every=1, batch_size=8), progress=False)
+            print("finished")
+    """)
+    (tmp_path / "run.py").write_text(script)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py")], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "finished" in done.stdout, done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr
