@@ -7,25 +7,14 @@ scikit-learn's digits (on first use, then cached), slice-wise distillation at 2x
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-from . import cli_flags, cli_report
+from . import cli_flags, resnet_pipeline
 from .cli_flags import HF_GROUP, RESNET_GROUP
+from .resnet_pipeline import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_RATIO, DEFAULT_STEPS
 
 __all__ = ["register", "cmd_compress", "cmd_eval", "cmd_sensitivity"]
-
-DEFAULT_RATIO = 2.0
-# Defaults sized so that `tnk compress` (teacher training included) stays within 10 minutes on 2 CPU cores.
-# Sequential mode by default: measured on ResNet-34 / digits at 2x with 200 steps per slice, it kept the
-# student within 1 point of the teacher where parallel mode fell further behind (docs/distill.md).
-DEFAULT_STEPS = 200
-DEFAULT_BATCH = 64
-DEFAULT_LR = 1e-3
 
 
 def _is_hf_dir(model: str | None) -> bool:
@@ -157,65 +146,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_sensitivity)
 
 
-def _setup(args) -> str:
-    import torch
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = args.device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return device
-
-
-def _teacher(args, device, datasets, info: dict | None = None):
-    from .teacher import DEFAULT_EPOCHS, get_teacher
-
-    return get_teacher(
-        args.model or "resnet34",
-        args.weights,
-        args.data,
-        device,
-        image_size=args.image_size,
-        epochs=args.teacher_epochs or DEFAULT_EPOCHS,
-        seed=args.seed,
-        progress=args.progress,
-        datasets=datasets,
-        info=info,
-    )
-
-
-def _init_distributed(device: str) -> tuple[int, str]:
-    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo on CPU, nccl on GPUs (one per local rank)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), device
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def cmd_compress(args) -> int:
     try:
         return _compress(args)
@@ -227,7 +157,6 @@ def cmd_compress(args) -> int:
 
 def _compress(args) -> int:
     from .arg_checks import check_compress_args
-    from .out_dir import check_kind, check_out, claim_resnet, clean_stale_tmp
 
     check_compress_args(args)
     hf = _is_hf_dir(args.model)
@@ -239,161 +168,7 @@ def _compress(args) -> int:
             args.ratio = DEFAULT_RATIO
         compress_hf(args)
         return 0
-    check_out(args.out)
-    check_kind(args.out, "resnet")
-    import copy
-
-    import torch
-    from torch.utils.data import DataLoader
-
-    import tnkernels
-
-    from .data import calibration_subset, load_data
-    from .ratio_check import check_ratio_on_meta, sliced_weight_counts
-    from .runner import distill, tensorized_copy
-    from .slices import make_slices
-    from .teacher import build_model, evaluate
-    from .train_slice import SliceTrainConfig
-
-    device = _setup(args)
-    # Slice names and the ratio's reach are checked on the architecture built on the meta device (no weights):
-    # a typo or an unreachable ratio must not wait for the teacher's training.
-    with torch.device("meta"):
-        meta = build_model(args.model or "resnet34")
-        check_ratio_on_meta(meta, make_slices(meta, args.slices), None if args.budget else args.ratio or DEFAULT_RATIO)
-    out = Path(args.out)
-    claim_resnet(out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        clean_stale_tmp(out)  # a save_compressed killed in an earlier run
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    train_ds, test_ds = load_data(args.data, image_size=args.image_size)
-    calib_ds = calibration_subset(train_ds, args.calib_fraction, args.seed)
-    rules = None
-    if args.budget is not None:
-        from .budget import load_budget
-
-        if not Path(args.budget).is_file():
-            raise ValueError(
-                f"--budget: {args.budget!r} does not exist; write one with `tnk sensitivity --target-ratio R`"
-            )
-        rules = load_budget(args.budget)
-    ratio = None if rules is not None else (args.ratio if args.ratio is not None else DEFAULT_RATIO)
-    times["data_s"] = time.perf_counter() - t
-
-    rank, device = _init_distributed(device)
-    if args.mode is None:  # slices can only be spread over workers or ranks when they are independent
-        parallel = args.workers > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
-        args.mode = "parallel" if parallel else "sequential"
-    t = time.perf_counter()
-    if rank > 0:  # under torchrun, rank 0 trains (or loads) the teacher first; the others then read its cache
-        _barrier()
-    teacher = _teacher(args, device, (train_ds, test_ds))
-    if rank == 0:
-        _barrier()
-    times["teacher_s"] = time.perf_counter() - t
-    test_loader = DataLoader(test_ds, batch_size=256)
-    t = time.perf_counter()
-    teacher_acc = evaluate(teacher, test_loader, device)
-    times["eval_teacher_s"] = time.perf_counter() - t
-
-    config = SliceTrainConfig(
-        max_steps=DEFAULT_STEPS if args.steps is None else args.steps,
-        batch_size=args.batch_size or DEFAULT_BATCH,
-        lr=args.lr or DEFAULT_LR,
-        seed=args.seed,
-        device=device,
-        time_budget_s=getattr(args, "max_seconds_per_slice", None),
-    )
-    calib_loader = DataLoader(calib_ds, batch_size=32, shuffle=False)
-    fp16 = bool(getattr(args, "fp16_features", False))
-    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
-    run_key = f"{args.data}|{args.image_size}|{args.calib_fraction}|{args.seed}"
-    res = distill(
-        teacher,
-        calib_loader,
-        slices=args.slices,
-        ratio=ratio,
-        rules=rules,
-        mode=args.mode,
-        workers=args.workers,
-        out_dir=out,
-        config=config,
-        fp16=fp16,
-        memory_budget_bytes=budget,
-        device=device,
-        progress=args.progress,
-        run_key=run_key,
-    )
-    if res.student is None:  # a torch.distributed rank other than 0: rank 0 writes the outputs
-        return 0
-    student = res.student
-    t = time.perf_counter()
-    student_acc = evaluate(student, test_loader, device)
-    times["eval_student_s"] = time.perf_counter() - t
-    before, after, left_dense = sliced_weight_counts(teacher, student, res.specs)  # dense layers count at 1x
-    t = time.perf_counter()
-    tnkernels.save_compressed(student, out / "compressed")
-    times["save_s"] = time.perf_counter() - t
-    slicewise_s = sum(v for k, v in res.timings.items() if k in ("tensorize_s", "capture_s", "train_s"))
-
-    report = {
-        "model": args.model or "resnet34",
-        "data": args.data,
-        "calib_fraction": args.calib_fraction,
-        "calib_images": len(calib_ds),
-        "test_images": len(test_ds),
-        "mode": args.mode,
-        "workers": args.workers,
-        "slices": args.slices,
-        "ratio_requested": ratio,
-        "budget": args.budget,
-        "ratio": before / after if after else 1.0,
-        "params_compressed_layers": [before, after],
-        "layers_left_dense": left_dense,
-        "params_model": [sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters())],
-        "teacher_accuracy": teacher_acc,
-        "student_accuracy": student_acc,
-        "slicewise_seconds": slicewise_s,
-        "trained_slices": res.trained,
-        "resumed_slices": res.resumed,
-        "times": {**times, **{f"distill_{k}": v for k, v in res.timings.items()}},
-        "slices_detail": {k: v.to_dict() for k, v in res.slices.items()},
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-    }
-    if args.global_baseline:
-        from .global_baseline import global_finetune
-
-        g_student = tensorized_copy(teacher, res.specs, ratio=ratio, rules=rules, seed=args.seed)
-        g_loader = DataLoader(
-            calib_ds,
-            batch_size=args.batch_size or DEFAULT_BATCH,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        t = time.perf_counter()
-        g = global_finetune(
-            g_student,
-            g_loader,
-            teacher=copy.deepcopy(teacher) if args.kd_weight else None,
-            kd_weight=args.kd_weight,
-            time_budget_s=slicewise_s,
-            device=device,
-            progress=args.progress,
-        )
-        report["times"]["global_s"] = time.perf_counter() - t
-        report["global_accuracy"] = evaluate(g_student, test_loader, device)
-        report["global_seconds"] = g.get("seconds")
-        report["global_history"] = g.get("history")
-    cli_report.write_plots(report, res, out, args)
-    _write_json(out / "report.json", report)
-    print(cli_report.summary(report, out))
-    return 0
+    return resnet_pipeline.compress_resnet(args)
 
 
 def cmd_eval(args) -> int:
@@ -405,7 +180,7 @@ def cmd_eval(args) -> int:
     from .teacher import build_model, evaluate, load_weights
 
     cli_flags.check_pipeline_flags(args, hf=_is_hf_dir(args.model))
-    device = _setup(args)
+    device = resnet_pipeline.setup_device(args)
     if _is_hf_dir(args.model):  # the metrics tnk compress reports for Hugging Face models (distill/hf/eval_cmd.py)
         from .hf.eval_cmd import print_hf_eval
 
@@ -424,7 +199,7 @@ def cmd_eval(args) -> int:
         what = f"teacher {args.weights}"
     else:
         info: dict = {}
-        model = _teacher(args, device, (train_ds, test_ds), info)
+        model = resnet_pipeline.teacher_from_args(args, device, (train_ds, test_ds), info)
         what = f"teacher {name} ({'cached' if info.get('source') == 'cache' else 'trained now and cached'})"
     acc = evaluate(model.to(device), loader, device)
     print(f"{what}: test accuracy {acc:.4f} on {len(test_ds)} images")
@@ -442,9 +217,9 @@ def cmd_sensitivity(args) -> int:
 
     cli_flags.check_sensitivity_model(args.model, hf=_is_hf_dir(args.model))
     check_out(args.out)
-    device = _setup(args)
+    device = resnet_pipeline.setup_device(args)
     train_ds, test_ds = load_data(args.data, image_size=args.image_size)
-    teacher = _teacher(args, device, (train_ds, test_ds))
+    teacher = resnet_pipeline.teacher_from_args(args, device, (train_ds, test_ds))
     layers = args.layers or [s.name for s in resnet_slices(teacher, "per-conv")]
     calib = DataLoader(calibration_subset(train_ds, args.calib_fraction, args.seed), batch_size=256)
     batches = [x for x, _ in calib]

@@ -3,6 +3,7 @@
 import pytest
 
 import distill.cli
+import distill.resnet_pipeline
 from tnkernels.cli import build_parser, main
 
 
@@ -13,7 +14,7 @@ def no_teacher(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was requested before the flags were checked")
 
-    monkeypatch.setattr(distill.cli, "_teacher", refuse)
+    monkeypatch.setattr(distill.resnet_pipeline, "teacher_from_args", refuse)
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,16 @@ def test_sensitivity_budget_then_compress_with_budget(tmp_path, r18_weights, cap
     report = json.loads((out / "report.json").read_text())
     assert report["ratio"] >= 2.0 - 1e-6 and report["ratio_requested"] is None
     assert (out / "sensitivity.png").is_file()  # --sensitivity FILE adds the heat map
+
+
+def test_compress_with_the_global_baseline_reports_both_methods(tmp_path, r18_weights, capsys):
+    """--global-baseline fine-tunes the same tensorized start end to end for as long as the slice-wise run took
+    (with --kd-weight, against the teacher's logits too) and reports its accuracy beside the slice-wise one."""
+    out = tmp_path / "out"
+    flags = ["--model", "resnet18", "--weights", str(r18_weights), "--image-size", "8", "--no-progress"]
+    flags += ["--calib-fraction", "0.05", "--steps", "2", "--slices", "layer1", "--out", str(out)]
+    assert main(["compress", *flags, "--global-baseline", "--kd-weight", "0.5"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["global_accuracy"] <= 1.0 and report["global_history"]
+    assert report["times"]["global_s"] > 0 and report["global_seconds"] <= report["times"]["global_s"] + 1e-6
+    assert "global" in capsys.readouterr().out
