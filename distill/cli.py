@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--sensitivity", default=None, help="a sensitivity JSON to plot as a heat map in OUT")
     try:  # Hugging Face flags (--fp16-features, --max-seconds-per-slice, ...), owned by distill.hf
-        from .hf.pipeline import add_arguments
+        from .hf.flags import add_arguments
 
         add_arguments(p.add_argument_group(HF_GROUP), core=False, shared=p)
     except ImportError:

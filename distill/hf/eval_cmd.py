@@ -12,8 +12,9 @@ import os
 
 import tnkernels
 
+from .flags import DEFAULTS
 from .models import check_seq_len, family_of, load_hf_model
-from .pipeline import DEFAULTS, calibration_data, compare, prepare_run, teacher_metrics
+from .pipeline import calibration_data, compare, prepare_run, teacher_metrics
 
 
 def eval_hf(

@@ -41,116 +41,11 @@ from distill.slices import set_submodule
 
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
+from .flags import DEFAULTS, add_arguments, option
 from .head import distill_head, install_head, output_head
 from .models import CAUSAL_FAMILIES, base_model, check_model_dir, family_of, load_hf_model, load_tokenizer
-from .presets import ATTENTION_PATTERNS, PRESETS, default_preset, resolve, slice_specs
-from .train import INITS, tensorize_slice, train_slice
-
-DEFAULTS = {
-    "preset": None,  # per family: presets.DEFAULT_PRESET (block for BERT, mlp for GPT-2 and Llama)
-    "attention": False,
-    "text": None,
-    "tokenizer": None,
-    "head": False,
-    # the head slice's lr: on the bench GPT-2 within 1% of the best held-out KL at ratios 2 and 4 and 6% at 8
-    # (bench/results/head_lr/head_lr.log), where the blocks' 3e-4 was 17% worse
-    "head_lr": 1e-3,
-    "seq_len": 128,
-    "num_samples": 256,
-    "batch_size": 8,
-    "steps": 100,
-    "lr": 3e-4,
-    "group_size": 2,
-    "layers": None,
-    "fp16_features": False,
-    "device": None,
-    "num_cores": None,
-    "init": "whitened",
-    "sequential": True,  # on one process (measured on MiniLM 2x: 0.916 vs 0.902 cosine); torchrun: parallel
-    "max_seconds_per_slice": None,
-    "eval": True,
-    "progress": True,
-    "wait_timeout": 24 * 3600.0,
-}
-
-
-def add_arguments(p: argparse.ArgumentParser, *, core: bool = True, shared=None) -> None:
-    """The HF pipeline's flags. ``core=False`` skips the ones ``tnk compress`` already defines; ``shared`` (default
-    ``p``) receives the flags the ResNet path takes too (--fp16-features, --max-seconds-per-slice)."""
-    shared = p if shared is None else shared
-    if core:
-        p.add_argument("--model", required=True, help="local Hugging Face model folder (holds config.json)")
-        p.add_argument("--ratio", type=float, required=True, help="compression ratio of the tensorized layers")
-        p.add_argument("--out", required=True, help="output folder (compressed/, report.json, slices/)")
-        p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps per slice")
-        p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-        p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-        p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: LOCAL_RANK's GPU or cpu)")
-        p.add_argument(
-            "--mode",
-            choices=("parallel", "sequential"),
-            default=None,
-            help="sequential: slice k trains on the inputs the already compressed slices produce (default "
-            "on one process); parallel: on the teacher's inputs (default and required under torchrun)",
-        )
-    p.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default=DEFAULTS["preset"],
-        help="slice granularity (default: block for the encoders, mlp for GPT-2 and Llama; measured best for BERT "
-        "and GPT-2)",
-    )
-    p.add_argument("--attention", action="store_true", help="also tensorize attention projections")
-    p.add_argument(
-        "--head",
-        action="store_true",
-        help="GPT-2: also tensorize lm_head as a last slice, untied from the input embedding (distill/hf/head.py); "
-        "OUT/compressed then holds the whole LM: load it into AutoModelForCausalLM",
-    )
-    p.add_argument(
-        "--head-lr", type=float, default=DEFAULTS["head_lr"], help="learning rate of the --head slice (default: 1e-3)"
-    )
-    p.add_argument("--text", default=None, help="calibration text: plain text or .jsonl with a 'text' field")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="folder of a saved tokenizer, for a model folder saved without one (default: the model folder's)",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=DEFAULTS["seq_len"],
-        help=f"tokens per calibration sequence (default: {DEFAULTS['seq_len']}; BERT sentences are padded to it)",
-    )
-    p.add_argument(
-        "--num-samples",
-        type=int,
-        default=DEFAULTS["num_samples"],
-        help="calibration sequences (GPT-2 blocks / BERT sentences)",
-    )
-    p.add_argument("--group-size", type=int, default=DEFAULTS["group_size"], help="blocks per slice for --preset group")
-    p.add_argument("--layers", default=None, help="comma-separated block indices to compress (default: all)")
-    shared.add_argument("--fp16-features", action="store_true", help="store captured activations in float16")
-    p.add_argument("--num-cores", type=int, default=None, help="MPO cores per layer with --init plain (default: auto)")
-    p.add_argument(
-        "--init",
-        choices=INITS,
-        default=DEFAULTS["init"],
-        help="whitened: low-rank factors fitted to the captured activations (default, the measured best); "
-        "plain: TT-SVD of each weight",
-    )
-    shared.add_argument(
-        "--max-seconds-per-slice",
-        type=float,
-        default=None,
-        help="stop a slice's training after this many seconds (default: no limit, only --steps)",
-    )
-    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip teacher-vs-student metrics")
-
-
-def _opt(args, name):
-    value = getattr(args, name, None)
-    return DEFAULTS[name] if value is None else value
+from .presets import ATTENTION_PATTERNS, default_preset, resolve, slice_specs
+from .train import tensorize_slice, train_slice
 
 
 def dist_env() -> tuple[int, int]:
@@ -401,7 +296,7 @@ def prepare_run(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
     if threads is not None:
         torch.set_num_threads(threads)
-    if not _opt(args, "progress"):
+    if not option(args, "progress"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -421,10 +316,10 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
     prepare_run(args)
     check_out(args.out)
     check_kind(args.out, "hf")
-    check_model_dir(args.model, _opt(args, "seq_len"))
+    check_model_dir(args.model, option(args, "seq_len"))
     if rank == 0:
         clean_stale_tmp(args.out)  # a save_compressed killed in an earlier run
-    tokenizer_dir = _opt(args, "tokenizer")
+    tokenizer_dir = option(args, "tokenizer")
     model, tokenizer = load_hf_model(args.model, with_tokenizer=tokenizer_dir is None)
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -437,12 +332,12 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
     calib, held = calibration_data(
         family,
         tokenizer,
-        text_path=_opt(args, "text"),
-        seq_len=_opt(args, "seq_len"),
-        num_samples=_opt(args, "num_samples"),
-        batch_size=_opt(args, "batch_size"),
+        text_path=option(args, "text"),
+        seq_len=option(args, "seq_len"),
+        num_samples=option(args, "num_samples"),
+        batch_size=option(args, "batch_size"),
     )
-    layers = _opt(args, "layers")
+    layers = option(args, "layers")
     if isinstance(layers, str):
         try:
             layers = [int(v) for v in layers.split(",") if v.strip()]
@@ -453,22 +348,22 @@ def compress_hf(args: argparse.Namespace) -> dict | None:
         calib,
         args.out,
         ratio=args.ratio,
-        preset=_opt(args, "preset"),
-        attention=_opt(args, "attention"),
-        group_size=_opt(args, "group_size"),
+        preset=option(args, "preset"),
+        attention=option(args, "attention"),
+        group_size=option(args, "group_size"),
         layers=layers,
-        steps=_opt(args, "steps"),
-        lr=_opt(args, "lr"),
-        fp16_features=_opt(args, "fp16_features"),
-        num_cores=_opt(args, "num_cores"),
-        init=_opt(args, "init"),
+        steps=option(args, "steps"),
+        lr=option(args, "lr"),
+        fp16_features=option(args, "fp16_features"),
+        num_cores=option(args, "num_cores"),
+        init=option(args, "init"),
         sequential=_sequential(args, world),
-        max_seconds_per_slice=_opt(args, "max_seconds_per_slice"),
-        head=_opt(args, "head"),
-        head_lr=_opt(args, "head_lr"),
-        held=held if _opt(args, "eval") else None,
-        device=_opt(args, "device"),
-        progress=_opt(args, "progress"),
+        max_seconds_per_slice=option(args, "max_seconds_per_slice"),
+        head=option(args, "head"),
+        head_lr=option(args, "head_lr"),
+        held=held if option(args, "eval") else None,
+        device=option(args, "device"),
+        progress=option(args, "progress"),
         rank=rank,
         world=world,
     )

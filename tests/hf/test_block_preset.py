@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import tnkernels
+from distill.hf.flags import add_arguments
 from distill.hf.models import base_model
-from distill.hf.pipeline import add_arguments, compress_model
+from distill.hf.pipeline import compress_model
 from distill.hf.presets import default_preset, slice_specs
 from tests.helpers import assert_close_rel
 from tests.hf.conftest import tiny_model

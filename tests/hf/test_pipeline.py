@@ -13,8 +13,9 @@ import torch
 import tnkernels
 from distill.hf.baselines import one_shot
 from distill.hf.capture import capture_features, load_slice_features
+from distill.hf.flags import add_arguments
 from distill.hf.models import base_model, family_of, is_hf_model_dir, load_hf_model
-from distill.hf.pipeline import add_arguments, compress_hf, my_share
+from distill.hf.pipeline import compress_hf, my_share
 from distill.hf.presets import ATTENTION_PATTERNS, resolve, run_hf_slice, slice_specs
 from distill.hf.train import tensorize_slice, train_slice
 from distill.slices import set_submodule
