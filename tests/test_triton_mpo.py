@@ -227,3 +227,229 @@ def test_gpu_bench_script_runs_on_cpu_smoke(tmp_path):
     assert ops == {"mpo_fwd", "mpo_fwd_bwd", "tucker_fwd", "tucker_fwd_bwd"}
     assert doc["meta"]["summary"]["n_cases"] > 0
     assert list(tmp_path.glob("gpu_bench_*.csv"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU-only hazards, checked without a GPU: launch grids at real sizes (meta tensors), configs, device guard.
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)  # gridDim.x, .y, .z
+
+
+class GridRecorder:
+    """Stands in for an autotuned kernel: records the launch grid under each config given (the GPU ones, the fp64
+    one, the interpreter's) and runs nothing, so launchers can be driven with meta tensors of real sizes."""
+
+    def __init__(self, configs):
+        self.configs, self.grids = configs, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids += [tuple(grid({**kwargs, **cfg.kwargs})) for cfg in self.configs]
+
+        return launch
+
+
+def record_grids(monkeypatch, module, kernels) -> list[GridRecorder]:
+    """Replace module.<name> by a GridRecorder for each (name, configs) in kernels."""
+    recorders = []
+    for name, configs in kernels:
+        recorders.append(GridRecorder(configs))
+        monkeypatch.setattr(module, name, recorders[-1])
+    return recorders
+
+
+def assert_grids_fit(recorders) -> None:
+    grids = [g for r in recorders for g in r.grids]
+    assert grids, "no launch recorded"
+    for g in grids:
+        assert len(g) <= 3 and all(1 <= n <= lim for n, lim in zip(g, CUDA_GRID_LIMITS, strict=False)), g
+
+
+def mpo_recorders(monkeypatch):
+    from tnkernels.ops.mpo import triton_kernels as tk
+
+    return record_grids(
+        monkeypatch,
+        triton_impl,
+        [
+            ("mode_product_kernel", [*tk._GPU_MP_CONFIGS, tk.FP64_MP_CONFIG, *tk._MP_CONFIGS]),
+            ("mode_product_pair_kernel", [*tk._GPU_PAIR_CONFIGS, tk.FP64_PAIR_CONFIG, *tk._PAIR_CONFIGS]),
+            ("mode_product_grad_b_kernel", [*tk._GPU_GB_CONFIGS, tk.FP64_GB_CONFIG, *tk._GB_CONFIGS]),
+        ],
+    )
+
+
+GPT2_XL_MLP = ((4, 4, 10, 10), (8, 8, 10, 10))
+
+
+@pytest.mark.parametrize(
+    "in_modes,out_modes,bond,rows",
+    [
+        (*GPT2_XL_MLP, 256, 4096),  # bench/gpu_bench.py's largest (its widest state has 6.7G elements)
+        (*GPT2_XL_MLP[::-1], 64, 65536),  # GPT-2 XL mlp.c_proj at batch x seq = 65536 rows
+        ((4096, 1), (1, 128256), 64, 16),  # low-rank split of a Llama-3 vocabulary head
+        # the vocabulary mode on the first core: step 0 has N = 128256 * 32 columns (128K column blocks), and
+        # without autograd steps 0-1 fuse with j1 = 128256 programs per row block
+        ((4096, 1), (128256, 1), 32, 16),
+    ],
+)
+def test_launch_grids_fit_cuda_limits(in_modes, out_modes, bond, rows, monkeypatch):
+    # CUDA caps grid axes 1 and 2 at 65535; the interpreter has no such limit, so a grid over it only fails on a GPU
+    # (a launch error). Every launcher, forward (training and fused inference) and backward, at real sizes.
+    recorders = mpo_recorders(monkeypatch)
+    ranks = [1, *[bond] * (len(in_modes) - 1), 1]
+    modes = list(zip(in_modes, out_modes, strict=True))
+    cores = [torch.empty(ranks[k], i, j, ranks[k + 1], device="meta") for k, (i, j) in enumerate(modes)]
+    x2 = torch.empty(rows, torch.Size(in_modes).numel(), device="meta")
+    bias = torch.empty(torch.Size(out_modes).numel(), device="meta")
+    triton_impl._forward_chain(x2, cores, bias, keep=False)
+    if triton_impl._fusion_plan(triton_impl._step_shapes(x2.shape[1], [g.shape for g in cores])):
+        assert recorders[1].grids, "the fused pair was not launched"
+    y, kept = triton_impl._forward_chain(x2, cores, bias, keep=True)
+    triton_impl._backward_chain(torch.empty_like(y), x2, cores, kept, need_dx=True)
+    assert_grids_fit(recorders)
+
+
+def _dot_shapes(kernel: str, c: dict) -> list[tuple[int, int, int]]:
+    """(X, C, Y) of every [X, C] @ [C, Y] that `kernel` runs through _dot_acc, from a config's blocks (BRO: Tucker's
+    fused kernel gets it from the launcher, up to 128)."""
+    bro = 128
+    return {
+        "mode_product_kernel": lambda: [(c["BM"], c["BK"], c["BN"])],
+        "mode_product_pair_kernel": lambda: [(c["BM"], c["BK"], c["BR"]), (c["BM"], c["BR"], c["BN2"])],
+        "mode_product_grad_b_kernel": lambda: [(c["BK"], c["BM"], c["BN"])],
+        "tucker_fused_kernel": lambda: [
+            (c["BM"], c["BC"], c["BRI"]),
+            (c["BM"], c["BRI"], bro),
+            (c["BM"], bro, c["BCO"]),
+        ],
+        "tucker_grad_proj_kernel": lambda: [(c["BM"], c["BRO"], c["BRI"])],
+        "tucker_grad_core_kernel": lambda: [(c["BRO"], c["BM"], c["BRI"])],
+    }[kernel]()
+
+
+def autotuned_kernels():
+    from tnkernels.ops.mpo import triton_kernels as mk
+    from tnkernels.ops.tucker import triton_kernels as tk
+
+    return [
+        ("mode_product_kernel", mk.mode_product_kernel, mk._GPU_MP_CONFIGS, mk.FP64_MP_CONFIG),
+        ("mode_product_pair_kernel", mk.mode_product_pair_kernel, mk._GPU_PAIR_CONFIGS, mk.FP64_PAIR_CONFIG),
+        ("mode_product_grad_b_kernel", mk.mode_product_grad_b_kernel, mk._GPU_GB_CONFIGS, mk.FP64_GB_CONFIG),
+        ("tucker_fused_kernel", tk.tucker_fused_kernel, tk._GPU_CONFIGS, tk.FP64_FUSED_CONFIG),
+        ("tucker_grad_proj_kernel", tk.tucker_grad_proj_kernel, tk._GPU_GRAD_CONFIGS, tk.FP64_GRAD_PROJ_CONFIG),
+        ("tucker_grad_core_kernel", tk.tucker_grad_core_kernel, tk._GPU_GRAD_CONFIGS, tk.FP64_GRAD_CORE_CONFIG),
+    ]
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_gpu_configs_are_sane_and_fp64_gets_a_small_one(which):
+    # The GPU configs never run here, so check what a GPU would reject or choke on:
+    # - tl.dot needs every block dim >= 16 (the fp16/bf16 tensor-core minimum);
+    # - the pipelined tiles, stages * (X*C + C*Y) elements per dot, must fit H100/H200 shared memory (227 KiB per
+    #   block) in bf16, and in fp32 for at least one config (the autotuner skips a config that runs out of shared
+    #   memory, but fails when none is left);
+    # - fp64 bypasses tl.dot with a [X, C, Y] broadcast held in registers: it must get one small config only
+    #   (the GPU configs would make it 4 MiB per program), and every other dtype must keep all of them.
+    name, kernel, configs, fp64_config = autotuned_kernels()[which]
+
+    def smem(cfg, nbytes):
+        return max(cfg.num_stages * (x * c + c * y) * nbytes for x, c, y in _dot_shapes(name, cfg.kwargs))
+
+    assert all(min(min(s) for s in _dot_shapes(name, cfg.kwargs)) >= 16 for cfg in configs), name
+    assert all(smem(cfg, 2) <= 227 * 1024 for cfg in configs), name
+    assert any(smem(cfg, 4) <= 227 * 1024 for cfg in configs), name
+    prune = kernel.early_config_prune
+    assert prune is not None, f"{name}: no fp64 pruning"
+    assert prune(configs, {}, DOT_FP64=True) == [fp64_config]
+    assert prune(configs, {}, DOT_FP64=False) == configs
+    assert all(x * c * y <= 8192 for x, c, y in _dot_shapes(name, fp64_config.kwargs)), fp64_config
+
+
+def test_fp64_gpu_configs_compute_correctly(monkeypatch):
+    # Run the MPO kernels under the interpreter with the small blocks a GPU uses for fp64 (BK = 8, BM = 8, BR = 8),
+    # training (every unfused kernel and the gradient reduction) and fused inference.
+    from tnkernels.ops.mpo import triton_kernels as mk
+
+    for _, kernel, _, fp64_config in autotuned_kernels()[:3]:
+        monkeypatch.setattr(kernel, "configs", [fp64_config])
+    cores = make_cores((3, 5, 7), (2, 3, 5), (6, 5), torch.float64)
+    x = torch.randn(3, 105, dtype=torch.float64)
+    check_against_reference(x, cores, torch.randn(30, dtype=torch.float64), torch.float64, "fp64 GPU configs")
+    with torch.no_grad():
+        y = mpo_linear(x, cores, None, backend="triton")
+    assert_close_rel(y, mpo_linear_reference(x, cores), tolerance(torch.float64, "triton"), "fp64 fused")
+    assert mk.mode_product_pair_kernel.configs == [mk.FP64_PAIR_CONFIG]
+
+
+def test_device_guard_sets_the_tensors_gpu():
+    # Triton launches on torch's current device, not the tensors'; the ops make the tensors' GPU current.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        t = torch.empty(2, device="cuda:1")  # a fake CUDA tensor: no GPU needed
+    guard = triton_impl.device_guard(t)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(triton_impl.device_guard(torch.empty(2)), torch.cuda.device)
+
+
+def test_every_launch_runs_under_the_device_guard(monkeypatch):
+    from tnkernels.ops.tucker import triton_impl as tucker_impl
+
+    active = []
+
+    class Guard:
+        def __init__(self, t):
+            pass
+
+        def __enter__(self):
+            active.append(1)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    class Checked:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            assert active, "a triton launch outside device_guard"
+            return self.kernel[grid]
+
+    monkeypatch.setattr(triton_impl, "device_guard", Guard)
+    monkeypatch.setattr(tucker_impl, "device_guard", Guard)
+    for module, names in [
+        (triton_impl, ["mode_product_kernel", "mode_product_pair_kernel", "mode_product_grad_b_kernel"]),
+        (tucker_impl, ["tucker_fused_kernel", "tucker_grad_proj_kernel", "tucker_grad_core_kernel"]),
+    ]:
+        for name in names:
+            monkeypatch.setattr(module, name, Checked(getattr(module, name)))
+    cores = [g.requires_grad_() for g in make_cores((2, 3), (3, 2), (2,))]
+    x = torch.randn(2, 6, requires_grad=True)
+    mpo_linear(x, cores, None, backend="triton").sum().backward()
+    with torch.no_grad():
+        mpo_linear(x, cores, None, backend="triton")  # the fused pair
+    from tnkernels.ops import tucker_conv2d
+
+    img = torch.randn(1, 2, 3, 3, requires_grad=True)
+    factors = [torch.randn(2, 2, requires_grad=True), torch.randn(2, 2, 3, 3, requires_grad=True)]
+    tucker_conv2d(img, *factors, torch.randn(3, 2), None, padding=1, backend="triton").sum().backward()
+    assert not active
+
+
+def test_op_reads_a_strided_bias_through_its_values():
+    # The kernels index bias[f] without a stride; the op must not hand them a strided view (b[::2]).
+    cores = make_cores((3, 5), (2, 3), (4,))
+    x = torch.randn(3, 15)
+    bias = torch.randn(12)[::2]
+    for keep in (True, False):  # unfused (bias in mode_product) and fused (bias in the pair kernel)
+        y = torch.ops.tnkernels.mpo_linear_triton(x, cores, bias, keep)[0]
+        want = mpo_linear_reference(x.double(), [g.double() for g in cores], bias.double())
+        assert_close_rel(y, want, tolerance(torch.float32, "triton"), f"strided bias, keep={keep}")
+
+
+def test_fp64_gradients_keep_fp64_precision():
+    # Every gradient of an fp64 call is accumulated in fp64, the bias gradient too (it was summed in fp32: ~1e-8).
+    cores = make_cores((3, 5), (2, 7), (4,), torch.float64)
+    x = torch.randn(3, 15, dtype=torch.float64)
+    check_against_reference(x, cores, torch.randn(14, dtype=torch.float64), torch.float64, "fp64")

@@ -172,3 +172,107 @@ def test_bad_input_raises_valueerror():
     factors = make_factors(3, 2, 2, 4, 3, 3)
     with pytest.raises(ValueError, match="dtype"):
         tucker_conv2d(torch.ones(1, 3, 5, 5, dtype=torch.int64), *factors, backend="triton")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_strided_bias(fused, monkeypatch):
+    # The kernels index bias[co] without a stride: a strided view (b[::2]) must reach them as its values. (Not
+    # through check_against_reference, whose clone() would make the bias contiguous.) Unfused: mode_product's bias.
+    if not fused:
+        monkeypatch.setattr(triton_impl, "_MAX_FUSED_R_OUT", 1)
+    x = torch.randn(1, 3, 4, 4)
+    factors = make_factors(3, 2, 2, 4, 3, 3)
+    bias = torch.randn(8)[::2]
+    y = tucker_conv2d(x, *factors, bias, padding=1, backend="triton")
+    want = dense_reference(*(t.double() for t in (x, *factors, bias)), 1, 1, 1)
+    assert_close_rel(y, want, tolerance(torch.float32, "triton"), "strided bias")
+
+
+def test_fp64_gradients_keep_fp64_precision():
+    # The bias gradient too is accumulated in fp64 for fp64 (it was summed in fp32: ~1e-8 relative error).
+    x = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    factors = make_factors(2, 2, 3, 3, 3, 3, torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    check_against_reference(x, factors, bias, ((1, 1), (1, 1), (1, 1)), torch.float64, "fp64")
+
+
+@pytest.mark.parametrize("channels_last_core", [False, True])
+@pytest.mark.parametrize("batch", [2, 0])
+def test_backward_op_matches_its_fake(batch, channels_last_core):
+    # torch.compile (inductor) asserts that a custom op's real outputs have its fake outputs' strides: the backward
+    # returned d_u_out transposed ([C_out, R_out] with strides (1, C_out)), and an empty batch returned d_core in a
+    # channels-last core's layout, both against contiguous fakes.
+    x = torch.randn(batch, 3, 5, 5)
+    u_in, core, u_out = make_factors(3, 2, 4, 5, 3, 3)
+    if channels_last_core:
+        core = core.contiguous(memory_format=torch.channels_last)
+    conv = ([1, 1], [1, 1], [1, 1])
+    h = torch.ops.tnkernels.tucker_conv2d_triton(x, u_in, core, u_out, None, *conv, True)[1]
+    grad_y = torch.randn(batch, 5, 5, 5)
+    torch.library.opcheck(
+        torch.ops.tnkernels.tucker_conv2d_triton_backward.default,
+        (grad_y, x, u_in, core, u_out, h, *conv, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+# (N, C_in, H, W, C_out, R_in, R_out, k, stride): a ResNet-50 stage-1 conv at batch 256, the benchmark's layers
+# (bench/gpu_bench.py), one above the fused R_out limit, and a 7x7 stem.
+REAL_LAYERS = [
+    (256, 64, 56, 56, 64, 32, 32, 3, 1),
+    (256, 256, 56, 56, 256, 128, 128, 3, 1),
+    (32, 512, 14, 14, 512, 128, 128, 3, 1),
+    (32, 256, 28, 28, 512, 64, 192, 3, 2),
+    (256, 3, 224, 224, 64, 3, 32, 7, 2),
+]
+
+
+@pytest.mark.parametrize("layer", REAL_LAYERS, ids=lambda c: "x".join(map(str, c)))
+def test_launch_grids_fit_cuda_limits(layer, monkeypatch):
+    # Forward (training and inference) and backward of real layers on meta tensors: every grid axis within CUDA's
+    # limits (axes 1, 2 <= 65535) for every config a GPU may pick. Nothing runs.
+    from tests.test_triton_mpo import assert_grids_fit, mpo_recorders, record_grids
+    from tnkernels.ops.tucker import triton_kernels as tk
+
+    n, c_in, h_in, w_in, c_out, r_in, r_out, k, s = layer
+    recorders = mpo_recorders(monkeypatch) + record_grids(
+        monkeypatch,
+        triton_impl,
+        [
+            ("tucker_fused_kernel", [*tk._GPU_CONFIGS, tk.FP64_FUSED_CONFIG, *tk._CONFIGS]),
+            ("tucker_grad_proj_kernel", [*tk._GPU_GRAD_CONFIGS, tk.FP64_GRAD_PROJ_CONFIG, *tk._GRAD_CONFIGS]),
+            ("tucker_grad_core_kernel", [*tk._GPU_GRAD_CONFIGS, tk.FP64_GRAD_CORE_CONFIG, *tk._GRAD_CONFIGS]),
+        ],
+    )
+    x = torch.empty(n, c_in, h_in, w_in, device="meta")
+    u_in, core, u_out = (
+        torch.empty(*shape, device="meta") for shape in ((c_in, r_in), (r_out, r_in, k, k), (c_out, r_out))
+    )
+    conv = ((s, s), (k // 2, k // 2), (1, 1))
+    triton_impl._forward(x, u_in, core, u_out, None, *conv, write_h=False)
+    y, h = triton_impl._forward(x, u_in, core, u_out, torch.empty(c_out, device="meta"), *conv, write_h=True)
+    triton_impl._backward_impl(torch.empty_like(y), x, u_in, core, u_out, h, *conv, need_dx=True)
+    assert_grids_fit(recorders)
+
+
+def test_fp64_gpu_configs_compute_correctly(monkeypatch):
+    # The small blocks a GPU uses for fp64 (BRI = BCO = 4, BM = 8 in the core gradient), under the interpreter.
+    from tests.test_triton_mpo import autotuned_kernels
+
+    for _, kernel, _, fp64_config in autotuned_kernels():
+        monkeypatch.setattr(kernel, "configs", [fp64_config])
+    x = torch.randn(2, 5, 5, 4, dtype=torch.float64)
+    factors = make_factors(5, 6, 5, 6, 3, 2, torch.float64)  # R_in = 6 spans two BRI = 4 blocks, C_out two BCO
+    bias = torch.randn(6, dtype=torch.float64)
+    check_against_reference(x, factors, bias, ((2, 1), (1, 0), (1, 1)), torch.float64, "fp64 GPU configs")
+
+
+def test_row_counts_past_int32_are_refused():
+    # Rows (pixels, (p, q) pairs) are numbered in int32 inside the kernels, like triton's program ids: refuse a
+    # count that would wrap, rather than compute garbage addresses. Meta tensors: nothing is allocated.
+    x = torch.empty(2**31 // 16 + 1, 1, 4, 4, device="meta")
+    u_in, core, u_out = (torch.empty(*s, device="meta") for s in ((1, 1), (1, 1, 1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="int32"):
+        triton_impl._forward(x, u_in, core, u_out, None, (1, 1), (0, 0), (1, 1), write_h=False)
+    with pytest.raises(ValueError, match="int32"):
+        triton_impl.mode_product(torch.empty(2**31, 1, 1, device="meta"), torch.empty(1, 1, device="meta"))

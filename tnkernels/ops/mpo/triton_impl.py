@@ -17,6 +17,7 @@ of a graph break at the Triton launch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -66,6 +67,22 @@ def check_device(t: torch.Tensor, where: str) -> None:
     )
 
 
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make t's GPU the current device for the launches inside (a no-op off CUDA).
+
+    Triton launches on torch's *current* device and its current stream, not on the device of the tensors it is
+    given. Without this guard, a layer on cuda:1 (e.g. a model split over GPUs with device_map="auto") runs while
+    cuda:0 is current: an illegal address, or a kernel on the wrong GPU and stream, unordered with cuda:1's work.
+    One guard per op call (the torch.library ops below), not per launch, to keep decode-size latency low.
+    """
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every reduction: fp32, or fp64 for fp64 (never down to fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _flags(dtype: torch.dtype) -> dict:
     """Compile-time switches shared by every launch: fp64 path, upcast of half tiles, fp32 dot precision."""
     # fp32 follows torch's own matmul setting so the triton and torch backends agree on TF32 vs IEEE.
@@ -75,6 +92,15 @@ def _flags(dtype: torch.dtype) -> dict:
         "UPCAST": _INTERPRET,
         "PRECISION": "tf32" if tf32 else "ieee",
     }
+
+
+def check_rows(m: int, where: str) -> None:
+    """The kernels number output rows (pixels, (p, q) pairs) with int32 program ids and tl.arange, as triton does;
+    memory offsets are int64. Refuse row counts past int32 instead of computing garbage addresses."""
+    if m > 2**31 - 1 - 256:  # 256: the largest BM, so that i_m * BM + arange(BM) cannot wrap either
+        raise ValueError(
+            f"{where}: {m} rows (batch x positions) exceed the triton kernels' int32 row index; split the batch"
+        )
 
 
 def _bucket(m: int) -> int:
@@ -99,9 +125,11 @@ def mode_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     if K == 0:
         return out.zero_()
     M = P * Q
+    check_rows(M, "mode_product")
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+        # One axis: CUDA limits grid axes 1 and 2 to 65535, and N has no such bound (see the kernel).
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
     mode_product_kernel[grid](
         a, b, bias if bias is not None else a, out,
@@ -137,9 +165,11 @@ def mode_product_pair(
     if out.numel() == 0:
         return out
     M = P * Q2
+    check_rows(M, "mode_product_pair")
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), j1, triton.cdiv(N2, meta["BN2"]))
+        # j1 is folded into axis 0 (see the kernel): CUDA limits grid axes 1 and 2 to 65535.
+        return (triton.cdiv(M, meta["BM"]) * j1, triton.cdiv(N2, meta["BN2"]))
 
     mode_product_pair_kernel[grid](
         a, b1, b2, bias if bias is not None else a, out,
@@ -163,10 +193,11 @@ def mode_product_grad_b(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """db[k, n] = sum_{p, q} a[p, k, q] * g[p, n, q] for a: [P, K, Q], g: [P, N, Q]; returned in a.dtype."""
     P, K, Q = a.shape
     N = g.shape[1]
-    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(a.dtype)
     M = P * Q
     if M == 0 or K == 0 or N == 0:
         return torch.zeros((K, N), device=a.device, dtype=a.dtype)
+    check_rows(M, "mode_product_grad_b")
     # Split the (p, q) reduction into S slices (multiples of 256 rows, a multiple of every config's BM) so that
     # small weight matrices still give the GPU ~4 programs per SM; partials are summed below in fp32/fp64.
     unit = 256
@@ -177,7 +208,7 @@ def mode_product_grad_b(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     partial = torch.empty((splits, K, N), device=a.device, dtype=acc_dtype)
 
     def grid(meta):
-        return (triton.cdiv(K, meta["BK"]), triton.cdiv(N, meta["BN"]), splits)
+        return (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)  # (k, n) tiles folded, see kernel
 
     mode_product_grad_b_kernel[grid](
         a, g, partial,
@@ -233,6 +264,7 @@ def _forward_chain(
     rows = x2.shape[0]
     steps = _step_shapes(x2.shape[1], [g.shape for g in cores])
     fused = set() if keep else set(_fusion_plan(steps))
+    bias = bias.contiguous() if bias is not None else None  # indexed as bias[f] by the kernels (no stride argument)
     # Step 0 reads x2 as [rows, i_1, rest] through x2's own strides: no copy, even when x2 is transposed.
     state = x2.unflatten(1, (steps[0][1], steps[0][3]))
     kept = []
@@ -299,7 +331,8 @@ def _backward_chain(
 def _mpo_op(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, keep: bool) -> list[torch.Tensor]:
     """Returns [y, kept states...]; the states only feed the backward (outputs may not alias inputs, so x2 is not
     among them) and are only produced when keep (see _forward_chain)."""
-    y, kept = _forward_chain(x2, cores, bias, keep)
+    with device_guard(x2):
+        y, kept = _forward_chain(x2, cores, bias, keep)
     return [y, *kept]
 
 
@@ -317,7 +350,8 @@ def _mpo_backward_op(
     grad_y: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor], kept: list[torch.Tensor], need_dx: bool
 ) -> list[torch.Tensor]:
     """Returns [dx (empty when not needed), d_core_0, ..., d_core_{N-1}]."""
-    dx, d_cores = _backward_chain(grad_y, x2, cores, kept, need_dx)
+    with device_guard(x2):
+        dx, d_cores = _backward_chain(grad_y, x2, cores, kept, need_dx)
     return [dx if dx is not None else x2.new_empty((0,)), *d_cores]
 
 
@@ -348,8 +382,8 @@ def _backward(ctx, grads):
     need_dx = ctx.needs_input_grad[0]
     res = _mpo_backward_op(grad_y, x2, cores, kept, need_dx)
     dx = res[0] if need_dx else None
-    # fp32 accumulation for the bias gradient, whatever the activation dtype.
-    d_bias = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype) if ctx.has_bias else None
+    # fp32 accumulation for the bias gradient (fp64 for fp64: a fp32 sum would cap fp64 gradients at ~1e-7).
+    d_bias = grad_y.sum(0, dtype=_acc_dtype(grad_y.dtype)).to(grad_y.dtype) if ctx.has_bias else None
     return dx, list(res[1:]), d_bias, None
 
 

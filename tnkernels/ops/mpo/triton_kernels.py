@@ -23,41 +23,62 @@ import os
 import triton
 import triton.language as tl
 
-# Several configs on a GPU; exactly one under TRITON_INTERPRET=1, where autotuning (do_bench) cannot run.
+# Several configs on a GPU; exactly one under TRITON_INTERPRET=1, where autotuning (do_bench) cannot run. The GPU lists
+# are built everywhere so that tests can check them (tests/test_triton_mpo.py).
+_GPU_MP_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 64, 32, 4, 3),
+        (64, 64, 32, 4, 4),
+        (128, 128, 32, 8, 3),
+        (64, 32, 64, 4, 3),
+        (32, 64, 32, 4, 4),
+        (256, 64, 32, 8, 3),
+    ]
+]
+_GPU_GB_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (64, 64, 64, 4, 3),
+        (128, 32, 32, 4, 3),
+        (64, 128, 64, 8, 3),
+        (128, 64, 32, 4, 4),
+    ]
+]
+_GPU_PAIR_CONFIGS = [
+    triton.Config({"BM": bm, "BK": bk, "BR": br, "BN2": bn}, num_warps=w, num_stages=s)
+    for bm, bk, br, bn, w, s in [
+        (64, 32, 64, 64, 4, 3),
+        (128, 32, 64, 64, 8, 3),
+        (64, 64, 32, 128, 4, 3),
+        (128, 32, 32, 32, 4, 4),
+    ]
+]
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _MP_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
     _GB_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
     _PAIR_CONFIGS = [triton.Config({"BM": 16, "BK": 16, "BR": 16, "BN2": 16}, num_warps=4)]
 else:  # pragma: no cover - GPU only
-    _MP_CONFIGS = [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 64, 32, 4, 3),
-            (64, 64, 32, 4, 4),
-            (128, 128, 32, 8, 3),
-            (64, 32, 64, 4, 3),
-            (32, 64, 32, 4, 4),
-            (256, 64, 32, 8, 3),
-        ]
-    ]
-    _GB_CONFIGS = [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (64, 64, 64, 4, 3),
-            (128, 32, 32, 4, 3),
-            (64, 128, 64, 8, 3),
-            (128, 64, 32, 4, 4),
-        ]
-    ]
-    _PAIR_CONFIGS = [
-        triton.Config({"BM": bm, "BK": bk, "BR": br, "BN2": bn}, num_warps=w, num_stages=s)
-        for bm, bk, br, bn, w, s in [
-            (64, 32, 64, 64, 4, 3),
-            (128, 32, 64, 64, 8, 3),
-            (64, 64, 32, 128, 4, 3),
-            (128, 32, 32, 32, 4, 4),
-        ]
-    ]
+    _MP_CONFIGS, _GB_CONFIGS, _PAIR_CONFIGS = _GPU_MP_CONFIGS, _GPU_GB_CONFIGS, _GPU_PAIR_CONFIGS
+
+# fp64 does not use tl.dot: _dot_acc materializes the [X, C, Y] broadcast product of every dot in registers. With the
+# GPU configs above that is up to 128*32*128 = 524288 doubles (4 MiB) per program, far beyond a register file
+# (64K 32-bit registers per SM): it would spill to local memory, if it compiled at all. fp64 exists for
+# gradcheck, not speed: on a GPU it gets one small config per kernel instead, each broadcast <= 8192 doubles
+# (64 per thread at 4 warps), the reduced dimension (C) being the short one.
+FP64_MP_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 8}, num_warps=4, num_stages=1)
+FP64_GB_CONFIG = triton.Config({"BM": 8, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
+FP64_PAIR_CONFIG = triton.Config({"BM": 32, "BK": 8, "BR": 8, "BN2": 32}, num_warps=4, num_stages=1)
+
+
+def fp64_prune(fp64_config: triton.Config):
+    """An autotune early_config_prune that keeps only `fp64_config` when the launch has DOT_FP64 (a constexpr kwarg,
+    which triton passes to the pruner). Single-config autotuning (the interpreter) never calls it."""
+
+    def prune(configs, named_args, **kwargs):
+        return [fp64_config] if kwargs.get("DOT_FP64") else configs
+
+    return prune
 
 
 def _quick_bench(kernel_call, quantiles):
@@ -91,7 +112,12 @@ def _dot_acc(b_x, b_y, acc, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECIS
     return acc
 
 
-@triton.autotune(configs=_MP_CONFIGS, key=["K", "N", "M_BUCKET"], do_bench=_quick_bench)
+@triton.autotune(
+    configs=_MP_CONFIGS,
+    key=["K", "N", "M_BUCKET"],
+    do_bench=_quick_bench,
+    prune_configs_by={"early_config_prune": fp64_prune(FP64_MP_CONFIG)},
+)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_MP)
 def mode_product_kernel(
     p_a, p_b, p_bias, p_out,
@@ -103,12 +129,18 @@ def mode_product_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """out[p, n, q] = sum_k a[p, k, q] * b[k, n] (+ bias); grid (cdiv(P*Q, BM), cdiv(N, BN)).
+    """out[p, n, q] = sum_k a[p, k, q] * b[k, n] (+ bias); grid (cdiv(P*Q, BM) * cdiv(N, BN),).
 
     M_BUCKET (a power of four >= P*Q, capped) only feeds the autotune key, so that row counts of one size
     class share a tuned config instead of retuning for every batch size.
     """
-    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    # Both tile indices come from axis 0 (CUDA limit 2**31-1): N = j_k * r_k has no useful bound (a 128256-word
+    # vocabulary mode times bond 32 is 4.1M columns, 128K blocks), and CUDA limits axes 1 and 2 to 65535. The N
+    # blocks of one row block run next to each other, so they share that block of the big operand `a` in L2.
+    i_mn = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BN)
+    i_m = i_mn // n_blocks
+    i_n = i_mn % n_blocks
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = o_m < P * Q
@@ -124,7 +156,9 @@ def mode_product_kernel(
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
         # Masked loads fill 0 so padded lanes add nothing (the interpreter returns garbage for unmasked OOB).
-        b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        # o_k * s_ak in int64: for a feature-major view of x (x.t()), s_ak = rows * Q, so k * s_ak spans all of x,
+        # which may exceed 2**31 elements while s_ak itself still fits the int32 that triton passes it as.
+        b_a = tl.load(p_a_rows[:, None] + o_k[None, :].to(tl.int64) * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
         b_b = tl.load(p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_k[:, None] & m_n[None, :], other=0.0)
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_acc = _dot_acc(b_a, b_b, b_acc, DOT_FP64, UPCAST, PRECISION)
@@ -139,7 +173,12 @@ def mode_product_kernel(
     tl.store(p_o, b_acc.to(p_out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.autotune(configs=_PAIR_CONFIGS, key=["K1", "R1", "I2", "N2", "M_BUCKET"], do_bench=_quick_bench)
+@triton.autotune(
+    configs=_PAIR_CONFIGS,
+    key=["K1", "R1", "I2", "N2", "M_BUCKET"],
+    do_bench=_quick_bench,
+    prune_configs_by={"early_config_prune": fp64_prune(FP64_PAIR_CONFIG)},
+)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_MP)
 def mode_product_pair_kernel(
     p_a, p_b1, p_b2, p_bias, p_out,
@@ -155,11 +194,16 @@ def mode_product_pair_kernel(
 
     Step 1: t[p, (j1, r), (i2, q)] = sum_k a[p, k, (i2, q)] * b1[k, (j1, r)]       (a: [P, K1, I2*Q2])
     Step 2: out[(p, j1), n, q] = sum_{r, i2} t[p, (j1, r), (i2, q)] * b2[(r, i2), n] (out: contiguous [P*J1, N2, Q2])
-    Grid (cdiv(P*Q2, BM), J1, cdiv(N2, BN2)): a program owns BM pairs (p, q) for one output mode j1 and loops over
+    Grid (cdiv(P*Q2, BM) * J1, cdiv(N2, BN2)): a program owns BM pairs (p, q) for one output mode j1 and loops over
     i2 and blocks of the bond r, so the [BM, BR] slice of t lives in registers only. The launcher picks this kernel
     when N2 fits one or two blocks (t is recomputed once per N2 block).
     """
-    i_m, i_j, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # J1 (an output mode, unbounded: 128256 for a vocabulary mode) is folded into axis 0, whose CUDA limit is 2**31-1,
+    # not given an axis of its own (axes 1 and 2 are limited to 65535). j1 runs fastest, so the J1 programs that
+    # read the same rows of `a` run together and share them in L2.
+    i_mj, i_n = tl.program_id(0), tl.program_id(1)
+    i_m = i_mj // J1
+    i_j = i_mj % J1
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = i_n * BN2 + tl.arange(0, BN2)
     m_m = o_m < P * Q2
@@ -179,7 +223,11 @@ def mode_product_pair_kernel(
             for k0 in range(0, K1, BK):
                 o_k = k0 + tl.arange(0, BK)
                 m_k = o_k < K1
-                b_a = tl.load(p_a_rows[:, None] + o_k[None, :] * s_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_a = tl.load(
+                    p_a_rows[:, None] + o_k[None, :].to(tl.int64) * s_ak,  # int64: see mode_product_kernel
+                    mask=m_m[:, None] & m_k[None, :],
+                    other=0.0,
+                )
                 b_b1 = tl.load(
                     p_b1 + o_k[:, None] * s_b1k + (i_j * R1 + o_r)[None, :] * s_b1n,
                     mask=m_k[:, None] & m_r[None, :],
@@ -204,7 +252,12 @@ def mode_product_pair_kernel(
     tl.store(p_o, b_acc.to(in_dtype), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.autotune(configs=_GB_CONFIGS, key=["K", "N", "M_BUCKET"], do_bench=_quick_bench)
+@triton.autotune(
+    configs=_GB_CONFIGS,
+    key=["K", "N", "M_BUCKET"],
+    do_bench=_quick_bench,
+    prune_configs_by={"early_config_prune": fp64_prune(FP64_GB_CONFIG)},
+)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_GB)
 def mode_product_grad_b_kernel(
     p_a, p_g, p_db,
@@ -214,13 +267,17 @@ def mode_product_grad_b_kernel(
     DOT_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """db[s, k, n] = sum over the s-th slice of (p, q) of a[p, k, q] * g[p, n, q]; grid (cdiv(K,BK), cdiv(N,BN), S).
+    """db[s, k, n] = sum over the s-th slice of (p, q) of a[p, k, q] * g[p, n, q]; grid (cdiv(K,BK)*cdiv(N,BN), S).
 
     The reduction runs over all rows, so it is split into S slices written to separate partial sums (summed by the
     launcher) to keep the GPU busy without atomics, which would make gradients non-deterministic. db is contiguous
     [S, K, N] in the accumulator dtype.
     """
-    i_k, i_n, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # The (k, n) tiles share axis 0 (N is unbounded, see mode_product_kernel); S <= 4 * SMs fits axis 1.
+    i_kn, i_s = tl.program_id(0), tl.program_id(1)
+    n_blocks = tl.cdiv(N, BN)
+    i_k = i_kn // n_blocks
+    i_n = i_kn % n_blocks
     o_k = i_k * BK + tl.arange(0, BK)
     o_n = i_n * BN + tl.arange(0, BN)
     m_k = o_k < K
@@ -236,12 +293,12 @@ def mode_product_grad_b_kernel(
         o_q = (o_m % Q).to(tl.int64)
         # a read transposed as [BK, BM] so the reduction index is the dot's inner dimension.
         b_at = tl.load(
-            p_a + o_p[None, :] * s_ap + o_q[None, :] * s_aq + o_k[:, None] * s_ak,
+            p_a + o_p[None, :] * s_ap + o_q[None, :] * s_aq + o_k[:, None].to(tl.int64) * s_ak,  # see mode_product
             mask=m_k[:, None] & m_m[None, :],
             other=0.0,
         )
         b_g = tl.load(
-            p_g + o_p[:, None] * s_gp + o_q[:, None] * s_gq + o_n[None, :] * s_gn,
+            p_g + o_p[:, None] * s_gp + o_q[:, None] * s_gq + o_n[None, :].to(tl.int64) * s_gn,
             mask=m_m[:, None] & m_n[None, :],
             other=0.0,
         )

@@ -18,10 +18,13 @@ from torch._prims_common import suggest_memory_format
 from ..modes import needs_autograd
 from ..mpo.triton_impl import (
     _IMPORT_ERROR,
+    _acc_dtype,
     _bucket,
     _flags,
     _num_sms,
     check_device,
+    check_rows,
+    device_guard,
     mode_product,
     mode_product_grad_b,
     refuse_double_backward,
@@ -65,6 +68,10 @@ def _forward(
     ow = _out_size(w_in, kw, stride[1], padding[1], dilation[1])
     fuse = r_out <= _MAX_FUSED_R_OUT
     need_h = write_h or not fuse
+    if bias is not None:
+        # The kernels index the bias as bias[co] (no stride argument): a strided view such as b[::2] would be read
+        # wrongly. A bias is C_out elements, so the copy (made only for such views) costs nothing.
+        bias = bias.contiguous()
     h = x.new_empty((nb, r_out, oh, ow)) if need_h else x.new_empty((0,))
     fmt = _output_format(x, core)
     y = torch.empty((nb, c_out, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
@@ -72,6 +79,7 @@ def _forward(
     if m == 0 or y.numel() == 0:
         return y, h
     bro = max(16, triton.next_power_of_2(r_out)) if fuse else 64
+    check_rows(m, "tucker_conv2d")
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]), triton.cdiv(r_out, bro))
@@ -115,7 +123,8 @@ def _tucker_op(
     write_h: bool,
 ) -> list[torch.Tensor]:
     """Returns [y, h]; h (the R_out intermediate) is empty unless write_h, and only feeds the backward."""
-    y, h = _forward(x, u_in, core, u_out, bias, tuple(stride), tuple(padding), tuple(dilation), write_h)
+    with device_guard(x):  # triton launches on the current device, not x's (see device_guard)
+        y, h = _forward(x, u_in, core, u_out, bias, tuple(stride), tuple(padding), tuple(dilation), write_h)
     return [y, h]
 
 
@@ -140,6 +149,7 @@ def _grad_proj(dh: torch.Tensor, core: torch.Tensor, in_hw: tuple[int, int], str
     m = nb * h_in * w_in
     if dp.numel() == 0:
         return dp
+    check_rows(m, "tucker_conv2d backward")
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]), triton.cdiv(r_in, meta["BRI"]))
@@ -160,9 +170,10 @@ def _grad_core(dh: torch.Tensor, proj: torch.Tensor, core: torch.Tensor, stride,
     r_in, h_in, w_in = proj.shape[1:]
     kh, kw = core.shape[2:]
     m = nb * oh * ow
-    acc_dtype = torch.float64 if dh.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(dh.dtype)
     if m == 0:
-        return torch.zeros_like(core)
+        return core.new_zeros(core.shape)  # contiguous like the kernel path (zeros_like keeps a channels-last core's)
+    check_rows(m, "tucker_conv2d backward")
     # Split the pixel reduction into S slices (multiples of 256, a multiple of every config's BM) for parallelism,
     # summed below in fp32/fp64, as in mode_product_grad_b.
     unit = 256
@@ -191,8 +202,10 @@ def _backward_impl(grad_y, x, u_in, core, u_out, h, stride, padding, dilation, n
     dy = grad_y.contiguous().reshape(nb, c_out, oh * ow)
     h3 = h.reshape(nb, r_out, oh * ow)
     x3 = x.reshape(nb, c_in, h_in * w_in)
-    # d U_out[co, r] = sum_{n, p} dy[n, co, p] h[n, r, p]
-    d_u_out = mode_product_grad_b(h3, dy).t()
+    # d U_out[co, r] = sum_{n, p} dy[n, co, p] h[n, r, p], reduced as [C_out, R_out] directly: a transposed
+    # [R_out, C_out] result would not have the contiguous strides the fake promises, and torch.compile (inductor)
+    # asserts the real strides against the fake ones.
+    d_u_out = mode_product_grad_b(dy, h3)
     # dh[n, r, p] = sum_co dy[n, co, p] U_out[co, r]
     dh = mode_product(dy, u_out).reshape(nb, r_out, oh, ow)
     # The projection p = U_in^T x is recomputed rather than saved: it is as large as x's R_in channels.
@@ -220,8 +233,9 @@ def _tucker_backward_op(
     dilation: list[int],
     need_dx: bool,
 ) -> list[torch.Tensor]:
-    """Returns [dx (empty when not needed), d_u_in, d_core, d_u_out]."""
-    return _backward_impl(grad_y, x, u_in, core, u_out, h, stride, padding, dilation, need_dx)
+    """Returns [dx (empty when not needed), d_u_in, d_core, d_u_out], each contiguous like the fake below."""
+    with device_guard(x):
+        return _backward_impl(grad_y, x, u_in, core, u_out, h, stride, padding, dilation, need_dx)
 
 
 @_tucker_backward_op.register_fake
@@ -242,7 +256,8 @@ def _backward(ctx, grads):
     grad_y = grads[0]
     need_dx = ctx.needs_input_grad[0]
     dx, d_u_in, d_core, d_u_out = _tucker_backward_op(grad_y, x, u_in, core, u_out, h, *ctx.conv, need_dx)
-    d_bias = grad_y.sum((0, 2, 3), dtype=torch.float32).to(grad_y.dtype) if ctx.has_bias else None
+    # fp32 accumulation (fp64 for fp64) for the bias gradient, whatever the activation dtype.
+    d_bias = grad_y.sum((0, 2, 3), dtype=_acc_dtype(grad_y.dtype)).to(grad_y.dtype) if ctx.has_bias else None
     return (dx if need_dx else None), d_u_in, d_core, d_u_out, d_bias, None, None, None, None
 
 

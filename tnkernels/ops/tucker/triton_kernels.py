@@ -22,33 +22,45 @@ import os
 import triton
 import triton.language as tl
 
-from ..mpo.triton_kernels import _dot_acc, _quick_bench
+from ..mpo.triton_kernels import _dot_acc, _quick_bench, fp64_prune
 
+# Built everywhere so that tests can check them; used only on a GPU.
+_GPU_CONFIGS = [
+    triton.Config({"BM": bm, "BC": bc, "BRI": bri, "BCO": bco}, num_warps=w, num_stages=s)
+    for bm, bc, bri, bco, w, s in [
+        (64, 32, 32, 64, 4, 3),
+        (128, 32, 32, 64, 8, 3),
+        (64, 64, 64, 64, 4, 2),
+        (32, 64, 32, 64, 4, 3),
+    ]
+]
+_GPU_GRAD_CONFIGS = [
+    triton.Config({"BM": bm, "BRO": bro, "BRI": bri}, num_warps=w, num_stages=s)
+    for bm, bro, bri, w, s in [
+        (64, 32, 64, 4, 3),
+        (128, 64, 64, 8, 3),
+        (64, 64, 32, 4, 3),
+    ]
+]
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _CONFIGS = [triton.Config({"BM": 16, "BC": 16, "BRI": 16, "BCO": 16}, num_warps=4)]
     _GRAD_CONFIGS = [triton.Config({"BM": 16, "BRO": 16, "BRI": 16}, num_warps=4)]
 else:  # pragma: no cover - GPU only
-    _CONFIGS = [
-        triton.Config({"BM": bm, "BC": bc, "BRI": bri, "BCO": bco}, num_warps=w, num_stages=s)
-        for bm, bc, bri, bco, w, s in [
-            (64, 32, 32, 64, 4, 3),
-            (128, 32, 32, 64, 8, 3),
-            (64, 64, 64, 64, 4, 2),
-            (32, 64, 32, 64, 4, 3),
-        ]
-    ]
-    _GRAD_CONFIGS = [
-        triton.Config({"BM": bm, "BRO": bro, "BRI": bri}, num_warps=w, num_stages=s)
-        for bm, bro, bri, w, s in [
-            (64, 32, 64, 4, 3),
-            (128, 64, 64, 8, 3),
-            (64, 64, 32, 4, 3),
-        ]
-    ]
+    _CONFIGS, _GRAD_CONFIGS = _GPU_CONFIGS, _GPU_GRAD_CONFIGS
+
+# One small config each for fp64 on a GPU (see FP64_MP_CONFIG): every [X, C, Y] broadcast of _dot_acc <= 8192 doubles.
+# The fused kernel's BRO is set by the launcher (up to 128), so its other dims are small: [16, 4, 128] and
+# [16, 128, 4]. grad_proj reduces over BRO and grad_core over BM, so those are the short dims.
+FP64_FUSED_CONFIG = triton.Config({"BM": 16, "BC": 8, "BRI": 4, "BCO": 4}, num_warps=4, num_stages=1)
+FP64_GRAD_PROJ_CONFIG = triton.Config({"BM": 32, "BRO": 8, "BRI": 32}, num_warps=4, num_stages=1)
+FP64_GRAD_CORE_CONFIG = triton.Config({"BM": 8, "BRO": 32, "BRI": 32}, num_warps=4, num_stages=1)
 
 
 @triton.autotune(
-    configs=_CONFIGS, key=["C_IN", "R_IN", "R_OUT", "C_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench
+    configs=_CONFIGS,
+    key=["C_IN", "R_IN", "R_OUT", "C_OUT", "KH", "KW", "M_BUCKET"],
+    do_bench=_quick_bench,
+    prune_configs_by={"early_config_prune": fp64_prune(FP64_FUSED_CONFIG)},
 )
 @triton.jit(do_not_specialize=["NB", "M_BUCKET"])  # batch size only feeds masks and index division
 def tucker_fused_kernel(
@@ -94,7 +106,12 @@ def tucker_fused_kernel(
                 for c0 in range(0, C_IN, BC):
                     o_c = c0 + tl.arange(0, BC)
                     m_c = o_c < C_IN
-                    b_x = tl.load(p_x_pix[:, None] + o_c[None, :] * s_xc, mask=m_pix[:, None] & m_c[None, :], other=0.0)
+                    # int64: with the channel dim outermost in memory (a permuted view), c * s_xc spans all of x.
+                    b_x = tl.load(
+                        p_x_pix[:, None] + o_c[None, :].to(tl.int64) * s_xc,
+                        mask=m_pix[:, None] & m_c[None, :],
+                        other=0.0,
+                    )
                     b_u = tl.load(
                         p_uin + o_c[:, None] * s_uc + o_ri[None, :] * s_ur,
                         mask=m_c[:, None] & m_ri[None, :],
@@ -142,7 +159,12 @@ def tucker_fused_kernel(
 # Backward through the k x k core convolution (h = core * p, with p = U_in^T x the projected input)
 
 
-@triton.autotune(configs=_GRAD_CONFIGS, key=["R_IN", "R_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench)
+@triton.autotune(
+    configs=_GRAD_CONFIGS,
+    key=["R_IN", "R_OUT", "KH", "KW", "M_BUCKET"],
+    do_bench=_quick_bench,
+    prune_configs_by={"early_config_prune": fp64_prune(FP64_GRAD_PROJ_CONFIG)},
+)
 @triton.jit(do_not_specialize=["NB", "M_BUCKET"])
 def tucker_grad_proj_kernel(
     p_dh, p_core, p_dp,
@@ -197,7 +219,12 @@ def tucker_grad_proj_kernel(
     tl.store(p_o, b_acc.to(p_dp.dtype.element_ty), mask=m_m[:, None] & m_ri[None, :])
 
 
-@triton.autotune(configs=_GRAD_CONFIGS, key=["R_IN", "R_OUT", "KH", "KW", "M_BUCKET"], do_bench=_quick_bench)
+@triton.autotune(
+    configs=_GRAD_CONFIGS,
+    key=["R_IN", "R_OUT", "KH", "KW", "M_BUCKET"],
+    do_bench=_quick_bench,
+    prune_configs_by={"early_config_prune": fp64_prune(FP64_GRAD_CORE_CONFIG)},
+)
 @triton.jit(do_not_specialize=["NB", "M_BUCKET", "M_PER_SPLIT"])
 def tucker_grad_core_kernel(
     p_dh, p_p, p_dcore,
