@@ -29,6 +29,7 @@ from torch.nn.utils import skip_init
 
 from .._version import __version__
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
+from .hf_save import guard_save_pretrained
 from .tensorize import _module_aliases, _set_submodule, keep_transformer_layers_on_their_regular_path, unwrapped
 
 FORMAT = "tnkernels-compressed"
@@ -247,6 +248,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     writes) loads into `AutoModel` and into `AutoModelForCausalLM` alike."""
     spec = read_spec(path)
     target = _checkpoint_root(model, list(spec["layers"]))
+    root = next(f"{n}." if n else "" for n, m in model.named_modules() if m is target)  # target's name in model
     for name, entry in spec["layers"].items():
         try:
             old = target.get_submodule(name)
@@ -262,6 +264,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"the checkpoint {which}"
             ) from None
         new = _build_layer(name, entry, old)
+        new.tensorized_name = root + name  # named by the error for code that reads its .weight (no_dense_weight.py)
         for alias in [name, *entry.get("aliases", [])]:
             _set_submodule(target, alias, new)
     keep_transformer_layers_on_their_regular_path(target)
@@ -275,6 +278,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
             "the checkpoint belongs to another model or version"
         ) from exc
+    guard_save_pretrained(model)  # from_pretrained would reload it dense and random: hf_save.py
     return model
 
 
@@ -304,6 +308,14 @@ def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
         name: t.to(wanted[name]) if name in wanted and t.is_floating_point() and t.dtype != wanted[name] else t
         for name, t in _owned(path / WEIGHTS_FILE).items()
     }
+    # The ties the saved model had, from the file: safetensors' save_model keeps one name per shared tensor and
+    # records each dropped name -> the kept one in the header's metadata. A skeleton built with accelerate's
+    # init_empty_weights() or moved with .to("meta") has lost its ties (each parameter was replaced on its own),
+    # so its own ties above cannot name the dropped keys (before 2026-12-02: "missing keys ... belongs to another
+    # model"); these are tied again below like the skeleton's.
+    saved_ties = [[prefix + kept, prefix + name] for name, kept in _dropped_names(path / WEIGHTS_FILE).items()
+                  if name in wanted and name not in state and kept in state]  # fmt: skip
+    ties += saved_ties
     missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
     tied = {name for names in ties for name in names}
     untied = [name for name in missing if prefix + name not in tied]
@@ -368,6 +380,14 @@ def _owned(file: Path) -> dict[str, torch.Tensor]:
                 done += got
             tensors[key] = t
     return tensors
+
+
+def _dropped_names(file: Path) -> dict[str, str]:
+    """{name left out of the file: the name it was saved under}, for tensors shared between names (save_model's
+    metadata; a name that is not a key of the file is not such an entry)."""
+    with safe_open(str(file), framework="pt") as f:
+        metadata, keys = f.metadata() or {}, set(f.keys())
+    return {k: v for k, v in metadata.items() if k not in keys and v in keys}
 
 
 def _names_per_tensor(model: nn.Module) -> list[list[str]]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..decompose import RatioUnreachableError, check_ratio
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
+from .hf_save import guard_save_pretrained
 from .report import LayerReport, TensorizeReport
 from .weight_readers import weight_reader
 
@@ -191,6 +192,7 @@ def tensorize(
             err = (
                 torch.linalg.norm((approx - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300)
             ).item()
+        new.tensorized_name = name  # named by the error for code that reads its .weight (nn/no_dense_weight.py)
         for alias in aliases[id(module)]:
             _set_submodule(model, alias, new)
         after = new.num_weight_params
@@ -204,6 +206,8 @@ def tensorize(
             "(see the per-layer limits with `tnk inspect`)"
         )
     keep_transformer_layers_on_their_regular_path(model)
+    if report.tensorized:
+        guard_save_pretrained(model)  # from_pretrained would reload it dense and random: hf_save.py
     larger = [r.name for r in report.rows if r.tensorized and r.ratio < 1]
     if larger:  # e.g. tensorize(model) with no ratio: exact full-rank factors hold more weights than the layer
         warnings.warn(

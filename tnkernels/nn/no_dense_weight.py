@@ -21,14 +21,19 @@ class ExplainsMissingWeight:
             return super().__getattr__(name)
         except AttributeError:
             if name == "weight":
-                raise no_dense_weight_error(type(self).__name__, self.dense_method) from None
+                # The layer cannot know where it sits; tensorize and load_compressed note the name they put it
+                # under (`tensorized_name`), so that the error names the layer the rule and the fix are about
+                # (transformers' resize_token_embeddings reads the weight of a tensorized lm_head, say).
+                where = self.__dict__.get("tensorized_name")
+                raise no_dense_weight_error(type(self).__name__, self.dense_method, where) from None
             raise
 
 
-def no_dense_weight_error(layer_kind: str, dense_method: str) -> AttributeError:
+def no_dense_weight_error(layer_kind: str, dense_method: str, name: str | None = None) -> AttributeError:
+    layer = f"the layer {name!r}" if name else "a tensorized layer"
     return AttributeError(
-        f"{layer_kind} has no dense .weight: a tensorized layer keeps only its factors. The code that read it "
-        f"expects an nn.Linear / nn.Conv2d here: leave this layer dense (tensorize(model, rules={{'<its name>': "
-        f"None, '*': {{}}}}); `tnk inspect` lists the names), or rebuild the dense weight explicitly with "
-        f"layer.{dense_method}()"
+        f"{layer_kind} has no dense .weight: {layer} keeps only its factors. The code that read it "
+        f"expects an nn.Linear / nn.Conv2d here: leave this layer dense (tensorize(model, rules={{"
+        f"{(name or '<its name>')!r}: None, '*': {{}}}}); `tnk inspect` lists the names), or rebuild the dense "
+        f"layer explicitly, replacing it by layer.{dense_method}()"
     )

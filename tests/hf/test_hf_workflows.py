@@ -1,0 +1,130 @@
+"""What users do with a compressed Hugging Face model next: save_pretrained, meta-device skeletons, resizing.
+
+Each test here failed before the fix it names (2026-12-02): save_pretrained wrote the factors and from_pretrained
+rebuilt the layers dense and random with only a warning; a skeleton whose ties were lost (.to("meta"),
+accelerate's init_empty_weights) did not load; code reading a tensorized layer's .weight did not learn its name.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import weakref
+
+import pytest
+import torch
+
+import tnkernels
+from tests.hf.conftest import TINY, tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _compressed(family: str):
+    model = tiny_model(family)  # GPT-2 and Llama: the causal LM; BERT: the base model
+    tnkernels.tensorize(model, ratio=2)
+    return model
+
+
+def _ids(vocab: int = 256) -> torch.Tensor:
+    return torch.randint(2, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_save_pretrained_of_a_tensorized_model_is_refused(family, tmp_path):
+    model = _compressed(family)
+    with pytest.raises(ValueError, match=r"save_pretrained: \d+ layers are tensorized .*save_compressed"):
+        model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    # every way of getting at a save_pretrained of the same model: its base model, a copy, a pickled copy
+    inner = model.base_model if model.base_model is not model else None
+    copies = [copy.deepcopy(model)]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copies.append(torch.load(buf, weights_only=False))
+    for other in [m for m in (inner, *copies) if m is not None]:
+        with pytest.raises(ValueError, match="save_compressed"):
+            other.save_pretrained(tmp_path / "other")
+    assert copies[0].save_pretrained.model is copies[0]  # the copy's guard speaks for the copy
+
+    # the documented path instead: save_compressed, then load_compressed into the original architecture
+    tnkernels.save_compressed(model, tmp_path / "tt")
+    again = tnkernels.load_compressed(tiny_model(family), tmp_path / "tt")
+    with torch.no_grad():
+        want, got = model(_ids()), again(_ids())
+    key = "logits" if "logits" in want else "last_hidden_state"
+    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="save_compressed"):  # the loaded model is guarded as well
+        again.save_pretrained(tmp_path / "hf")
+
+
+def test_save_pretrained_works_again_once_the_layers_are_dense(tmp_path):
+    model = _compressed("llama")
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, tnkernels.MPOLinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.to_linear())
+    model.save_pretrained(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids()).logits, model(_ids()).logits)
+
+
+def _meta_skeleton_without_ties(cls, config):
+    skeleton = cls(config).to("meta")  # as accelerate's init_empty_weights(): every parameter replaced alone
+    every = [p for _, p in skeleton.named_parameters(remove_duplicate=False)]
+    assert len({id(p) for p in every}) == len(every)  # the ties are really gone
+    return skeleton
+
+
+@pytest.mark.parametrize("arch", ["gpt2-lm", "bert-mlm"])
+def test_load_into_a_meta_skeleton_that_lost_its_ties(arch, tmp_path):
+    if arch == "gpt2-lm":
+        cls, config = transformers.GPT2LMHeadModel, transformers.GPT2Config(**TINY["gpt2"])
+        pairs = [("lm_head.weight", "transformer.wte.weight")]
+    else:
+        cls, config = transformers.BertForMaskedLM, transformers.BertConfig(**TINY["bert"])
+        pairs = [
+            ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    tnkernels.tensorize(model, ratio=2)
+    tnkernels.save_compressed(model, tmp_path / "tt")
+    loaded = tnkernels.load_compressed(_meta_skeleton_without_ties(cls, config), tmp_path / "tt").eval()
+    params = dict(loaded.named_parameters(remove_duplicate=False))
+    for a, b in pairs:
+        assert params[a] is params[b], f"{a} and {b} are not tied again"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_ids()).logits, model(_ids()).logits, rtol=0, atol=0)
+
+
+def test_code_reading_the_weight_of_a_tensorized_layer_learns_its_name(tmp_path):
+    lm = tiny_model("llama")  # untied lm_head: tensorize compresses it
+    assert not lm.config.tie_word_embeddings
+    tnkernels.tensorize(lm, ratio=2)
+    with pytest.raises(AttributeError, match=r"the layer 'lm_head' .*rules=\{'lm_head': None"):
+        lm.resize_token_embeddings(TINY["llama"]["vocab_size"] + 8)  # transformers reads lm_head.weight
+
+    # loaded from a base-model checkpoint into the causal LM: the name as it is in the LM
+    base = tiny_model("llama", causal_lm=False)
+    tnkernels.tensorize(base, ratio=2)
+    tnkernels.save_compressed(base, tmp_path / "tt")
+    lm = tnkernels.load_compressed(tiny_model("llama"), tmp_path / "tt")
+    with pytest.raises(AttributeError, match=r"the layer 'model\.layers\.0\.mlp\.down_proj'"):
+        lm.model.layers[0].mlp.down_proj.weight  # noqa: B018
+
+
+def test_the_save_pretrained_guard_does_not_keep_a_deleted_model_alive():
+    """`del model` frees a model at once (GPU memory) only if nothing makes it part of a reference cycle."""
+    model = _compressed("gpt2")
+    alive = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
