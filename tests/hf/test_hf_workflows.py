@@ -128,3 +128,21 @@ def test_the_save_pretrained_guard_does_not_keep_a_deleted_model_alive():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_gpt2_layers_go_back_to_conv1d_and_reload_the_right_way_round(tmp_path):
+    """to_linear()'s nn.Linear holds the transpose of Conv1D's weight: saved into a GPT-2 folder, a square layer
+    (attn.c_proj) would reload transposed with no error. to_conv1d() gives back the layer GPT-2 expects."""
+    model = _compressed("gpt2")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, tnkernels.MPOLinear)]
+    assert any(m.in_features == m.out_features for _, m in layers)  # a square layer is in the test
+    for name, layer in layers:
+        parent, _, attr = name.rpartition(".")
+        back = layer.to_conv1d()
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(back(x), layer(x), rtol=1e-5, atol=1e-5)
+        setattr(model.get_submodule(parent), attr, back)
+    model.save_pretrained(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids()).logits, model(_ids()).logits)

@@ -266,6 +266,22 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    def to_conv1d(self) -> nn.Module:
+        """transformers' Conv1D (GPT-2's layer, weight stored [in, out]) with this layer's dense weight: how a layer
+        tensorized from a Conv1D goes back, so that save_pretrained / from_pretrained read it the right way round
+        (to_linear's nn.Linear holds the transpose, which a GPT-2 from_pretrained would load into a square Conv1D
+        as is). Conv1D always has a bias: zeros when this layer has none."""
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError as exc:
+            raise ImportError("MPOLinear.to_conv1d needs transformers: pip install transformers") from exc
+        g = self.cores[0]
+        conv = Conv1D(self.out_features, self.in_features).to(device=g.device, dtype=g.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense().t())
+            conv.bias.copy_(self.bias if self.bias is not None else torch.zeros_like(conv.bias))
+        return conv
+
     @property
     def num_weight_params(self) -> int:
         return mpo_num_params(self.in_modes, self.out_modes, self.bonds)
