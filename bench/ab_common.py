@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from distill._atomic import atomic_write_text
 from tnkernels.plan.calibrate import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of rounds or calls; 0 would time nothing and judge infinities)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def provenance() -> dict:
+    """What a recorded result needs to be traced back to: the tnkernels version, the git commit of this checkout
+    and whether it had uncommitted changes to tracked files (None outside a git checkout), and whether the native
+    kernels are built."""
+    import tnkernels
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return dict(
+        tnkernels=tnkernels.__version__,
+        git_commit=commit,
+        git_dirty=None if status is None else bool(status),
+        native=bool(tnkernels.native_available()),
+    )
 
 
 def best_us(fn, min_time: float = 0.02, batches: int = 3) -> float:
@@ -65,9 +101,7 @@ class Table:
         print(line, flush=True)
 
     def write(self, path: Path | None) -> None:
-        """Write the report to `path` (if any): a temporary file, then rename."""
+        """Write the report to `path` (if any), atomically, making its folder if needed."""
         if path is None:
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(self.lines) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, "\n".join(self.lines) + "\n")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from distill._atomic import atomic_write_text
 from tnkernels.plan.calibrate import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -103,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=["make", "dense", "meta"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for flag in ("layers", "hidden", "vocab"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not args.ratio > 0:
+        parser.error(f"--ratio must be positive, got {args.ratio}")
     config = _config(args.layers, args.hidden, args.vocab)
     if args.worker == "make":
         return make(args.ckpt, config, args.ratio)
@@ -112,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     def worker(kind: str, ckpt: Path) -> str:
         cmd = [sys.executable, __file__, "--worker", kind, "--ckpt", str(ckpt), "--layers", str(args.layers)]
         cmd += ["--ratio", str(args.ratio), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # the worker's own error, not just "returned non-zero exit status 1"
+            sys.exit(f"load_memory: the {kind} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        return done.stdout
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
@@ -140,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     stem = args.out or RESULTS / f"load_memory_{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{stem}.json").write_text(json.dumps({"args": vars(args) | {"out": str(stem)}, "rows": rows}, indent=2))
+    atomic_write_text(f"{stem}.md", "\n".join(lines) + "\n")
+    atomic_write_text(f"{stem}.json", json.dumps({"args": vars(args) | {"out": str(stem)}, "rows": rows}, indent=2))
     print("\n".join(lines))
     if not same:
         sys.exit("the two loads gave different hidden states")

@@ -25,7 +25,7 @@ import platform
 
 import torch
 
-from bench.ab_common import best_single_call
+from bench.ab_common import best_single_call, positive_int, provenance
 from bench.providers import forced_kind_predictions, linear_providers
 from bench.run_grid import LINEAR_SHAPES
 from distill._atomic import atomic_write_text
@@ -112,10 +112,12 @@ def _table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 shapes, 2 ratios, 2 row counts")
-    ap.add_argument("--smoke", action="store_true", help="1 point (plumbing check)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the kinds (default 5)")
-    ap.add_argument("--reps", type=int, default=5, help="calls per kind per round (default 5)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2 shapes, 2 ratios, 2 row counts")
+    size.add_argument("--smoke", action="store_true", help="1 point (plumbing check)")
+    # at least 1: with 0 every kind "measured" infinity, and inf <= 1.1 * inf judged every pick within 10%
+    ap.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds over the kinds (default 5)")
+    ap.add_argument("--reps", type=positive_int, default=5, help="calls per kind per round (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared box)")
     ap.add_argument("--out", help="folder for plan_check_<date>.json and .md")
     ap.add_argument(
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         processor=platform.processor() or None,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        **provenance(),
         load_avg=os.getloadavg(),
         command="python -m bench.plan_check " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         within_10pct_fraction=frac,

@@ -120,7 +120,8 @@ def conv_providers(c_in: int, c_out: int, k: int, ranks: tuple[int, int], paddin
             )  # fmt: skip
             out.append(Provider("tltorch", layer))
         except ImportError as exc:
-            out.append(Provider("tltorch", None, f"tltorch not installed ({exc})"))
+            why = f"tltorch not installed ({exc}): pip install tensorly tensorly-torch"
+            out.append(Provider("tltorch", None, why))
     return out
 
 

@@ -28,6 +28,7 @@ import sys
 import torch
 from torch import nn
 
+from bench.ab_common import provenance
 from bench.providers import conv_providers, forced_kind_predictions, linear_providers, saved_bytes, timer
 from distill._atomic import atomic_write_text
 from tnkernels.ops.tucker.ranks import choose_tucker_ranks
@@ -263,8 +264,10 @@ def environment() -> dict:
         except Exception:  # not installed, or no __version__
             versions[mod] = None
     cal = get_calibration("cpu", torch.float32)
+    prov = provenance()
+    versions["tnkernels"] = prov.pop("tnkernels")
     return dict(
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), cpu=cpu,
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), cpu=cpu, **prov,
         threads=torch.get_num_threads(),
         cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         load_avg=os.getloadavg(), versions=versions,
@@ -351,13 +354,19 @@ def _cell_key(r: dict) -> tuple:
     return (r["kind"], r["layer"], r["ratio"], r["rows"], r["passes"])
 
 
-def _resume(partial: str, preset: str, fresh: bool) -> list[dict]:
-    """The cells an interrupted run of the same preset finished, so a rerun does not time them again."""
+def _resume(partial: str, preset: str, fresh: bool, settings: dict) -> list[dict]:
+    """The cells an interrupted run of the same preset and settings finished, so a rerun does not time them again.
+
+    A partial file made with other settings (threads, peers, passes, plan checks) is not resumed: its cells would
+    be mixed into a result that records only this run's settings."""
     if fresh or not os.path.exists(partial):
         return []
     with open(partial) as f:
         saved = json.load(f)
     if saved.get("preset") != preset:
+        return []
+    if saved.get("settings") != settings:
+        print(f"not resuming {partial}: made with {saved.get('settings')}, this run has {settings}", flush=True)
         return []
     print(f"resuming: {len(saved['records'])} cells from {partial} (--fresh to start over)", flush=True)
     return saved["records"]
@@ -365,10 +374,10 @@ def _resume(partial: str, preset: str, fresh: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
     ap.add_argument("--out", default="bench/results", help="output folder for grid-<preset>.json / .md")
-    ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated: fwd (no grad), fwd+bwd (training)")
     ap.add_argument("--check-plans", action="store_true", help="force and time every plan kind (forward)")
     ap.add_argument("--no-peers", action="store_true", help="skip tltorch and torch-mpo")
     ap.add_argument(
@@ -389,19 +398,31 @@ def main(argv: list[str] | None = None) -> dict:
         help="ignore the cells an interrupted run left in grid-<preset>.partial.json (default: resume from them)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    # refused before anything is timed: a typo in --passes used to time a training step under a forward label
+    passes = list(dict.fromkeys(p.strip() for p in args.passes.split(",")))
+    if not passes or any(p not in ("fwd", "fwd+bwd") for p in passes):
+        ap.error(f"--passes: comma-separated fwd and/or fwd+bwd, got {args.passes!r}")
+    if args.quick and args.preset not in (None, "quick"):
+        ap.error(f"--quick is --preset quick; it cannot be combined with --preset {args.preset}")
+    if args.threads < 0:
+        ap.error(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out!r} is a file; give a folder")
     if args.threads:
         torch.set_num_threads(args.threads)  # the calibration is keyed by thread count, so it follows
-    preset = "quick" if args.quick else args.preset
+    preset = "quick" if args.quick else args.preset or "cpu"
     cfg = PRESETS[preset]
     name_tag = preset + ("-balanced" if args.structure == "balanced" else "")
     name_tag += "-tucker-speed" if args.tucker_prefer == "speed" else ""
-    passes = args.passes.split(",")
+    settings = dict(
+        threads=torch.get_num_threads(), peers=not args.no_peers, passes=passes, check_plans=args.check_plans
+    )
     partial = os.path.join(args.out, f"grid-{name_tag}.partial.json")
-    records = _resume(partial, preset, args.fresh)
+    records = _resume(partial, preset, args.fresh, settings)
     done = {_cell_key(r) for r in records}
 
     def save_partial() -> None:  # a long run that is interrupted still leaves its points on disk
-        state = dict(preset=preset, records=records, summary=summarize(records))
+        state = dict(preset=preset, settings=settings, records=records, summary=summarize(records))
         atomic_write_text(partial, json.dumps(state, default=str))
 
     for name in cfg["linear"]:
@@ -435,13 +456,21 @@ def main(argv: list[str] | None = None) -> dict:
         preset=preset,
         structure=args.structure,
         tucker_prefer=args.tucker_prefer,
+        command=" ".join(["python -m bench.run_grid", *(sys.argv[1:] if argv is None else argv)]),
+        settings=settings,
         environment=environment(),
         summary=summarize(records),
         recompute_saved_bytes=recompute_memory(64 if small else 1024),
         plan_lookup_us=plan_lookup_us(2000 if small else 20000),
         records=records,
     )
-    md = f"# tnkernels grid ({name_tag}), {result['environment']['date']}\n\n{table(records)}\n\n```\n"
+    env = result["environment"]
+    md = f"# tnkernels grid ({name_tag}), {env['date']}\n\n" + (
+        f"`{result['command']}`: {env['cpu']}, {env['threads']} thread(s), load average "
+        f"{', '.join(f'{v:.1f}' for v in env['load_avg'])}; torch {env['versions']['torch']}, tnkernels "
+        f"{env['versions']['tnkernels']} at {env['git_commit'] or 'an unknown commit'}"
+        f"{' with uncommitted changes' if env['git_dirty'] else ''}.\n\n{table(records)}\n\n```\n"
+    )
     md += json.dumps({k: result[k] for k in ("summary", "recompute_saved_bytes", "plan_lookup_us")}, indent=1)
     md += "\n```\n"
     atomic_write_text(os.path.join(args.out, f"grid-{name_tag}.json"), json.dumps(result, indent=1, default=str))

@@ -20,7 +20,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.ab_common import best_single_call  # noqa: E402
+from bench.ab_common import best_single_call, positive_int  # noqa: E402
+
+
+def rank_pair(text: str) -> tuple[int, int]:
+    """argparse type: R_out x R_in, e.g. 39x38."""
+    try:
+        r_out, r_in = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R_outxR_in such as 39x38, got {text!r}") from None
+    if min(r_out, r_in) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be at least 1, got {text!r}")
+    return r_out, r_in
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -28,9 +39,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--size", type=int, default=56, help="height and width of the input")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--pairs", nargs="+", default=["39x38", "32x46", "44x33", "40x37", "48x30"], help="R_out x R_in")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        type=rank_pair,
+        default=[(39, 38), (32, 46), (44, 33), (40, 37), (48, 30)],
+        help="R_out x R_in",
+    )
+    p.add_argument("--rounds", type=positive_int, default=4)
+    p.add_argument("--threads", type=positive_int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     c, n, s = args.channels, args.batch, args.size
@@ -38,8 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     g = torch.randn(n, c, s, s)
     w = torch.randn(c, c, 3, 3, requires_grad=True)
     providers = {"dense": lambda: F.conv2d(x, w, padding=1).backward(g)}
-    for pair in args.pairs:
-        r_out, r_in = (int(v) for v in pair.split("x"))
+    for r_out, r_in in args.pairs:
+        pair = f"{r_out}x{r_in}"
         a = torch.randn(r_in, c, 1, 1, requires_grad=True)
         core = torch.randn(r_out, r_in, 3, 3, requires_grad=True)
         b = torch.randn(c, r_out, 1, 1, requires_grad=True)

@@ -48,7 +48,8 @@ def test_grid_resumes_an_interrupted_run_without_timing_finished_cells(tmp_path,
     first = run_grid.main(args)
     # what an interrupted run leaves: the finished cells in the partial file
     partial = tmp_path / "grid-smoke.partial.json"
-    partial.write_text(json.dumps(dict(preset="smoke", records=first["records"])))
+    saved = dict(preset="smoke", settings=first["settings"], records=first["records"])
+    partial.write_text(json.dumps(saved))
 
     def must_not_run(*a, **k):
         raise AssertionError("a finished cell was timed again")
@@ -58,7 +59,7 @@ def test_grid_resumes_an_interrupted_run_without_timing_finished_cells(tmp_path,
     second = run_grid.main(args)
     assert second["records"] == json.loads(json.dumps(first["records"], default=str))  # as saved, not re-timed
     assert not partial.exists()  # a finished run removes it
-    partial.write_text(json.dumps(dict(preset="smoke", records=first["records"])))
+    partial.write_text(json.dumps(saved))
     with pytest.raises(AssertionError, match="timed again"):
         run_grid.main([*args, "--fresh"])  # --fresh starts over
 
