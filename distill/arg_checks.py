@@ -37,8 +37,23 @@ def check_compress_args(args: argparse.Namespace) -> None:
         if value is not None and not ok(value):
             raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {value}")
     device = getattr(args, "device", None)
-    if device and str(device).startswith("cuda"):
-        import torch
+    if device:
+        check_device(device)
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+
+def check_device(device) -> None:
+    """ValueError, before anything slow, for a --device torch cannot parse, CUDA on a machine without it, or a
+    GPU index this machine does not have (`cuda:1` with one GPU failed only at the first tensor moved there)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device}: not a device ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise ValueError(f"--device {device}: this machine has {n} GPU(s), cuda:0 ... cuda:{n - 1}")

@@ -33,9 +33,10 @@ def setup_device(args) -> str:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from .arg_checks import check_device
+
     device = args.device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    check_device(device)  # tnk eval / tnk sensitivity too: a clear error before the model is loaded
     return device
 
 

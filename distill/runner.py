@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -109,6 +109,21 @@ def _dist_info(distributed: bool | None) -> tuple[int, int]:
             )
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def _run_device(device, config_device):
+    """The run's device from distill(device=...) and config.device, where either may be left at "cpu" (their
+    default): before 2026-12-02 config.device alone decided where slices trained, so distill(device="cuda",
+    config=SliceTrainConfig(max_steps=...)) captured on the GPU and silently trained every slice on the CPU."""
+    a, b = torch.device(device), torch.device(config_device)
+    if a == b or b.type == "cpu":
+        return device
+    if a.type == "cpu":
+        return config_device
+    raise ValueError(
+        f"distill(device={str(device)!r}) and config.device={str(config_device)!r} differ; give one device (the "
+        "teacher must be on it too)"
+    )
 
 
 def _prepare(teacher: nn.Module, spec: SliceSpec, ratio, rules, seed: int) -> tuple[nn.Module, list[dict], bool, int]:
@@ -225,6 +240,8 @@ def distill(
         memory_budget_bytes: spill stored features to out_dir/features/ shards beyond this budget (removed once
             the slices are trained). Training batches keep `config.batch_size` across shards, but which samples
             share a batch differs from an in-memory run, so the student is close to, not bit for bit, the same.
+        device: where the teacher already is; every slice trains there and the student comes back there (a
+            `config` whose device is left at "cpu" follows it; a contradicting config.device is refused).
         distributed: use torch.distributed ranks (default: when initialized); each rank trains slices
             rank, rank + world, ...; rank 0 gathers the trained slices and assembles the student.
     """
@@ -238,7 +255,9 @@ def distill(
         )
     if ratio is None and rules is None:
         raise ValueError("distill: give a compression ratio (--ratio) or a budget (--budget FILE)")
-    config = config or SliceTrainConfig(device=device)
+    device = _run_device(device, config.device if config is not None else device)
+    # One device for the whole run: the teacher pass, the training and the assembled student.
+    config = replace(config, device=device) if config is not None else SliceTrainConfig(device=device)
     specs = make_slices(teacher, slices)
     rank, world = _dist_info(distributed)
     if mode == "sequential" and world > 1:
@@ -354,7 +373,10 @@ def _distill(
         for spec in specs:
             payload = done[spec.name]
             for name, module in payload["modules"].items():
-                set_submodule(student, name, module)
+                # checkpoints are read with map_location="cpu" (a run resumes on any machine): the student is a
+                # copy of the teacher, which is on `device`, so its slices go there too (a CUDA student with CPU
+                # slices failed at its first forward)
+                set_submodule(student, name, module.to(device))
             res.slices[spec.name] = _result(payload["result"])
         res.student = student.eval()
     timings["assemble_s"] = time.perf_counter() - t2

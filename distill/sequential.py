@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .capture import FeatureStore, capture_features
+from .capture import FeatureStore, _to, capture_features
 from .slices import set_submodule
 
 __all__ = ["run_sequential"]
@@ -32,14 +32,14 @@ def _chains(upstream: FeatureStore, store: FeatureStore) -> bool:
 
 
 @torch.no_grad()
-def _chained_store(modules, upstream: FeatureStore, targets: FeatureStore, root, budget, fp16) -> FeatureStore:
+def _chained_store(modules, upstream: FeatureStore, targets: FeatureStore, root, budget, fp16, device) -> FeatureStore:
     """The next slice's store: inputs = the trained upstream slice run on its own (student) inputs; outputs and
-    kwargs = the teacher's."""
+    kwargs = the teacher's. The slice runs on `device`; stored features are on the CPU (FeatureStore.add)."""
     from .slices import run_slice
 
     store = FeatureStore(root, budget, fp16)
     for (x, _, kw), (_, y, tkw) in zip(upstream.chunks(), targets.chunks(), strict=True):
-        store.add(run_slice(modules, x.float(), kw), y, tkw)
+        store.add(run_slice(modules, x.float().to(device), _to(kw, device)), y, tkw)
     return store
 
 
@@ -71,7 +71,7 @@ def run_sequential(
         store = None
         if upstream is not None and upstream[1] is not None and _chains(targets[upstream[0].name], targets[spec.name]):
             mods = [hybrid.get_submodule(n) for n in upstream[0].modules]
-            store = _chained_store(mods, upstream[1], targets[spec.name], seq_root, budget, fp16)
+            store = _chained_store(mods, upstream[1], targets[spec.name], seq_root, budget, fp16, device)
             chained.append(spec.name)
         elif upstream is None:  # the first slice: nothing upstream is trained, its inputs are the teacher's
             store = targets[spec.name]
@@ -92,7 +92,9 @@ def run_sequential(
         payload = done.get(spec.name)
         if payload is not None:
             for name, module in payload["modules"].items():
-                set_submodule(hybrid, name, copy.deepcopy(module))
+                # on the teacher's device: checkpoints are read on the CPU, and a CUDA hybrid with CPU slices
+                # failed in the next pass over it (and ran the chained slices on the CPU)
+                set_submodule(hybrid, name, copy.deepcopy(module).to(device))
         hybrid.eval()
         upstream = (spec, store)
     if store is not None:

@@ -131,14 +131,17 @@ def _split_chunks(store: FeatureStore, val_fraction: float) -> frozenset[int]:
 
 @torch.no_grad()
 def _eval_loss(modules, store: FeatureStore, val: frozenset[int], scale: float, device: str) -> float:
-    total, count = 0.0, 0
+    # Summed on the device in float64 and read once: a float() per chunk waits for the GPU every chunk. (The
+    # same float64 additions in the same order as the Python floats summed before: the same value.)
+    total, count = None, 0
     for i, (x, y, kw) in enumerate(store.chunks()):
         if val and i not in val:
             continue
         out = _run(modules, x.float().to(device), _to(kw, device))
-        total += float(((out.float() - y.float().to(device)) ** 2).sum())
+        part = ((out.float() - y.float().to(device)) ** 2).sum().double()
+        total = part if total is None else total + part
         count += y.numel()
-    return total / max(count, 1) / scale
+    return (0.0 if total is None else float(total)) / max(count, 1) / scale
 
 
 def _run(modules, x, kw):
@@ -209,7 +212,9 @@ def train_slice(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, config.max_steps) / config.max_steps))
     )
-    bad_evals, running, n_running = 0, 0.0, 0
+    # `running` (the train loss since the last evaluation) stays on the device as a float64 sum: a float(loss)
+    # every step would make the CPU wait for the GPU at every step instead of queueing the next one.
+    bad_evals, running, n_running = 0, None, 0
     bar = tqdm(
         total=config.max_steps,
         desc=f"slice {spec.name}",
@@ -228,15 +233,16 @@ def train_slice(
             opt.step()
             sched.step()
             step += 1
-            running += float(loss.detach())
+            running = loss.detach().double() if running is None else running + loss.detach().double()
             n_running += 1
             bar.update(1)
             out_of_time = config.time_budget_s is not None and time.perf_counter() - t0 > config.time_budget_s
             if step % config.eval_every == 0 or step >= config.max_steps or out_of_time:
-                vl = _eval_loss(modules, store, val, scale, dev) if val else running / n_running
-                history.append({"step": step, "train_loss": running / n_running, "val_loss": vl})
+                train_loss = float(running) / n_running
+                vl = _eval_loss(modules, store, val, scale, dev) if val else train_loss
+                history.append({"step": step, "train_loss": train_loss, "val_loss": vl})
                 bar.set_postfix(loss=f"{vl:.4g}", start=f"{init_loss:.4g}")
-                running, n_running = 0.0, 0
+                running, n_running = None, 0
                 if vl < best_loss * (1.0 - config.min_delta):
                     best_loss, best_state, bad_evals = vl, copy.deepcopy(container.state_dict()), 0
                 else:

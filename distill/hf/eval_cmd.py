@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 import tnkernels
 
 from .flags import DEFAULTS
@@ -23,15 +25,19 @@ def eval_hf(
     *,
     text_path: str | None = None,
     seq_len: int = DEFAULTS["seq_len"],
+    device=None,
 ) -> dict:
     """Teacher and student metrics on the held-out text: the teacher is `model_dir`, the student the same model
-    with `compressed` (a save_compressed folder) loaded into it."""
+    with `compressed` (a save_compressed folder) loaded into it; both run on `device` (default cpu)."""
+    device = torch.device(device or "cpu")  # `tnk eval --device cuda` was ignored before 2026-12-02
     model, tokenizer = load_hf_model(model_dir)
+    model.to(device)
     _, held = calibration_data(
         family_of(model), tokenizer, text_path=text_path, seq_len=seq_len, num_samples=1, batch_size=1
     )
     teacher = teacher_metrics(model, held)
     student = tnkernels.load_compressed(model, compressed)  # in place: the teacher's numbers are taken first
+    student.to(device)  # (load_compressed builds its layers on the model's device; this keeps it so)
     return compare(student, held, teacher)
 
 
@@ -46,6 +52,7 @@ def print_hf_eval(args) -> int:
         args.compressed,
         text_path=getattr(args, "text", None),
         seq_len=getattr(args, "seq_len", None) or DEFAULTS["seq_len"],
+        device=getattr(args, "device", None),
     )
     print(json.dumps(metrics, indent=2))
     return 0

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 FAMILIES = ("gpt2", "bert", "distilbert", "llama")
@@ -138,7 +139,11 @@ def load_hf_model(model_dir: str | os.PathLike, *, causal_lm: bool | None = None
     if causal_lm and family not in CAUSAL_FAMILIES:
         raise ValueError(f"causal_lm=True needs a decoder (GPT-2 or Llama family), {model_dir} holds a {family} model")
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_pretrained(model_dir, local_files_only=True).eval()
+    # float32 whatever the checkpoint's dtype: transformers 5 loads a bfloat16 / float16 checkpoint (Llama, Mistral
+    # and Qwen2 ship in bfloat16) in that dtype, and the float32 features and students then met a half-precision
+    # model ("mat1 and mat2 must have the same dtype"). .float() rather than from_pretrained's dtype argument, which
+    # transformers before 4.56 does not take (it is torch_dtype there).
+    model = cls.from_pretrained(model_dir, local_files_only=True).float().eval()
     tokenizer = load_tokenizer(model_dir) if with_tokenizer and has_tokenizer(model_dir) else None
     return model, tokenizer
 
@@ -174,7 +179,6 @@ def build_from_config(model_type: str, *, causal_lm: bool | None = None, seed: i
     ``config_overrides`` are config fields (``n_layer=2, n_embd=32`` for GPT-2; ``num_hidden_layers=2,
     hidden_size=32`` for BERT and Llama). Used by tests (tiny configs) and the GPT-2 XL-shaped scale benchmark.
     """
-    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if model_type not in _MODEL_TYPES:

@@ -54,8 +54,14 @@ def dist_env() -> tuple[int, int]:
 
 
 def default_device(device: str | None) -> torch.device:
+    """The run's device: --device as given, except that a bare ``cuda`` under torchrun means this rank's GPU
+    (LOCAL_RANK): before 2026-12-02 every rank of ``torchrun ... --device cuda`` loaded its model on GPU 0. No
+    --device: LOCAL_RANK's GPU if there is one, else the CPU."""
     if device:
-        return torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None and dist_env()[1] > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
