@@ -68,7 +68,13 @@ def _init_distributed(device: str) -> tuple[int, str]:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # Ranks wait at collectives for as long as rank 0 trains the teacher (first run) and the slowest rank
+        # trains its slices: the default timeout (10 min with nccl) would abort a long run, so it is the Hugging
+        # Face pipeline's wait (24 h). A crashed rank still ends the job at once: torchrun stops the others.
+        import datetime
+
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return dist.get_rank(), device
 
 
