@@ -31,7 +31,10 @@ from ...plan.mpo import groupings
 from ..modes import needs_autograd
 
 try:  # the extension is optional: a missing or broken build only disables this backend
-    from tnkernels import _native as _ext
+    # `import pkg.mod`, not `from pkg import mod`: while tnkernels is still initializing, the latter reports a
+    # missing extension as "cannot import name ... (most likely due to a circular import)", which is_available()
+    # then showed to the user; this form says "No module named 'tnkernels._native'".
+    import tnkernels._native as _ext
 
     _IMPORT_ERROR = ""
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
