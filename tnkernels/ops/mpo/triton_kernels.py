@@ -23,37 +23,33 @@ import os
 import triton
 import triton.language as tl
 
+
+def gpu_configs(block_names: str, rows: list[tuple[int, ...]]) -> list[triton.Config]:
+    """One triton.Config per row: the block sizes named by `block_names` (space-separated), then num_warps and
+    num_stages."""
+    names = block_names.split()
+    return [triton.Config(dict(zip(names, row[: len(names)])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+
+
 # Several configs on a GPU; exactly one under TRITON_INTERPRET=1, where autotuning (do_bench) cannot run. The GPU lists
 # are built everywhere so that tests can check them (tests/test_triton_mpo.py).
-_GPU_MP_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
+_GPU_MP_CONFIGS = gpu_configs(
+    "BM BN BK",
+    [
         (128, 64, 32, 4, 3),
         (64, 64, 32, 4, 4),
         (128, 128, 32, 8, 3),
         (64, 32, 64, 4, 3),
         (32, 64, 32, 4, 4),
         (256, 64, 32, 8, 3),
-    ]
-]
-_GPU_GB_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (64, 64, 64, 4, 3),
-        (128, 32, 32, 4, 3),
-        (64, 128, 64, 8, 3),
-        (128, 64, 32, 4, 4),
-    ]
-]
-_GPU_PAIR_CONFIGS = [
-    triton.Config({"BM": bm, "BK": bk, "BR": br, "BN2": bn}, num_warps=w, num_stages=s)
-    for bm, bk, br, bn, w, s in [
-        (64, 32, 64, 64, 4, 3),
-        (128, 32, 64, 64, 8, 3),
-        (64, 64, 32, 128, 4, 3),
-        (128, 32, 32, 32, 4, 4),
-    ]
-]
+    ],
+)
+_GPU_GB_CONFIGS = gpu_configs(
+    "BM BN BK", [(64, 64, 64, 4, 3), (128, 32, 32, 4, 3), (64, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
+)
+_GPU_PAIR_CONFIGS = gpu_configs(
+    "BM BK BR BN2", [(64, 32, 64, 64, 4, 3), (128, 32, 64, 64, 8, 3), (64, 64, 32, 128, 4, 3), (128, 32, 32, 32, 4, 4)]
+)
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _MP_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
     _GB_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]

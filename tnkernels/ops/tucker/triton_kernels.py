@@ -22,26 +22,14 @@ import os
 import triton
 import triton.language as tl
 
-from ..mpo.triton_kernels import _dot_acc, _quick_bench, fp64_prune
+from ..mpo.triton_kernels import _dot_acc, _quick_bench, fp64_prune, gpu_configs
 
 # Built everywhere so that tests can check them; used only on a GPU.
-_GPU_CONFIGS = [
-    triton.Config({"BM": bm, "BC": bc, "BRI": bri, "BCO": bco}, num_warps=w, num_stages=s)
-    for bm, bc, bri, bco, w, s in [
-        (64, 32, 32, 64, 4, 3),
-        (128, 32, 32, 64, 8, 3),
-        (64, 64, 64, 64, 4, 2),
-        (32, 64, 32, 64, 4, 3),
-    ]
-]
-_GPU_GRAD_CONFIGS = [
-    triton.Config({"BM": bm, "BRO": bro, "BRI": bri}, num_warps=w, num_stages=s)
-    for bm, bro, bri, w, s in [
-        (64, 32, 64, 4, 3),
-        (128, 64, 64, 8, 3),
-        (64, 64, 32, 4, 3),
-    ]
-]
+_GPU_CONFIGS = gpu_configs(
+    "BM BC BRI BCO", [(64, 32, 32, 64, 4, 3), (128, 32, 32, 64, 8, 3), (64, 64, 64, 64, 4, 2), (32, 64, 32, 64, 4, 3)]
+)
+_GPU_GRAD_CONFIGS = gpu_configs("BM BRO BRI", [(64, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)])
+
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _CONFIGS = [triton.Config({"BM": 16, "BC": 16, "BRI": 16, "BCO": 16}, num_warps=4)]
     _GRAD_CONFIGS = [triton.Config({"BM": 16, "BRO": 16, "BRI": 16}, num_warps=4)]
