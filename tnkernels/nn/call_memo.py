@@ -53,12 +53,17 @@ class CallMemo:
                 return False, None
         return True, payload
 
-    def put(self, x: torch.Tensor, params: tuple[torch.Tensor, ...], mode: object, payload: object) -> None:
-        """Remember `payload` for inputs like x, valid while `params` stay the same tensors on the same storage."""
+    def put(
+        self, x: torch.Tensor, params: tuple[torch.Tensor, ...], mode: object, payload: object, generation: int
+    ) -> None:
+        """Remember `payload` for inputs like x, valid while `params` stay the same tensors on the same storage and
+        the plan generation is `generation`: plan_generation() read *before* the payload was derived. Read after,
+        a recalibration or option change made by another thread while this one derived it would stamp a payload
+        derived from the old state as current, and the layer would keep it until the next change."""
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
         ptrs = tuple(p.data_ptr() for p in params)
-        self._entries[(x.shape, x.dtype, x.device, mode)] = (tuple(params), ptrs, plan_generation(), payload)
+        self._entries[(x.shape, x.dtype, x.device, mode)] = (tuple(params), ptrs, generation, payload)
 
 
 def memo_applies(x: torch.Tensor) -> bool:

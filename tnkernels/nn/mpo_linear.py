@@ -32,6 +32,7 @@ from ..ops.modes import needs_autograd
 from ..ops.mpo.torch_low_rank import is_low_rank_chain
 from ..plan import explain as explain_plan
 from ..plan.backends import auto_mpo_backend
+from ..plan.cache import plan_generation
 from .call_memo import MemoizedCalls, memo_applies
 from .hf_compat import is_hf_conv1d, linear_weight
 from .no_dense_weight import ExplainsMissingWeight
@@ -201,7 +202,8 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
             check_input_dtype(x, cores[0], type(self).__name__, mixed_ok=self.backend in MIXED_DTYPE_BACKENDS)
         y = run_mpo_linear(x, list(cores), bias, self.backend)
         if memo is not None and not known:  # after the call: one that raised is not remembered
-            memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad))
+            generation = plan_generation()  # before the route is derived (CallMemo.put)
+            memo.put(x, cores, needs_grad, low_rank_route(x, list(cores), self.backend, needs_grad), generation)
         return y
 
     dense_method = "to_linear"  # named in the error for code that reads .weight (no_dense_weight.py)

@@ -24,6 +24,7 @@ from ..ops.modes import needs_autograd, refuse_jit_script
 from ..ops.tucker.ranks import choose_tucker_ranks
 from ..ops.tucker.tuned import kind_for, kind_is_timed
 from ..plan import explain_tucker
+from ..plan.cache import plan_generation
 from .call_memo import MemoizedCalls, memo_applies
 from .no_dense_weight import ExplainsMissingWeight
 
@@ -226,7 +227,8 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         conv = dict(stride=self.stride, padding=padding, dilation=self.dilation, backend=self.backend)
         y = tucker_conv2d(x, *factors, bias, **conv)  # validates the call
         if memo is not None and not known:  # after the call: one that raised is not remembered
-            memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv))
+            generation = plan_generation()  # before the route is derived (CallMemo.put)
+            memo.put(x, factors, needs_grad, tucker_route(x, *factors, needs_grad=needs_grad, **conv), generation)
         return y
 
     dense_method = "to_conv"  # named in the error for code that reads .weight (no_dense_weight.py)

@@ -101,6 +101,7 @@ def mpo_decision(
     if hit is not None:
         return hit
     _STATS["searches"] += 1
+    generation = _GENERATION[0]
     cal = get_calibration(device, dtype)
     dec = decide(
         cal,
@@ -112,7 +113,7 @@ def mpo_decision(
         force=OPTIONS.force,
         force_fold=OPTIONS.fold,
     )
-    _MPO_PLANS[key] = dec
+    _store_unless_stale(_MPO_PLANS, key, dec, generation)
     return dec
 
 
@@ -130,10 +131,19 @@ def tucker_decision(
     if hit is not None:
         return hit
     _STATS["searches"] += 1
+    generation = _GENERATION[0]
     cal = get_calibration(device, dtype)
     dec = decide_tucker(cal, key_shapes, conv, dtype.itemsize, needs_grad=needs_grad, force=OPTIONS.tucker_force)
-    _TUCKER_PLANS[key] = dec
+    _store_unless_stale(_TUCKER_PLANS, key, dec, generation)
     return dec
+
+
+def _store_unless_stale(plans: dict, key: tuple, dec, generation: int) -> None:
+    """Keep `dec` unless the plans were cleared while it was searched (recalibrate() or thin_bounds.use() in another
+    thread): it was made with the old constants, and stored after the clear it would stay for good. The caller
+    still runs it; the next call searches again."""
+    if _GENERATION[0] == generation:
+        plans[key] = dec
 
 
 @contextlib.contextmanager

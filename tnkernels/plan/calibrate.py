@@ -13,16 +13,16 @@ thread count, so that it runs once per machine; `recalibrate()` forces a new mea
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .disk import cache_dir, locked, read_json, update_json, write_json_atomic  # noqa: F401  (re-exported)
 
 # Values of the smallest GEMM dimension at which the matmul rate is measured; rate() interpolates in log
 # space.
@@ -125,11 +125,6 @@ def _interpolate(rates: dict[int, float], d: int) -> float:
     return rates[dims[-1]]  # pragma: no cover (the loop always returns)
 
 
-def cache_dir() -> str:
-    """Folder for calibration and other cached files: $TNK_CACHE_DIR, default ~/.cache/tnkernels."""
-    return os.environ.get("TNK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tnkernels")
-
-
 def _read_cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -160,8 +155,9 @@ def machine_key() -> str:
 
 class MachineStore:
     """Choices measured on this machine, kept in $TNK_CACHE_DIR/<name> under machine_key(): a JSON dict of string
-    keys. Written atomically; a missing or damaged file reads as empty (its entries are measured again), and a
-    read-only cache folder keeps the entries in memory only."""
+    keys. Written atomically under the cache folder's lock (disk.py: other processes' entries are kept); a missing
+    or damaged file or entry reads as missing (measured again), and a read-only cache folder keeps the entries in
+    memory only."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -174,18 +170,34 @@ class MachineStore:
         return stored if isinstance(stored, dict) else {}
 
     def put(self, key: str, value) -> None:
-        data = read_json(self._path())
-        data.setdefault(machine_key(), {})[key] = value
-        try:
-            write_json_atomic(self._path(), data)
-        except OSError:
-            pass  # a read-only home must not break the forward pass: the caller keeps the value in memory
+        """Store one entry; never raises for an unwritable folder (the caller keeps the value in memory)."""
+        machine = machine_key()
+
+        def change(data: dict) -> bool:
+            if not isinstance(data.get(machine), dict):
+                data[machine] = {}  # a damaged entry (not a dict) is replaced, not indexed
+            data[machine][key] = value
+            return True
+
+        update_json(self._path(), change)
+
+    def get_or_measure(self, key: str, measure, valid=lambda value: True):
+        """The stored value of `key` if `valid`, else measure() stored. Measured under the folder's lock, after
+        reading the file again: processes starting together measure each entry once and all use that result."""
+        found = self.load().get(key)
+        if found is not None and valid(found):
+            return found
+        with locked(cache_dir()):
+            found = self.load().get(key)
+            if found is None or not valid(found):
+                found = measure()
+                self.put(key, found)
+        return found
 
     def drop(self) -> None:
-        """Forget this machine's entries."""
-        data = read_json(self._path())
-        if data.pop(machine_key(), None) is not None:
-            write_json_atomic(self._path(), data)
+        """Forget this machine's entries (never raises for an unwritable folder)."""
+        machine = machine_key()
+        update_json(self._path(), lambda data: data.pop(machine, None) is not None)
 
 
 def _device_name(device: torch.device) -> str:
@@ -371,37 +383,27 @@ def _path() -> str:
     return os.path.join(cache_dir(), "calibration.json")
 
 
-def _read_all() -> dict[str, dict]:
-    return read_json(_path())
-
-
-def read_json(path: str) -> dict:
-    """A cache file's dict, or {} when it is missing or unreadable (it is then measured again)."""
+def _stored(key: str) -> Calibration | None:
+    """The calibration stored for `key`, or None when missing, from an older version or damaged (any field of the
+    wrong type: a file edited by hand or by another version must mean "measure again", never a crash)."""
+    stored = read_json(_path()).get(key)
+    if stored is None:
+        return None
     try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+        return _from_json(stored)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    """Atomic write: a temporary file in the same folder, then rename (readers never see half a file)."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _store(key: str, cal: Calibration) -> None:
+    """Keep `cal` on disk next to the other entries; an unwritable folder warns once and keeps it in memory."""
+    entry = asdict(cal)
 
+    def change(data: dict) -> bool:
+        data[key] = entry
+        return True
 
-def _write_all(data: dict[str, dict]) -> None:
-    write_json_atomic(_path(), data)
+    update_json(_path(), change)
 
 
 def _from_json(d: dict) -> Calibration:
@@ -435,20 +437,15 @@ def get_calibration(device: torch.device | str = "cpu", dtype: torch.dtype = tor
     with _LOCK:
         if key in _MEMO:
             return _MEMO[key]
-        stored = _read_all().get(key)
-        if stored is not None:
-            try:
-                cal = _from_json(stored)
-            except (KeyError, TypeError, ValueError):
-                cal = None
+        cal = _stored(key)
         if cal is None:
-            cal = outside_transforms(measure, device, dtype)  # a first call may come inside torch.func.vmap
-            data = _read_all()
-            data[key] = asdict(cal)
-            try:
-                _write_all(data)
-            except OSError:
-                pass  # a read-only home must not break the forward pass; the calibration stays in memory
+            # Across processes (torchrun ranks starting together): one measures while the others wait, then read
+            # its result, so every process plans with the same constants, measured without the others' load.
+            with locked(cache_dir()):
+                cal = _stored(key)
+                if cal is None:
+                    cal = outside_transforms(measure, device, dtype)  # a first call may come inside torch.func.vmap
+                    _store(key, cal)
         _MEMO[key] = cal
         return cal
 
@@ -457,11 +454,9 @@ def recalibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     """Measure again (e.g. after a driver change), replace the cached entry, and forget cached plans."""
     device = torch.device(device)
     key = _key(device, dtype)
-    with _LOCK:
+    with _LOCK, locked(cache_dir()):
         cal = measure(device, dtype)
-        data = _read_all()
-        data[key] = asdict(cal)
-        _write_all(data)
+        _store(key, cal)  # a read-only cache folder keeps it in memory: it used to raise and install nothing
         _MEMO[key] = cal
     from .cache import clear_plans
 

@@ -80,8 +80,13 @@ class MeasuredBounds:
             with self._lock:
                 found = self._entries.get(key)
                 if found is None:
-                    found = self._entries[key] = measure_entry(kind, rank, width)
-                    _STORE.put("|".join(map(str, key)), found)
+                    # another process may have measured it since this table was loaded: read the store again
+                    found = _STORE.get_or_measure(
+                        "|".join(map(str, key)),
+                        lambda: measure_entry(kind, rank, width),
+                        valid=lambda rows: type(rows) is int,
+                    )
+                    self._entries[key] = found
         return found
 
     def wins(self, kind: str, rows: int, rank: int, width: int) -> bool:

@@ -54,11 +54,23 @@ def frontier_seconds(shape: tuple, ratio: float, conv: tuple, dtype: torch.dtype
     measured once per machine and shape and kept (every kernel of the shape shares them)."""
     frontier = tucker_rank_frontier(shape, ratio)
     key = f"{shape}|{ratio}|{conv}|{dtype}"
+    names = {f"{r}x{c}" for r, c in frontier}
+
+    def valid(found) -> bool:  # a damaged or foreign entry is measured again, never indexed
+        return (
+            isinstance(found, dict)
+            and set(found) == names
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in found.values())
+        )
+
     with _LOCK:
-        found = _MEMO.get(key) or _STORE.load().get(key)
-        if found is None or set(found) != {f"{r}x{c}" for r, c in frontier}:
-            found = {f"{r}x{c}": t for (r, c), t in _measure(shape, conv, frontier, dtype).items()}
-            _STORE.put(key, found)
+        found = _MEMO.get(key)
+        if found is None:
+            found = _STORE.get_or_measure(
+                key,
+                lambda: {f"{r}x{c}": t for (r, c), t in _measure(shape, conv, frontier, dtype).items()},
+                valid=valid,
+            )
         _MEMO[key] = found
     return {tuple(int(v) for v in name.split("x")): t for name, t in found.items()}
 

@@ -27,6 +27,7 @@ import torch
 
 from ...plan.cache import OPTIONS, tucker_decision
 from ...plan.calibrate import MachineStore, _timeit, outside_transforms
+from ...plan.tucker import TUCKER_KINDS
 
 MAX_BATCH = 8  # shapes are timed at this batch at most
 _WITHIN = 3.0  # kinds predicted more than this many times slower than the model's pick are not timed
@@ -59,14 +60,22 @@ def kind_for(shapes: tuple, conv: tuple, dtype: torch.dtype, device: torch.devic
         return found
     key = f"{timed_shapes}|{conv}|{dtype}|{'grad' if needs_grad else 'fwd'}"
     with _LOCK:
-        found = _MEMO.get(memo_key) or _STORE.load().get(key)
+        found = _MEMO.get(memo_key)
+        if found is None:  # a new process: stored by an earlier one (a kind this version knows)
+            stored = _STORE.load().get(key)
+            found = stored if isinstance(stored, str) and stored in TUCKER_KINDS else None
         if found is None:
             dec = tucker_decision(shapes, conv, dtype, device, needs_grad)
             predicted = dict(dec.alternatives)  # forward seconds per kind
             candidates = [k for k, seconds in predicted.items() if seconds <= _WITHIN * predicted[dec.kind]]
-            # outside any torch.func transform the first call may be made in (random tensors, a backward)
-            found = outside_transforms(measure, timed_shapes, conv, dtype, needs_grad, candidates, dec.kind)
-            _STORE.put(key, found)
+            # A stored kind this version does not know (a cache written by another version, a damaged file) is
+            # measured again: it used to reach the executor and fail every call with a KeyError.
+            found = _STORE.get_or_measure(
+                key,
+                # outside any torch.func transform the first call may be made in (random tensors, a backward)
+                lambda: outside_transforms(measure, timed_shapes, conv, dtype, needs_grad, candidates, dec.kind),
+                valid=lambda kind: kind in TUCKER_KINDS,
+            )
         _MEMO[memo_key] = found
         return found
 
