@@ -1,6 +1,6 @@
 """Concurrency and the shared cache folder: threads calling one model, processes starting together on an empty
 cache (torchrun ranks, test workers), damaged or unwritable cache files, fork after use, and a recalibration or
-option change racing a first call (tnkernels/plan/disk.py, docs/planner.md "Calibration and the cache folder").
+option change racing a first call (tnkernels/plan/disk.py, docs/planner.md "The cache folder, processes and threads").
 Whatever could hang runs in a subprocess or thread with a timeout, so a hang fails instead of blocking CI."""
 
 from __future__ import annotations
