@@ -40,6 +40,17 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`tnk compress --threads 1` and `run_grid --threads 1`, run in-process by CLI tests, set torch's thread count
+    for the rest of the process: later tests then ran at another thread count than their subprocesses (the
+    machine key of the cache files differs) depending on test order."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def nan_poison(monkeypatch):
     """Make torch.empty / empty_like / Tensor.new_empty return NaN-filled floating tensors, so a kernel that leaves
