@@ -61,8 +61,10 @@ def write_json_atomic(path: str, data: dict) -> None:
     try:
         # mkstemp makes the file 0600; a cache folder shared by several users (a team's shared filesystem) needs it
         # readable by all. A fixed mode, as save_compressed writes: reading the umask means setting it, which is
-        # process-wide and races with other threads.
-        os.fchmod(fd, 0o644)
+        # process-wide and races with other threads. Windows has no os.fchmod before Python 3.13 (nor POSIX modes
+        # to share): calling it there raised AttributeError, which no caller catches, out of every first forward.
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
