@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import tnkernels.convert
+
 from .calib import CalibReader, check_calib_loader, training_flags
 from .capture import FeatureStore, capture_features, default_forward, remove_empty
 from .sequential import run_sequential
@@ -378,6 +380,9 @@ def _distill(
                 # slices failed at its first forward)
                 set_submodule(student, name, module.to(device))
             res.slices[spec.name] = _result(payload["result"])
+        # a transformers teacher: the student's save_pretrained would write factors that from_pretrained reloads
+        # as random dense layers (tnkernels/convert/hf_save.py); a no-op for other models
+        tnkernels.convert.guard_save_pretrained(student)
         res.student = student.eval()
     timings["assemble_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0

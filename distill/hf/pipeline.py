@@ -252,6 +252,9 @@ def compress_model(
         saved = torch.load(head_ckpt, weights_only=False, map_location=device)
         install_head(model, saved["student"].to(device))
         slice_stats.append(saved["stats"])
+    # compress_model changed the caller's model in place: its save_pretrained would now write factors that
+    # from_pretrained reloads as random dense layers (tnkernels/convert/hf_save.py)
+    tnkernels.convert.guard_save_pretrained(model)
     tnkernels.save_compressed(model if head else base, out / "compressed")
     report = {
         "model_family": family,

@@ -146,3 +146,34 @@ def test_gpt2_layers_go_back_to_conv1d_and_reload_the_right_way_round(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(_ids()).logits, model(_ids()).logits)
+
+
+def test_the_pipelines_guard_save_pretrained_of_the_model_they_compress(tmp_path):
+    """compress_model (the HF pipeline's Python API) puts tensorized slices into the caller's model in place, and
+    distill() returns a student copied from a transformers teacher: neither had the save_pretrained guard, so
+    the silent random-weights reload remained on these paths."""
+    from distill.hf.pipeline import compress_model
+    from distill.runner import distill
+    from distill.train_slice import SliceTrainConfig
+    from tests.hf.test_presets_capture import padded_batches
+
+    model = tiny_model("bert")
+    compress_model(
+        model, padded_batches("bert", n_batches=2), tmp_path / "hf", ratio=2.0, preset="mlp", steps=0,
+        device="cpu", progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="save_pretrained: .* layers are tensorized"):
+        model.save_pretrained(tmp_path / "saved")
+
+    teacher = tiny_model("bert")
+    batches = [{"input_ids": b["input_ids"]} for b in padded_batches("bert", n_batches=2)]
+
+    def forward(m, batch, device):
+        return m(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+
+    student = distill(
+        teacher, batches, slices=["encoder.layer.0"], ratio=2.0, out_dir=tmp_path / "d", forward_fn=forward,
+        config=SliceTrainConfig(max_steps=1, eval_every=1, batch_size=4), progress=False,
+    ).student  # fmt: skip
+    with pytest.raises(ValueError, match="save_pretrained: .* layers are tensorized"):
+        student.save_pretrained(tmp_path / "saved2")
