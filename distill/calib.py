@@ -69,7 +69,15 @@ def _shuffles(loader) -> bool:
 
 def check_calib_loader(loader, *, mode: str, n_slices: int) -> None:
     """Refuse up front a loader that reshuffles (a DataLoader with shuffle=True), and in sequential mode with
-    several slices a one-shot iterator (a generator, iter(list)), which sequential mode may need to read again."""
+    several slices a one-shot iterator (a generator, iter(list)), which sequential mode may need to read again.
+    Also, before the teacher runs, a loader that is not iterable, or one that is empty (a list of no batches)."""
+    if not isinstance(loader, Iterable):
+        raise TypeError(
+            "calib_loader: must be an iterable of batches (a list of tensors or a DataLoader), got "
+            f"{type(loader).__name__}"
+        )
+    if isinstance(loader, (list, tuple)) and not loader:
+        raise ValueError("calib_loader: has no batches; pass at least one calibration batch")
     if _shuffles(loader):
         raise ValueError(f"{SAME_ORDER} (this DataLoader has a RandomSampler, so every pass reshuffles)")
     if mode == "sequential" and n_slices > 1 and iter(loader) is loader:

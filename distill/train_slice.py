@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import numbers
 import os
 import time
 import zlib
@@ -59,12 +60,28 @@ class SliceTrainConfig:
 
     def __post_init__(self) -> None:
         for k in ("max_steps", "batch_size", "eval_every", "patience"):
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"SliceTrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        if not (0.0 <= self.val_fraction < 1.0):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:  # 2.5 or "100" failed later
+                raise ValueError(f"SliceTrainConfig.{k} must be an int >= 1, got {v!r}")
+
+        def number(k: str) -> float:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"SliceTrainConfig.{k} must be a finite number, got {v!r}")
+            return v
+
+        if not (0.0 <= number("val_fraction") < 1.0):
             raise ValueError(f"SliceTrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
+        if number("lr") <= 0:
             raise ValueError(f"SliceTrainConfig.lr must be > 0, got {self.lr}")
+        for k in ("weight_decay", "min_delta"):
+            if number(k) < 0:
+                raise ValueError(f"SliceTrainConfig.{k} must be >= 0, got {getattr(self, k)}")
+        if self.time_budget_s is not None and number("time_budget_s") <= 0:
+            raise ValueError(
+                f"SliceTrainConfig.time_budget_s must be a positive number of seconds (or None: no limit), got "
+                f"{self.time_budget_s}"
+            )
 
 
 @dataclass

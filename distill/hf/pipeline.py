@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -38,6 +39,7 @@ from distill.capture import remove_empty
 from distill.fingerprint import claim, digest
 from distill.out_dir import check_kind, check_out, clean_stale_tmp
 from distill.slices import set_submodule
+from tnkernels.decompose import check_ratio
 
 from . import evaluate, text
 from .capture import atomic_save, capture_features, load_slice_features
@@ -142,6 +144,12 @@ def compress_model(
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank={rank} must be in [0, world={world})")
+    check_ratio(ratio, "compress_model: ratio")  # before the model moves or the teacher runs
+    if not calib:
+        raise ValueError("compress_model: calib has no batches; pass at least one calibration batch (a dict)")
+    for name, value in (("lr", lr), ("head_lr", head_lr)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"compress_model: {name} must be a finite number > 0, got {value!r}")
     out = Path(out)
     device = default_device(device) if not isinstance(device, torch.device) else device
     model.to(device).eval()

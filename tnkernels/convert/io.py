@@ -91,7 +91,10 @@ def _readable_by_all(folder: Path) -> None:
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (with tensorized layers) to the directory `path` atomically; return the path. A model wrapped
     by torch.compile or (Distributed)DataParallel is saved as the model inside, so it loads into a plain skeleton."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_compressed: model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
+    _check_replaceable(path)
     model = unwrapped(model)
     aliases = _module_aliases(model)
     layers = {}
@@ -131,6 +134,20 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse a `path` whose contents the save would replace (and delete) but that is not a checkpoint: a file, or a
+    directory with other files in it (save_compressed(model, ".") used to delete the working directory)."""
+    if not path.exists():
+        return
+    if path.is_dir() and ((path / SPEC_FILE).is_file() or not any(path.iterdir())):
+        return  # an earlier checkpoint (replaced atomically) or an empty directory
+    what = "a file" if path.is_file() else "a directory that is not a tnkernels checkpoint"
+    raise ValueError(
+        f"save_compressed: path {str(path)!r} is {what}; saving replaces the whole path, so pass a new or empty "
+        "directory (or an earlier checkpoint's) instead"
+    )
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -246,6 +263,11 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     The checkpoint may hold a submodule of `model`: one saved from a Hugging Face base model (what `tnk compress`
     writes) loads into `AutoModel` and into `AutoModelForCausalLM` alike."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"load_compressed: model must be the uncompressed skeleton (a torch.nn.Module instance), got "
+            f"{model.__name__ if isinstance(model, type) else type(model).__name__}; build it first, e.g. Model(...)"
+        )
     spec = read_spec(path)
     target = _checkpoint_root(model, list(spec["layers"]))
     root = next(f"{n}." if n else "" for n, m in model.named_modules() if m is target)  # target's name in model

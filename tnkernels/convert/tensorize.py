@@ -114,6 +114,13 @@ def tensorize(
     torch.compile or (Distributed)DataParallel is tensorized inside the wrapper, with names (in rules and the
     report) as they are in the model itself.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tensorize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if rules is not None and not isinstance(rules, Mapping):
+        raise TypeError(
+            f"tensorize: rules must be a dict {{pattern: settings or None}}, got {type(rules).__name__}; "
+            'e.g. {"fc": None, "*": {}}'
+        )
     if ratio is not None:
         check_ratio(ratio, "tensorize: ratio")
         if rel_tol is not None or max_bond is not None:
@@ -264,8 +271,6 @@ def _build(module: nn.Module, kind: str, opts: dict) -> nn.Module:
         # A bond cap means the same thing for Tucker ranks: no rank above it.
         cap = opts["max_bond"]
         kwargs["ranks"] = (min(cap, module.out_channels), min(cap, module.in_channels))
-    if "ranks" in kwargs:
-        kwargs["ranks"] = tuple(kwargs["ranks"])
     return TuckerConv2d.from_conv(module, **kwargs)
 
 

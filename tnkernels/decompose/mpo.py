@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._int_pair import _index, int_tuple
 from .errors import RatioUnreachableError
 from .linalg import left_svd, left_svd_truncated
 from .modes import max_bonds
@@ -29,6 +30,8 @@ def check_finite(weight: torch.Tensor, where: str) -> None:
 
 
 def _check_modes(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int], where: str) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{where}: weight must be a torch.Tensor [out, in], got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"{where}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
     if len(in_modes) != len(out_modes) or len(in_modes) == 0:
@@ -120,7 +123,7 @@ def mpo_decompose(
     The error is exact, not a bound: left factors are orthonormal, so the squared errors of the steps add up.
     """
     where = "mpo_decompose"
-    in_modes, out_modes = tuple(int(m) for m in in_modes), tuple(int(m) for m in out_modes)
+    in_modes, out_modes = int_tuple(in_modes, "in_modes", where), int_tuple(out_modes, "out_modes", where)
     _check_modes(weight, in_modes, out_modes, where)
     check_finite(weight, where)
     n = len(in_modes)
@@ -183,12 +186,17 @@ def mpo_decompose(
 def _bond_caps(max_bond: int | Sequence[int] | None, n: int, where: str) -> list[int] | None:
     if max_bond is None:
         return None
-    caps = [max_bond] * (n - 1) if isinstance(max_bond, int) else list(max_bond)
-    if len(caps) != n - 1:
+    if isinstance(max_bond, (tuple, list)):
+        caps = list(max_bond)
+    elif _index(max_bond) is not None:  # an int, a numpy integer (bools are refused below)
+        caps = [_index(max_bond)] * (n - 1)
+    else:  # a float or a string: list(2.5) failed with "'float' object is not iterable"
+        caps = [max_bond]
+    if len(caps) != n - 1 and isinstance(max_bond, (tuple, list)):
         raise ValueError(f"{where}: max_bond as a list needs {n - 1} entries (one per internal bond), got {len(caps)}")
-    for c in caps:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(
-                f"{where}: max_bond must be a positive int (got {max_bond!r}); bond 0 would erase the layer"
-            )
-    return caps
+    if any(_index(c) is None or _index(c) < 1 for c in caps):
+        raise ValueError(
+            f"{where}: max_bond must be a positive int or a list of them (got {max_bond!r}); bond 0 would erase "
+            "the layer"
+        )
+    return [_index(c) for c in caps]

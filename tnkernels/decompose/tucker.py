@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._int_pair import _index
 from .errors import RatioUnreachableError
 from .linalg import lapack_threads, left_svd
 from .mpo import check_finite, check_ratio
@@ -20,15 +21,16 @@ def tucker_num_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
 
 
 def _check_kernel(weight: torch.Tensor, where: str) -> None:
-    if weight.dim() != 4:
-        raise ValueError(f"{where}: expected a conv kernel [C_out, C_in, kh, kw], got shape {tuple(weight.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{where}: expected a conv kernel [C_out, C_in, kh, kw], got {shape}")
     check_finite(weight, where)
 
 
 def _check_ranks(ranks: Sequence[int], shape: Sequence[int], where: str) -> tuple[int, int]:
-    if len(ranks) != 2 or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+    if not isinstance(ranks, (tuple, list)) or len(ranks) != 2 or any(_index(r) is None for r in ranks):
         raise ValueError(f"{where}: ranks must be a pair of ints (R_out, R_in), got {ranks!r}")
-    r_out, r_in = ranks
+    r_out, r_in = _index(ranks[0]), _index(ranks[1])
     if not (1 <= r_out <= shape[0]) or not (1 <= r_in <= shape[1]):
         raise ValueError(
             f"{where}: ranks {tuple(ranks)} must satisfy 1 <= R_out <= {shape[0]} (C_out) and "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from .._int_pair import check_index, int_tuple
 from ..decompose import (
     auto_modes,
     check_ratio,
@@ -18,6 +19,7 @@ from ..decompose import (
 )
 from ..ops import (
     MIXED_DTYPE_BACKENDS,
+    check_backend,
     check_input_dtype,
     check_input_width,
     check_mpo_cores,
@@ -70,7 +72,10 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        in_modes, out_modes, bonds = tuple(in_modes), tuple(out_modes), tuple(bonds)
+        where = type(self).__name__
+        in_modes, out_modes = int_tuple(in_modes, "in_modes", where), int_tuple(out_modes, "out_modes", where)
+        bonds = int_tuple(bonds, "bonds", where)
+        check_backend(backend, where)
         if len(in_modes) != len(out_modes) or len(bonds) != len(in_modes) - 1:
             raise ValueError(
                 "MPOLinear: need len(in_modes) == len(out_modes) == len(bonds) + 1, "
@@ -137,6 +142,9 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         where = f"MPOLinear.from_linear({type(linear).__name__})"
         if not (isinstance(linear, nn.Linear) or is_hf_conv1d(linear)):
             raise TypeError(f"{where}: expected nn.Linear or transformers' Conv1D")
+        check_backend(backend, where)  # before the decomposition, not after it
+        if num_cores is not None:
+            num_cores = check_index(num_cores, "num_cores", where)  # 0 used to mean the default, 2; True 1
         weight = linear_weight(linear)
         out_features, in_features = weight.shape
         if prefer is not None and prefer not in ("speed", "accuracy"):
@@ -185,7 +193,12 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         cores = self._current_cores()
         p = self._parameters
         bias = p["bias"] if "bias" in p else self.bias  # not in the dict: None, or pruned / parametrized
-        memo = self._memo_for_calls if memo_applies(x) else None
+        try:  # a try costs nothing in Python 3.11 until it catches
+            memo = self._memo_for_calls if memo_applies(x) else None
+        except AttributeError:
+            if isinstance(x, torch.Tensor):
+                raise
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}") from None
         if memo is not None:  # the memo may already know how this call runs (call_memo.py)
             needs_grad = needs_autograd(x, cores, bias)
             known, route = memo.get(x, cores, needs_grad)
@@ -239,6 +252,7 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
     def explain(self, rows: int, *, needs_grad: bool = False) -> str:
         """How a call on `rows` rows (batch x tokens) runs: the backend `backend` resolves to, then the torch
         backend's plan (steps, FLOPs, bytes, predicted time and the alternatives: tnkernels.plan.explain)."""
+        rows = check_index(rows, "rows", f"{type(self).__name__}.explain")
         g = self.cores[0]
         backend = self.backend
         if backend == "auto":
@@ -326,8 +340,10 @@ def _resolve_modes(
     num_cores: int | None,
     where: str,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    in_modes = int_tuple(in_modes, "in_modes", where) if in_modes is not None else None
+    out_modes = int_tuple(out_modes, "out_modes", where) if out_modes is not None else None
     given = in_modes if in_modes is not None else out_modes
-    n = len(given) if given is not None else (num_cores or DEFAULT_NUM_CORES)
+    n = len(given) if given is not None else (num_cores if num_cores is not None else DEFAULT_NUM_CORES)
     if num_cores is not None and given is not None and len(given) != num_cores:
         raise ValueError(f"{where}: num_cores={num_cores} disagrees with the {len(given)} modes given")
     try:

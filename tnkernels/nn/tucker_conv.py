@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .._int_pair import int_pair
+from .._int_pair import int_pair, int_tuple
 from ..decompose import (
     check_ratio,
     tucker_decompose,
@@ -19,7 +19,7 @@ from ..decompose import (
     tucker_ranks_for_error,
     tucker_ranks_for_ratio,
 )
-from ..ops import conv_padding, preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
+from ..ops import check_backend, conv_padding, preload, run_tucker_route, tucker_conv2d, tucker_route, tucker_to_dense
 from ..ops.modes import needs_autograd, refuse_jit_script
 from ..ops.tucker.ranks import choose_tucker_ranks
 from ..ops.tucker.tuned import kind_for, kind_is_timed
@@ -58,6 +58,20 @@ def _input_padding(padding, padding_mode, kernel_size, stride, dilation) -> tupl
     return None
 
 
+def _check_geometry(kernel_size, stride, padding, dilation) -> None:
+    """What nn.Conv2d refuses when it is built (or F.conv2d at the first call, with a bare message)."""
+    for name, pair, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("dilation", dilation, 1)):
+        if min(pair) < least:
+            raise ValueError(f"TuckerConv2d: {name} must be >= 1, got {pair}")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"TuckerConv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and tuple(stride) != (1, 1):
+            raise ValueError(f"TuckerConv2d: padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}")
+    elif min(padding) < 0:
+        raise ValueError(f"TuckerConv2d: padding must be >= 0, got {padding}")
+
+
 def _timed_conv(conv: nn.Conv2d) -> tuple:
     """(stride, padding, dilation) of `conv` as the rank timing runs it: 'same' with an even kernel pads
     asymmetrically, which the timing can do without (no padding)."""
@@ -94,7 +108,8 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         super().__init__()
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"TuckerConv2d: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        r_out, r_in = (int(r) for r in ranks)
+        check_backend(backend, "TuckerConv2d")
+        r_out, r_in = int_tuple(ranks, "ranks (R_out, R_in)", "TuckerConv2d", length=2)
         if not (1 <= r_out <= out_channels and 1 <= r_in <= in_channels):
             raise ValueError(
                 f"TuckerConv2d: ranks ({r_out}, {r_in}) must be within 1..out_channels={out_channels} and "
@@ -105,6 +120,7 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         self.stride = int_pair(stride, "stride", "TuckerConv2d")
         self.dilation = int_pair(dilation, "dilation", "TuckerConv2d")
         self.padding = padding if isinstance(padding, str) else int_pair(padding, "padding", "TuckerConv2d")
+        _check_geometry(self.kernel_size, self.stride, self.padding, self.dilation)
         self.padding_mode = padding_mode
         # Non-zero padding modes (and 'same' with an even kernel) pad the input first (F.pad), then convolve without
         # padding, as nn.Conv2d does.
@@ -159,6 +175,7 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         where = "TuckerConv2d.from_conv"
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
+        check_backend(backend, where)  # before the decomposition, not after it
         if conv.groups != 1:
             raise ValueError(
                 f"{where}: grouped/depthwise convolutions (groups={conv.groups}) are not supported by Tucker-2; "
@@ -180,7 +197,7 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
             ranks = tucker_ranks_for_error(weight, rel_tol)
         elif ranks is None:
             ranks = tucker_max_ranks(weight.shape)
-        u_out, core, u_in = tucker_decompose(weight, tuple(ranks), n_iter=n_iter)
+        u_out, core, u_in = tucker_decompose(weight, ranks, n_iter=n_iter)  # checks ranks
         # skip_init: every parameter is overwritten below, so the random init would be wasted work.
         layer = skip_init(
             cls,
@@ -206,7 +223,11 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
+        try:  # a try costs nothing in Python 3.11 until it catches
+            unbatched = x.dim() == 3
+        except AttributeError:
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(x).__name__}") from None
+        if unbatched:  # [C, H, W], as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if self._pad is not None:
             x = F.pad(x, self._pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
@@ -247,7 +268,7 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         """How a call on inputs of `input_shape` ([N, C_in, H, W]) runs: the cost model's plan with its steps and
         alternatives (tnkernels.plan.explain_tucker), then the kind that runs. On a CPU that is the fastest kind
         timed on the first call of the shape (ops/tucker/tuned.py), so this may time them now, as that call would."""
-        n, c, h, w = (int(d) for d in input_shape)
+        n, c, h, w = int_tuple(input_shape, "input_shape [N, C_in, H, W]", "TuckerConv2d.explain", length=4, minimum=0)
         if c != self.in_channels:
             raise ValueError(f"TuckerConv2d.explain: input_shape has {c} channels, the layer takes {self.in_channels}")
         padding = conv_padding(self.padding, self.kernel_size, self.dilation, self.stride) if self._pad is None else 0

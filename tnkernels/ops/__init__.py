@@ -9,7 +9,7 @@ import torch
 from .._int_pair import int_pair
 from ..plan.backends import auto_mpo_backend
 from ..plan.cache import planned_rows
-from .dispatch import BACKENDS, backend_available, preload, resolve
+from .dispatch import BACKENDS, backend_available, check_backend, preload, resolve
 from .modes import (
     autocast_dtype,
     needs_autograd,
@@ -27,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "autocast_dtype",
     "backend_available",
+    "check_backend",
     "preload",
     "needs_autograd",
     "refuse_jit_script",
@@ -125,6 +126,8 @@ def mpo_linear(
         >>> mpo_linear(torch.randn(5, 8), cores).shape
         torch.Size([5, 12])
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"mpo_linear: x must be a torch.Tensor [..., in_features], got {type(x).__name__}")
     cores = list(cores)
     check_mpo_cores(cores)
     in_features = 1
@@ -133,8 +136,9 @@ def mpo_linear(
         in_features *= g.shape[1]
         out_features *= g.shape[2]
     check_input_width(x, in_features, "mpo_linear", f" (input modes {[g.shape[1] for g in cores]})")
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"mpo_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if bias is not None and getattr(bias, "shape", None) != (out_features,):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"mpo_linear: bias must be a tensor of shape ({out_features},), got {got}")
     check_input_dtype(x, cores[0], "mpo_linear", mixed_ok=backend in MIXED_DTYPE_BACKENDS)
     return run_mpo_linear(x, cores, bias, backend)
 
@@ -260,6 +264,8 @@ def tucker_conv2d(
         x: [N, C_in, H, W]. u_in: [C_in, R_in]. core: [R_out, R_in, kh, kw]. u_out: [C_out, R_out].
         bias: [C_out] or None. stride / padding / dilation as in torch.nn.functional.conv2d ('same' included).
     """
+    if not all(isinstance(t, torch.Tensor) for t in (x, u_in, core, u_out)):
+        raise TypeError("tucker_conv2d: x, u_in, core and u_out must be torch.Tensors")
     if x.dim() != 4:
         raise ValueError(f"tucker_conv2d: x must be [N, C_in, H, W], got shape {tuple(x.shape)}")
     if core.dim() != 4 or u_in.dim() != 2 or u_out.dim() != 2:
@@ -271,13 +277,24 @@ def tucker_conv2d(
         )
     if x.shape[1] != u_in.shape[0]:
         raise ValueError(f"tucker_conv2d: input has {x.shape[1]} channels but u_in expects {u_in.shape[0]}")
-    if bias is not None and bias.shape != (u_out.shape[0],):
-        raise ValueError(f"tucker_conv2d: bias must have shape ({u_out.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None and getattr(bias, "shape", None) != (u_out.shape[0],):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"tucker_conv2d: bias must be a tensor of shape ({u_out.shape[0]},), got {got}")
     check_input_dtype(x, core, "tucker_conv2d", mixed_ok=backend == "triton")
     refuse_jit_trace("tucker_conv2d")
     stride_t = _pair(stride, "stride")
     dilation_t = _pair(dilation, "dilation")
     padding_t = conv_padding(padding, (core.shape[2], core.shape[3]), dilation_t, stride_t)
+    if min(stride_t) < 1 or min(dilation_t) < 1 or min(padding_t) < 0:  # F.conv2d: a bare error or a division by 0
+        raise ValueError(
+            f"tucker_conv2d: stride and dilation must be >= 1 and padding >= 0, got stride={stride_t}, "
+            f"padding={padding_t}, dilation={dilation_t}"
+        )
+    if not (u_in.dtype == core.dtype == u_out.dtype) and backend != "triton":
+        raise ValueError(
+            f"tucker_conv2d: u_in, core and u_out must share one dtype, got {u_in.dtype}, {core.dtype}, "
+            f"{u_out.dtype}; cast them to one (.to(core.dtype))"
+        )
     fn = resolve("tucker_conv2d", backend, x.device.type)
     amp = autocast_dtype(x)
     if amp is not None:  # in autocast's dtype, autocast off inside (modes.run_in_autocast_dtype)

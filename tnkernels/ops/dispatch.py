@@ -63,6 +63,12 @@ def preload(op: str, backend: str) -> None:
                 pass
 
 
+def check_backend(backend, where: str) -> None:
+    """Refuse an unknown backend name when a layer is built, not at its first call."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
 def backend_available(op: str, backend: str) -> tuple[bool, str]:
     """Whether `backend` can run `op` here, and if not, why."""
     try:

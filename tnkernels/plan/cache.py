@@ -186,6 +186,9 @@ def set_options(
     from .mpo import PLAN_KINDS
     from .tucker import TUCKER_KINDS
 
+    for name, value in (("recompute", recompute), ("cache_dense", cache_dense), ("fold", fold)):
+        if value is not None and value is not ... and not isinstance(value, bool):  # bool("no") is True
+            raise ValueError(f"plan options: {name} must be True, False or None, got {value!r}")
     if force is not ... and force is not None and force not in PLAN_KINDS:
         raise ValueError(f"plan options: force must be one of {', '.join(PLAN_KINDS)} or None, got {force!r}")
     if tucker_force is not ... and tucker_force is not None and tucker_force not in TUCKER_KINDS:

@@ -425,11 +425,15 @@ def _from_json(d: dict) -> Calibration:
     )
 
 
+def _check_dtype(dtype) -> None:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"plan: cannot calibrate dtype {dtype}; use a floating dtype")
+
+
 def get_calibration(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Calibration:
     """The calibration of (device, dtype): from memory, else from the disk cache, else measured and stored."""
     device = torch.device(device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"plan: cannot calibrate dtype {dtype}; use a floating dtype")
+    _check_dtype(dtype)
     key = _key(device, dtype)
     cal = _MEMO.get(key)
     if cal is not None:
@@ -453,6 +457,7 @@ def get_calibration(device: torch.device | str = "cpu", dtype: torch.dtype = tor
 def recalibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Calibration:
     """Measure again (e.g. after a driver change), replace the cached entry, and forget cached plans."""
     device = torch.device(device)
+    _check_dtype(dtype)  # before measuring: "normal_kernel_cpu" not implemented for 'Int'
     key = _key(device, dtype)
     with _LOCK, locked(cache_dir()):
         cal = measure(device, dtype)

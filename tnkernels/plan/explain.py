@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._int_pair import int_pair
+from .._int_pair import check_index, int_pair
 from .cache import OPTIONS, mpo_decision, tucker_decision
 from .mpo import MPODecision
 
@@ -69,8 +69,7 @@ def explain(
     `cores` may be tensors, their shapes (r0, i, j, r1), or an MPOLinear. Example:
         >>> print(explain([(1, 40, 40, 16), (16, 40, 160, 1)], rows=64))
     """
-    if rows < 1:
-        raise ValueError(f"explain: rows must be >= 1, got {rows}")
+    rows = check_index(rows, "rows", "explain")
     if isinstance(getattr(cores, "cores", None), torch.nn.ParameterList):  # an MPOLinear (duck-typed: the
         cores = list(cores.cores)  # type: ignore[union-attr]  # planner does not import the modules)
     if isinstance(getattr(cores, "core", None), torch.Tensor):  # a TuckerConv2d
@@ -81,9 +80,24 @@ def explain(
     )
     if not shapes or any(len(s) != 4 for s in shapes):
         raise ValueError("explain: pass MPO cores (or their shapes) of 4 dimensions (r0, i, j, r1)")
+    _check_chain(shapes)
     if isinstance(cores[0], torch.Tensor):
         dtype, device = cores[0].dtype, cores[0].device
     return format_mpo(mpo_decision(shapes, rows, dtype, torch.device(device), needs_grad), top)  # type: ignore
+
+
+def _check_chain(shapes: tuple[tuple[int, ...], ...]) -> None:
+    """The shapes must form an MPO chain, as the layers' cores do (else a bare einsum or division error)."""
+    if any(d < 1 for s in shapes for d in s):
+        raise ValueError(f"explain: every core dimension must be >= 1, got shapes {list(shapes)}")
+    for k in range(1, len(shapes)):
+        if shapes[k - 1][3] != shapes[k][0]:
+            raise ValueError(
+                f"explain: bond mismatch between core {k - 1} (r_next={shapes[k - 1][3]}) and core {k} "
+                f"(r_prev={shapes[k][0]}); pass the cores of one MPO"
+            )
+    if shapes[0][0] != 1 or shapes[-1][3] != 1:
+        raise ValueError(f"explain: boundary bonds must be 1, got r_0={shapes[0][0]}, r_N={shapes[-1][3]}")
 
 
 def _int_pair(value, name: str) -> tuple[int, int]:
