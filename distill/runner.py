@@ -122,6 +122,8 @@ def _run_device(device, config_device):
         return device
     if a.type == "cpu":
         return config_device
+    if a.type == b.type and (a.index is None or b.index is None):  # "cuda" is the current GPU: the indexed name
+        return device if a.index is not None else config_device
     raise ValueError(
         f"distill(device={str(device)!r}) and config.device={str(config_device)!r} differ; give one device (the "
         "teacher must be on it too)"

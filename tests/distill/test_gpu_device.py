@@ -88,6 +88,12 @@ def test_config_device_alone_is_the_run_device(monkeypatch, tmp_path):
     assert not rec.off_gpu
 
 
+def test_a_bare_cuda_takes_the_other_sides_index():
+    from distill.runner import _run_device
+
+    assert _run_device("cuda", "cuda:1") == "cuda:1" and _run_device("cuda:1", "cuda") == "cuda:1"
+
+
 def test_conflicting_devices_are_refused(tmp_path):
     with pytest.raises(ValueError, match="cuda:1.*cuda:0|cuda:0.*cuda:1"):
         distill(
