@@ -201,3 +201,25 @@ def test_valid_edge_inputs_still_work():
     assert layer.bonds == (2,)
     assert tk.TuckerConv2d.from_conv(CONV, ranks=[np.int64(3), 2]).ranks == (3, 2)
     assert tk.mpo_decompose(W, [np.int64(2), 4], (3, 4), max_bond=[np.int64(3)])[0].shape[3] == 3
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: tk.mpo_to_dense([]), "mpo_to_dense: needs at least one core"),
+        (lambda: tk.mpo_to_dense([torch.randn(1, 2, 3, 2), torch.randn(3, 2, 3, 1)]), "mpo_to_dense: bond mismatch"),
+        (lambda: tk.mpo_to_dense([torch.randn(2, 3)]), "mpo_to_dense: core 0 must be 4-D"),
+        (
+            lambda: tk.tucker_to_dense(torch.randn(6, 3), torch.randn(3, 2, 3, 3), torch.randn(4, 5)),
+            "tucker_to_dense: ranks disagree",
+        ),
+        (
+            lambda: tk.tucker_to_dense(torch.randn(6, 3), torch.randn(3, 2), torch.randn(4, 2)),
+            r"tucker_to_dense: expected u_in \[C_in, R_in\]",
+        ),
+    ],
+)
+def test_dense_rebuilds_name_what_does_not_fit(call, message):
+    # These raised IndexError, a reshape error or an einsum error from inside the contraction.
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -18,9 +18,9 @@ from .modes import (
     run_in_autocast_dtype,
     under_transform_or_dual,
 )
-from .mpo.reference import mpo_linear_reference, mpo_to_dense
+from .mpo.reference import check_mpo_cores, mpo_linear_reference, mpo_to_dense
 from .mpo.torch_low_rank import is_low_rank_chain, low_rank_apply, low_rank_train
-from .tucker.reference import tucker_conv2d_reference, tucker_to_dense
+from .tucker.reference import check_tucker_factors, tucker_conv2d_reference, tucker_to_dense
 from .tucker.torch_impl import run_route as run_tucker_route
 
 __all__ = [
@@ -53,22 +53,6 @@ __all__ = [
 # Resolved at import, not inside the first call (which may be traced by torch.compile): see dispatch.preload.
 preload("mpo_linear", "auto")
 preload("tucker_conv2d", "auto")
-
-
-def check_mpo_cores(cores: Sequence[torch.Tensor], where: str = "mpo_linear") -> None:
-    """Raise ValueError unless `cores` form a valid MPO chain (4-D, matching bonds, boundary bonds of 1)."""
-    if len(cores) == 0:
-        raise ValueError(f"{where}: needs at least one core")
-    for k, g in enumerate(cores):
-        if g.dim() != 4:
-            raise ValueError(f"{where}: core {k} must be 4-D (r_prev, i, j, r_next), got shape {tuple(g.shape)}")
-        if k > 0 and cores[k - 1].shape[3] != g.shape[0]:
-            raise ValueError(
-                f"{where}: bond mismatch between core {k - 1} (r_next={cores[k - 1].shape[3]}) "
-                f"and core {k} (r_prev={g.shape[0]})"
-            )
-    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
-        raise ValueError(f"{where}: boundary bonds must be 1, got r_0={cores[0].shape[0]}, r_N={cores[-1].shape[3]}")
 
 
 def check_input_width(x: torch.Tensor, in_features: int, where: str, detail: str = "") -> None:
@@ -268,13 +252,7 @@ def tucker_conv2d(
         raise TypeError("tucker_conv2d: x, u_in, core and u_out must be torch.Tensors")
     if x.dim() != 4:
         raise ValueError(f"tucker_conv2d: x must be [N, C_in, H, W], got shape {tuple(x.shape)}")
-    if core.dim() != 4 or u_in.dim() != 2 or u_out.dim() != 2:
-        raise ValueError("tucker_conv2d: expected u_in [C_in, R_in], core [R_out, R_in, kh, kw], u_out [C_out, R_out]")
-    if u_in.shape[1] != core.shape[1] or u_out.shape[1] != core.shape[0]:
-        raise ValueError(
-            f"tucker_conv2d: ranks disagree: u_in {tuple(u_in.shape)}, core {tuple(core.shape)}, "
-            f"u_out {tuple(u_out.shape)}"
-        )
+    check_tucker_factors(u_in, core, u_out, "tucker_conv2d")
     if x.shape[1] != u_in.shape[0]:
         raise ValueError(f"tucker_conv2d: input has {x.shape[1]} channels but u_in expects {u_in.shape[0]}")
     if bias is not None and getattr(bias, "shape", None) != (u_out.shape[0],):

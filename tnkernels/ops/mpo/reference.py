@@ -6,11 +6,30 @@ is correct but not always the cheapest order; the planner (tnkernels.plan) choos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+
+def check_mpo_cores(cores: Sequence[torch.Tensor], where: str = "mpo_linear") -> None:
+    """Raise ValueError unless `cores` form a valid MPO chain (4-D, matching bonds, boundary bonds of 1)."""
+    if len(cores) == 0:
+        raise ValueError(f"{where}: needs at least one core")
+    for k, g in enumerate(cores):
+        if g.dim() != 4:
+            raise ValueError(f"{where}: core {k} must be 4-D (r_prev, i, j, r_next), got shape {tuple(g.shape)}")
+        if k > 0 and cores[k - 1].shape[3] != g.shape[0]:
+            raise ValueError(
+                f"{where}: bond mismatch between core {k - 1} (r_next={cores[k - 1].shape[3]}) "
+                f"and core {k} (r_prev={g.shape[0]})"
+            )
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(f"{where}: boundary bonds must be 1, got r_0={cores[0].shape[0]}, r_N={cores[-1].shape[3]}")
 
 
 def mpo_to_dense(cores: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Contract MPO cores `(r_{k-1}, i_k, j_k, r_k)` into the dense weight `W[out_features, in_features]`."""
+    check_mpo_cores(cores, "mpo_to_dense")  # not per call of a layer: a rebuild (to_dense, cache_dense) only
     # acc[I, J, r] accumulates the merged input index I = (i_1..i_k), output index J = (j_1..j_k).
     acc = cores[0].reshape(cores[0].shape[1], cores[0].shape[2], cores[0].shape[3])
     for g in cores[1:]:
