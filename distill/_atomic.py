@@ -1,5 +1,5 @@
-"""Atomic file writes for the budget / sensitivity / plot outputs and the bench/ scripts (tmp file in the same
-folder, then rename).
+"""Atomic file writes for distill's outputs (checkpoints, feature shards, reports, budget / sensitivity / plots) and
+the bench/ scripts (tmp file in the same folder, then rename).
 
 A crash or a kill in the middle of a write must never leave a half-written JSON or PNG that a later run
 would read as valid, so every writer goes through here: the data lands in a temporary file next to the
@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call write(fileobj) on a temporary file next to `path`, fsync it, then rename it over `path`."""
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, sync: bool = True) -> Path:
+    """Call write(fileobj) on a temporary file next to `path`, fsync it (unless `sync` is False: scratch files such
+    as spilled feature shards need not survive a power cut), then rename it over `path`."""
     path = Path(path)
     if path.exists() and path.is_dir():
         raise ValueError(f"path: {str(path)!r} is a directory; give a file name")
@@ -24,10 +25,12 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes the file private (0600); results are meant to be read
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(f.fileno(), 0o644)  # mkstemp makes the file private (0600); results are meant to be read
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         # Leave no stray temporary behind; the target keeps its previous content (or stays absent).
@@ -37,6 +40,13 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], None
             pass
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, *, sync: bool = True) -> Path:
+    """torch.save(obj) atomically (checkpoints, feature shards)."""
+    import torch
+
+    return atomic_write_bytes(path, lambda f: torch.save(obj, f), sync=sync)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

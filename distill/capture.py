@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._atomic import atomic_save
 from .calib import training_flags
 from .slices import EXTRA_ARGS, SliceSpec
 
@@ -135,9 +136,7 @@ class FeatureStore:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"shard_{len(self._shards):05d}.pt"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self._chunks, tmp)
-        os.replace(tmp, path)
+        atomic_save(self._chunks, path, sync=False)  # scratch: removed once its slice is trained
         self._shards.append(path)
         self._shard_sizes.append(len(self._chunks))
         self._chunks = []

@@ -30,6 +30,7 @@ from torch import nn
 
 import tnkernels.convert
 
+from ._atomic import atomic_write_bytes
 from .calib import CalibReader, check_calib_loader, training_flags
 from .capture import FeatureStore, capture_features, default_forward, remove_empty
 from .sequential import run_sequential
@@ -440,8 +441,6 @@ def _gather(done: dict[str, dict], mine: list[str], rank: int, ckpt_dir: Path) -
                 path = ckpt_dir / f"{name}.pt"
                 if not path.is_file():  # ranks on other nodes may not share out_dir
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                    tmp.write_bytes(blob)
-                    os.replace(tmp, path)
+                    atomic_write_bytes(path, lambda f, blob=blob: f.write(blob))
     dist.barrier()
     return done

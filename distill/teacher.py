@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ._atomic import atomic_save
 from .data import DIGITS, load_data, num_classes_of
 
 __all__ = [
@@ -143,9 +144,7 @@ def save_checkpoint(
         "state_dict": model.state_dict(),
         **(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_save(payload, path)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) -> nn.Module:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._atomic import atomic_save
 from .capture import FeatureStore, _to
 from .slices import SliceSpec, count_params, slice_modules
 
@@ -295,9 +296,7 @@ def save_slice_checkpoint(
         "modules": {n: container.get_submodule(n).cpu() for n in spec.modules},
         "result": result.to_dict(),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_save(payload, path)
 
 
 def load_slice_checkpoint(path: str | os.PathLike, spec: SliceSpec, fingerprint: str | None) -> dict | None:

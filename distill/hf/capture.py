@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill._atomic import atomic_save
 from distill.slices import SliceSpec
 
 from .models import base_model, block_names
@@ -34,13 +35,6 @@ from .presets import bind_call
 
 class _StopForward(Exception):
     """Raised by the block-0 pre-hook: everything after block 0's input is not needed."""
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: no half-written file survives."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _to_store(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

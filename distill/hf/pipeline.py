@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import tnkernels
+from distill._atomic import atomic_save, atomic_write_text
 from distill.arg_checks import check_compress_args
 from distill.capture import remove_empty
 from distill.fingerprint import claim, digest
@@ -42,7 +43,7 @@ from distill.slices import set_submodule
 from tnkernels.decompose import check_ratio
 
 from . import evaluate, text
-from .capture import atomic_save, capture_features, load_slice_features
+from .capture import capture_features, load_slice_features
 from .flags import DEFAULTS, add_arguments, option
 from .head import distill_head, install_head, output_head
 from .models import CAUSAL_FAMILIES, base_model, check_model_dir, family_of, load_hf_model, load_tokenizer
@@ -283,9 +284,7 @@ def compress_model(
     }
     if teacher is not None:
         report["metrics"] = compare(model, held, teacher)
-    tmp = out / f".report.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    os.replace(tmp, out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float))
     return report
 
 
