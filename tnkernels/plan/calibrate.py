@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .disk import cache_dir, locked, read_json, update_json, write_json_atomic  # noqa: F401  (re-exported)
+from .disk import cache_dir, locked, read_json, update_json
 
 # Values of the smallest GEMM dimension at which the matmul rate is measured; rate() interpolates in log
 # space.
