@@ -19,7 +19,7 @@ from torch import nn
 
 import tnkernels
 from distill.slices import SliceSpec, set_submodule
-from tnkernels.convert.report import LayerReport, TensorizeReport
+from tnkernels.convert import LayerReport, TensorizeReport
 
 from .presets import run_hf_slice
 from .whiten import input_moments, is_linear, whitened_lowrank
