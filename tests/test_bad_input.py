@@ -223,3 +223,27 @@ def test_dense_rebuilds_name_what_does_not_fit(call, message):
     # These raised IndexError, a reshape error or an einsum error from inside the contraction.
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("needs_grad", [False, True])
+@pytest.mark.parametrize("modes", [((2, 4), (3, 4)), ((8, 1), (1, 12))], ids=["chain", "low_rank"])
+def test_mpo_linear_bias_of_another_dtype_is_refused(modes, needs_grad):
+    """With autograd the float64 bias promoted the output to float64; without it, or on the other paths, the
+    error came from inside a backend ("self and mat2 must have the same dtype")."""
+    from tnkernels.decompose import mpo_decompose
+    from tnkernels.ops import mpo_linear
+
+    cores = mpo_decompose(torch.randn(12, 8), *modes)
+    x = torch.randn(5, 8, requires_grad=needs_grad)
+    with pytest.raises(ValueError, match=r"mpo_linear: bias is torch.float64 but the weights are torch.float32"):
+        mpo_linear(x, cores, torch.zeros(12, dtype=torch.float64))
+
+
+def test_tucker_conv2d_bias_of_another_dtype_is_refused():
+    from tnkernels.ops import tucker_conv2d
+
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"tucker_conv2d: bias is torch.float64 but the weights are torch.float32"):
+        tucker_conv2d(
+            x, torch.randn(4, 2), torch.randn(3, 2, 3, 3), torch.randn(6, 3), torch.zeros(6, dtype=torch.float64)
+        )

@@ -69,6 +69,15 @@ def check_input_width(x: torch.Tensor, in_features: int, where: str, detail: str
 MIXED_DTYPE_BACKENDS = ("native", "triton")
 
 
+def check_bias_dtype(bias: torch.Tensor | None, weight: torch.Tensor, where: str) -> None:
+    """A bias of another dtype than the weights: F.linear / F.conv2d refuse it, and the planned paths would either
+    fail inside a backend or (with autograd) silently promote the output to the bias's dtype."""
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(
+            f"{where}: bias is {bias.dtype} but the weights are {weight.dtype}; cast it (bias.to({weight.dtype}))"
+        )
+
+
 def check_input_dtype(x: torch.Tensor, weight: torch.Tensor, where: str, mixed_ok: bool = False) -> None:
     """Raise ValueError for an input the layer cannot multiply: not floating point, or (outside autocast, and
     unless the backend takes mixed dtypes: `mixed_ok`) of another dtype than the weights. Without it the error
@@ -124,6 +133,8 @@ def mpo_linear(
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"mpo_linear: bias must be a tensor of shape ({out_features},), got {got}")
     check_input_dtype(x, cores[0], "mpo_linear", mixed_ok=backend in MIXED_DTYPE_BACKENDS)
+    if backend not in MIXED_DTYPE_BACKENDS:
+        check_bias_dtype(bias, cores[0], "mpo_linear")
     return run_mpo_linear(x, cores, bias, backend)
 
 
@@ -259,6 +270,8 @@ def tucker_conv2d(
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"tucker_conv2d: bias must be a tensor of shape ({u_out.shape[0]},), got {got}")
     check_input_dtype(x, core, "tucker_conv2d", mixed_ok=backend == "triton")
+    if backend != "triton":
+        check_bias_dtype(bias, core, "tucker_conv2d")
     refuse_jit_trace("tucker_conv2d")
     stride_t = _pair(stride, "stride")
     dilation_t = _pair(dilation, "dilation")
