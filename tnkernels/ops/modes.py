@@ -38,8 +38,11 @@ def under_transform_or_dual() -> bool:
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes matmuls and convolutions in on x's device, or None when autocast is off."""
+    """The dtype autocast computes matmuls and convolutions in on x's device, or None when autocast is off. The
+    meta device has no autocast (torch raises on asking), and a meta forward is how shapes are worked out."""
     device = x.device.type
+    if device == "meta":
+        return None
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 

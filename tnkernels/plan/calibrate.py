@@ -259,8 +259,7 @@ def measure(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> Calibr
     """Run the micro-benchmark (about 1-2 s on a CPU) and return the constants. Does not touch the disk cache.
 
     Every quantity is measured in `rounds` interleaved rounds and the best round is kept, so that a burst of
-    load
-    from another process spoils one round of one quantity rather than the whole calibration."""
+    load from another process spoils one round of one quantity rather than the whole calibration."""
     tiny_a = torch.randn(2, 2, device=device, dtype=dtype)
     tiny_b = torch.randn(2, 2, device=device, dtype=dtype)
     n_bytes = (8 << 20) if device.type == "cpu" else (256 << 20)
@@ -438,6 +437,8 @@ def get_calibration(device: torch.device | str = "cpu", dtype: torch.dtype = tor
     cal = _MEMO.get(key)
     if cal is not None:
         return cal
+    if device.type == "meta":
+        return _nominal(device, dtype)
     with _LOCK:
         if key in _MEMO:
             return _MEMO[key]
@@ -454,9 +455,20 @@ def get_calibration(device: torch.device | str = "cpu", dtype: torch.dtype = tor
         return cal
 
 
+def _nominal(device: torch.device, dtype: torch.dtype) -> Calibration:
+    """Constants for the meta device, where a forward only works out shapes: nothing runs, so nothing can be
+    timed (timing meta ops stored nonsense, a zero DRAM bandwidth among it, in the cache file). Any plan gives the
+    same shapes; these give the planner's ordinary choices."""
+    return Calibration(
+        device=str(device), dtype=str(dtype), overhead_s=1e-6, bandwidth=1e11, rates={1: 1e11}, source="nominal"
+    )
+
+
 def recalibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Calibration:
     """Measure again (e.g. after a driver change), replace the cached entry, and forget cached plans."""
     device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("recalibrate: nothing runs on the meta device, so there is nothing to measure")
     _check_dtype(dtype)  # before measuring: "normal_kernel_cpu" not implemented for 'Int'
     key = _key(device, dtype)
     with _LOCK, locked(cache_dir()):
