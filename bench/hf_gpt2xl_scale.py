@@ -35,9 +35,10 @@ import torch  # noqa: E402
 from distill._atomic import atomic_write_text  # noqa: E402
 from distill.hf.capture import capture_features, load_slice_features  # noqa: E402
 from distill.hf.models import build_from_config  # noqa: E402
-from distill.hf.pipeline import dist_env, my_share  # noqa: E402
+from distill.hf.pipeline import my_share  # noqa: E402
 from distill.hf.presets import ATTENTION_PATTERNS, resolve, slice_specs  # noqa: E402
 from distill.hf.train import tensorize_slice, train_slice  # noqa: E402
+from distill.torchrun import dist_env  # noqa: E402
 
 
 def rss_gib() -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import cli_report
 from ._atomic import atomic_write_text
+from .torchrun import dist_env, rank_device
 
 DEFAULT_RATIO = 2.0
 # Defaults sized so that `tnk compress` (teacher training included) stays within 10 minutes on 2 CPU cores.
@@ -62,10 +63,10 @@ def _init_distributed(device: str) -> tuple[int, str]:
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if dist_env()[1] <= 1:
         return 0, device
+    device = rank_device(device)
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # Ranks wait at collectives for as long as rank 0 trains the teacher (first run) and the slowest rank
@@ -111,7 +112,7 @@ def compress_resnet(args) -> int:
         check_ratio_on_meta(meta, make_slices(meta, args.slices), None if args.budget else args.ratio or DEFAULT_RATIO)
     out = Path(args.out)
     claim_resnet(out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if dist_env()[0] == 0:
         clean_stale_tmp(out)  # a save_compressed killed in an earlier run
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -123,7 +124,7 @@ def compress_resnet(args) -> int:
 
     rank, device = _init_distributed(device)
     if args.mode is None:  # slices can only be spread over workers or ranks when they are independent
-        parallel = args.workers > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        parallel = args.workers > 1 or dist_env()[1] > 1
         args.mode = "parallel" if parallel else "sequential"
     t = time.perf_counter()
     if rank > 0:  # under torchrun, rank 0 trains (or loads) the teacher first; the others then read its cache

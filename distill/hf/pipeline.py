@@ -40,6 +40,7 @@ from distill.capture import remove_empty
 from distill.fingerprint import claim, digest
 from distill.out_dir import check_kind, check_out, clean_stale_tmp
 from distill.slices import set_submodule
+from distill.torchrun import dist_env, local_rank, rank_device
 from tnkernels.decompose import check_ratio
 
 from . import evaluate, text
@@ -51,22 +52,13 @@ from .presets import ATTENTION_PATTERNS, default_preset, resolve, slice_specs
 from .train import tensorize_slice, train_slice
 
 
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def default_device(device: str | None) -> torch.device:
-    """The run's device: --device as given, except that a bare ``cuda`` under torchrun means this rank's GPU
-    (LOCAL_RANK): before 2026-12-02 every rank of ``torchrun ... --device cuda`` loaded its model on GPU 0. No
-    --device: LOCAL_RANK's GPU if there is one, else the CPU."""
+    """The run's device: --device as given (a bare ``cuda`` under torchrun is this rank's GPU: distill/torchrun.py).
+    No --device: LOCAL_RANK's GPU if there is one, else the CPU."""
     if device:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None and dist_env()[1] > 1:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return dev
+        return torch.device(rank_device(str(device)))
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 

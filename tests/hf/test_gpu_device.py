@@ -78,3 +78,15 @@ def test_tnk_eval_runs_on_the_requested_device(monkeypatch, tmp_path):
     with fake_cuda(monkeypatch) as rec:
         assert print_hf_eval(args) == 0
     assert not rec.off_gpu, rec.off_gpu
+
+
+def test_both_pipelines_share_the_torchrun_device_rule(monkeypatch):
+    """The ResNet pipeline moved an explicit `--device cuda:0` to LOCAL_RANK's GPU where the Hugging Face one kept
+    it; both now take distill/torchrun.py's rule (a bare cuda is the rank's GPU, an index is kept)."""
+    from distill.torchrun import rank_device
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert [rank_device(d) for d in ("cuda", "cuda:0", "cpu")] == ["cuda:3", "cuda:0", "cpu"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_device("cuda") == "cuda"
