@@ -1,7 +1,7 @@
-"""Checks of `tnk compress`'s numeric flags, run before anything slow (loading a model, training a teacher).
+"""Checks of `tnk`'s numeric flags and --device, run before anything slow (loading a model, training a teacher).
 
-Both entry points use it: `tnk compress` and `python -m distill.hf.pipeline`. A flag left out (None) keeps its
-default and is not checked here.
+Every entry point uses it: `tnk compress / eval / sensitivity` and `python -m distill.hf.pipeline`. A flag left
+out (None) keeps its default and is not checked here.
 """
 
 from __future__ import annotations

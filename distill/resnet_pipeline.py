@@ -30,15 +30,12 @@ DEFAULT_LR = 1e-3
 def setup_device(args) -> str:
     import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    from .arg_checks import check_device
+    from .arg_checks import check_compress_args
 
-    device = args.device or "cpu"
-    check_device(device)  # tnk eval / tnk sensitivity too: a clear error before the model is loaded
-    return device
+    check_compress_args(args)  # tnk eval / sensitivity too (--threads, --device): before the model is loaded
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args.device or "cpu"
 
 
 def teacher_from_args(args, device, datasets, info: dict | None = None):
