@@ -36,6 +36,7 @@ ROOT = Path(__file__).parent / "data" / "checkpoints"
 # sha256 of each fixture folder (file names and bytes, sorted by name). A fixture is never changed or regenerated
 # to make a test pass: new cases go into new folders, with their digest added here.
 DIGESTS = {
+    "buffers_bf16": "a37bc8650760e227471e14a29fd3f5d86b852aa59caaefb466c553a7f5ced53d",
     "conv": "e7c94a515aef22d5a0d685aeb7fde9f87d4b4e8126c27b39ad5310f345100534",
     "gpt2": "93af5ec316d8d71002797baf8f916882603e72307d3524ae457eabd83451f352",
     "gpt2_base": "71c39703f637b1651a9a3f565224c3ff134bfe58813e3e649f0504b8afe3a61d",
@@ -53,6 +54,7 @@ SAVED = {
     "gpt2": (mk.gpt2, "logits"),
     "gpt2_base": (mk.gpt2_base, "last_hidden_state"),
     "mlp_bf16": (mk.mlp_bf16, None),
+    "buffers_bf16": (mk.buffers_bf16, None),
     "pre_padding_mode": (mk.pre_padding_mode, None),
 }
 PICKLED = ("pickled", "pickled_pre_padding_mode")
@@ -178,6 +180,9 @@ def test_loads_into_a_meta_skeleton(name):
     io = _io(name)
     model = load_compressed(_skeleton(name, meta=True), ROOT / name)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    # the skeleton's dtype, as on a dense skeleton: buffers.safetensors of a bf16 model held bf16 buffers, which a
+    # float32 meta skeleton kept in bfloat16 (before 2026-12-02)
+    assert {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()} == {torch.float32}
     got = _run(name, model, io["input"])
     assert_close_rel(got, io["expected"], tolerance(torch.float32), name)
     assert torch.equal(got, _run(name, load_compressed(_skeleton(name), ROOT / name), io["input"]))
@@ -194,7 +199,7 @@ VOLATILE = ("tnkernels_version", "sha256", "buffers_sha256")  # the writer's ver
 
 @pytest.mark.parametrize("name", sorted(SAVED))
 def test_a_resave_writes_the_same_checkpoint(name, tmp_path):
-    dtype = torch.bfloat16 if name == "mlp_bf16" else None  # a bf16 model saves as bf16
+    dtype = torch.bfloat16 if name.endswith("bf16") else None  # a bf16 model saves as bf16
     model = load_compressed(_skeleton(name, dtype=dtype), ROOT / name)
     save_compressed(model, tmp_path / "again")
     old, new = _spec(ROOT / name), _spec(tmp_path / "again")
@@ -212,14 +217,17 @@ def test_a_resave_writes_the_same_checkpoint(name, tmp_path):
             assert now[key].dtype == value.dtype and torch.equal(now[key], value), (file, key)
 
 
-def test_bf16_checkpoint_takes_the_skeletons_dtype():
-    io = _io("mlp_bf16")
-    for meta in (False, True):
-        model = load_compressed(_skeleton("mlp_bf16", meta=meta, dtype=torch.bfloat16), ROOT / "mlp_bf16")
-        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        assert_close_rel(_run("mlp_bf16", model, io["input"]), io["expected"], tolerance(torch.bfloat16), "bf16")
-        model = load_compressed(_skeleton("mlp_bf16", meta=meta), ROOT / "mlp_bf16")
-        assert {p.dtype for p in model.parameters()} == {torch.float32}
+@pytest.mark.parametrize("name", ["mlp_bf16", "buffers_bf16"])
+def test_bf16_checkpoint_takes_the_skeletons_dtype(name):
+    """Parameters and buffers, persistent or not, on dense and meta skeletons alike; the values are the file's."""
+    io, outputs = _io(name), []
+    for dtype in (torch.bfloat16, torch.float32):
+        for meta in (False, True):
+            model = load_compressed(_skeleton(name, meta=meta, dtype=dtype), ROOT / name)
+            assert {t.dtype for t in [*model.parameters(), *model.buffers()]} == {dtype}, (dtype, meta)
+            outputs.append(_run(name, model, io["input"]))
+            assert_close_rel(outputs[-1], io["expected"], tolerance(dtype), f"{name} in {dtype}, meta={meta}")
+        assert torch.equal(outputs[-2], outputs[-1])  # dense and meta skeletons give the same model
 
 
 def test_shared_layer_and_buffers_of_the_mlp():

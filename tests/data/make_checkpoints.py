@@ -22,6 +22,7 @@ Fixtures (the builders below also give the tests their skeletons):
     gpt2_base           the same model's GPT2Model saved on its own (what `tnk compress` writes): its io holds the
                         last hidden state; loaded into a GPT2LMHeadModel it must give the gpt2 fixture's logits
     mlp_bf16            a bfloat16 checkpoint (the model keeps the dtype of the skeleton it is loaded into)
+    buffers_bf16        a bfloat16 checkpoint with a persistent and a non-persistent buffer (values exact in bf16)
     pickled             torch.save of a whole nn.Sequential with both layer kinds (called once before saving,
                         as a used model is) and the save_pretrained guard tensorize installs on transformers
                         models (attached by hand: a pickled transformers model would carry transformers' internals)
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent / "checkpoints"
-CURRENT = ("mlp", "conv", "gpt2", "gpt2_base", "mlp_bf16", "pickled")
+CURRENT = ("mlp", "conv", "gpt2", "gpt2_base", "mlp_bf16", "pickled", "buffers_bf16")
 OLD = ("pre_padding_mode", "pickled_pre_padding_mode")  # made by commit a9c7c7e, see the docstring
 
 
@@ -126,6 +127,23 @@ def mlp_bf16() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
 
 
+class BufferedLinear(nn.Module):
+    """An MPO layer between a non-persistent and a persistent buffer, whose values bfloat16 holds exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        self.register_buffer("scale", 0.5 + torch.arange(8) / 8, persistent=False)
+        self.register_buffer("offset", torch.arange(8) / 4 - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale + self.offset
+
+
+def buffers_bf16() -> nn.Module:
+    return BufferedLinear()
+
+
 class OldConvNet(nn.Module):
     """The pre_padding_mode model: what the code before padding_mode could tensorize (zeros padding only)."""
 
@@ -188,6 +206,7 @@ RULES = {
         "0": {"in_modes": (4, 4), "out_modes": (8, 4), "max_bond": 3},
         "2": {"in_modes": (32, 1), "out_modes": (1, 8), "max_bond": 3},
     },
+    "buffers_bf16": {"fc": {"in_modes": (4, 4), "out_modes": (4, 2), "max_bond": 3}},
     "pre_padding_mode": {
         "features.0": {"ranks": (2, 2)},
         "features.2": {"ranks": (3, 2)},
@@ -212,12 +231,13 @@ def fixed_input(name: str) -> torch.Tensor:
         "mlp": (2, 3, 12),
         "conv": (2, 3, 9, 8),
         "mlp_bf16": (3, 16),
+        "buffers_bf16": (3, 16),
         "pre_padding_mode": (2, 3, 5, 5),
         "pickled": (2, 3, 4, 4),
         "pickled_pre_padding_mode": (2, 3, 4, 4),
     }[name]
     x = torch.randn(*shape, generator=g)
-    return x.bfloat16().float() if name == "mlp_bf16" else x  # exactly representable in bfloat16
+    return x.bfloat16().float() if name.endswith("bf16") else x  # exactly representable in bfloat16
 
 
 def float64_output(model: nn.Module, x: torch.Tensor, key: str | None = None) -> torch.Tensor:
@@ -304,12 +324,12 @@ def make(name: str, root: Path) -> None:
         return _write_extras(out, name, {"input": x, "expected": float64_output(model, x)}, note)
     build = globals()[name]
     model = _tensorized(name, build)
-    if name == "mlp_bf16":
+    if name.endswith("bf16"):
         model = model.to(torch.bfloat16)
     x = fixed_input(name)
     key = "logits" if name == "gpt2" else None
     save_compressed(model, out)
-    expected = float64_output(model, x if name != "mlp_bf16" else x.bfloat16(), key)
+    expected = float64_output(model, x.bfloat16() if name.endswith("bf16") else x, key)
     _write_extras(out, name, {"input": x, "expected": expected}, "save_compressed")
 
 

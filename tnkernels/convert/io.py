@@ -347,8 +347,10 @@ def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
         for name, value in _owned(path / BUFFERS_FILE).items():  # names relative to the saved model: target
             owner, _, attr = (prefix + name).rpartition(".")
             module = model.get_submodule(owner)
-            if module._buffers.get(attr) is not None and module._buffers[attr].is_meta:
-                module._buffers[attr] = value
+            meta = module._buffers.get(attr)
+            if meta is not None and meta.is_meta:  # in the skeleton's dtype, as the dense skeleton has it: a bf16
+                # model's buffers file in a float32 skeleton gave bf16 buffers beside float32 weights (2026-12-02)
+                module._buffers[attr] = value.to(meta.dtype) if value.is_floating_point() else value
     for names in ties:
         _retie(model, names)
     still_meta = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
