@@ -152,11 +152,14 @@ def train_slice(
     best, best_state, bad_evals, step = initial, copy.deepcopy(student.state_dict()), 0, 0
     gen = torch.Generator().manual_seed(0)
     student.eval()
+    # Whether a loss since the last evaluation was not finite, kept on the device and read at evaluations only: a
+    # host read every step made the CPU wait for the GPU at every step instead of queueing the next one.
+    nonfinite, last_eval = None, 0
     for step in range(1, steps + 1):
         d = train[int(torch.randint(len(train), (1,), generator=gen))]
         loss = _masked_nmse(run_hf_slice(student, d["x"], d["kwargs"]), d["y"], d["token_mask"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"slice {spec.name!r}: loss became {loss.item()} at step {step}; lower --lr")
+        bad = ~torch.isfinite(loss.detach())
+        nonfinite = bad if nonfinite is None else nonfinite | bad
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -164,6 +167,12 @@ def train_slice(
         sched.step()
         timed_out = max_seconds is not None and time.perf_counter() - start > max_seconds
         if step % eval_every == 0 or step == steps or timed_out:
+            if nonfinite is not None and nonfinite:
+                raise FloatingPointError(
+                    f"slice {spec.name!r}: the training loss was not finite between steps {last_eval + 1} and "
+                    f"{step}; lower --lr"
+                )
+            last_eval = step
             val_loss = evaluate_slice(student, val)
             if val_loss < best:
                 best, best_state, bad_evals = val_loss, copy.deepcopy(student.state_dict()), 0

@@ -193,3 +193,45 @@ def test_module_entry_point_reports_bad_flags_in_one_line(tiny_dir, tmp_path, ca
         with pytest.raises(SystemExit):
             main(["--model", str(tiny_dir), "--ratio", "2", "--device", "cuda", "--out", str(tmp_path / "out")])
         assert "error: --device cuda: CUDA is not available here" in capsys.readouterr().err
+
+
+def _one_block_slice(tmp_path, family="gpt2"):
+    model = tiny_model(family)
+    spec = slice_specs(model, "block", layers=[0])[0]
+    capture_features(model, [spec], padded_batches(family, n_batches=3), tmp_path, progress=False)
+    student, _ = tensorize_slice(
+        resolve(model, spec), ratio=2.0, attention=False, attention_patterns=ATTENTION_PATTERNS[family_of(model)]
+    )
+    return spec, student, load_slice_features(tmp_path, spec.name)
+
+
+def test_non_finite_loss_stops_training_at_the_next_evaluation(tmp_path):
+    spec, student, data = _one_block_slice(tmp_path)
+    for d in data[:-1]:  # the training batches; the held-out one stays clean
+        d["y"] = torch.full_like(d["y"], float("nan"))
+    with pytest.raises(FloatingPointError, match=r"not finite between steps 1 and 5; lower --lr"):
+        train_slice(spec, student, data, steps=30, lr=3e-3, eval_every=5, patience=100)
+
+
+def test_training_reads_the_device_only_at_evaluations(tmp_path, monkeypatch):
+    """A host read per step (bool(isfinite(loss))) made the CPU wait for a GPU at every step. Counted: reads made
+    by the training loop itself (AdamW's reads of its CPU step counter do not wait for a GPU)."""
+    import sys
+
+    spec, student, data = _one_block_slice(tmp_path)
+    reads = []
+
+    def counting(real):
+        def read(t, *args):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith("train.py") and "distill" in caller:
+                reads.append(sys._getframe(1).f_lineno)
+            return real(t, *args)
+
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting(torch.Tensor.__bool__))
+    monkeypatch.setattr(torch.Tensor, "item", counting(torch.Tensor.item))
+    train_slice(spec, student, data, steps=20, lr=3e-3, eval_every=10, patience=100)
+    # 3 evaluations (initial, steps 10 and 20) of one held-out batch (2 reads each), 2 finiteness checks
+    assert len(reads) == 3 * 2 + 2, reads
