@@ -7,7 +7,9 @@ Layout of the checkpoint directory:
     spec.json           format version, package version, sha256 of model.safetensors, and one entry per tensorized
                         layer (kind, modes and bonds or ranks, conv parameters, dtype, aliases of shared modules)
 The directory is written under a temporary name and renamed into place, so a crash never leaves a half-written
-checkpoint behind.
+checkpoint behind. Users' checkpoints must keep loading: the format, the older variants still read and when
+FORMAT_VERSION changes are in docs/ARCHITECTURE.md ("Compressed checkpoints"); tests/test_golden_checkpoints.py
+loads files written by earlier versions (tests/data/checkpoints/, never regenerated).
 """
 
 from __future__ import annotations
