@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,6 +262,18 @@ def train_slice(
                 history.append({"step": step, "train_loss": train_loss, "val_loss": vl})
                 bar.set_postfix(loss=f"{vl:.4g}", start=f"{init_loss:.4g}")
                 running, n_running = None, 0
+                if not (math.isfinite(train_loss) and math.isfinite(vl)):
+                    # The parameters are not finite now: more steps cannot recover. Keep the best state, and say so
+                    # (it used to spend `patience` more evaluations on NaN and return the best state silently).
+                    warnings.warn(
+                        f"slice {spec.name}: the loss became {train_loss if not math.isfinite(train_loss) else vl} "
+                        f"by step {step}; keeping the best state (held-out loss {best_loss:.4g}); lower the "
+                        "learning rate (--lr)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    stop = True
+                    break
                 if vl < best_loss * (1.0 - config.min_delta):
                     best_loss, best_state, bad_evals = vl, copy.deepcopy(container.state_dict()), 0
                 else:

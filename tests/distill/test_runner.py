@@ -185,3 +185,25 @@ def test_worker_processes_leave_no_leaked_semaphore(tmp_path):
     )
     assert done.returncode == 0 and "finished" in done.stdout, done.stderr
     assert "leaked semaphore" not in done.stderr, done.stderr
+
+
+def test_a_diverging_slice_stops_and_says_so():
+    """lr 1e6 makes the loss non-finite: training used to spend `patience` more evaluations on NaN parameters and
+    return the best state without a word. Now it stops at the first non-finite evaluation with a warning naming
+    the slice and the fix, and keeps the best (finite) state."""
+    from distill.capture import capture_features
+    from distill.runner import _prepare
+    from distill.slices import make_slices
+    from distill.train_slice import train_slice
+    from tests.distill.tiny import calib_loader
+
+    teacher = _random_teacher()
+    spec = make_slices(teacher, ["layer1.0"])[0]
+    store = capture_features(teacher, [spec], calib_loader(n=64, batch_size=8), progress=False)[spec.name]
+    container = _prepare(teacher, spec, 2.0, None, 0)[0]
+    cfg = SliceTrainConfig(max_steps=200, eval_every=5, batch_size=8, lr=1e6, patience=10)
+    with pytest.warns(RuntimeWarning, match=r"slice layer1\.0: the loss became .* lower the learning rate"):
+        result = train_slice(container, spec, store, config=cfg, progress=False, tensorized=True, params_before=1)
+    assert result.steps <= 10
+    assert all(torch.isfinite(p).all() for p in container.parameters())
+    assert result.best_loss == result.init_loss
