@@ -307,6 +307,32 @@ def test_a_newer_format_version_is_refused_by_name(tmp_path):
         load_compressed(_skeleton("mlp"), tmp_path / "ckpt")
 
 
+def test_a_layer_pruned_or_parametrized_is_refused_at_save(tmp_path):
+    """torch.nn.utils.prune and parametrize replace `<p>` in the state by `<p>_orig` + `<p>_mask` or
+    `parametrizations.<p>.original`, which load_compressed's freshly built layers do not have: save_compressed wrote
+    such checkpoints and load_compressed refused every one of them as "another model" (before 2026-12-02). Saving
+    now names the layer and the call that makes the change permanent, after which the checkpoint loads."""
+    from torch.nn.utils import parametrize, prune
+
+    model = load_compressed(_skeleton("conv"), ROOT / "conv")
+    prune.l1_unstructured(model[10].cores, name="0", amount=0.5)
+    parametrize.register_parametrization(model[2], "core", torch.nn.Identity())
+    fix = r"remove_parametrizations\(model.get_submodule\('2'\), 'core', leave_parametrized=True\)"
+    with pytest.raises(ValueError, match=r"'2' is parametrized .*" + fix):
+        save_compressed(model, tmp_path / "ckpt")
+    parametrize.remove_parametrizations(model[2], "core", leave_parametrized=True)
+    fix = r"prune.remove\(model.get_submodule\('10.cores'\), '0'\)"
+    with pytest.raises(ValueError, match=r"'10.cores' is pruned .*" + fix):
+        save_compressed(model, tmp_path / "ckpt")
+    prune.remove(model[10].cores, "0")
+    assert not (tmp_path / "ckpt").exists()
+    save_compressed(model, tmp_path / "ckpt")
+    x = _io("conv")["input"]
+    again = load_compressed(_skeleton("conv"), tmp_path / "ckpt")
+    assert (again[10].cores[0] == 0).sum() >= again[10].cores[0].numel() // 2  # the pruned values
+    assert torch.equal(_run("conv", again, x), _run("conv", model, x))
+
+
 # ------------------------------------------------------------------------------------------ pickled models
 def _globals(path: Path) -> set[str]:
     """The 'module name' pairs the pickle refers to (what torch.load imports)."""

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
-from torch.nn.utils import skip_init
+from torch.nn.utils import parametrize, prune, skip_init
 
 from .._version import __version__
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
@@ -102,6 +102,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, (MPOLinear, TuckerConv2d)):
+            _check_plain_state(name, module)
             entry = _layer_spec(module)
             entry["aliases"] = [a for a in aliases[id(module)] if a != name]
             layers[name] = entry
@@ -136,6 +137,29 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_plain_state(name: str, layer: nn.Module) -> None:
+    """Refuse a tensorized layer pruned or parametrized by torch.nn.utils: its state holds `<p>_orig` and `<p>_mask`
+    or `parametrizations.<p>.original` in place of `<p>`, and load_compressed rebuilds the layer plain, so the
+    checkpoint could never be loaded (it was written, then refused at load time as "another model")."""
+    for sub_name, sub in layer.named_modules(prefix=name):
+        prunes = [h._tensor_name for h in sub._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+        if prunes:
+            raise ValueError(
+                f"save_compressed: {sub_name!r} is pruned ({', '.join(prunes)}: torch.nn.utils.prune), and a "
+                "checkpoint of it could not be loaded (load_compressed rebuilds tensorized layers unpruned); make "
+                f"the pruning permanent first: torch.nn.utils.prune.remove(model.get_submodule({sub_name!r}), "
+                f"{prunes[0]!r})"
+            )
+        if parametrize.is_parametrized(sub):
+            raise ValueError(
+                f"save_compressed: {sub_name!r} is parametrized ({', '.join(sub.parametrizations)}: "
+                "torch.nn.utils.parametrize), and a checkpoint of it could not be loaded (load_compressed rebuilds "
+                "tensorized layers plain); remove the parametrization first: torch.nn.utils.parametrize."
+                f"remove_parametrizations(model.get_submodule({sub_name!r}), {next(iter(sub.parametrizations))!r}, "
+                "leave_parametrized=True)"
+            )
 
 
 def _check_replaceable(path: Path) -> None:
