@@ -349,3 +349,53 @@ def test_a_tensorized_model_larger_than_dense_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a real compression says nothing
         tensorize(nn.Sequential(nn.Linear(64, 64)), ratio=2)
+
+
+def test_load_compressed_can_override_the_saved_backend(tmp_path):
+    """A model saved with backend='triton' (on a GPU) failed at its first call on a CPU without the interpreter;
+    load_compressed(..., backend='auto') lets each layer pick. A bad name is refused before the skeleton changes."""
+
+    def skeleton():
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Conv2d(4, 8, 3))
+
+    model = skeleton()
+    tensorize(model, ratio=2)
+    for layer in (model[0], model[2]):
+        layer.backend = "triton"
+    save_compressed(model, tmp_path / "c")
+    kept = load_compressed(skeleton(), tmp_path / "c")
+    assert (kept[0].backend, kept[2].backend) == ("triton", "triton")
+    restored = load_compressed(skeleton(), tmp_path / "c", backend="auto")
+    assert (restored[0].backend, restored[2].backend) == ("auto", "auto")
+    x, image = torch.randn(3, 32), torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(restored[0](x), model[0](x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored[2](image), model[2](image), rtol=1e-5, atol=1e-5)
+    bare = skeleton()
+    with pytest.raises(ValueError, match=r"load_compressed: backend must be one of .* got 'cuda'"):
+        load_compressed(bare, tmp_path / "c", backend="cuda")
+    assert isinstance(bare[0], nn.Linear) and isinstance(bare[2], nn.Conv2d)
+
+
+def test_a_failing_layer_leaves_the_model_untouched():
+    """tensorize swapped layers in as it went: a rule that fails at the conv (it has no native backend) left the
+    Linear before it converted. Now nothing is swapped until every layer is built."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Conv2d(4, 8, 3))
+    with pytest.raises(ValueError, match=r"layer '2' .*tucker_conv2d has no 'native' backend"):
+        tensorize(model, ratio=2, rules={"*": {"backend": "native"}})
+    assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Conv2d)
+
+
+def test_tucker_layer_refuses_a_backend_it_lacks_when_built(tmp_path):
+    """TuckerConv2d(backend='native') was accepted and failed at its first call; load_compressed(..., backend=
+    'native') of a checkpoint with a conv is refused before the skeleton changes."""
+    with pytest.raises(ValueError, match=r"TuckerConv2d: tucker_conv2d has no 'native' backend; use one of"):
+        TuckerConv2d(4, 8, 3, ranks=(2, 2), backend="native")
+    with pytest.raises(ValueError, match="has no 'native' backend"):
+        TuckerConv2d.from_conv(nn.Conv2d(4, 8, 3), ratio=2, backend="native")
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Conv2d(4, 8, 3))
+    tensorize(model, ratio=2)
+    save_compressed(model, tmp_path / "c")
+    bare = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Conv2d(4, 8, 3))
+    with pytest.raises(ValueError, match=r"load_compressed: tucker_conv2d has no 'native' backend"):
+        load_compressed(bare, tmp_path / "c", backend="native")
+    assert isinstance(bare[0], nn.Linear)

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize, prune, skip_init
 
 from .._version import __version__
 from ..nn import MPOLinear, TuckerConv2d, is_hf_conv1d, linear_weight
+from ..ops.dispatch import check_backend
 from .hf_save import guard_save_pretrained
 from .tensorize import _module_aliases, _set_submodule, keep_transformer_layers_on_their_regular_path, unwrapped
 
@@ -282,10 +283,13 @@ def _checkpoint_root(model: nn.Module, names: list[str]) -> nn.Module:
     return model.get_submodule(fits[0][:-1]) if len(fits) == 1 else model  # else: the error names the layer
 
 
-def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_compressed(model: nn.Module, path: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
     """Rebuild the tensorized layers of `path` inside the uncompressed skeleton `model` (in place, no
     decomposition), load every weight, and return the model. Mismatches and corrupted files raise ValueError.
     The model keeps the skeleton's dtype (the file's values are cast, as load_state_dict does).
+
+    Each layer runs the backend it was saved with, unless `backend` ("auto", "torch", "triton", "native") is
+    given: a model saved on a GPU with backend="triton" loads on a CPU with backend="auto".
 
     The checkpoint may hold a submodule of `model`: one saved from a Hugging Face base model (what `tnk compress`
     writes) loads into `AutoModel` and into `AutoModelForCausalLM` alike."""
@@ -295,6 +299,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"{model.__name__ if isinstance(model, type) else type(model).__name__}; build it first, e.g. Model(...)"
         )
     spec = read_spec(path)
+    if backend is not None:  # before the skeleton is changed
+        for entry in spec["layers"].values():
+            check_backend(backend, "load_compressed", entry.get("kind"))
     target = _checkpoint_root(model, list(spec["layers"]))
     root = next(f"{n}." if n else "" for n, m in model.named_modules() if m is target)  # target's name in model
     for name, entry in spec["layers"].items():
@@ -311,7 +318,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"load_compressed: the checkpoint has a tensorized layer {name!r} that the skeleton model lacks; "
                 f"the checkpoint {which}"
             ) from None
-        new = _build_layer(name, entry, old)
+        new = _build_layer(name, entry if backend is None else {**entry, "backend": backend}, old)
         new.tensorized_name = root + name  # named by the error for code that reads its .weight (no_dense_weight.py)
         for alias in [name, *entry.get("aliases", [])]:
             _set_submodule(target, alias, new)

@@ -145,6 +145,9 @@ def tensorize(
     explicit = set(rules) if rules is not None else set()
 
     report = TensorizeReport()
+    # Layers are swapped in once every one is built: an error at a later layer (a bad rule, a backend the layer
+    # kind lacks) left the model half converted. `named` holds every old layer until the end anyway.
+    replacements: list[tuple[list[str], nn.Module]] = []
     todo = [n for n in names if n in selection and n in candidates]
     unreachable = 0
     iterator = todo
@@ -200,8 +203,7 @@ def tensorize(
                 torch.linalg.norm((approx - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300)
             ).item()
         new.tensorized_name = name  # named by the error for code that reads its .weight (nn/no_dense_weight.py)
-        for alias in aliases[id(module)]:
-            _set_submodule(model, alias, new)
+        replacements.append((aliases[id(module)], new))
         after = new.num_weight_params
         structure = f"modes {new.in_modes}x{new.out_modes} bonds {new.bonds}" if kind == "mpo" else f"ranks {new.ranks}"
         report.rows.append(
@@ -212,6 +214,9 @@ def tensorize(
             f"tensorize: ratio {ratio:g} cannot be reached by any selected layer; choose a smaller ratio "
             "(see the per-layer limits with `tnk inspect`)"
         )
+    for names_of_layer, new in replacements:
+        for alias in names_of_layer:
+            _set_submodule(model, alias, new)
     keep_transformer_layers_on_their_regular_path(model)
     if report.tensorized:
         guard_save_pretrained(model)  # from_pretrained would reload it dense and random: hf_save.py

@@ -108,7 +108,7 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         super().__init__()
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"TuckerConv2d: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        check_backend(backend, "TuckerConv2d")
+        check_backend(backend, "TuckerConv2d", "tucker_conv2d")
         r_out, r_in = int_tuple(ranks, "ranks (R_out, R_in)", "TuckerConv2d", length=2)
         if not (1 <= r_out <= out_channels and 1 <= r_in <= in_channels):
             raise ValueError(
@@ -175,7 +175,7 @@ class TuckerConv2d(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         where = "TuckerConv2d.from_conv"
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{where}: expected nn.Conv2d, got {type(conv).__name__}")
-        check_backend(backend, where)  # before the decomposition, not after it
+        check_backend(backend, where, "tucker_conv2d")  # before the decomposition, not after it
         if conv.groups != 1:
             raise ValueError(
                 f"{where}: grouped/depthwise convolutions (groups={conv.groups}) are not supported by Tucker-2; "

@@ -63,10 +63,13 @@ def preload(op: str, backend: str) -> None:
                 pass
 
 
-def check_backend(backend, where: str) -> None:
-    """Refuse an unknown backend name when a layer is built, not at its first call."""
+def check_backend(backend, where: str, op: str | None = None) -> None:
+    """Refuse an unknown backend name, or one `op` does not have, when a layer is built, not at its first call."""
     if backend not in BACKENDS:
         raise ValueError(f"{where}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if op is not None and backend != "auto" and (op, backend) not in _REGISTRY:
+        have = ["auto", *(b for o, b in _REGISTRY if o == op)]
+        raise ValueError(f"{where}: {op} has no {backend!r} backend; use one of {', '.join(map(repr, have))}")
 
 
 def backend_available(op: str, backend: str) -> tuple[bool, str]:
