@@ -399,3 +399,27 @@ def test_tucker_layer_refuses_a_backend_it_lacks_when_built(tmp_path):
     with pytest.raises(ValueError, match=r"load_compressed: tucker_conv2d has no 'native' backend"):
         load_compressed(bare, tmp_path / "c", backend="native")
     assert isinstance(bare[0], nn.Linear)
+
+
+@pytest.mark.parametrize("on_meta", [False, True], ids=["dense", "meta"])
+def test_a_failed_load_leaves_the_skeleton_as_it_was(tmp_path, on_meta):
+    """A checkpoint of another model (here: another head) was refused after the skeleton's layers had been
+    swapped and the fitting weights copied in; the skeleton is now left as it was."""
+    model = torchvision.models.resnet18(num_classes=10)
+    tensorize(model, ratio=4, rules={"layer4.*": {}})
+    save_compressed(model, tmp_path / "c")
+    if on_meta:
+        with torch.device("meta"):
+            skeleton = torchvision.models.resnet18(num_classes=7)
+    else:
+        skeleton = torchvision.models.resnet18(num_classes=7)
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    kinds = [type(m) for m in skeleton.modules()]
+    with pytest.raises(ValueError, match="belongs to another model"):
+        load_compressed(skeleton, tmp_path / "c")
+    assert [type(m) for m in skeleton.modules()] == kinds
+    after = skeleton.state_dict()
+    if on_meta:  # nothing was assigned
+        assert all(t.is_meta for t in after.values())
+    else:
+        assert all(torch.equal(before[k], after[k]) for k in before)

@@ -304,6 +304,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *, backend: str |
             check_backend(backend, "load_compressed", entry.get("kind"))
     target = _checkpoint_root(model, list(spec["layers"]))
     root = next(f"{n}." if n else "" for n, m in model.named_modules() if m is target)  # target's name in model
+    swaps: list[tuple[str, nn.Module, nn.Module]] = []  # (name, skeleton's layer, tensorized layer)
     for name, entry in spec["layers"].items():
         try:
             old = target.get_submodule(name)
@@ -320,19 +321,25 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *, backend: str |
             ) from None
         new = _build_layer(name, entry if backend is None else {**entry, "backend": backend}, old)
         new.tensorized_name = root + name  # named by the error for code that reads its .weight (no_dense_weight.py)
-        for alias in [name, *entry.get("aliases", [])]:
-            _set_submodule(target, alias, new)
-    keep_transformer_layers_on_their_regular_path(target)
+        swaps += [(alias, target.get_submodule(alias), new) for alias in [name, *entry.get("aliases", [])]]
+    # Swapped in once every layer is built, and swapped back if the weights do not fit: a failed load used to
+    # leave the skeleton half converted.
+    for alias, _, new in swaps:
+        _set_submodule(target, alias, new)
     try:
         if any(t.is_meta for t in chain(target.parameters(), target.buffers())):
             _assign_weights(model, target, Path(path))
         else:
+            _check_fits(target, Path(path) / WEIGHTS_FILE)  # before load_model copies the tensors that do fit
             load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
     except (RuntimeError, KeyError) as exc:
+        for alias, old, _ in reversed(swaps):
+            _set_submodule(target, alias, old)
         raise ValueError(
             f"load_compressed: the weights in {path} do not fit the skeleton ({str(exc)[:500]}); "
             "the checkpoint belongs to another model or version"
         ) from exc
+    keep_transformer_layers_on_their_regular_path(target)
     guard_save_pretrained(model)  # from_pretrained would reload it dense and random: hf_save.py
     return model
 
@@ -358,7 +365,9 @@ def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
     prefix = next(name for name, module in model.named_modules() if module is target)
     prefix = f"{prefix}." if prefix else ""
     ties = [names for names in _names_per_tensor(model) if len(names) > 1]
-    wanted = {name: t.dtype for name, t in target.state_dict(keep_vars=True).items()}
+    target_state = target.state_dict(keep_vars=True)
+    wanted = {name: t.dtype for name, t in target_state.items()}
+    target_shapes = {name: t.shape for name, t in target_state.items()}
     state = {  # the skeleton's dtypes, as a load into a dense skeleton casts (assign would keep the file's)
         name: t.to(wanted[name]) if name in wanted and t.is_floating_point() and t.dtype != wanted[name] else t
         for name, t in _owned(path / WEIGHTS_FILE).items()
@@ -371,11 +380,14 @@ def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
     saved_ties = [[prefix + kept, prefix + name] for name, kept in _dropped_names(path / WEIGHTS_FILE).items()
                   if name in wanted and name not in state and kept in state]  # fmt: skip
     ties += saved_ties
-    missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
     tied = {name for names in ties for name in names}
-    untied = [name for name in missing if prefix + name not in tied]
-    if unexpected or untied:
-        raise RuntimeError(f"missing keys {untied[:5]}, unexpected keys {unexpected[:5]}")
+    # Checked before anything is assigned, so that a refused load leaves the skeleton as it was.
+    untied = [name for name in wanted if name not in state and prefix + name not in tied]
+    unexpected = [name for name in state if name not in wanted]
+    wrong = [n for n, t in state.items() if n in wanted and tuple(t.shape) != tuple(target_shapes[n])]
+    if unexpected or untied or wrong:
+        raise RuntimeError(f"missing keys {untied[:5]}, unexpected keys {unexpected[:5]}, other shapes {wrong[:5]}")
+    target.load_state_dict(state, strict=False, assign=True)
     if (path / BUFFERS_FILE).is_file():
         for name, value in _owned(path / BUFFERS_FILE).items():  # names relative to the saved model: target
             owner, _, attr = (prefix + name).rpartition(".")
@@ -437,6 +449,24 @@ def _owned(file: Path) -> dict[str, torch.Tensor]:
                 done += got
             tensors[key] = t
     return tensors
+
+
+def _check_fits(target: nn.Module, file: Path) -> None:
+    """RuntimeError if the file's tensors (names and shapes, read from its header) do not match the state of
+    `target`, so that a failed load has written nothing into the skeleton."""
+    with safe_open(str(file), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    dropped = _dropped_names(file)
+    state = target.state_dict()
+    missing = [n for n in state if n not in shapes and dropped.get(n) not in shapes]
+    unexpected = [k for k in shapes if k not in state]
+    wrong = [
+        f"{n}: {shapes[n]} in the file, {tuple(t.shape)} here"
+        for n, t in state.items()
+        if n in shapes and shapes[n] != tuple(t.shape)
+    ]
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, other shapes {wrong[:5]}")
 
 
 def _dropped_names(file: Path) -> dict[str, str]:
