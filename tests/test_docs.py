@@ -308,3 +308,13 @@ def test_doc_commands_exist_and_parse() -> None:
         problems += [f"{cmd.where}: {p}\n    {cmd.text}" for p in _check_command(cmd, parsers, pytest_options)]
     assert checked > 50, f"only {checked} commands found in the docs: is the extraction broken?"
     assert not problems, "\n".join(problems)
+
+
+def test_inspect_num_cores_help_says_what_the_default_does() -> None:
+    """`tnk inspect --help` said "--num-cores (default: 2)", but without the flag the planner picks the structure
+    (for a Linear at --ratio 4, the low-rank split (in, 1) x (1, out)), while `--num-cores 2` asks for a balanced
+    2-core chain: a user who read the help got another structure by passing what it called the default."""
+    parser, _, _ = parser_for("tnk", ["inspect"])
+    action = parser._option_string_actions["--num-cores"]
+    assert action.default is None
+    assert "default: 2" not in action.help and "planner" in action.help, action.help

@@ -25,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ratio", type=float, default=4.0, help="target compression per layer, dense/tensorized (default 4)"
     )
-    p.add_argument("--num-cores", type=int, default=None, help="MPO cores for Linear layers (default: 2)")
+    p.add_argument(
+        "--num-cores",
+        type=int,
+        default=None,
+        help="MPO cores for Linear layers (default: the structure the planner picks for speed; docs/planner.md)",
+    )
     p.add_argument(
         "--include",
         action="append",
