@@ -11,6 +11,7 @@ from torch.nn.utils import skip_init
 
 from .._int_pair import check_index, int_tuple
 from ..decompose import (
+    RatioUnreachableError,
     auto_modes,
     check_ratio,
     mpo_bonds_for_ratio,
@@ -132,7 +133,8 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
         """Decompose a trained nn.Linear (or transformers' Conv1D, weight stored [in, out]) by TT-SVD.
 
         Rank selection: `ratio` (dense/tensorized parameters), or `max_bond` and/or `rel_tol`; none of them keeps
-        the full bonds (exact). Modes default to `auto_modes` with `num_cores` cores (default 2).
+        the full bonds (exact). Modes default to `auto_modes` with `num_cores` cores (default 2); with neither
+        modes nor num_cores given, sizes auto_modes cannot split in two take the low-rank split (in, 1) x (1, out).
         With `ratio` and no modes / num_cores, tnkernels.plan.choose_mpo_structure picks cores, modes and
         bonds among balanced splits of 2..5 cores and the low-rank split (in, 1) x (1, out): prefer="speed"
         (the default) the fastest predicted structure whose error is not clearly worse than the balanced
@@ -315,8 +317,11 @@ class MPOLinear(MemoizedCalls, ExplainsMissingWeight, nn.Module):
 
 
 def _planned_structure(weight: torch.Tensor, ratio: float, prefer: str, where: str):
-    """(in_modes, out_modes, bonds, None) chosen by the planner, or (None, None, None, ratio) to keep the
-    default path (which then raises its usual error) when no structure reaches the ratio."""
+    """(in_modes, out_modes, bonds, None) chosen by the planner. When no structure reaches the ratio, the
+    RatioUnreachableError that tensorize turns into "left dense" (before 2026-12-02 the default path's auto_modes
+    raised a plain ValueError for sizes it cannot split, e.g. a Linear(256, 1) head or Swin V2's Linear(2, 512), and
+    tensorize(model, ratio=...) stopped there). Any other ValueError: (None, None, None, ratio), and the default
+    path raises its usual error."""
     from ..plan import choose_mpo_structure
 
     check_ratio(ratio, f"{where}: ratio")
@@ -327,6 +332,8 @@ def _planned_structure(weight: torch.Tensor, ratio: float, prefer: str, where: s
         s = choose_mpo_structure(
             out_features, in_features, ratio, prefer=prefer, weight=weight, dtype=dtype, device=weight.device,
         )  # fmt: skip
+    except RatioUnreachableError as exc:
+        raise RatioUnreachableError(f"{where}: {str(exc).removeprefix('choose_mpo_structure: ')}") from None
     except ValueError:
         return None, None, None, ratio
     return s.in_modes, s.out_modes, list(s.bonds), None
@@ -350,6 +357,11 @@ def _resolve_modes(
         in_m = tuple(in_modes) if in_modes is not None else auto_modes(in_features, n)
         out_m = tuple(out_modes) if out_modes is not None else auto_modes(out_features, n)
     except ValueError as exc:
+        if given is None and num_cores is None:
+            # Nothing asked for a balanced split: sizes auto_modes cannot split in two (Swin V2's Linear(2, 512), a
+            # 256 -> 1 head, a prime vocabulary) take the low-rank split, the 2-core MPO every size has. Before
+            # 2026-12-02 tensorize(model) or tensorize(model, rel_tol=...) stopped at the first such layer.
+            return (in_features, 1), (1, out_features)
         raise ValueError(f"{where}: {exc}") from exc
     if math.prod(in_m) != in_features:
         raise ValueError(

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decompose import auto_modes, mpo_bonds_for_ratio, mpo_num_params
+from ..decompose import RatioUnreachableError, auto_modes, mpo_bonds_for_ratio, mpo_num_params
 from ..decompose.linalg import lapack_threads
-from ..decompose.mpo import check_finite
+from ..decompose.mpo import check_finite, mpo_bonds_for_cap
 from .cache import mpo_decision
 
 
@@ -117,16 +117,8 @@ def structure_candidates(
         raise ValueError(
             f"choose_mpo_structure: weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})"
         )
-    splits = []
-    for n in range(2, max_cores + 1):
-        try:
-            splits.append((auto_modes(in_features, n), auto_modes(out_features, n)))
-        except ValueError:  # too few prime factors or a lopsided split
-            continue
-    if low_rank:  # also fine for prime sizes (GPT-2's vocabulary), which auto_modes refuses
-        splits.append(((in_features, 1), (1, out_features)))
     out = []
-    for in_modes, out_modes in splits:
+    for in_modes, out_modes in _splits(out_features, in_features, max_cores, low_rank):
         n = len(in_modes)
         try:
             bonds = tuple(mpo_bonds_for_ratio(in_modes, out_modes, ratio))
@@ -138,6 +130,36 @@ def structure_candidates(
         s = MPOStructure(n, in_modes, out_modes, bonds, params, s.ratio, dec.forward.seconds, None)
         out.append(s.with_error(tt_error(weight, in_modes, out_modes, bonds)) if weight is not None else s)
     return out
+
+
+def _splits(out_features: int, in_features: int, max_cores: int, low_rank: bool) -> list[tuple[tuple, tuple]]:
+    """(in_modes, out_modes) of each structure structure_candidates prices."""
+    splits = []
+    for n in range(2, max_cores + 1):
+        try:
+            splits.append((auto_modes(in_features, n), auto_modes(out_features, n)))
+        except ValueError:  # too few prime factors or a lopsided split
+            continue
+    if low_rank:  # also fine for prime sizes (GPT-2's vocabulary), which auto_modes refuses
+        splits.append(((in_features, 1), (1, out_features)))
+    return splits
+
+
+def _unreachable(out_features: int, in_features: int, ratio: float, max_cores: int, low_rank: bool):
+    """The RatioUnreachableError of a weight no structure compresses `ratio`-fold, with the most any does."""
+    dense = out_features * in_features
+    best = max(
+        (
+            dense / mpo_num_params(i, o, mpo_bonds_for_cap(i, o, 1))
+            for i, o in _splits(out_features, in_features, max_cores, low_rank)
+        ),
+        default=1.0,
+    )
+    kinds = f"2..{max_cores} cores" + (" (the low-rank split included)" if low_rank else "")
+    return RatioUnreachableError(
+        f"ratio {ratio:g} cannot be reached: no MPO of {kinds} compresses a {out_features}x{in_features} weight "
+        f"more than {best:.3g}x (bond 1); lower the ratio or leave the layer dense"
+    )
 
 
 def choose_mpo_structure(
@@ -180,11 +202,9 @@ def choose_mpo_structure(
         dtype=dtype,
         device=device,
     )
-    if not cands:
-        raise ValueError(
-            f"choose_mpo_structure: no MPO of 2..{max_cores} cores reaches ratio {ratio} for a "
-            f"{out_features}x{in_features} weight; lower the ratio or raise max_cores"
-        )
+    if not cands:  # a RatioUnreachableError: tensorize leaves such a layer dense (a 256 -> 1 head), with the reason
+        exc = _unreachable(out_features, in_features, ratio, max_cores, low_rank)
+        raise RatioUnreachableError(f"choose_mpo_structure: {exc}")
     if prefer == "accuracy":
         if weight is None:  # without the weight, the fewest cores (largest bonds) are the best guess
             return min(cands, key=lambda s: (s.num_cores, s.predicted_seconds))
