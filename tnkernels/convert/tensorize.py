@@ -32,6 +32,17 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def _unsupported_kind(module: nn.Module) -> str | None:
+    """Why a weight layer that tensorize has no replacement for stays dense (Conv1d, Conv3d, transposed convs), or
+    None. They are listed in the report, so that a video model's Conv3d are not left dense without a word."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+        return (
+            f"{type(module).__name__} has no tensorized replacement (TuckerConv2d replaces nn.Conv2d, MPOLinear "
+            "nn.Linear and GPT-2's Conv1D)"
+        )
+    return None
+
+
 def _module_aliases(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every qualified name under which it is reachable (shared modules have several)."""
     aliases: dict[int, list[str]] = defaultdict(list)
@@ -134,6 +145,7 @@ def tensorize(
     named = dict(model.named_modules())  # first name per module
     names = [n for n in named if n]
     candidates = {n for n in names if _kind(named[n]) is not None}
+    other = {n for n in names if _unsupported_kind(named[n]) is not None}  # listed as left dense, never converted
     done = [n for n in names if isinstance(named[n], (MPOLinear, TuckerConv2d))]
     if not candidates and done:  # a second call on the same model (a notebook cell run twice): not a silent no-op
         raise ValueError(
@@ -141,14 +153,14 @@ def tensorize(
             f"layers ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''}) were tensorized before. To compress "
             "them further, convert them back first (layer.to_linear() / layer.to_conv())"
         )
-    selection = _match_rules(names, rules, candidates)
+    selection = _match_rules(names, rules, candidates | other)
     explicit = set(rules) if rules is not None else set()
 
     report = TensorizeReport()
     # Layers are swapped in once every one is built: an error at a later layer (a bad rule, a backend the layer
     # kind lacks) left the model half converted. `named` holds every old layer until the end anyway.
     replacements: list[tuple[list[str], nn.Module]] = []
-    todo = [n for n in names if n in selection and n in candidates]
+    todo = [n for n in names if n in selection and n in candidates | other]
     unreachable = 0
     iterator = todo
     if progress:
@@ -250,7 +262,9 @@ def keep_transformer_layers_on_their_regular_path(model: nn.Module) -> None:
             m.use_nested_tensor = False
 
 
-def _unsupported_reason(model: nn.Module, name: str, module: nn.Module, kind: str, owners) -> str | None:
+def _unsupported_reason(model: nn.Module, name: str, module: nn.Module, kind: str | None, owners) -> str | None:
+    if kind is None:
+        return _unsupported_kind(module)
     if kind == "tucker":
         if module.groups != 1:
             return f"grouped conv (groups={module.groups}) is not supported by Tucker-2"
