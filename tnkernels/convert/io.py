@@ -20,6 +20,8 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import OrderedDict
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
@@ -331,7 +333,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *, backend: str |
             _assign_weights(model, target, Path(path))
         else:
             _check_fits(target, Path(path) / WEIGHTS_FILE)  # before load_model copies the tensors that do fit
-            load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
+            with _module_versions(target):
+                load_model(target, str(Path(path) / WEIGHTS_FILE), strict=True)
     except (RuntimeError, KeyError) as exc:
         for alias, old, _ in reversed(swaps):
             _set_submodule(target, alias, old)
@@ -342,6 +345,26 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *, backend: str |
     keep_transformer_layers_on_their_regular_path(target)
     guard_save_pretrained(model)  # from_pretrained would reload it dense and random: hf_save.py
     return model
+
+
+@contextmanager
+def _module_versions(target: nn.Module):
+    """Hand load_state_dict the skeleton's module versions with the file's tensors. A plain dict (what safetensors'
+    load_model passes) has none, and a module that checks its version when loaded refuses that: torchvision's
+    MNASNet raised "version should be set to 1 or 2 instead of None", so every MNASNet checkpoint was written and
+    then refused (2026-12-02). The file was saved from the same classes, so their versions are the skeleton's."""
+    metadata = target.state_dict()._metadata
+
+    def load_state_dict(state_dict, *args, **kwargs):
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = metadata
+        return type(target).load_state_dict(target, state_dict, *args, **kwargs)
+
+    target.load_state_dict = load_state_dict  # an instance attribute, for this load only
+    try:
+        yield
+    finally:
+        del target.load_state_dict
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -387,6 +410,8 @@ def _assign_weights(model: nn.Module, target: nn.Module, path: Path) -> None:
     wrong = [n for n, t in state.items() if n in wanted and tuple(t.shape) != tuple(target_shapes[n])]
     if unexpected or untied or wrong:
         raise RuntimeError(f"missing keys {untied[:5]}, unexpected keys {unexpected[:5]}, other shapes {wrong[:5]}")
+    state = OrderedDict(state)
+    state._metadata = target_state._metadata  # the module versions, as in _module_versions
     target.load_state_dict(state, strict=False, assign=True)
     if (path / BUFFERS_FILE).is_file():
         for name, value in _owned(path / BUFFERS_FILE).items():  # names relative to the saved model: target
