@@ -135,7 +135,7 @@ def test_reader_matches_safetensors_and_aligns(tmp_path):
     knows, empty tensors, and (left to safetensors) one it does not know, each equal to what was saved."""
     from safetensors.torch import save_file
 
-    from tnkernels.convert.io import _owned
+    from tnkernels.convert.skeleton_load import _owned
 
     saved = {
         "f32": torch.randn(5, 3),
