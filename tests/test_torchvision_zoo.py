@@ -242,3 +242,17 @@ def test_multihead_attention_out_proj_left_dense_with_reason():
     rows = {r.name: r.status for r in report.rows}
     assert "inside nn.MultiheadAttention" in rows["encoder.layers.encoder_layer_0.self_attention.out_proj"]
     assert rows["encoder.layers.encoder_layer_0.mlp.0"] == "tensorized"
+
+
+def test_zoo_sweep_script_writes_its_table(tmp_path):
+    """bench/zoo_sweep.py end to end on one small model (a subprocess per model): the JSON row and the table."""
+    import json
+
+    zoo_sweep = pytest.importorskip("bench.zoo_sweep")
+    zoo_sweep.main(["--models", "squeezenet1_1", "--out", str(tmp_path), "--tag", "smoke"])
+    (json_file,) = tmp_path.glob("zoo_sweep_*-smoke.json")
+    row = json.loads(json_file.read_text())["rows"][0]
+    assert zoo_sweep.clean(row), row
+    assert row["converted"] == 26 and row["unlisted"] == {} and row["exact_ok"] and row["roundtrip_ok"]
+    table = json_file.with_suffix(".md").read_text()
+    assert "| squeezenet1_1 | 1x3x64x64 | 26 |" in table and "1 of 1 models clean" in table
